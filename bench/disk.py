@@ -1,0 +1,252 @@
+"""Build a realistic test disk image file, and change it a little afterwards.
+
+Layout (dos label):
+  first MiB     MBR and zeros, like the gap a partitioner leaves
+  p1 (~55%)     ext4, ~70% used by real files from /usr, with the contents of
+                deleted files left in its free space
+  p2 (~10%)     Linux swap: mkswap header, the rest random noise (incompressible)
+  tail (rest)   unpartitioned; stale blocks of other files interleaved with zero runs
+
+The live files and the stale data come from disjoint trees, so the stale
+region cannot deduplicate against the filesystem. Every byte of the image is
+written (no holes), as on a real disk, so no tool can shortcut through
+SEEK_DATA. File choice, deletions, noise and stale layout follow the seed;
+only ext4 timestamps vary between builds.
+"""
+
+import argparse
+import base64
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.system import (
+    GiB, LINUX_TYPE, MiB, SECTOR, SWAP_TYPE, attached_loop, exit_cleanly_on_sigterm,
+    mounted, mounted_partition, parse_size, read_partitions, run,
+)
+
+BLOCK = 4096
+ZEROS = bytes(4 * MiB)
+
+FILESYSTEM_SOURCES = [
+    Path("/usr/lib/python3"), Path("/usr/lib/python3.11"), Path("/usr/share"),
+    Path("/usr/include"), Path("/usr/bin"), Path("/usr/lib/gcc"), Path("/usr/libexec"),
+    Path("/usr/lib/jvm"), Path("/usr/sbin"),
+]
+STALE_SOURCES = [Path("/usr/share/locale"), Path("/usr/share/man"), Path("/usr/lib/x86_64-linux-gnu")]
+
+FILESYSTEM_USED_FRACTION = 0.70
+# Share of copied files that are later deleted; with 70% live this peaks near
+# 88% full, leaving room for ext4's own metadata.
+DELETED_FILE_SHARE = 0.20
+STALE_DATA_FRACTION = 0.60
+TRASH_SUFFIX = ".bench-deleted"
+
+
+def _regular_files(root: Path, excluded: list[Path]) -> Iterator[Path]:
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if Path(directory, d) not in excluded)
+        for name in sorted(names):
+            path = Path(directory, name)
+            if path.is_file() and not path.is_symlink() and os.access(path, os.R_OK):
+                yield path
+
+
+def _filesystem_pool() -> list[Path]:
+    files = []
+    for root in FILESYSTEM_SOURCES:
+        files.extend(_regular_files(root, excluded=STALE_SOURCES))
+    return files
+
+
+def _layout(size: int) -> tuple[int, int, int, int]:
+    """(p1 offset, p1 size, p2 offset, p2 size), MiB-aligned like fdisk does."""
+    p1_offset = MiB
+    p1_size = int(size * 0.55) // MiB * MiB
+    p2_offset = p1_offset + p1_size
+    p2_size = int(size * 0.10) // MiB * MiB
+    return p1_offset, p1_size, p2_offset, p2_size
+
+
+def _write_zeros(out, count: int) -> None:
+    while count:
+        step = min(count, len(ZEROS))
+        out.write(ZEROS[:step])
+        count -= step
+
+
+def _write_noise(out, count: int, rng: random.Random) -> None:
+    while count:
+        step = min(count, 4 * MiB)
+        out.write(rng.randbytes(step))
+        count -= step
+
+
+def _write_stale(out, count: int, rng: random.Random) -> None:
+    """Block-aligned pieces of other files, with zero runs between them, the way
+    a previous filesystem's leftovers look after a repartition."""
+    files = [f for root in STALE_SOURCES for f in _regular_files(root, excluded=[])]
+    rng.shuffle(files)
+    sources = iter(files)
+    written = data_written = 0
+    while written < count:
+        source = next(sources, None) if data_written <= STALE_DATA_FRACTION * written else None
+        if source is None:
+            piece = bytes(BLOCK * rng.randint(1, 512))
+        else:
+            piece = _block_aligned_excerpt(source.read_bytes(), rng)
+            data_written += len(piece)
+        piece = piece[:count - written]
+        out.write(piece)
+        written += len(piece)
+
+
+def _block_aligned_excerpt(content: bytes, rng: random.Random, limit: int = 8 * MiB) -> bytes:
+    if len(content) > limit:
+        start = rng.randrange(len(content) - limit) // BLOCK * BLOCK
+        content = content[start:start + limit]
+    return content + bytes(-len(content) % BLOCK)
+
+
+def _fill_filesystem(root: Path, rng: random.Random) -> None:
+    """Copy files until ~70% of the filesystem is live, routing a seeded share of
+    them to names that are deleted at the end, so deleted content ends up
+    interleaved with live files in the free space."""
+    stats = os.statvfs(root)
+    target_live_blocks = int(stats.f_blocks * FILESYSTEM_USED_FRACTION)
+    pool = _filesystem_pool()
+    trash = []
+    trash_blocks = 0
+    for round_number in range(1000):
+        # Only disks larger than the source trees need another round; those
+        # copies deduplicate, which flatters every deduplicating tool alike.
+        prefix = root / (f"copy{round_number}" if round_number else "")
+        for source in pool:
+            destination = prefix / source.relative_to("/")
+            doomed = rng.random() < DELETED_FILE_SHARE
+            if doomed:
+                destination = destination.with_name(destination.name + TRASH_SUFFIX)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+            if doomed:
+                trash.append(destination)
+                trash_blocks += -(-destination.stat().st_size // stats.f_frsize)
+            stats = os.statvfs(root)
+            if stats.f_blocks - stats.f_bfree - trash_blocks >= target_live_blocks:
+                os.sync()
+                for path in trash:
+                    path.unlink()
+                return
+    raise RuntimeError("source trees too small to fill the filesystem")
+
+
+def build_disk(path: Path, size: int = GiB, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    uuids = random.Random(seed)
+    disk_id = f"0x{uuids.getrandbits(32):08x}"
+    fs_uuid = str(uuid.UUID(int=uuids.getrandbits(128), version=4))
+    swap_uuid = str(uuid.UUID(int=uuids.getrandbits(128), version=4))
+    p1_offset, p1_size, p2_offset, p2_size = _layout(size)
+    tail_offset = p2_offset + p2_size
+
+    with open(path, "wb") as out:
+        _write_zeros(out, p2_offset)
+        _write_noise(out, p2_size, rng)
+        _write_stale(out, size - tail_offset, rng)
+
+    script = (
+        f"label: dos\nlabel-id: {disk_id}\n"
+        f"start={p1_offset // SECTOR}, size={p1_size // SECTOR}, type={LINUX_TYPE}, bootable\n"
+        f"start={p2_offset // SECTOR}, size={p2_size // SECTOR}, type={SWAP_TYPE}\n"
+    )
+    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=script)
+
+    with attached_loop(path, p2_offset, p2_size) as device:
+        run(["mkswap", "--label", "swap", "--uuid", swap_uuid, device])
+    with attached_loop(path, p1_offset, p1_size) as device:
+        # nodiscard: discarding would punch holes in the image file, and a
+        # sparse image is not what a real disk looks like.
+        run(["mkfs.ext4", "-q", "-F", "-L", "root", "-U", fs_uuid,
+             "-E", f"nodiscard,lazy_itable_init=0,lazy_journal_init=0,hash_seed={fs_uuid}",
+             device])
+        with mounted(device) as root:
+            _fill_filesystem(root, rng)
+
+
+def change_files(disk: Path, nbytes: int = 16 * MiB, seed: int = 2) -> None:
+    """Rewrite and add ~nbytes of files in the ext4 partition: half as new versions
+    of existing files (saved the way editors do: new file, rename over the old
+    one), half as brand-new files whose content exists nowhere on the disk."""
+    rng = random.Random(seed)
+    with mounted_partition(disk, LINUX_TYPE) as root:
+        candidates = [
+            p for p in _regular_files(root, excluded=[root / "lost+found"])
+            if 32 * 1024 <= p.stat().st_size <= 2 * MiB
+        ]
+        rng.shuffle(candidates)
+        rewritten = 0
+        for path in candidates:
+            if rewritten >= nbytes // 2:
+                break
+            content = bytearray(path.read_bytes())
+            # One edit per block, so every block of the file really differs.
+            for block_start in range(0, len(content), BLOCK):
+                position = block_start + rng.randrange(min(BLOCK, len(content) - block_start))
+                content[position] ^= 0xFF
+            replacement = path.with_name(path.name + ".new")
+            replacement.write_bytes(content)
+            replacement.replace(path)
+            rewritten += len(content)
+
+        added_dir = root / "var" / "log" / "bench-changes"
+        added_dir.mkdir(parents=True, exist_ok=True)
+        added = 0
+        for number in range(1_000_000):
+            if added >= nbytes - rewritten:
+                break
+            text = base64.encodebytes(rng.randbytes(768 * 1024))
+            (added_dir / f"change-{seed}-{number:04d}.log").write_bytes(text)
+            added += len(text)
+
+
+def describe(disk: Path) -> str:
+    parts = read_partitions(disk)
+    size = disk.stat().st_size
+    lines = [f"{disk.name}: {size / MiB:.0f} MiB, dos label"]
+    names = {LINUX_TYPE: "ext4, ~70% used, deleted files in free space",
+             SWAP_TYPE: "swap header + random noise"}
+    for part in parts:
+        lines.append(f"  p{part.number} type {part.type} at {part.offset // MiB} MiB, "
+                     f"{part.size / MiB:.0f} MiB: {names.get(part.type, '')}")
+    end = parts[-1].offset + parts[-1].size
+    lines.append(f"  unpartitioned tail at {end // MiB} MiB, {(size - end) / MiB:.0f} MiB: "
+                 "stale file blocks and zero runs")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.disk", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--size", type=parse_size, default=GiB, help="e.g. 256M, 1G (default 1G)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--change", action="store_true",
+                        help="instead of building, apply change_files to an existing disk")
+    args = parser.parse_args()
+    exit_cleanly_on_sigterm()
+    start = time.perf_counter()
+    if args.change:
+        change_files(args.path)
+    else:
+        build_disk(args.path, args.size, args.seed)
+    print(describe(args.path))
+    print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

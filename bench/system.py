@@ -1,0 +1,117 @@
+"""Thin wrappers around the system tools the benchmark relies on.
+
+Loop devices and mounts are global kernel state that outlives this process,
+so every helper that creates one is a context manager that undoes it even
+when the body raises or the run is interrupted.
+"""
+
+import contextlib
+import json
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SECTOR = 512
+MiB = 1 << 20
+GiB = 1 << 30
+
+LINUX_TYPE = "83"
+SWAP_TYPE = "82"
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a helper command, failing loudly with its stderr in the message."""
+    result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '1.5GiB' or a plain byte count."""
+    units = {"K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if cleaned and cleaned[-1] in units:
+        return int(float(cleaned[:-1]) * units[cleaned[-1]])
+    return int(cleaned)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks detach loops and unmount."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    offset: int
+    size: int
+    type: str
+
+
+def read_partitions(disk: Path) -> list[Partition]:
+    table = json.loads(run(["sfdisk", "--json", str(disk)]).stdout)["partitiontable"]
+    return [
+        Partition(number=index + 1, offset=entry["start"] * SECTOR, size=entry["size"] * SECTOR,
+                  type=entry["type"])
+        for index, entry in enumerate(table["partitions"])
+    ]
+
+
+def partition_of_type(disk: Path, type_code: str) -> Partition:
+    return next(p for p in read_partitions(disk) if p.type == type_code)
+
+
+@contextlib.contextmanager
+def attached_loop(image: Path, offset: int, size: int, read_only: bool = False) -> Iterator[str]:
+    """A loop device exposing image[offset:offset+size]; the kernel here does not
+    create partition nodes, so each partition gets a loop device of its own."""
+    argv = ["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size)]
+    if read_only:
+        argv.append("--read-only")
+    device = run([*argv, str(image)]).stdout.strip()
+    try:
+        yield device
+    finally:
+        run(["losetup", "--detach", device])
+
+
+@contextlib.contextmanager
+def mounted(device: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="bench-mnt-") as mountpoint:
+        run(["mount", device, mountpoint])
+        try:
+            yield Path(mountpoint)
+        finally:
+            run(["umount", mountpoint])
+
+
+@contextlib.contextmanager
+def mounted_partition(disk: Path, type_code: str) -> Iterator[Path]:
+    part = partition_of_type(disk, type_code)
+    with attached_loop(disk, part.offset, part.size) as device, mounted(device) as root:
+        yield root
+
+
+def tree_bytes(path: Path) -> int:
+    """Apparent size like `du -sb`: what a store costs to keep or ship."""
+    return int(run(["du", "-sb", str(path)]).stdout.split()[0])
+
+
+def read_through(path: Path) -> None:
+    """Read every byte once so the page cache holds it for the timed run."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    buffer = bytearray(16 * MiB)
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+def same_content(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "--silent", str(a), str(b)]).returncode == 0

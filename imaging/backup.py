@@ -1,0 +1,159 @@
+"""Backup: read a disk in chunks, store each new chunk once, publish an image.
+
+The calling thread reads sequentially and feeds the whole-image SHA-256; a
+pool of threads hashes, compresses and writes chunks (hashlib and zstd
+release the GIL, so every core works). At most a few chunks are in flight, so
+memory stays flat whatever the disk size.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import badmap, codec, layout, recipe
+from .device import Range, Source
+from .errors import Cancelled, StoreError, translated
+from .image import FORMAT, STATUS_COMPLETE, STATUS_READ_ERRORS, ImageWriter
+from .inventory import identify
+from .progress import Progress
+from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id, fsync_dir
+
+# A read plan names, for a chunk (offset, length), the ranges worth reading;
+# None means read everything. `used` mode plans from filesystem block maps.
+ReadPlan = Callable[[int, int], Optional[list[Range]]]
+
+
+@dataclasses.dataclass
+class BackupResult:
+    image: Path
+    size: int
+    seconds: float
+    stored_bytes: int
+    new_bytes: int
+    bad_bytes: int
+    sha256: str
+    status: str
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), image=str(self.image))
+
+
+class _ChunkSink:
+    """Stores chunks; runs in worker threads."""
+
+    def __init__(self, store: Datastore, level: int) -> None:
+        self.store = store
+        self.level = level
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self.touched_dirs: set[Path] = set()
+
+    def put(self, buf: bytearray) -> tuple[str, int, int]:
+        """Return (digest, stored bytes if first use in this image, new bytes)."""
+        digest = codec.digest(buf)
+        with self._lock:
+            if digest in self._seen:
+                return digest, 0, 0
+            self._seen.add(digest)
+        if self.store.touch_chunk(digest):
+            return digest, self.store.chunk_path(digest).stat().st_size, 0
+        frame = codec.compress(buf, self.level)
+        self.store.write_chunk(digest, frame)
+        with self._lock:
+            self.touched_dirs.add(self.store.chunk_path(digest).parent)
+        return digest, len(frame), len(frame)
+
+
+def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[str] = None,
+           level: int = codec.DEFAULT_LEVEL, mode: str = "raw", read_plan: Optional[ReadPlan] = None,
+           manifest_extra: Optional[dict] = None, progress: Optional[Progress] = None,
+           chunk_size: int = DEFAULT_CHUNK_SIZE, workers: Optional[int] = None) -> BackupResult:
+    started = time.monotonic()
+    identity = identify(source_path)
+    disk_id = check_disk_id(disk_id or identity["id"])
+    store = Datastore.open_or_create(store_dir, chunk_size)
+    with Source.open(source_path) as source:
+        progress = progress or Progress("backup", source.size)
+        progress.total = source.size
+        table = layout.dump(source_path)
+        mbr, _ = source.read(0, min(layout.MBR_SIZE, source.size))
+        writer = ImageWriter(store, disk_id)
+        try:
+            with store.writer(f"backup {disk_id}"):
+                index, whole, bad = _copy_chunks(source, store, level, read_plan, progress, workers)
+            identity["id"] = disk_id
+            bad_bytes = sum(length for _, length in bad)
+            status = STATUS_READ_ERRORS if bad else STATUS_COMPLETE
+            seconds = round(time.monotonic() - started, 3)
+            manifest = {
+                "format": FORMAT, "disk": identity, "size": source.size,
+                "chunk_size": store.chunk_size, "sector_size": source.sector_size,
+                "sha256": whole, "created": writer.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "seconds": seconds, "level": level, "chunks": len(index),
+                "stored_bytes": progress.stored_bytes, "new_bytes": progress.new_bytes,
+                "bad_bytes": bad_bytes, "mode": mode, "status": status,
+                **(manifest_extra or {}),
+            }
+            index_text = "".join(f"{d}\n" for d in index)
+            manifest["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
+            writer.write("index", index_text)
+            writer.write("mbr.bin", bytes(mbr))
+            if table is not None:
+                writer.write("layout.sf", table)
+            writer.write("badblocks.map", badmap.render(source.size, bad))
+            writer.write("RESTORE.txt", recipe.render(
+                disk_id=disk_id, created=manifest["created"], size=source.size,
+                chunk_size=store.chunk_size, sha256=whole, image_dir=str(writer.final)))
+            image_dir = writer.commit(manifest)
+        except BaseException:
+            writer.discard()
+            raise
+    progress.finish()
+    return BackupResult(image_dir, source.size, seconds, manifest["stored_bytes"],
+                        manifest["new_bytes"], bad_bytes, whole, status)
+
+
+def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Optional[ReadPlan],
+                 progress: Progress, workers: Optional[int]) -> tuple[list[str], str, list[Range]]:
+    workers = workers or os.cpu_count() or 1
+    sink = _ChunkSink(store, level)
+    whole = hashlib.sha256()
+    index: list[str] = []
+    bad: list[Range] = []
+    inflight: collections.deque = collections.deque()
+
+    def collect() -> None:
+        buf, chunk_bad, future = inflight.popleft()
+        digest, stored, new = future.result()
+        whole.update(buf)
+        index.append(digest)
+        bad.extend(chunk_bad)
+        progress.advance(len(buf), bad=sum(n for _, n in chunk_bad), stored=stored, new=new)
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="chunk") as pool:
+        try:
+            for offset in range(0, source.size, store.chunk_size):
+                if progress.cancelled():
+                    raise Cancelled()
+                length = min(store.chunk_size, source.size - offset)
+                wanted = read_plan(offset, length) if read_plan else None
+                buf, chunk_bad = source.read(offset, length, wanted, progress.cancelled)
+                inflight.append((buf, chunk_bad, pool.submit(sink.put, buf)))
+                if len(inflight) > workers * 2:
+                    collect()
+            while inflight:
+                collect()
+        finally:
+            for _, _, future in inflight:
+                future.cancel()
+    with translated(StoreError, "cannot sync the datastore"):
+        for folder in sink.touched_dirs:
+            fsync_dir(folder)
+    return index, whole.hexdigest(), bad

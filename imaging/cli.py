@@ -1,0 +1,174 @@
+"""`python -m imaging`: the engine's command line.
+
+Exit codes: 0 success, 1 failure, 2 usage error. Failures print one line on
+stderr; a traceback means a bug, never bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Optional
+
+from . import codec, layout
+from .backup import backup
+from .errors import ImagingError
+from .image import Image
+from .inventory import inventory
+from .progress import Progress
+from .report import JsonLines, TerminalBar, human_bytes
+from .restore import restore
+from .store import Datastore
+from .verify import verify
+
+
+def _progress(args: argparse.Namespace, phase: str) -> Progress:
+    if getattr(args, "json_progress", False):
+        callback = JsonLines()
+    elif sys.stderr.isatty() and not getattr(args, "quiet", False):
+        callback = TerminalBar()
+    else:
+        callback = None
+    progress = Progress(phase, 0, callback)
+    # SIGTERM (a service manager stopping us) cancels cleanly between chunks.
+    signal.signal(signal.SIGTERM, lambda *_: progress.cancel.set())
+    return progress
+
+
+def cmd_disks(args: argparse.Namespace) -> int:
+    print(json.dumps(inventory(), indent=2))
+    return 0
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.source):
+        raise ImagingError(f"cannot open source {args.source}: no such file or directory")
+    table = layout.dump(args.source)
+    if table is None:
+        raise ImagingError(f"{args.source} has no partition table")
+    sys.stdout.write(table)
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    result = backup(args.source, args.store, disk_id=args.disk, level=args.level,
+                    mode=args.mode, progress=_progress(args, "backup"))
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"{human_bytes(result.size)} in {result.seconds:.1f} s "
+              f"({human_bytes(result.size / max(result.seconds, 1e-9))}/s): "
+              f"stored {human_bytes(result.stored_bytes)}, new {human_bytes(result.new_bytes)}"
+              + (f", UNREADABLE {human_bytes(result.bad_bytes)} (zero-filled, see badblocks.map)"
+                 if result.bad_bytes else ""))
+        print(result.image)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    result = restore(args.image, args.target, verify=not args.no_verify,
+                     progress=_progress(args, "restore"))
+    rate = human_bytes(result.size / max(result.seconds, 1e-9))
+    print(f"restored {human_bytes(result.size)} to {result.target} in {result.seconds:.1f} s "
+          f"({rate}/s), {'verified: every chunk matches' if result.verified else 'not verified'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    result = verify(args.image, progress=_progress(args, "verify"))
+    for problem in result.problems:
+        print(f"chunk {problem.digest}: {problem.reason}"
+              + ("" if problem.reason == "missing" else " (set aside as .bad)"))
+    if result.ok:
+        print(f"{result.image}: all {result.chunks} chunks intact")
+        return 0
+    print(f"{result.image}: {len(result.problems)} of {result.chunks} chunks bad", file=sys.stderr)
+    return 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = Datastore.open(args.store)
+    rows = [("DISK", "IMAGE", "SIZE", "STORED", "NEW", "MODE", "STATUS")]
+    for path in store.image_dirs(args.disk):
+        try:
+            image = Image.open(path)
+        except ImagingError as exc:
+            rows.append((path.parent.name, path.name, "-", "-", "-", "-", f"unreadable: {exc}"))
+            continue
+        m = image.manifest
+        rows.append((image.disk_id, image.stamp, human_bytes(image.size),
+                     human_bytes(m.get("stored_bytes", 0)), human_bytes(m.get("new_bytes", 0)),
+                     m.get("mode", "raw"), m.get("status", "?")))
+    if len(rows) == 1:
+        print(f"no images in {store.root}")
+        return 0
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _level(text: str) -> int:
+    level = int(text)
+    if not 1 <= level <= 22:
+        raise argparse.ArgumentTypeError("zstd levels run from 1 to 22")
+    return level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imaging", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def with_progress(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--json-progress", action="store_true",
+                         help="progress as JSON lines on stderr")
+        sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    add("disks", cmd_disks, "inventory of this host's disks, as JSON")
+
+    sub = add("layout", cmd_layout, "print the partition table as `sfdisk --dump` does")
+    sub.add_argument("source")
+
+    sub = add("backup", cmd_backup, "take a new image of a disk")
+    sub.add_argument("source", help="block device or disk-image file")
+    sub.add_argument("--store", required=True, help="datastore directory (created if absent)")
+    sub.add_argument("--disk", help="disk id (default: from WWN/serial/by-id)")
+    sub.add_argument("--level", type=_level, default=codec.DEFAULT_LEVEL, help="zstd level")
+    sub.add_argument("--mode", choices=("raw",), default="raw",
+                     help="raw: every sector")
+    sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    with_progress(sub)
+
+    sub = add("restore", cmd_restore, "write an image to a disk or file")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("target", help="block device or file")
+    sub.add_argument("--no-verify", action="store_true", help="skip reading the target back")
+    with_progress(sub)
+
+    sub = add("verify", cmd_verify, "re-hash every chunk an image needs")
+    sub.add_argument("image")
+    with_progress(sub)
+
+    sub = add("list", cmd_list, "images per disk")
+    sub.add_argument("--store", required=True)
+    sub.add_argument("--disk")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ImagingError as exc:
+        print(f"imaging: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imaging: interrupted", file=sys.stderr)
+        return 1

@@ -1,0 +1,56 @@
+"""Chunk naming and zstd framing.
+
+A chunk is named by the SHA-256 of its raw bytes and stored as one zstd frame
+that records its content size and a checksum, so `zstd -dc` alone restores it.
+All-zero chunks are recognised by comparison (a memcmp) instead of hashing.
+hashlib and python-zstandard release the GIL on large buffers, which is what
+lets a thread pool use every core.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+
+import zstandard
+
+DEFAULT_LEVEL = 3
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=8)
+def zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+@functools.lru_cache(maxsize=8)
+def zero_digest(length: int) -> str:
+    return hashlib.sha256(zeros(length)).hexdigest()
+
+
+def is_zero(buf) -> bool:
+    return buf == zeros(len(buf))
+
+
+def digest(buf) -> str:
+    if is_zero(buf):
+        return zero_digest(len(buf))
+    return hashlib.sha256(buf).hexdigest()
+
+
+def compress(buf, level: int = DEFAULT_LEVEL) -> bytes:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    compressor = cache.get(level)
+    if compressor is None:
+        compressor = cache[level] = zstandard.ZstdCompressor(
+            level=level, write_content_size=True, write_checksum=True)
+    return compressor.compress(buf)
+
+
+def decompress(frame: bytes) -> bytes:
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    return decompressor.decompress(frame)

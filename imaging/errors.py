@@ -1,0 +1,78 @@
+"""Domain errors, and the one place where OS errors become them.
+
+Every error the engine raises for bad input or a failing device is an
+ImagingError whose str() is one line a user can act on; the CLI prints it and
+exits 1. Anything else escaping is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+
+
+class ImagingError(Exception):
+    """A failure explained in one line."""
+
+
+class SourceError(ImagingError):
+    """The disk or file to read cannot be used."""
+
+
+class TargetError(ImagingError):
+    """The disk or file to write is refused or failed."""
+
+
+class StoreError(ImagingError):
+    """The datastore is missing, full or damaged."""
+
+
+class ImageError(ImagingError):
+    """An image directory is missing, incomplete or corrupt."""
+
+
+class Cancelled(ImagingError):
+    """The caller asked the job to stop."""
+
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message)
+
+
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+    errno.EIO: "input/output error",
+    errno.EBUSY: "device or resource busy",
+    errno.ENOTDIR: "not a directory",
+    errno.EISDIR: "is a directory",
+}
+
+
+def describe(exc: OSError) -> str:
+    reason = _REASONS.get(exc.errno) or exc.strerror or str(exc)
+    where = exc.filename
+    return f"{where}: {reason}" if where else reason
+
+
+@contextlib.contextmanager
+def translated(kind: type[ImagingError], what: str):
+    """Re-raise any OSError inside the block as `kind`, prefixed with `what`."""
+    try:
+        yield
+    except ImagingError:
+        raise
+    except OSError as exc:
+        raise kind(f"{what}: {describe(exc)}") from exc
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+__all__ = [
+    "ImagingError", "SourceError", "TargetError", "StoreError", "ImageError",
+    "Cancelled", "translated", "describe", "is_no_space",
+]

@@ -1,0 +1,146 @@
+"""One image directory: reading it back, and assembling it crash-safely.
+
+An image is built in images/<disk>/.<stamp>.tmp/ and renamed to <stamp> only
+after every file, the manifest last, is fsynced: a directory without the dot
+is complete by construction.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import ImageError, StoreError, translated
+from .store import DIGEST_RE, Datastore, check_disk_id, fsync_dir, write_atomically
+
+FORMAT = 1
+STAMP_FORMAT = "%Y-%m-%dT%H-%M-%SZ"
+STATUS_COMPLETE = "complete"
+STATUS_READ_ERRORS = "complete-with-read-errors"
+
+
+def stamp_of(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).strftime(STAMP_FORMAT)
+
+
+def parse_stamp(stamp: str) -> dt.datetime:
+    return dt.datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass
+class Image:
+    path: Path
+    manifest: dict
+    store: Datastore
+
+    @classmethod
+    def open(cls, path: os.PathLike | str) -> "Image":
+        path = Path(path).resolve()
+        manifest_path = path / "manifest.json"
+        if not path.is_dir():
+            raise ImageError(f"{path}: no such image directory")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise ImageError(f"{path}: not an image (no manifest.json)") from None
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        for key in ("size", "chunk_size", "sha256"):
+            if key not in manifest:
+                raise ImageError(f"{manifest_path}: manifest lacks {key!r}")
+        # images/<disk>/<stamp> inside the datastore root
+        store = Datastore.open(path.parent.parent.parent)
+        if manifest["chunk_size"] != store.chunk_size:
+            raise ImageError(f"{path}: chunk size {manifest['chunk_size']} differs from the datastore's")
+        return cls(path, manifest, store)
+
+    @property
+    def size(self) -> int:
+        return int(self.manifest["size"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.manifest["chunk_size"])
+
+    @property
+    def disk_id(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def stamp(self) -> str:
+        return self.path.name
+
+    def index(self) -> list[str]:
+        """The chunk digests in disk order, validated against the image size."""
+        index_path = self.path / "index"
+        try:
+            text = index_path.read_text()
+            lines = text.split()
+        except FileNotFoundError:
+            raise ImageError(f"{index_path}: missing index") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageError(f"{index_path}: unreadable index ({exc})") from None
+        recorded = self.manifest.get("index_sha256")
+        if recorded and hashlib.sha256(text.encode()).hexdigest() != recorded:
+            raise ImageError(f"{index_path}: corrupt index (its checksum does not match the manifest)")
+        expected = -(-self.size // self.chunk_size)
+        if len(lines) != expected:
+            raise ImageError(f"{index_path}: corrupt or truncated index "
+                             f"({len(lines)} chunks listed, {expected} expected)")
+        for number, line in enumerate(lines, 1):
+            if not DIGEST_RE.match(line):
+                raise ImageError(f"{index_path}: corrupt index (line {number} is not a SHA-256)")
+        return lines
+
+    def chunk_length(self, position: int) -> int:
+        return min(self.chunk_size, self.size - position * self.chunk_size)
+
+
+class ImageWriter:
+    """Collects an image's files in a hidden directory and publishes it atomically."""
+
+    def __init__(self, store: Datastore, disk_id: str,
+                 moment: Optional[dt.datetime] = None) -> None:
+        self.store = store
+        self.disk_id = check_disk_id(disk_id)
+        self.folder = store.images_dir / disk_id
+        moment = moment or dt.datetime.now(dt.timezone.utc)
+        with translated(StoreError, f"cannot create image folder in {store.root}"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # Two images of one disk in the same second get consecutive stamps.
+            while True:
+                self.stamp = stamp_of(moment)
+                self.final = self.folder / self.stamp
+                self.tmp = self.folder / f".{self.stamp}.tmp"
+                if not self.final.exists():
+                    try:
+                        self.tmp.mkdir()
+                        break
+                    except FileExistsError:
+                        pass
+                moment += dt.timedelta(seconds=1)
+        self.created = moment
+
+    def write(self, name: str, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        with translated(StoreError, f"cannot write {name} of the image"):
+            write_atomically(self.tmp / name, data)
+
+    def commit(self, manifest: dict) -> Path:
+        self.write("manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        with translated(StoreError, "cannot publish the image"):
+            fsync_dir(self.tmp)
+            os.rename(self.tmp, self.final)
+            fsync_dir(self.folder)
+        return self.final
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.tmp)

@@ -1,0 +1,129 @@
+"""This host's disks: block devices from `lsblk --json`, plus configured disk-image files.
+
+A disk's id must survive reboots and cabling changes, so it comes from the WWN,
+the serial number or a /dev/disk/by-id name, never from /dev/sdX alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from .errors import SourceError
+
+LSBLK_COLUMNS = "NAME,PATH,KNAME,MAJ:MIN,TYPE,SIZE,MODEL,SERIAL,WWN,TRAN,RO,RM,LOG-SEC,MOUNTPOINTS"
+BY_ID = Path("/dev/disk/by-id")
+
+
+def host_name() -> str:
+    return os.environ.get("HOST_NAME") or socket.gethostname()
+
+
+def configured_disk_files() -> list[str]:
+    return [p for p in os.environ.get("IMAGING_DISK_FILES", "").split(":") if p]
+
+
+def safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._:+-]+", "_", text.strip()).strip("_.") or "disk"
+
+
+def _lsblk(path: Optional[str] = None) -> list[dict]:
+    command = ["lsblk", "--json", "--bytes", "--output", LSBLK_COLUMNS]
+    if path:
+        command.append(path)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SourceError(f"lsblk failed: {result.stderr.strip() or result.returncode}")
+    return json.loads(result.stdout).get("blockdevices", [])
+
+
+def _mountpoints(device: dict) -> list[str]:
+    points = [m for m in device.get("mountpoints") or [] if m]
+    for child in device.get("children") or []:
+        points.extend(_mountpoints(child))
+    return points
+
+
+def _by_id_name(device_path: str) -> Optional[str]:
+    if not BY_ID.is_dir():
+        return None
+    target = os.path.realpath(device_path)
+    names = sorted(link.name for link in BY_ID.iterdir()
+                   if os.path.realpath(link) == target and not link.name.startswith("nvme-eui"))
+    return names[0] if names else None
+
+
+def _loop_backing_file(kname: str) -> Optional[str]:
+    backing = Path("/sys/block") / kname / "loop" / "backing_file"
+    try:
+        return backing.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _block_disk(device: dict) -> dict:
+    wwn = (device.get("wwn") or "").strip() or None
+    serial = (device.get("serial") or "").strip() or None
+    model = (device.get("model") or "").strip() or None
+    backing = _loop_backing_file(device.get("kname") or device["name"])
+    if wwn:
+        disk_id = safe_id(f"wwn-{wwn}")
+    elif serial:
+        disk_id = safe_id(f"{model or 'disk'}_{serial}")
+    elif (by_id := _by_id_name(device["path"])):
+        disk_id = safe_id(by_id)
+    elif backing:
+        disk_id = safe_id(f"loop-{Path(backing).name}")
+    else:
+        disk_id = safe_id(f"dev-{device['name']}")
+    points = _mountpoints(device)
+    return {
+        "id": disk_id, "path": device["path"], "type": device.get("type"),
+        "model": model, "serial": serial, "wwn": wwn, "size": int(device.get("size") or 0),
+        "sector_size": int(device.get("log-sec") or 512), "transport": device.get("tran"),
+        "read_only": bool(device.get("ro")), "removable": bool(device.get("rm")),
+        "mounted": bool(points), "mountpoints": points, "backing_file": backing,
+        "host": host_name(),
+    }
+
+
+def _file_disk(path: str) -> dict:
+    real = os.path.realpath(path)
+    try:
+        size = os.stat(real).st_size
+    except OSError as exc:
+        raise SourceError(f"cannot use disk file {path}: {exc.strerror}") from None
+    return {
+        "id": safe_id(f"file-{Path(real).name}"), "path": real, "type": "file",
+        "model": None, "serial": None, "wwn": None, "size": size, "sector_size": 512,
+        "transport": None, "read_only": not os.access(real, os.W_OK), "removable": False,
+        "mounted": False, "mountpoints": [], "backing_file": None, "host": host_name(),
+    }
+
+
+def inventory() -> list[dict]:
+    """Every whole disk of this host and every configured disk file."""
+    disks = [_block_disk(d) for d in _lsblk() if d.get("type") == "disk"]
+    for path in configured_disk_files():
+        if os.path.exists(path):
+            disks.append(_file_disk(path))
+    return disks
+
+
+def identify(path: str) -> dict:
+    """The identity of one source (block device or disk file) for its manifest."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SourceError(f"cannot open source {path}: {exc.strerror.lower()}") from None
+    if stat.S_ISBLK(mode):
+        devices = _lsblk(path)
+        if not devices:
+            raise SourceError(f"{path}: lsblk does not know this device")
+        return _block_disk(devices[0])
+    return _file_disk(path)

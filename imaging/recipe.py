@@ -1,0 +1,39 @@
+"""RESTORE.txt: how to restore an image with nothing but a shell, zstd and dd."""
+from __future__ import annotations
+
+TEMPLATE = """\
+# Restore this disk image with stock tools only: a POSIX shell, zstd and dd.
+#
+#   disk      {disk_id}
+#   taken     {created}
+#   size      {size} bytes ({chunks} chunks of {chunk_size} bytes)
+#   sha256    {sha256}
+#
+# Run it as a script, naming the target disk (everything on it is overwritten):
+#
+#   sh {image_dir}/RESTORE.txt /dev/sdX
+#
+# It reads each chunk named in `index` from the datastore three folders up
+# (chunks/<first two hex digits>/<sha256>.zst) and writes it at its place.
+# The partition table and boot sector are part of the data; nothing else is
+# needed. To check the result afterwards:  head -c {size} /dev/sdX | sha256sum
+set -eu
+target="${{1:?usage: sh RESTORE.txt TARGET}}"
+image=$(cd "$(dirname "$0")" && pwd)
+chunks="$image/../../../chunks"
+n=0
+while read -r name; do
+    rest=${{name#??}}
+    zstd -dcq "$chunks/${{name%"$rest"}}/$name.zst" |
+        dd of="$target" bs={chunk_size} seek=$n conv=notrunc status=none
+    n=$((n + 1))
+done < "$image/index"
+echo "restored $n chunks to $target"
+"""
+
+
+def render(*, disk_id: str, created: str, size: int, chunk_size: int, sha256: str,
+           image_dir: str) -> str:
+    chunks = -(-size // chunk_size)
+    return TEMPLATE.format(disk_id=disk_id, created=created, size=size, chunks=chunks,
+                           chunk_size=chunk_size, sha256=sha256, image_dir=image_dir)
