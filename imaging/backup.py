@@ -150,6 +150,8 @@ def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Option
                     collect()
             while inflight:
                 collect()
+            if progress.cancelled():
+                raise Cancelled()
         finally:
             for _, _, future in inflight:
                 future.cancel()

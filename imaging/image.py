@@ -86,9 +86,6 @@ class Image:
             raise ImageError(f"{index_path}: missing index") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ImageError(f"{index_path}: unreadable index ({exc})") from None
-        recorded = self.manifest.get("index_sha256")
-        if recorded and hashlib.sha256(text.encode()).hexdigest() != recorded:
-            raise ImageError(f"{index_path}: corrupt index (its checksum does not match the manifest)")
         expected = -(-self.size // self.chunk_size)
         if len(lines) != expected:
             raise ImageError(f"{index_path}: corrupt or truncated index "
@@ -96,6 +93,9 @@ class Image:
         for number, line in enumerate(lines, 1):
             if not DIGEST_RE.match(line):
                 raise ImageError(f"{index_path}: corrupt index (line {number} is not a SHA-256)")
+        recorded = self.manifest.get("index_sha256")
+        if recorded and hashlib.sha256(text.encode()).hexdigest() != recorded:
+            raise ImageError(f"{index_path}: corrupt index (its checksum does not match the manifest)")
         return lines
 
     def chunk_length(self, position: int) -> int:

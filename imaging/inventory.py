@@ -108,7 +108,9 @@ def _file_disk(path: str) -> dict:
 
 def inventory() -> list[dict]:
     """Every whole disk of this host and every configured disk file."""
-    disks = [_block_disk(d) for d in _lsblk() if d.get("type") == "disk"]
+    # zram is compressed memory, and an empty slot (card reader) holds nothing to image.
+    disks = [_block_disk(d) for d in _lsblk()
+             if d.get("type") == "disk" and int(d.get("size") or 0) > 0 and not d["name"].startswith("zram")]
     for path in configured_disk_files():
         if os.path.exists(path):
             disks.append(_file_disk(path))
