@@ -143,10 +143,10 @@ def mounted(
     try:
         yield mountpoint
     finally:
-        unmount(mountpoint)
+        _unmount(mountpoint)
 
 
-def unmount(mountpoint: str | os.PathLike) -> None:
+def _unmount(mountpoint: str | os.PathLike) -> None:
     """Unmount, falling back to a lazy unmount if something still holds it busy."""
     if subprocess.run(["umount", os.fspath(mountpoint)], capture_output=True).returncode != 0:
         run("umount", "-l", mountpoint)

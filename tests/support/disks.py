@@ -109,6 +109,8 @@ def build_disk(
     path = Path(path)
     if label not in ("dos", "gpt"):
         raise ValueError(f"label must be 'dos' or 'gpt', not {label!r}")
+    if size % SECTOR:
+        raise ValueError(f"disk size must be a multiple of {SECTOR}")
     if label == "dos" and len(partitions) > 4:
         raise ValueError("a dos label holds at most 4 (primary) partitions")
     usable_end = size - GPT_BACKUP_SIZE if label == "gpt" else size
