@@ -17,17 +17,18 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import badmap, codec, layout, recipe
+from . import badmap, codec, layout, recipe, usedmap
 from .device import Range, Source
-from .errors import Cancelled, StoreError, translated
+from .errors import Cancelled, SourceError, ImagingError
 from .image import FORMAT, STATUS_COMPLETE, STATUS_READ_ERRORS, ImageWriter
 from .inventory import identify
 from .progress import Progress
-from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id, fsync_dir
+from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
 
 # A read plan names, for a chunk (offset, length), the ranges worth reading;
 # None means read everything. `used` mode plans from filesystem block maps.
 ReadPlan = Callable[[int, int], Optional[list[Range]]]
+MODES = ("raw", "used")
 
 
 @dataclasses.dataclass
@@ -51,9 +52,9 @@ class _ChunkSink:
     def __init__(self, store: Datastore, level: int) -> None:
         self.store = store
         self.level = level
+        self.batch = store.chunk_batch()
         self._seen: set[str] = set()
         self._lock = threading.Lock()
-        self.touched_dirs: set[Path] = set()
 
     def put(self, buf: bytearray) -> tuple[str, int, int]:
         """Return (digest, stored bytes if first use in this image, new bytes)."""
@@ -65,16 +66,18 @@ class _ChunkSink:
         if self.store.touch_chunk(digest):
             return digest, self.store.chunk_path(digest).stat().st_size, 0
         frame = codec.compress(buf, self.level)
-        self.store.write_chunk(digest, frame)
-        with self._lock:
-            self.touched_dirs.add(self.store.chunk_path(digest).parent)
+        self.batch.add(digest, frame)
         return digest, len(frame), len(frame)
 
 
 def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[str] = None,
            level: int = codec.DEFAULT_LEVEL, mode: str = "raw", read_plan: Optional[ReadPlan] = None,
            manifest_extra: Optional[dict] = None, progress: Optional[Progress] = None,
-           chunk_size: int = DEFAULT_CHUNK_SIZE, workers: Optional[int] = None) -> BackupResult:
+           chunk_size: int = DEFAULT_CHUNK_SIZE, workers: Optional[int] = None,
+           force: bool = False) -> BackupResult:
+    """`force`: in used mode, image a disk even while it is mounted read-write."""
+    if mode not in MODES:
+        raise ImagingError(f"unknown backup mode {mode!r}: use one of {', '.join(MODES)}")
     started = time.monotonic()
     identity = identify(source_path)
     disk_id = check_disk_id(disk_id or identity["id"])
@@ -82,7 +85,15 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
     with Source.open(source_path) as source:
         progress = progress or Progress("backup", source.size)
         progress.total = source.size
-        table = layout.dump(source_path)
+        if mode == "used" and read_plan is None:
+            used = usedmap.plan(source, force=force)
+            read_plan = used.wanted
+            manifest_extra = {**used.manifest_extra(), **(manifest_extra or {})}
+        try:
+            table, layout_error = layout.dump(source_path), None
+        except SourceError as exc:
+            # A failing disk may not let sfdisk read it; the sectors still matter more.
+            table, layout_error = None, str(exc)
         mbr, _ = source.read(0, min(layout.MBR_SIZE, source.size))
         writer = ImageWriter(store, disk_id)
         try:
@@ -99,6 +110,7 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
                 "seconds": seconds, "level": level, "chunks": len(index),
                 "stored_bytes": progress.stored_bytes, "new_bytes": progress.new_bytes,
                 "bad_bytes": bad_bytes, "mode": mode, "status": status,
+                **({"layout_error": layout_error} if layout_error else {}),
                 **(manifest_extra or {}),
             }
             index_text = "".join(f"{d}\n" for d in index)
@@ -132,6 +144,8 @@ def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Option
     def collect() -> None:
         buf, chunk_bad, future = inflight.popleft()
         digest, stored, new = future.result()
+        if sink.batch.due():
+            sink.batch.flush()
         whole.update(buf)
         index.append(digest)
         bad.extend(chunk_bad)
@@ -152,10 +166,11 @@ def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Option
                 collect()
             if progress.cancelled():
                 raise Cancelled()
-        finally:
+            sink.batch.flush()
+        except BaseException:
             for _, _, future in inflight:
                 future.cancel()
-    with translated(StoreError, "cannot sync the datastore"):
-        for folder in sink.touched_dirs:
-            fsync_dir(folder)
+            pool.shutdown(wait=True)
+            sink.batch.discard()
+            raise
     return index, whole.hexdigest(), bad

@@ -54,7 +54,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     result = backup(args.source, args.store, disk_id=args.disk, level=args.level,
-                    mode=args.mode, progress=_progress(args, "backup"))
+                    mode=args.mode, force=args.force, progress=_progress(args, "backup"))
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -141,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--store", required=True, help="datastore directory (created if absent)")
     sub.add_argument("--disk", help="disk id (default: from WWN/serial/by-id)")
     sub.add_argument("--level", type=_level, default=codec.DEFAULT_LEVEL, help="zstd level")
-    sub.add_argument("--mode", choices=("raw",), default="raw",
-                     help="raw: every sector")
+    sub.add_argument("--mode", choices=("raw", "used"), default="raw",
+                     help="raw: every sector; used: only the blocks filesystems use "
+                          "(free space restores as zeros)")
+    sub.add_argument("--force", action="store_true",
+                     help="used mode: image the disk even while it is mounted read-write")
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 
