@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from . import badmap, codec, layout, recipe, usedmap
 from .device import Range, Source
@@ -63,8 +63,15 @@ class _ChunkSink:
             if digest in self._seen:
                 return digest, 0, 0
             self._seen.add(digest)
-        if self.store.touch_chunk(digest):
-            return digest, self.store.chunk_path(digest).stat().st_size, 0
+        # Size first, then touch: garbage collection may move an unreferenced
+        # chunk aside at any moment and honours only a touch that landed
+        # before; a chunk found gone is simply stored again.
+        try:
+            size = self.store.chunk_path(digest).stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None and self.store.touch_chunk(digest):
+            return digest, size, 0
         frame = codec.compress(buf, self.level)
         self.batch.add(digest, frame)
         return digest, len(frame), len(frame)
@@ -97,43 +104,74 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
         mbr, _ = source.read(0, min(layout.MBR_SIZE, source.size))
         writer = ImageWriter(store, disk_id)
         try:
+            # Registered until the image is published: garbage collection must
+            # never see this backup's chunks as neither a writer's nor an image's.
             with store.writer(f"backup {disk_id}"):
                 index, whole, bad = _copy_chunks(source, store, level, read_plan, progress, workers)
-            identity["id"] = disk_id
-            bad_bytes = sum(length for _, length in bad)
-            status = STATUS_READ_ERRORS if bad else STATUS_COMPLETE
-            seconds = round(time.monotonic() - started, 3)
-            manifest = {
-                "format": FORMAT, "disk": identity, "size": source.size,
-                "chunk_size": store.chunk_size, "sector_size": source.sector_size,
-                "sha256": whole, "created": writer.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "seconds": seconds, "level": level, "chunks": len(index),
-                "stored_bytes": progress.stored_bytes, "new_bytes": progress.new_bytes,
-                "bad_bytes": bad_bytes, "mode": mode, "status": status,
-                **({"layout_error": layout_error} if layout_error else {}),
-                **(manifest_extra or {}),
-            }
-            index_text = "".join(f"{d}\n" for d in index)
-            manifest["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
-            writer.write("index", index_text)
-            writer.write("mbr.bin", bytes(mbr))
-            if table is not None:
-                writer.write("layout.sf", table)
-            writer.write("badblocks.map", badmap.render(source.size, bad))
-            writer.write("RESTORE.txt", recipe.render(
-                disk_id=disk_id, created=manifest["created"], size=source.size,
-                chunk_size=store.chunk_size, sha256=whole, image_dir=str(writer.final)))
-            image_dir = writer.commit(manifest)
+                identity["id"] = disk_id
+                result = publish_image(
+                    writer, identity=identity, size=source.size, sector_size=source.sector_size,
+                    level=level, mode=mode, index=index, sha256=whole, bad=bad, mbr=bytes(mbr),
+                    table=table, progress=progress, started=started, manifest_extra={
+                        **({"layout_error": layout_error} if layout_error else {}),
+                        **(manifest_extra or {})})
         except BaseException:
             writer.discard()
             raise
     progress.finish()
-    return BackupResult(image_dir, source.size, seconds, manifest["stored_bytes"],
-                        manifest["new_bytes"], bad_bytes, whole, status)
+    return result
+
+
+def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size: int, level: int,
+                  mode: str, index: list[str], sha256: str, bad: list[Range], mbr: bytes,
+                  table: Optional[str], progress: Progress, started: float,
+                  manifest_extra: Optional[dict] = None) -> BackupResult:
+    """Write an image's files and manifest and publish it; the caller discards on failure."""
+    store = writer.store
+    bad_bytes = sum(length for _, length in bad)
+    status = STATUS_READ_ERRORS if bad else STATUS_COMPLETE
+    seconds = round(time.monotonic() - started, 3)
+    manifest = {
+        "format": FORMAT, "disk": identity, "size": size,
+        "chunk_size": store.chunk_size, "sector_size": sector_size,
+        "sha256": sha256, "created": writer.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seconds": seconds, "level": level, "chunks": len(index),
+        "stored_bytes": progress.stored_bytes, "new_bytes": progress.new_bytes,
+        "bad_bytes": bad_bytes, "mode": mode, "status": status,
+        **(manifest_extra or {}),
+    }
+    index_text = "".join(f"{d}\n" for d in index)
+    manifest["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
+    writer.write("index", index_text)
+    writer.write("mbr.bin", mbr)
+    if table is not None:
+        writer.write("layout.sf", table)
+    writer.write("badblocks.map", badmap.render(size, bad))
+    writer.write("RESTORE.txt", recipe.render(
+        disk_id=writer.disk_id, created=manifest["created"], size=size,
+        chunk_size=store.chunk_size, sha256=sha256, image_dir=str(writer.final)))
+    image_dir = writer.commit(manifest)
+    return BackupResult(image_dir, size, seconds, manifest["stored_bytes"],
+                        manifest["new_bytes"], bad_bytes, sha256, status)
 
 
 def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Optional[ReadPlan],
                  progress: Progress, workers: Optional[int]) -> tuple[list[str], str, list[Range]]:
+    def reads():
+        for offset in range(0, source.size, store.chunk_size):
+            length = min(store.chunk_size, source.size - offset)
+            wanted = read_plan(offset, length) if read_plan else None
+            yield source.read(offset, length, wanted, progress.cancelled)
+
+    return store_chunks(reads(), store, level, progress, workers)
+
+
+def store_chunks(chunks: Iterable[tuple[bytearray, list[Range]]], store: Datastore, level: int,
+                 progress: Progress, workers: Optional[int]) -> tuple[list[str], str, list[Range]]:
+    """Store a disk given as its chunks in order, each with its unreadable ranges.
+
+    Returns the index, the whole disk's SHA-256 and the unreadable ranges.
+    """
     workers = workers or os.cpu_count() or 1
     sink = _ChunkSink(store, level)
     whole = hashlib.sha256()
@@ -153,15 +191,12 @@ def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Option
 
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="chunk") as pool:
         try:
-            for offset in range(0, source.size, store.chunk_size):
-                if progress.cancelled():
-                    raise Cancelled()
-                length = min(store.chunk_size, source.size - offset)
-                wanted = read_plan(offset, length) if read_plan else None
-                buf, chunk_bad = source.read(offset, length, wanted, progress.cancelled)
+            for buf, chunk_bad in chunks:
                 inflight.append((buf, chunk_bad, pool.submit(sink.put, buf)))
                 if len(inflight) > workers * 2:
                     collect()
+                if progress.cancelled():
+                    raise Cancelled()
             while inflight:
                 collect()
             if progress.cancelled():

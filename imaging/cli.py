@@ -14,6 +14,12 @@ from typing import Optional
 
 from . import codec, layout
 from .backup import backup
+from .export import export
+from .gc import DEFAULT_SAFETY_MARGIN, collect
+from .importer import import_archive
+from .prune import Retention, prune
+from .recompress import recompress
+from .splitnames import parse_size
 from .errors import ImagingError
 from .image import Image
 from .inventory import inventory
@@ -110,6 +116,61 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    result = import_archive(args.files, args.store, disk_id=args.disk, level=args.level,
+                            progress=_progress(args, "import"))
+    print(f"imported {human_bytes(result.size)} in {result.seconds:.1f} s: "
+          f"stored {human_bytes(result.stored_bytes)}, new {human_bytes(result.new_bytes)}")
+    print(result.image)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    split_size = parse_size(args.split) if args.split is not None else None
+    result = export(args.image, args.out, level=args.level, long_distance=args.long,
+                    split_size=split_size, progress=_progress(args, "export"))
+    for path in result.files:
+        print(path)
+    return 0
+
+
+def cmd_recompress(args: argparse.Namespace) -> int:
+    result = recompress(args.image, args.level, progress=_progress(args, "recompress"))
+    change = (result.after - result.before) / result.before if result.before else 0.0
+    print(f"{result.image}: {result.chunks} chunks re-encoded at level {result.level} "
+          f"in {result.seconds:.1f} s: {human_bytes(result.before)} before, "
+          f"{human_bytes(result.after)} after ({change:+.1%})")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    retention = Retention(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
+                          weekly=args.keep_weekly, monthly=args.keep_monthly,
+                          yearly=args.keep_yearly)
+    decisions = prune(args.store, args.disk, retention, dry_run=args.dry_run,
+                      progress=_progress(args, "prune"))
+    gone = "would remove" if args.dry_run else "removed"
+    for decision in decisions:
+        verdict = "keep" if decision.keep else gone
+        print(f"{verdict:<12}  {decision.image.name}  {decision.reason}".rstrip())
+    removed = sum(not d.keep for d in decisions)
+    print(f"{gone} {removed} of {len(decisions)} images of {args.disk}"
+          + ("; `gc` frees their chunks" if removed and not args.dry_run else ""))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    result = collect(args.store, safety_margin=args.safety_margin,
+                     progress=_progress(args, "gc"))
+    print(f"freed {human_bytes(result.freed_bytes)}: {result.removed} unreferenced chunks, "
+          f"{result.bad_removed} corrupt (.bad) chunks, {result.temp_removed} leftovers of "
+          f"interrupted jobs")
+    print(f"kept {result.referenced} chunks referenced by {result.images} images"
+          + (f", and {result.kept_recent} unreferenced ones a running or recent backup may use"
+             if result.kept_recent else ""))
+    return 0
+
+
 def _level(text: str) -> int:
     level = int(text)
     if not 1 <= level <= 22:
@@ -162,6 +223,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("list", cmd_list, "images per disk")
     sub.add_argument("--store", required=True)
     sub.add_argument("--disk")
+
+    sub = add("import", cmd_import, "ingest a classic backup: dd | gzip (maybe split), 7z, xz, "
+              "zstd or a raw image, with the .sf and .mbr files beside it")
+    sub.add_argument("files", nargs="+", metavar="FILE",
+                     help="the archive, or all parts of a split one in any order")
+    sub.add_argument("--store", required=True, help="datastore directory (created if absent)")
+    sub.add_argument("--disk", required=True, help="disk id the image is filed under")
+    sub.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL, help="zstd level")
+    with_progress(sub)
+
+    sub = add("export", cmd_export, "write an image as one standard zstd stream "
+              "(restore: cat OUT.* | zstd -d | dd of=/dev/sdX)")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("out", help="output file (parts are OUT.aa, OUT.ab, ... with --split)")
+    sub.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL, help="zstd level")
+    sub.add_argument("--long", action="store_true",
+                     help="long-distance matching over a 128 MiB window (plain zstd -d still decodes)")
+    sub.add_argument("--split", metavar="SIZE", help="cut into parts of SIZE (e.g. 2048m, 2G)")
+    with_progress(sub)
+
+    sub = add("recompress", cmd_recompress, "re-encode the chunks an image needs at another level")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("--level", type=int, required=True, help="zstd level")
+    with_progress(sub)
+
+    sub = add("prune", cmd_prune, "remove a disk's images that no --keep rule keeps "
+              "(Proxmox Backup Server's rules)")
+    sub.add_argument("--store", required=True)
+    sub.add_argument("--disk", required=True)
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        sub.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    sub.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    with_progress(sub)
+
+    sub = add("gc", cmd_gc, "delete chunks no image references, never one a running backup may use")
+    sub.add_argument("--store", required=True)
+    sub.add_argument("--safety-margin", type=float, default=DEFAULT_SAFETY_MARGIN, metavar="SECONDS",
+                     help="also keep chunks touched this long before the oldest running backup "
+                          f"started (default {DEFAULT_SAFETY_MARGIN:.0f})")
+    with_progress(sub)
     return parser
 
 

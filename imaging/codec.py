@@ -14,6 +14,8 @@ import threading
 
 import zstandard
 
+from .errors import ImagingError
+
 DEFAULT_LEVEL = 3
 _local = threading.local()
 
@@ -54,3 +56,13 @@ def decompress(frame: bytes) -> bytes:
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor()
     return decompressor.decompress(frame)
+
+
+LEVELS = range(1, 23)
+
+
+def check_level(level: int) -> int:
+    """`level` itself if zstd has it; otherwise one clear error."""
+    if level not in LEVELS:
+        raise ImagingError(f"zstd level {level} does not exist: levels run from 1 to 22")
+    return level

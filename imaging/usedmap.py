@@ -72,7 +72,6 @@ class PartitionMap:
 class UsedPlan:
     """What a `used` backup reads: merged absolute ranges, and why per partition."""
 
-    size: int
     read: list[Range]
     partitions: list[PartitionMap]
     forced_past: Optional[str] = None  # the read-write mount --force overrode
@@ -120,7 +119,7 @@ def plan(source: Source, force: bool = False, mounts_path: str = safety.MOUNTINF
     with concurrent.futures.ThreadPoolExecutor(
             max(1, min(len(entries), MAX_CONCURRENT_MAPS)), thread_name_prefix="map") as pool:
         maps = list(pool.map(lambda entry: map_partition(source, entry), entries))
-    return UsedPlan(source.size, read_ranges(source.size, source.sector_size, maps), maps, mounted)
+    return UsedPlan(read_ranges(source.size, source.sector_size, maps), maps, mounted)
 
 
 def mounted_read_write(source_path: str, mounts_path: str = safety.MOUNTINFO) -> Optional[str]:
@@ -216,7 +215,9 @@ def probe(path: str, start: int, size: int) -> tuple[Optional[str], Optional[str
     if result.returncode != 0:
         raise Unmappable(f"blkid failed: {_last_line(result.stderr)}")
     found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    return found.get("TYPE") or found.get("PTTYPE"), found.get("USAGE")
+    if "TYPE" not in found and "PTTYPE" in found:
+        raise Unmappable(f"holds a partition table ({found['PTTYPE']})")
+    return found.get("TYPE"), found.get("USAGE")
 
 
 def _free_ranges(source: Source, start: int, size: int, filesystem: Optional[str],
@@ -227,6 +228,8 @@ def _free_ranges(source: Source, start: int, size: int, filesystem: Optional[str
         raise Unmappable(f"encrypted ({filesystem})")
     if filesystem == "swap":
         return swap_free(source, start, size), METHOD_SWAP
+    if filesystem == "swsuspend":
+        raise Unmappable("swap holding a hibernation image")
     if filesystem in EXT_TYPES:
         with _partition_device(source.path, start, size) as device:
             return ext_free(device, start, size), METHOD_DUMPE2FS
@@ -262,6 +265,8 @@ def ext_free(device: str, start: int, size: int) -> list[Range]:
             fields[name.strip()] = value.strip()
     try:
         block_size = int(fields["Block size"])
+        # bigalloc: dumpe2fs names each free run's last cluster by its first block.
+        cluster_blocks = int(fields.get("Cluster size", block_size)) // block_size
         block_count = int(fields["Block count"])
         first_block = int(fields["First block"])
         blocks_per_group = int(fields["Blocks per group"])
@@ -283,8 +288,8 @@ def ext_free(device: str, start: int, size: int) -> list[Range]:
     for listed in free_lists:
         for item in filter(None, (part.strip() for part in listed.split(","))):
             first, _, last = item.partition("-")
-            # With bigalloc the last cluster may reach past the last block.
-            low, high = int(first), min(int(last or first), block_count - 1)
+            low = int(first)
+            high = min(int(last or first) + cluster_blocks - 1, block_count - 1)
             if not first_block <= low <= high:
                 raise Unmappable(f"dumpe2fs lists free blocks {item} outside the filesystem")
             free.append((start + low * block_size, (high - low + 1) * block_size))

@@ -1,0 +1,184 @@
+"""Export: an image as one standard zstd stream of the whole disk.
+
+For offline copies and the classic workflow: `zstd -d` with no options decodes
+it, because the window never exceeds the 128 MiB (2^27) zstd accepts by
+default, even with long-distance matching. Parts are named the way `split`
+names them, so `cat OUT.* | zstd -d | dd of=/dev/sdX` restores; their
+checksums, in sha256sum's format, go to OUT.sha256 (OUT-parts.sha256 when
+split, so that `cat OUT.*` picks up nothing but the stream). Every file is written under a
+hidden temporary name and takes its real name only when the whole export has
+succeeded, so an interrupted export never looks like a finished one.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import zstandard
+
+from . import codec
+from .chunks import read_chunk
+from .errors import Cancelled, TargetError, translated
+from .image import Image
+from .progress import Progress
+from .splitnames import suffixes
+from .store import fsync_dir, write_atomically
+
+# zstd's decoders refuse larger windows unless told --long=N or --memory.
+MAX_WINDOW_LOG = 27
+def checksum_path(out: Path, split: bool) -> Path:
+    return out.with_name(out.name + ("-parts.sha256" if split else ".sha256"))
+
+
+@dataclasses.dataclass
+class ExportResult:
+    files: list[Path]  # the stream's parts in order (or the one file), then the checksum file
+    size: int  # disk bytes
+    compressed_bytes: int
+    seconds: float
+
+
+class _Parts:
+    """A file-like sink that cuts the stream into parts and hashes each one."""
+
+    def __init__(self, out: Path, part_size: Optional[int]) -> None:
+        self.part_size = part_size
+        if part_size:
+            self._names = (out.with_name(f"{out.name}.{suffix}") for suffix in suffixes())
+        else:
+            self._names = iter([out])
+        self.done: list[tuple[Path, Path, str]] = []  # (temporary, final, sha256)
+        self.written = 0
+        self._handle = None
+        self._room = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            if self._handle is None:
+                self._open_next()
+            take = len(view) if self.part_size is None else min(len(view), self._room)
+            with translated(TargetError, "cannot write the export"):
+                self._handle.write(view[:take])
+            self._hash.update(view[:take])
+            self._room -= take
+            self.written += take
+            view = view[take:]
+            if self.part_size and not self._room:
+                self._close_current()
+        return len(data)
+
+    def flush(self) -> None:
+        """Parts are synced when complete; nothing to do mid-part."""
+
+    def _open_next(self) -> None:
+        final = next(self._names)
+        temporary = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        with translated(TargetError, "cannot create the export"):
+            self._handle = open(temporary, "xb")
+        self._current = (temporary, final)
+        self._hash = hashlib.sha256()
+        self._room = self.part_size or 0
+
+    def _close_current(self) -> None:
+        handle, self._handle = self._handle, None
+        with translated(TargetError, "cannot write the export"):
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                handle.close()
+        self.done.append((*self._current, self._hash.hexdigest()))
+
+    def publish(self, checksums: Path) -> list[Path]:
+        if self._handle is not None:
+            self._close_current()
+        finals = [final for _, final, _ in self.done]
+        with translated(TargetError, "cannot name the export's files"):
+            for temporary, final, _ in self.done:
+                os.rename(temporary, final)
+            write_atomically(checksums, "".join(f"{digest}  {final.name}\n"
+                                                for _, final, digest in self.done).encode())
+            fsync_dir(checksums.parent)
+        return finals + [checksums]
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self.done.append((*self._current, ""))
+        for temporary, _, _ in self.done:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+
+
+def _check_free(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise TargetError(f"cannot export to {out}: no such directory {out.parent}")
+    # A restore reads `cat OUT.*`: any file caught by that glob would corrupt it.
+    taken = ([out] if out.exists() else []) + sorted(out.parent.glob(glob.escape(out.name) + ".*"))
+    if taken:
+        raise TargetError(f"{taken[0]} already exists: export to a new name "
+                          f"(a restore reads {out.name}.* whole)")
+
+
+def _disk_bytes(image: Image, index: list[str], progress: Progress,
+                workers: int) -> Iterator[bytes]:
+    """The image's chunks in disk order, each checked, read ahead by a thread pool."""
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="export") as pool:
+        inflight: collections.deque = collections.deque()
+        try:
+            for position, digest in enumerate(index):
+                inflight.append(pool.submit(read_chunk, image.store, digest,
+                                            image.chunk_length(position)))
+                if len(inflight) > workers:
+                    yield inflight.popleft().result()
+                if progress.cancelled():
+                    raise Cancelled()
+            while inflight:
+                yield inflight.popleft().result()
+        finally:
+            for future in inflight:
+                future.cancel()
+
+
+def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
+           level: int = codec.DEFAULT_LEVEL, long_distance: bool = False,
+           split_size: Optional[int] = None, progress: Optional[Progress] = None,
+           workers: Optional[int] = None) -> ExportResult:
+    started = time.monotonic()
+    codec.check_level(level)
+    if split_size is not None and split_size <= 0:
+        raise TargetError(f"invalid part size {split_size}: it must be positive")
+    image = Image.open(image_dir)
+    index = image.index()
+    out = Path(out)
+    _check_free(out)
+    # Level tables never go past a 2^27 window; long-distance matching asks for it explicitly.
+    window = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG} if long_distance else {}
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=image.size, threads=-1, write_checksum=True,
+        write_content_size=True, **window)
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    progress = progress or Progress("export", image.size)
+    progress.start_phase("export", image.size)
+    parts = _Parts(out, split_size)
+    try:
+        with compressor.stream_writer(parts, size=image.size, closefd=False) as stream:
+            for data in _disk_bytes(image, index, progress, workers or os.cpu_count() or 1):
+                stream.write(data)
+                progress.advance(len(data))
+        files = parts.publish(checksum_path(out, split_size is not None))
+    except BaseException:
+        parts.discard()
+        raise
+    progress.finish()
+    return ExportResult(files, image.size, parts.written, round(time.monotonic() - started, 3))

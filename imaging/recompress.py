@@ -1,0 +1,94 @@
+"""Recompress: re-encode the chunks an image needs at another zstd level.
+
+Each distinct chunk is read, checked against its name, compressed again and
+written back under the same name by write-temporary, fsync, rename, so at any
+moment every chunk file holds a complete frame of the right data: killing a
+recompress never breaks an image, this one or any other sharing its chunks.
+The manifest's `level` and `stored_bytes` are rewritten atomically at the end.
+Chunks shared with other images are re-encoded once, and those images read
+them as before (their manifests keep their own, now approximate, figures).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+from . import codec
+from .chunks import read_chunk
+from .errors import Cancelled, ImageError, StoreError, translated
+from .image import Image
+from .progress import Progress
+from .store import fsync_dir, write_atomically
+
+
+@dataclasses.dataclass
+class RecompressResult:
+    image: str
+    level: int
+    chunks: int
+    before: int  # compressed bytes of the image's distinct chunks, before
+    after: int  # and after
+    seconds: float
+
+
+def _recompress_chunk(image: Image, digest: str, length: int, level: int) -> tuple[int, int]:
+    """(stored bytes before, after) for one chunk, rewritten in place."""
+    try:
+        before = image.store.chunk_path(digest).stat().st_size
+    except FileNotFoundError:
+        raise ImageError(f"chunk {digest} is missing from {image.store.root}: run verify") from None
+    frame = codec.compress(read_chunk(image.store, digest, length), level)
+    image.store.write_chunk(digest, frame)
+    return before, len(frame)
+
+
+def recompress(image_dir: os.PathLike | str, level: int, *, progress: Optional[Progress] = None,
+               workers: Optional[int] = None) -> RecompressResult:
+    started = time.monotonic()
+    codec.check_level(level)
+    image = Image.open(image_dir)
+    lengths: dict[str, int] = {}
+    for position, digest in enumerate(image.index()):
+        lengths.setdefault(digest, image.chunk_length(position))
+    progress = progress or Progress("recompress", 0)
+    progress.start_phase("recompress", sum(lengths.values()))
+    workers = workers or os.cpu_count() or 1
+    before = after = 0
+    inflight: collections.deque = collections.deque()
+
+    def collect() -> None:
+        nonlocal before, after
+        length, future = inflight.popleft()
+        old, new = future.result()
+        before += old
+        after += new
+        progress.advance(length, stored=new)
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="recompress") as pool:
+        try:
+            for digest, length in lengths.items():
+                inflight.append((length, pool.submit(_recompress_chunk, image, digest, length, level)))
+                if len(inflight) > workers * 2:
+                    collect()
+                if progress.cancelled():
+                    raise Cancelled()
+            while inflight:
+                collect()
+        finally:
+            for _, future in inflight:
+                future.cancel()
+    with translated(StoreError, "cannot update the image's manifest"):
+        for folder in {image.store.chunk_path(digest).parent for digest in lengths}:
+            fsync_dir(folder)
+        manifest = dict(image.manifest, level=level, stored_bytes=after)
+        write_atomically(image.path / "manifest.json",
+                         (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        fsync_dir(image.path)
+    progress.finish()
+    return RecompressResult(str(image.path), level, len(lengths), before, after,
+                            round(time.monotonic() - started, 3))
