@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 from . import badmap, codec, layout, recipe, usedmap
 from .device import Range, Source
-from .errors import Cancelled, SourceError, ImagingError
+from .errors import Cancelled, ImagingError, SourceError
 from .image import FORMAT, STATUS_COMPLETE, STATUS_READ_ERRORS, ImageWriter
 from .inventory import identify
 from .progress import Progress

@@ -14,18 +14,18 @@ from typing import Optional
 
 from . import codec, layout
 from .backup import backup
+from .errors import ImagingError
 from .export import export
 from .gc import DEFAULT_SAFETY_MARGIN, collect
-from .importer import import_archive
-from .prune import Retention, prune
-from .recompress import recompress
-from .splitnames import parse_size
-from .errors import ImagingError
 from .image import Image
+from .importer import import_archive
 from .inventory import inventory
 from .progress import Progress
+from .prune import Retention, prune
+from .recompress import recompress
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
+from .splitnames import parse_size
 from .store import Datastore
 from .verify import verify
 

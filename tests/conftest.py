@@ -1,7 +1,6 @@
 import warnings
 
 import pytest
-
 from support.devices import detach_leaked_loops, requires_loop
 from support.disks import build_disk
 

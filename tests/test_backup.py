@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from engine import MiB, imaging, last_line, sha256_of
 from support.devices import loop_device, mounted, requires_loop
 from support.disks import PartSpec, build_disk

@@ -9,7 +9,6 @@ import sys
 import threading
 
 import pytest
-
 from engine import REPO, MiB, imaging, one_error_line, sha256_of, write_random
 from support.devices import loop_device, mounted, requires_loop, run
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 
 import pytest
-
 from engine import MiB, imaging, last_line, one_error_line, sha256_of
 from support.disks import PartSpec, build_disk
 

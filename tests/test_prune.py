@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-
 from engine import MiB, imaging, last_line, one_error_line
 from support.disks import PartSpec, build_disk
 

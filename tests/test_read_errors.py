@@ -5,7 +5,6 @@ import json
 import subprocess
 
 import pytest
-
 from engine import MiB, imaging, last_line, sha256_of, write_random
 from support.devices import requires_root_loop_fuse
 from support.faulty import ddrescue_bad_ranges, faulty_disk, round_out_to_sectors

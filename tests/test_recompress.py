@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from engine import MiB, REPO, imaging, last_line, one_error_line, sha256_of
+from engine import REPO, MiB, imaging, last_line, one_error_line, sha256_of
 from support.disks import PartSpec, build_disk
 
 from imaging.image import Image

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from engine import MiB, imaging, one_error_line, sha256_of, write_random
 from support.devices import loop_device, mounted, requires_loop, run
 from support.disks import PartSpec, build_disk

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from support.devices import (
     detach_leaked_loops,
     loop_device,

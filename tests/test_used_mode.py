@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from engine import MiB, imaging, last_line, one_error_line, sha256_of
 from support.devices import loop_device, mounted, requires_loop, run
 from support.disks import DELETED_FILE_MARKER, Disk, PartSpec, build_disk
