@@ -16,6 +16,7 @@ only ext4 timestamps vary between builds.
 
 import argparse
 import base64
+import itertools
 import os
 import random
 import shutil
@@ -26,24 +27,38 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.system import (
-    GiB, LINUX_TYPE, MiB, SECTOR, SWAP_TYPE, attached_loop, exit_cleanly_on_sigterm,
-    mounted, mounted_partition, parse_size, read_partitions, run,
+    LINUX_TYPE,
+    SECTOR,
+    SWAP_TYPE,
+    GiB,
+    MiB,
+    attached_loop,
+    exit_cleanly_on_signals,
+    mounted,
+    mounted_partition,
+    parse_size,
+    read_partitions,
+    run,
 )
 
 BLOCK = 4096
 ZEROS = bytes(4 * MiB)
 
 FILESYSTEM_SOURCES = [
-    Path("/usr/lib/python3"), Path("/usr/lib/python3.11"), Path("/usr/share"),
-    Path("/usr/include"), Path("/usr/bin"), Path("/usr/lib/gcc"), Path("/usr/libexec"),
-    Path("/usr/lib/jvm"), Path("/usr/sbin"),
+    Path("/usr/lib/python3"), Path("/usr/lib/python3.11"), Path("/usr/bin"), Path("/usr/share"),
+    Path("/usr/include"), Path("/usr/lib/gcc"), Path("/usr/libexec"), Path("/usr/lib/jvm"),
+    Path("/usr/sbin"),
 ]
-STALE_SOURCES = [Path("/usr/share/locale"), Path("/usr/share/man"), Path("/usr/lib/x86_64-linux-gnu")]
+STALE_SOURCES = [
+    Path("/usr/share/locale"), Path("/usr/share/man"), Path("/usr/lib/x86_64-linux-gnu"),
+]
+# Lists of registry package names kept for the machine's users, not OS content.
+NOT_OS_CONTENT = [Path("/usr/share/package-lists")]
 
 FILESYSTEM_USED_FRACTION = 0.70
-# Share of copied files that are later deleted; with 70% live this peaks near
-# 88% full, leaving room for ext4's own metadata.
+# Share of copied files that are later deleted.
 DELETED_FILE_SHARE = 0.20
+HEADROOM_FRACTION = 0.05
 STALE_DATA_FRACTION = 0.60
 TRASH_SUFFIX = ".bench-deleted"
 
@@ -60,7 +75,7 @@ def _regular_files(root: Path, excluded: list[Path]) -> Iterator[Path]:
 def _filesystem_pool() -> list[Path]:
     files = []
     for root in FILESYSTEM_SOURCES:
-        files.extend(_regular_files(root, excluded=STALE_SOURCES))
+        files.extend(_regular_files(root, excluded=STALE_SOURCES + NOT_OS_CONTENT))
     return files
 
 
@@ -114,43 +129,69 @@ def _block_aligned_excerpt(content: bytes, rng: random.Random, limit: int = 8 * 
 
 
 def _fill_filesystem(root: Path, rng: random.Random) -> None:
-    """Copy files until ~70% of the filesystem is live, routing a seeded share of
-    them to names that are deleted at the end, so deleted content ends up
-    interleaved with live files in the free space."""
-    stats = os.statvfs(root)
-    target_live_blocks = int(stats.f_blocks * FILESYSTEM_USED_FRACTION)
+    """Copy files until ~70% of the filesystem is live. A seeded share of them
+    get names that are deleted later, so deleted content ends up interleaved
+    with live files in the free space."""
+    target_live_blocks = int(os.statvfs(root).f_blocks * FILESYSTEM_USED_FRACTION)
     pool = _filesystem_pool()
-    trash = []
-    trash_blocks = 0
-    for round_number in range(1000):
+    trash = _Trash()
+    for round_number in itertools.count():
         # Only disks larger than the source trees need another round; those
         # copies deduplicate, which flatters every deduplicating tool alike.
         prefix = root / (f"copy{round_number}" if round_number else "")
+        copied = 0
         for source in pool:
+            stats = os.statvfs(root)
+            if stats.f_blocks - stats.f_bfree - trash.blocks >= target_live_blocks:
+                trash.empty()
+                return
+            blocks = -(-source.stat().st_size // stats.f_frsize)
+            if stats.f_bfree - blocks < stats.f_blocks * HEADROOM_FRACTION:
+                # Full: delete what is doomed so far, like a cleanup would,
+                # and let later files overwrite part of it.
+                trash.empty()
+                stats = os.statvfs(root)
+                if stats.f_bfree - blocks < stats.f_blocks * HEADROOM_FRACTION:
+                    continue
             destination = prefix / source.relative_to("/")
             doomed = rng.random() < DELETED_FILE_SHARE
             if doomed:
                 destination = destination.with_name(destination.name + TRASH_SUFFIX)
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, destination)
+            copied += 1
             if doomed:
-                trash.append(destination)
-                trash_blocks += -(-destination.stat().st_size // stats.f_frsize)
-            stats = os.statvfs(root)
-            if stats.f_blocks - stats.f_bfree - trash_blocks >= target_live_blocks:
-                os.sync()
-                for path in trash:
-                    path.unlink()
-                return
-    raise RuntimeError("source trees too small to fill the filesystem")
+                trash.add(destination, blocks)
+        if not copied:
+            raise RuntimeError("no source file fits in the filesystem any more")
+
+
+class _Trash:
+    """Copied files destined for deletion, and the blocks they hold."""
+
+    def __init__(self):
+        self.paths: list[Path] = []
+        self.blocks = 0
+
+    def add(self, path: Path, blocks: int) -> None:
+        self.paths.append(path)
+        self.blocks += blocks
+
+    def empty(self) -> None:
+        # Written back first: deleting a file whose delayed allocation never
+        # happened would leave nothing behind in the free space.
+        os.sync()
+        for path in self.paths:
+            path.unlink()
+        self.paths.clear()
+        self.blocks = 0
 
 
 def build_disk(path: Path, size: int = GiB, seed: int = 1) -> None:
     rng = random.Random(seed)
-    uuids = random.Random(seed)
-    disk_id = f"0x{uuids.getrandbits(32):08x}"
-    fs_uuid = str(uuid.UUID(int=uuids.getrandbits(128), version=4))
-    swap_uuid = str(uuid.UUID(int=uuids.getrandbits(128), version=4))
+    disk_id = f"0x{rng.getrandbits(32):08x}"
+    fs_uuid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    swap_uuid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     p1_offset, p1_size, p2_offset, p2_size = _layout(size)
     tail_offset = p2_offset + p2_size
 
@@ -206,7 +247,7 @@ def change_files(disk: Path, nbytes: int = 16 * MiB, seed: int = 2) -> None:
         added_dir = root / "var" / "log" / "bench-changes"
         added_dir.mkdir(parents=True, exist_ok=True)
         added = 0
-        for number in range(1_000_000):
+        for number in itertools.count():
             if added >= nbytes - rewritten:
                 break
             text = base64.encodebytes(rng.randbytes(768 * 1024))
@@ -214,10 +255,33 @@ def change_files(disk: Path, nbytes: int = 16 * MiB, seed: int = 2) -> None:
             added += len(text)
 
 
+FOOTPRINT_UNITS = (4096, 64 * 1024, MiB, 4 * MiB)
+
+
+def change_footprint(before: Path, after: Path,
+                     granularities: tuple[int, ...] = FOOTPRINT_UNITS) -> dict[int, int]:
+    """Bytes that differ between two images, counted in whole units of each
+    granularity: what an ideal deduplicator with that chunk size must store."""
+    touched: dict[int, set[int]] = {unit: set() for unit in granularities}
+    step = max(granularities)
+    with open(before, "rb") as old, open(after, "rb") as new:
+        for base in itertools.count(0, step):
+            old_piece, new_piece = old.read(step), new.read(step)
+            if not old_piece and not new_piece:
+                break
+            if old_piece == new_piece:
+                continue
+            for offset in range(0, max(len(old_piece), len(new_piece)), BLOCK):
+                if old_piece[offset:offset + BLOCK] != new_piece[offset:offset + BLOCK]:
+                    for unit in granularities:
+                        touched[unit].add((base + offset) // unit)
+    return {unit: len(units) * unit for unit, units in touched.items()}
+
+
 def describe(disk: Path) -> str:
     parts = read_partitions(disk)
     size = disk.stat().st_size
-    lines = [f"{disk.name}: {size / MiB:.0f} MiB, dos label"]
+    lines = [f"Test disk: {size / MiB:.0f} MiB, dos label"]
     names = {LINUX_TYPE: "ext4, ~70% used, deleted files in free space",
              SWAP_TYPE: "swap header + random noise"}
     for part in parts:
@@ -238,7 +302,7 @@ def main() -> None:
     parser.add_argument("--change", action="store_true",
                         help="instead of building, apply change_files to an existing disk")
     args = parser.parse_args()
-    exit_cleanly_on_sigterm()
+    exit_cleanly_on_signals()
     start = time.perf_counter()
     if args.change:
         change_files(args.path)

@@ -26,7 +26,8 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run a helper command, failing loudly with its stderr in the message."""
     result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
 
 
@@ -39,11 +40,13 @@ def parse_size(text: str) -> int:
     return int(cleaned)
 
 
-def exit_cleanly_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks detach loops and unmount."""
+def exit_cleanly_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit so `finally` blocks detach loop
+    devices and unmount (SIGINT already raises KeyboardInterrupt)."""
     def handler(signum, frame):
         raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def tree_bytes(path: Path) -> int:
 
 def read_through(path: Path) -> None:
     """Read every byte once so the page cache holds it for the timed run."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     buffer = bytearray(16 * MiB)
     for file in files:
         with open(file, "rb", buffering=0) as handle:

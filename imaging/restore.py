@@ -74,21 +74,20 @@ def _open_target(path: str, is_block: bool) -> int:
 
 def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
                   progress: Progress, workers: int) -> None:
-    def load(digest: str, length: int) -> Optional[bytes]:
+    """Decompress and write chunks in parallel; pwrite lets each worker write its own place."""
+    def restore_chunk(position: int, digest: str, length: int) -> None:
         if codec.zero_digest(length) == digest and not is_block:
-            return None  # a hole
+            return  # a hole
         data = codec.decompress(image.store.read_frame(digest))
         if len(data) != length:
             raise ImageError(f"chunk {digest} holds {len(data)} bytes, {length} expected")
-        return data
+        _pwrite_all(fd, data, position * image.chunk_size)
 
     inflight: collections.deque = collections.deque()
 
-    def write_next() -> None:
-        position, length, future = inflight.popleft()
-        data = future.result()
-        if data is not None:
-            _pwrite_all(fd, data, position * image.chunk_size)
+    def finish_next() -> None:
+        length, future = inflight.popleft()
+        future.result()
         progress.advance(length)
 
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
@@ -97,13 +96,13 @@ def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
                 if progress.cancelled():
                     raise Cancelled()
                 length = image.chunk_length(position)
-                inflight.append((position, length, pool.submit(load, digest, length)))
+                inflight.append((length, pool.submit(restore_chunk, position, digest, length)))
                 if len(inflight) > workers * 2:
-                    write_next()
+                    finish_next()
             while inflight:
-                write_next()
+                finish_next()
         finally:
-            for *_, future in inflight:
+            for _, future in inflight:
                 future.cancel()
 
 

@@ -1,0 +1,218 @@
+"""Benchmark our imaging engine against borg, zstd, dd|gzip, 7za and partclone.
+
+Builds a test disk, then for each round: runs every selected peer on a fresh
+copy of it, changes 16 MiB of files, runs the re-backups and restores. Prints
+a markdown report of the medians, also written to bench/results.md.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.disk import build_disk, change_files, change_footprint, describe
+from bench.peers import PEERS, Bench, Peer, Run, merge_rounds
+from bench.report import (
+    BUSY_MACHINE_SHARE,
+    Results,
+    disturbed,
+    runs_table,
+    targets_table,
+)
+from bench.system import GiB, MiB, exit_cleanly_on_signals, parse_size
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VERSION_COMMANDS = {
+    "borg": ["borg", "--version"],
+    "zstd": ["zstd", "--version"],
+    "gzip": ["gzip", "--version"],
+    "7za": ["7za"],
+    "partclone.ext4": ["partclone.ext4", "--version"],
+}
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--size", type=parse_size, default=GiB,
+                        help="test disk size, e.g. 256M for a quick try (default 1G)")
+    parser.add_argument("--disk", type=Path,
+                        help="use a copy of this disk image (from python -m bench.disk) "
+                             "instead of building one")
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "data" / "bench",
+                        help="a temporary directory is made and removed inside it "
+                             "(default data/bench)")
+    parser.add_argument("--peers", default=",".join(peer.name for peer in PEERS if peer.default),
+                        help="comma-separated names among: "
+                             f"{', '.join(peer.name for peer in PEERS)} (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat the fast peers this many times, report medians (default 3)")
+    parser.add_argument("--gzip-sample", type=parse_size, default=256 * MiB,
+                        help="time dd|gzip -9 on this much of the disk and scale up; "
+                             "0 = whole disk (default 256M)")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="on a shared machine, let each measurement wait up to SECONDS for "
+                             "other work to stop (default 0: don't wait)")
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results.md")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    known = {peer.name for peer in PEERS}
+    args.peers = args.peers.split(",")
+    unknown = set(args.peers) - known
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; known: {sorted(known)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def _progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _tool_versions() -> list[str]:
+    lines = []
+    for tool, argv in VERSION_COMMANDS.items():
+        if shutil.which(argv[0]) is None:
+            continue
+        result = subprocess.run(argv, capture_output=True, text=True)
+        text = (result.stdout + result.stderr).strip().splitlines()
+        lines.append(f"{tool}: {next((line for line in text if line.strip()), '?').strip()}")
+    return lines
+
+
+def _run_round(number: int, peers: list[Peer], pristine: Path, workdir: Path,
+               args: argparse.Namespace) -> tuple[dict[str, Run], dict[int, int]]:
+    """All peers on a fresh copy of the disk; returns their runs and what the change touched."""
+    round_dir = workdir / f"round-{number}"
+    round_dir.mkdir()
+    disk = round_dir / "disk.img"
+    shutil.copyfile(pristine, disk)
+    bench = Bench(disk=disk, workdir=round_dir, repo_root=REPO_ROOT, gzip_sample=args.gzip_sample,
+                  idle_wait=args.wait_idle)
+    for peer in peers:
+        _progress(f"round {number}: {peer.name} on the original disk")
+        peer.on_original(bench)
+    _progress(f"round {number}: changing 16 MiB of files")
+    change_files(disk)
+    footprint = change_footprint(pristine, disk)
+    for peer in peers:
+        if peer.on_changed:
+            _progress(f"round {number}: {peer.name} on the changed disk")
+            peer.on_changed(bench)
+    if not args.keep:
+        shutil.rmtree(round_dir)
+    return bench.runs, footprint
+
+
+def _report(results: Results, pristine: Path, build_seconds: float, footprint: dict[int, int],
+            rounds: int, notes: list[str]) -> str:
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    lines = [
+        f"# Benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}",
+        "",
+        f"Machine: {os.cpu_count()} CPUs, {memory_gib:.0f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}.",
+        "",
+        "```",
+        describe(pristine),
+        f"built in {build_seconds:.1f} s",
+        "16 MiB of files changed before the re-backups marked so; the disk blocks that changed: "
+        + ", ".join(f"{changed / MiB:.1f} MiB in {unit // 1024} KiB units"
+                    for unit, changed in footprint.items()),
+        "```",
+        "",
+        "## Targets",
+        "",
+        targets_table(results),
+        "",
+        "## All runs",
+        "",
+        runs_table(results),
+        "",
+        "## Method",
+        "",
+        f"- Each run's figures come from its median-time round of {rounds}, each round on a fresh "
+        "copy of the disk with fresh stores (range of wall times in brackets; peak memory is the "
+        "highest of any round), except runs marked as measured once."
+        if rounds > 1 else "- One round: each figure is a single measurement.",
+        "- Throughput is disk size / wall seconds, for backups and restores alike.",
+        "- The page cache is warm for everybody: each run's inputs (the disk, or the store/archive "
+        "being restored) are read once right before it is timed; caches are never dropped.",
+        "- Dirty pages are flushed before each run and a `sync` ends each timed span, so output "
+        "durability costs the same for tools that fsync (borg) and tools that don't.",
+        "- Peak memory is the larger of the biggest single process's max RSS (/usr/bin/time %M) "
+        "and the summed PSS of the whole process tree sampled every 50 ms.",
+        "- Restores write a fresh file and are compared byte for byte with the disk afterwards "
+        "(untimed). Ours restores the image taken after the change; zstd restores the original.",
+        "- borg runs with `--files-cache=disabled`: with a disk *file*, its files cache would skip "
+        "the unchanged re-backup on a stat() alone, a shortcut a real block device never offers.",
+        "- Ours and the peers' outputs are all sized with `du -sb` (ours: the store's chunks/).",
+        "- Other CPU s: what the machine spent on anything else during the run (/proc/stat "
+        "minus the run's own CPU; includes writeback and this benchmark's memory sampler). "
+        f"⚠ marks runs where that exceeded {BUSY_MACHINE_SHARE:.0%} of one CPU: their wall "
+        "times are inflated by other work.",
+    ]
+    if any(disturbed(run) for run in results.runs.values() if not run.error):
+        lines.append("- **The machine was busy during runs marked ⚠: the ratios between tools "
+                     "that use every core (ours, zstd -T0) and single-threaded ones (borg, gzip) "
+                     "are skewed. Rerun on an idle machine (or with --wait-idle) before trusting "
+                     "them.**")
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "Tools:", ""] + [f"- {line}" for line in _tool_versions()] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = _arguments()
+    exit_cleanly_on_signals()
+    start = time.perf_counter()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    notes = [f"Load average when the run started: {os.getloadavg()[0]:.2f}."]
+    try:
+        pristine = workdir / "pristine.img"
+        build_start = time.perf_counter()
+        if args.disk:
+            _progress(f"copying {args.disk}")
+            shutil.copyfile(args.disk, pristine)
+        else:
+            _progress(f"building a {args.size / MiB:.0f} MiB test disk")
+            build_disk(pristine, args.size)
+        build_seconds = time.perf_counter() - build_start
+        selected = []
+        for peer in (peer for peer in PEERS if peer.name in args.peers):
+            missing = peer.missing_tools()
+            if missing:
+                notes.append(f"Not run: {peer.name} ({', '.join(missing)} not installed).")
+            else:
+                selected.append(peer)
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            peers = selected if number == 1 else [peer for peer in selected if peer.repeat]
+            runs, footprint = _run_round(number, peers, pristine, workdir, args)
+            rounds.append(runs)
+        once = [peer.name for peer in selected if not peer.repeat]
+        if args.rounds > 1 and once:
+            notes.append(f"Measured once: {', '.join(once)} (minutes long; seconds of noise "
+                         "do not matter there).")
+        notes.append(f"Whole run: {(time.perf_counter() - start) / 60:.1f} min.")
+        results = Results(merge_rounds(rounds), pristine.stat().st_size)
+        report = _report(results, pristine, build_seconds, footprint, args.rounds, notes)
+    finally:
+        if args.keep:
+            _progress(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir)
+    print(report)
+    args.results.write_text(report)
+    _progress(f"written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()

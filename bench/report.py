@@ -1,0 +1,172 @@
+"""Markdown tables: the targets with pass/fail, then every run's absolute figures."""
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.peers import Run
+from bench.system import MiB
+
+NEW_BYTES_LIMIT = 0.02
+MEMORY_LIMIT = 300 * MiB
+# Other work worth a quarter of a CPU during a run makes its wall time suspect.
+BUSY_MACHINE_SHARE = 0.25
+
+
+@dataclass
+class Results:
+    runs: dict[str, Run]
+    disk_size: int
+
+
+def throughput(results: Results, run: Run) -> float:
+    return results.disk_size / MiB / run.seconds
+
+
+def stored(results: Results, run: Run) -> float:
+    return run.output_bytes
+
+
+@dataclass
+class Comparison:
+    """ours/peer on one measure, checked against a target ratio."""
+    criterion: str
+    ours: str
+    peer: str
+    measure: Callable[[Results, Run], float]
+    unit: str
+    target: float | None = None
+    better: Callable[[float, float], bool] = operator.ge
+
+    def row(self, results: Results) -> list[str]:
+        ours, peer = results.runs.get(self.ours), results.runs.get(self.peer)
+        missing = _why_missing(ours, peer)
+        if missing:
+            return [self.criterion, _cell(results, ours, self), _cell(results, peer, self), "",
+                    self._target(), f"n/a ({missing})"]
+        ratio = self.measure(results, ours) / self.measure(results, peer)
+        if self.target is None:
+            verdict = "info"
+        else:
+            verdict = "PASS" if self.better(ratio, self.target) else "FAIL"
+        if ours.identical is False:
+            verdict = "FAIL (restored image differs)"
+        return [self.criterion, _cell(results, ours, self), _cell(results, peer, self),
+                f"{ratio:.2f}x", self._target(), verdict]
+
+    def _target(self) -> str:
+        if self.target is None:
+            return "info"
+        return f"{'≥' if self.better is operator.ge else '≤'} {self.target:g}x"
+
+
+def _why_missing(*runs: Run | None) -> str:
+    for run in runs:
+        if run is None:
+            return "not run"
+        if run.error:
+            return run.error
+    return ""
+
+
+def _cell(results: Results, run: Run | None, comparison: Comparison) -> str:
+    if run is None or run.error:
+        return "—"
+    value = comparison.measure(results, run)
+    figure = f"{value:.0f} MiB/s" if comparison.unit == "MiB/s" else _size(value)
+    return figure if run is results.runs.get(comparison.ours) else f"{run.label}: {figure}"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / MiB:,.1f} MiB"
+
+
+BACKUP_COMPARISONS = [
+    Comparison("First backup throughput vs borg", "ours.first", "borg.first", throughput, "MiB/s",
+               1.5),
+    Comparison("Store size vs borg repo", "ours.first", "borg.first", stored, "bytes", 1.0,
+               operator.le),
+    Comparison("Store size vs zstd -T0 -3", "ours.first", "zstd.compress", stored, "bytes", 1.02,
+               operator.le),
+    Comparison("First backup throughput vs zstd -T0 -3 (the ceiling)", "ours.first",
+               "zstd.compress", throughput, "MiB/s"),
+    Comparison("First backup throughput vs dd | gzip -9", "ours.first", "gzip.compress", throughput,
+               "MiB/s", 30),
+    Comparison("Unchanged re-backup speed vs our first backup", "ours.unchanged", "ours.first",
+               throughput, "MiB/s", 2),
+    Comparison("Unchanged re-backup speed vs borg re-backup", "ours.unchanged", "borg.unchanged",
+               throughput, "MiB/s", 1.5),
+]
+RESTORE_COMPARISONS = [
+    Comparison("Restore --no-verify throughput vs zstd -dc | dd", "ours.restore", "zstd.restore",
+               throughput, "MiB/s", 1.0),
+    Comparison("Verified restore throughput vs zstd -dc | dd", "ours.restore_verified",
+               "zstd.restore", throughput, "MiB/s"),
+]
+def _new_bytes_row(results: Results) -> list[str]:
+    criterion = "New bytes stored (compressed) after a 16 MiB change, % of disk"
+    ours, borg = results.runs.get("ours.changed"), results.runs.get("borg.changed")
+    borg_cell = "—" if _why_missing(borg) else \
+        f"borg repo growth: {_size(borg.new_bytes)} ({borg.new_bytes / results.disk_size:.2%})"
+    missing = _why_missing(ours)
+    if missing:
+        return [criterion, "—", borg_cell, "", f"≤ {NEW_BYTES_LIMIT:.0%}", f"n/a ({missing})"]
+    share = ours.new_bytes / results.disk_size
+    return [criterion, f"{_size(ours.new_bytes)} ({share:.2%})", borg_cell, "",
+            f"≤ {NEW_BYTES_LIMIT:.0%}", "PASS" if share <= NEW_BYTES_LIMIT else "FAIL"]
+
+
+def _memory_row(results: Results) -> list[str]:
+    criterion = "Peak memory of our backup (max of the three)"
+    ours = [results.runs.get(key) for key in ("ours.first", "ours.unchanged", "ours.changed")]
+    measured = [run for run in ours if run is not None and not run.error]
+    borg = results.runs.get("borg.first")
+    borg_cell = "—" if _why_missing(borg) else f"borg: {_size(borg.peak_memory)}"
+    if not measured:
+        return [criterion, "—", borg_cell, "", f"≤ {MEMORY_LIMIT // MiB} MiB",
+                f"n/a ({_why_missing(*ours)})"]
+    peak = max(run.peak_memory for run in measured)
+    return [criterion, _size(peak), borg_cell, "", f"≤ {MEMORY_LIMIT // MiB} MiB",
+            "PASS" if peak <= MEMORY_LIMIT else "FAIL"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def targets_table(results: Results) -> str:
+    rows = [comparison.row(results) for comparison in BACKUP_COMPARISONS]
+    rows.append(_new_bytes_row(results))
+    rows += [comparison.row(results) for comparison in RESTORE_COMPARISONS]
+    rows.append(_memory_row(results))
+    return _table(["Criterion", "Ours", "Peer", "Ours/peer", "Target", "Result"], rows)
+
+
+def runs_table(results: Results) -> str:
+    rows = []
+    for run in results.runs.values():
+        if run.error:
+            rows.append([run.label, "", "", "", "", "", "", "", run.error])
+            continue
+        output = "" if run.output_bytes is None else \
+            f"{_size(run.output_bytes)} ({run.output_bytes / results.disk_size:.1%})"
+        if run.new_bytes is not None:
+            output += f", new {_size(run.new_bytes)}"
+        identical = {None: "", True: "yes", False: "NO"}[run.identical]
+        seconds = f"{run.seconds:.2f}"
+        if run.spread:
+            seconds += f" ({run.spread[0]:.2f}–{run.spread[1]:.2f})"
+        other_cpu = f"{run.other_cpu_seconds:.1f}"
+        if disturbed(run):
+            other_cpu += " ⚠"
+        rows.append([run.label, seconds, f"{throughput(results, run):.1f}", output,
+                     _size(run.peak_memory), f"{run.cpu_seconds:.1f}", other_cpu, identical,
+                     run.note])
+    return _table(["Run", "Wall s, median (range)", "MiB/s of disk", "Output (of disk)",
+                   "Peak memory", "CPU s", "Other CPU s", "Restored = disk", "Notes"], rows)
+
+
+def disturbed(run: Run) -> bool:
+    return run.other_cpu_seconds > BUSY_MACHINE_SHARE * run.seconds
