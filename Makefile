@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 # util-linux/fdisk: sfdisk, lsblk, losetup; fuse3 + libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; the rest are the peers
 # the benchmark compares with and the filesystems the tests build.
-APT_PACKAGES := fdisk util-linux e2fsprogs dosfstools mtools fuse3 libfuse3-dev pkg-config \
-	gcc zstd gddrescue partclone borgbackup p7zip-full gzip xz-utils pv time
+APT_PACKAGES := python3-venv fdisk util-linux e2fsprogs dosfstools mtools fuse3 libfuse3-dev pkg-config \
+	gcc zstd gddrescue partclone borgbackup p7zip-full gzip xz-utils time
 
 .PHONY: install system-packages run test bench clean
 
