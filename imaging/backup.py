@@ -7,8 +7,7 @@ memory stays flat whatever the disk size.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -19,9 +18,10 @@ from typing import Callable, Iterable, Optional
 
 from . import badmap, codec, layout, recipe, usedmap
 from .device import Range, Source
-from .errors import Cancelled, ImagingError, SourceError
+from .errors import ImagingError, SourceError
 from .image import FORMAT, STATUS_COMPLETE, STATUS_READ_ERRORS, ImageWriter
 from .inventory import identify
+from .pipeline import ordered_map
 from .progress import Progress
 from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
 
@@ -172,40 +172,24 @@ def store_chunks(chunks: Iterable[tuple[bytearray, list[Range]]], store: Datasto
 
     Returns the index, the whole disk's SHA-256 and the unreadable ranges.
     """
-    workers = workers or os.cpu_count() or 1
     sink = _ChunkSink(store, level)
     whole = hashlib.sha256()
     index: list[str] = []
     bad: list[Range] = []
-    inflight: collections.deque = collections.deque()
-
-    def collect() -> None:
-        buf, chunk_bad, future = inflight.popleft()
-        digest, stored, new = future.result()
-        if sink.batch.due():
-            sink.batch.flush()
-        whole.update(buf)
-        index.append(digest)
-        bad.extend(chunk_bad)
-        progress.advance(len(buf), bad=sum(n for _, n in chunk_bad), stored=stored, new=new)
-
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="chunk") as pool:
-        try:
-            for buf, chunk_bad in chunks:
-                inflight.append((buf, chunk_bad, pool.submit(sink.put, buf)))
-                if len(inflight) > workers * 2:
-                    collect()
-                if progress.cancelled():
-                    raise Cancelled()
-            while inflight:
-                collect()
-            if progress.cancelled():
-                raise Cancelled()
-            sink.batch.flush()
-        except BaseException:
-            for _, _, future in inflight:
-                future.cancel()
-            pool.shutdown(wait=True)
-            sink.batch.discard()
-            raise
+    stored = ordered_map(lambda chunk: sink.put(chunk[0]), chunks, workers=workers,
+                         cancelled=progress.cancelled, name="chunk")
+    try:
+        with contextlib.closing(stored):
+            for (buf, chunk_bad), (digest, stored_bytes, new_bytes) in stored:
+                if sink.batch.due():
+                    sink.batch.flush()
+                whole.update(buf)
+                index.append(digest)
+                bad.extend(chunk_bad)
+                progress.advance(len(buf), bad=sum(n for _, n in chunk_bad),
+                                 stored=stored_bytes, new=new_bytes)
+        sink.batch.flush()
+    except BaseException:
+        sink.batch.discard()
+        raise
     return index, whole.hexdigest(), bad

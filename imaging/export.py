@@ -11,8 +11,6 @@ succeeded, so an interrupted export never looks like a finished one.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import glob
@@ -27,8 +25,9 @@ import zstandard
 
 from . import codec
 from .chunks import read_chunk
-from .errors import Cancelled, TargetError, translated
+from .errors import TargetError, translated
 from .image import Image
+from .pipeline import ordered_map
 from .progress import Progress
 from .splitnames import suffixes
 from .store import fsync_dir, write_atomically
@@ -131,23 +130,16 @@ def _check_free(out: Path) -> None:
 
 
 def _disk_bytes(image: Image, index: list[str], progress: Progress,
-                workers: int) -> Iterator[bytes]:
+                workers: Optional[int]) -> Iterator[bytes]:
     """The image's chunks in disk order, each checked, read ahead by a thread pool."""
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="export") as pool:
-        inflight: collections.deque = collections.deque()
-        try:
-            for position, digest in enumerate(index):
-                inflight.append(pool.submit(read_chunk, image.store, digest,
-                                            image.chunk_length(position)))
-                if len(inflight) > workers:
-                    yield inflight.popleft().result()
-                if progress.cancelled():
-                    raise Cancelled()
-            while inflight:
-                yield inflight.popleft().result()
-        finally:
-            for future in inflight:
-                future.cancel()
+    def checked_chunk(position: int) -> bytes:
+        return read_chunk(image.store, index[position], image.chunk_length(position))
+
+    chunks = ordered_map(checked_chunk, range(len(index)), workers=workers,
+                         cancelled=progress.cancelled, name="export")
+    with contextlib.closing(chunks):
+        for _, data in chunks:
+            yield data
 
 
 def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
@@ -173,7 +165,7 @@ def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
     parts = _Parts(out, split_size)
     try:
         with compressor.stream_writer(parts, size=image.size, closefd=False) as stream:
-            for data in _disk_bytes(image, index, progress, workers or os.cpu_count() or 1):
+            for data in _disk_bytes(image, index, progress, workers):
                 stream.write(data)
                 progress.advance(len(data))
         files = parts.publish(checksum_path(out, split_size is not None))

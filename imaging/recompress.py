@@ -10,8 +10,7 @@ them as before (their manifests keep their own, now approximate, figures).
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,8 +19,9 @@ from typing import Optional
 
 from . import codec
 from .chunks import read_chunk
-from .errors import Cancelled, ImageError, StoreError, translated
+from .errors import ImageError, StoreError, translated
 from .image import Image
+from .pipeline import ordered_map
 from .progress import Progress
 from .store import fsync_dir, write_atomically
 
@@ -57,31 +57,14 @@ def recompress(image_dir: os.PathLike | str, level: int, *, progress: Optional[P
         lengths.setdefault(digest, image.chunk_length(position))
     progress = progress or Progress("recompress", 0)
     progress.start_phase("recompress", sum(lengths.values()))
-    workers = workers or os.cpu_count() or 1
     before = after = 0
-    inflight: collections.deque = collections.deque()
-
-    def collect() -> None:
-        nonlocal before, after
-        length, future = inflight.popleft()
-        old, new = future.result()
-        before += old
-        after += new
-        progress.advance(length, stored=new)
-
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="recompress") as pool:
-        try:
-            for digest, length in lengths.items():
-                inflight.append((length, pool.submit(_recompress_chunk, image, digest, length, level)))
-                if len(inflight) > workers * 2:
-                    collect()
-                if progress.cancelled():
-                    raise Cancelled()
-            while inflight:
-                collect()
-        finally:
-            for _, future in inflight:
-                future.cancel()
+    rewritten = ordered_map(lambda item: _recompress_chunk(image, *item, level), lengths.items(),
+                            workers=workers, cancelled=progress.cancelled, name="recompress")
+    with contextlib.closing(rewritten):
+        for (_, length), (old, new) in rewritten:
+            before += old
+            after += new
+            progress.advance(length, stored=new)
     with translated(StoreError, "cannot update the image's manifest"):
         for folder in {image.store.chunk_path(digest).parent for digest in lengths}:
             fsync_dir(folder)

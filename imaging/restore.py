@@ -7,16 +7,16 @@ regular-file target gets holes where the image has zero chunks.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import time
 from typing import Optional
 
 from . import codec
-from .errors import Cancelled, ImageError, TargetError, describe
+from .errors import ImageError, TargetError, describe
 from .image import Image
+from .pipeline import ordered_map
 from .progress import Progress
 from .safety import MOUNTINFO, check_target
 
@@ -42,7 +42,6 @@ def restore(image_dir: str, target: str, *, verify: bool = True,
     checked = check_target(target, image.size, mounts_path)
     progress = progress or Progress("restore", image.size)
     progress.start_phase("restore", image.size)
-    workers = workers or os.cpu_count() or 1
 
     fd = _open_target(checked.path, checked.is_block)
     try:
@@ -73,9 +72,10 @@ def _open_target(path: str, is_block: bool) -> int:
 
 
 def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
-                  progress: Progress, workers: int) -> None:
+                  progress: Progress, workers: Optional[int]) -> None:
     """Decompress and write chunks in parallel; pwrite lets each worker write its own place."""
-    def restore_chunk(position: int, digest: str, length: int) -> None:
+    def restore_chunk(position: int) -> None:
+        digest, length = index[position], image.chunk_length(position)
         if codec.zero_digest(length) == digest and not is_block:
             return  # a hole
         data = codec.decompress(image.store.read_frame(digest))
@@ -83,27 +83,11 @@ def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
             raise ImageError(f"chunk {digest} holds {len(data)} bytes, {length} expected")
         _pwrite_all(fd, data, position * image.chunk_size)
 
-    inflight: collections.deque = collections.deque()
-
-    def finish_next() -> None:
-        length, future = inflight.popleft()
-        future.result()
-        progress.advance(length)
-
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
-        try:
-            for position, digest in enumerate(index):
-                if progress.cancelled():
-                    raise Cancelled()
-                length = image.chunk_length(position)
-                inflight.append((length, pool.submit(restore_chunk, position, digest, length)))
-                if len(inflight) > workers * 2:
-                    finish_next()
-            while inflight:
-                finish_next()
-        finally:
-            for _, future in inflight:
-                future.cancel()
+    written = ordered_map(restore_chunk, range(len(index)), workers=workers,
+                          cancelled=progress.cancelled, name="restore")
+    with contextlib.closing(written):
+        for position, _ in written:
+            progress.advance(image.chunk_length(position))
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -118,31 +102,24 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def compare_target(target: str, image: Image, index: list[str],
-                   progress: Progress, workers: int) -> None:
+                   progress: Progress, workers: Optional[int]) -> None:
     """Re-read the target from the device, not the page cache, and compare chunk hashes."""
     read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+
+    def digest_at(position: int) -> str:
+        return codec.digest(os.pread(read_fd, image.chunk_length(position), position * image.chunk_size))
+
     try:
         os.posix_fadvise(read_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        inflight: collections.deque = collections.deque()
-
-        def check_next() -> None:
-            position, length, future = inflight.popleft()
-            if future.result() != index[position]:
-                raise TargetError(f"verification failed: {target} differs from the image "
-                                  f"in chunk {position} (bytes {position * image.chunk_size}"
-                                  f"-{position * image.chunk_size + length - 1})")
-            progress.advance(length)
-
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compare") as pool:
-            for position in range(len(index)):
-                if progress.cancelled():
-                    raise Cancelled()
+        digests = ordered_map(digest_at, range(len(index)), workers=workers,
+                              cancelled=progress.cancelled, name="compare")
+        with contextlib.closing(digests):
+            for position, digest in digests:
                 length = image.chunk_length(position)
-                data = os.pread(read_fd, length, position * image.chunk_size)
-                inflight.append((position, length, pool.submit(codec.digest, data)))
-                if len(inflight) > workers * 2:
-                    check_next()
-            while inflight:
-                check_next()
+                if digest != index[position]:
+                    start = position * image.chunk_size
+                    raise TargetError(f"verification failed: {target} differs from the image "
+                                      f"in chunk {position} (bytes {start}-{start + length - 1})")
+                progress.advance(length)
     finally:
         os.close(read_fd)

@@ -5,17 +5,17 @@ the next backup holding that data stores a healthy copy (self-healing).
 """
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
-import os
 from typing import Optional
 
 import zstandard
 
 from . import codec
-from .errors import Cancelled, ImageError
+from .errors import ImageError
 from .image import Image
+from .pipeline import ordered_map
 from .progress import Progress
 
 
@@ -61,26 +61,14 @@ def verify(image_dir: str, *, progress: Optional[Progress] = None,
     progress = progress or Progress("verify", image.size)
     progress.start_phase("verify", image.size)
     problems: list[ChunkProblem] = []
-    workers = workers or os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
-        futures = {}
-        for digest in lengths:
-            futures[pool.submit(check_chunk, image, digest)] = digest
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                digest = futures[future]
-                reason = future.result()
-                if reason:
-                    if reason != "missing":
-                        image.store.quarantine(digest)
-                    problems.append(ChunkProblem(digest, reason))
-                progress.advance(lengths[digest])
-                if progress.cancelled():
-                    raise Cancelled()
-        finally:
-            for future in futures:
-                future.cancel()
+    checked = ordered_map(lambda digest: check_chunk(image, digest), lengths, workers=workers,
+                          cancelled=progress.cancelled, name="verify")
+    with contextlib.closing(checked):
+        for digest, reason in checked:
+            if reason:
+                if reason != "missing":
+                    image.store.quarantine(digest)
+                problems.append(ChunkProblem(digest, reason))
+            progress.advance(lengths[digest])
     progress.finish()
-    order = {d: i for i, d in enumerate(lengths)}
-    problems.sort(key=lambda p: order[p.digest])
     return VerifyResult(str(image.path), len(lengths), problems)
