@@ -18,12 +18,17 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import ImageError, StoreError, translated
+from .inventory import host_name
 
 FORMAT = 1
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CHUNK_SUFFIX = ".zst"
 BAD_SUFFIX = ".bad"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+# A writer on another host refreshes its token this often; one silent for
+# WRITER_STALE seconds died with its host.
+WRITER_HEARTBEAT = 60.0
+WRITER_STALE = 600.0
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
 
@@ -181,26 +186,48 @@ class Datastore:
     # -- running writers (for garbage collection) ------------------------
     @contextlib.contextmanager
     def writer(self, what: str) -> Iterator[Path]:
-        """Register a running job that may reference chunks not yet in any image."""
+        """Register a running job that may reference chunks not yet in any image.
+
+        Hosts share a datastore over NFS: the token names its host, and a
+        heartbeat keeps its mtime fresh so other hosts can tell a live writer
+        from one whose host died.
+        """
         self.writers_dir.mkdir(exist_ok=True)
-        token = self.writers_dir / f"{os.getpid()}-{secrets.token_hex(4)}"
-        token.write_text(json.dumps({"pid": os.getpid(), "what": what, "started": time.time()}))
+        token = self.writers_dir / f"{host_name()}-{os.getpid()}-{secrets.token_hex(4)}"
+        token.write_text(json.dumps({"host": host_name(), "pid": os.getpid(), "what": what,
+                                     "started": time.time()}))
+        stopped = threading.Event()
+
+        def heartbeat() -> None:
+            while not stopped.wait(WRITER_HEARTBEAT):
+                with contextlib.suppress(OSError):
+                    os.utime(token)
+
+        beating = threading.Thread(target=heartbeat, name="writer-heartbeat", daemon=True)
+        beating.start()
         try:
             yield token
         finally:
+            stopped.set()
+            beating.join()
             with contextlib.suppress(OSError):
                 token.unlink()
 
     def running_writers(self) -> list[dict]:
-        """Registered writers whose process still lives (stale tokens are ignored)."""
+        """Registered writers still alive: a live process here, a fresh heartbeat elsewhere."""
         alive = []
         if not self.writers_dir.is_dir():
             return alive
+        here = host_name()
         for token in self.writers_dir.iterdir():
             try:
                 info = json.loads(token.read_text())
-                os.kill(int(info["pid"]), 0)
-                info["started"] = min(float(info["started"]), token.stat().st_mtime)
+                beat = token.stat().st_mtime
+                if info.get("host", here) == here:
+                    os.kill(int(info["pid"]), 0)
+                elif time.time() - beat > WRITER_STALE:
+                    continue
+                info["started"] = min(float(info["started"]), beat)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             alive.append(info)

@@ -1,6 +1,7 @@
 """Garbage collection: frees what no image references, never what a running backup uses."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -171,3 +172,19 @@ def test_gc_stops_without_deleting_anything_when_an_image_is_unreadable(tmp_path
     assert "nothing deleted" in line and str(result.image) in line
     assert garbage.exists()
     assert one_error_line(imaging("gc", "--store", tmp_path / "nowhere", check=False))
+
+
+def test_writers_on_other_hosts_count_while_their_heartbeat_is_fresh(tmp_path):
+    store = Datastore.open_or_create(tmp_path / "store")
+    fresh = store.writers_dir / "nas-client-2-1234-aaaa"
+    fresh.write_text(json.dumps({"host": "nas-client-2", "pid": 999999999, "what": "backup sdb",
+                                 "started": 1000.0}))
+    stale = store.writers_dir / "nas-client-3-1234-bbbb"
+    stale.write_text(json.dumps({"host": "nas-client-3", "pid": 1, "what": "backup sdc",
+                                 "started": 1000.0}))
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    dead_here = store.writers_dir / "local-dead"
+    dead_here.write_text(json.dumps({"pid": 999999999, "what": "backup", "started": 1000.0}))
+    assert [w["what"] for w in store.running_writers()] == ["backup sdb"]
+    with store.writer("backup sda"):
+        assert sorted(w["what"] for w in store.running_writers()) == ["backup sda", "backup sdb"]
