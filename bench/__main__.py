@@ -1,8 +1,12 @@
 """Benchmark our imaging engine against borg, zstd, dd|gzip, 7za and partclone.
 
 Builds a test disk, then for each round: runs every selected peer on a fresh
-copy of it, changes 16 MiB of files, runs the re-backups and restores. Prints
-a markdown report of the medians, also written to bench/results.md.
+copy of it, changes 16 MiB of files, runs the re-backups and restores. Two
+sections run in the first round only: "used" (our used-blocks backup against
+Clonezilla's partclone | zstd, bench/used_peers.py) and "export" (our
+`export --level 19 --long` against recompressing to 7z, bench/export_peers.py;
+off by default, ~11 min on 1 GiB: add it with --peers, or use --peers all).
+Prints a markdown report of the medians, also written to bench/results.md.
 """
 
 import argparse
@@ -16,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import export_peers, used_peers
 from bench.disk import build_disk, change_files, change_footprint, describe
-from bench.peers import PEERS, Bench, Peer, Run, merge_rounds
+from bench.peers import PEERS as TOOL_PEERS
+from bench.peers import Bench, Peer, Run, merge_rounds
 from bench.report import (
     BUSY_MACHINE_SHARE,
     Results,
@@ -28,12 +34,27 @@ from bench.report import (
 from bench.system import GiB, MiB, exit_cleanly_on_signals, parse_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# In running order: the used section reuses the partclone peer's run when it
+# has one, the export section exports the image of ours' first backup.
+PEERS = [*TOOL_PEERS, used_peers.PEER, export_peers.PEER]
 VERSION_COMMANDS = {
     "borg": ["borg", "--version"],
     "zstd": ["zstd", "--version"],
     "gzip": ["gzip", "--version"],
     "7za": ["7za"],
     "partclone.ext4": ["partclone.ext4", "--version"],
+}
+
+
+SECTION_NOTES = {
+    "used": "Used mode: our `backup --mode used` against the Clonezilla pipeline (the partclone "
+            "run: partclone.<fs> | zstd -T0 -3 per partition, swap header and gaps raw "
+            "through zstd), and our `backup --mode raw` of the same disk against it.",
+    "export": "Export: our `export --level 19 --long` of the first backup's image against the "
+              "classic `gunzip -c d.gz | 7za a -si d.7z` (LZMA2, level 5), timed from a `gzip -9` "
+              "archive of the disk made beforehand (untimed); decompression `zstd -dc` against "
+              "`7za x -so`, both to /dev/null. The export is decompressed and compared with the "
+              "disk afterwards (untimed).",
 }
 
 
@@ -49,7 +70,8 @@ def _arguments() -> argparse.Namespace:
                              "(default data/bench)")
     parser.add_argument("--peers", default=",".join(peer.name for peer in PEERS if peer.default),
                         help="comma-separated names among: "
-                             f"{', '.join(peer.name for peer in PEERS)} (default: %(default)s)")
+                             f"{', '.join(peer.name for peer in PEERS)}, or 'all' "
+                             "(default: %(default)s; 7za adds ~4 min on 1 GiB, export ~11 min)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat the fast peers this many times, report medians (default 3)")
     parser.add_argument("--gzip-sample", type=parse_size, default=256 * MiB,
@@ -62,7 +84,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     known = {peer.name for peer in PEERS}
-    args.peers = args.peers.split(",")
+    args.peers = sorted(known) if args.peers == "all" else args.peers.split(",")
     unknown = set(args.peers) - known
     if unknown:
         parser.error(f"unknown peers {sorted(unknown)}; known: {sorted(known)}")
@@ -199,8 +221,9 @@ def main() -> None:
             rounds.append(runs)
         once = [peer.name for peer in selected if not peer.repeat]
         if args.rounds > 1 and once:
-            notes.append(f"Measured once: {', '.join(once)} (minutes long; seconds of noise "
-                         "do not matter there).")
+            notes.append(f"Measured once, in the first round: {', '.join(once)} (slow, or "
+                         "sections of several runs).")
+        notes += [SECTION_NOTES[peer.name] for peer in selected if peer.name in SECTION_NOTES]
         notes.append(f"Whole run: {(time.perf_counter() - start) / 60:.1f} min.")
         results = Results(merge_rounds(rounds), pristine.stat().st_size)
         report = _report(results, pristine, build_seconds, footprint, args.rounds, notes)

@@ -4,7 +4,11 @@ A peer is a name, the tools it needs, and up to two steps: one run on the
 freshly built disk, one after `change_files` has modified it. Each step
 records its measurements in `bench.runs` under keys like "borg.first"; the
 report picks the keys it compares. To add a peer, write its step functions
-and append a `Peer` to `PEERS`.
+and append a `Peer` to `PEERS`. Sections with a module of their own
+(bench/used_peers.py, bench/export_peers.py) define their `PEER` there, and
+bench/__main__.py appends them. The helpers they share (`Bench.measure`, the
+one way to run and time a command; `pipeline`, `imaging_command`,
+`ours_backup`) live here.
 """
 
 import contextlib
@@ -19,17 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import CommandFailed, timed, wait_until_idle
-from bench.system import (
-    LINUX_TYPE,
-    SWAP_TYPE,
-    MiB,
-    attached_loop,
-    read_partitions,
-    read_through,
-    run,
-    same_content,
-    tree_bytes,
-)
+from bench.system import MiB, attached_loop, read_through, run, same_content, tree_bytes
+from imaging import layout, usedmap
 
 
 @dataclass
@@ -111,13 +106,39 @@ def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
     return merged
 
 
-def _pipeline(script: str) -> list[str]:
+def pipeline(script: str) -> list[str]:
+    """argv running a shell script that fails as soon as any command or pipe stage fails."""
     return ["bash", "-e", "-o", "pipefail", "-c", script]
 
 
 def _fresh(path: Path) -> Path:
     path.unlink(missing_ok=True)
     return path
+
+
+def imaging_command(*args: str) -> list[str]:
+    """argv running our engine's CLI (with cwd=the repository root)."""
+    return [sys.executable, "-m", "imaging", *args]
+
+
+def ours_backup(bench: Bench, key: str, label: str, store: Path, *options: str) -> Run:
+    """Time `imaging backup` of the disk into store and record its figures:
+    store size (chunks/), new bytes, the image it made."""
+    result = bench.measure(
+        key, label, imaging_command("backup", str(bench.disk), "--store", str(store),
+                                    "--disk", "bench", "--json", *options),
+        inputs=[bench.disk], cwd=bench.repo_root)
+    if result.error:
+        return result
+    try:
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return bench.fail(key, label, "backup --json printed no JSON on its last line")
+    result.output_bytes = tree_bytes(store / "chunks")
+    result.new_bytes = report["new_bytes"]
+    result.image = Path(report["image"])
+    result.note = f"engine says {report['seconds']:.2f} s, bad_bytes {report['bad_bytes']}"
+    return result
 
 
 # --- ours -------------------------------------------------------------------
@@ -129,12 +150,8 @@ OURS_RESTORES = {"ours.restore": ("ours: restore --no-verify", ["--no-verify"]),
                  "ours.restore_verified": ("ours: restore (verified)", [])}
 
 
-def _imaging(*args: str) -> list[str]:
-    return [sys.executable, "-m", "imaging", *args]
-
-
 def _engine_problem(bench: Bench) -> str | None:
-    probe = subprocess.run(_imaging("--help"), cwd=bench.repo_root, capture_output=True,
+    probe = subprocess.run(imaging_command("--help"), cwd=bench.repo_root, capture_output=True,
                            text=True)
     if probe.returncode == 0:
         return None
@@ -143,23 +160,7 @@ def _engine_problem(bench: Bench) -> str | None:
 
 
 def _ours_backup(bench: Bench, key: str) -> None:
-    store = bench.path("ours-store")
-    label = OURS_BACKUPS[key]
-    result = bench.measure(
-        key, label, _imaging("backup", str(bench.disk), "--store", str(store), "--disk", "bench",
-                             "--json"),
-        inputs=[bench.disk], cwd=bench.repo_root)
-    if result.error:
-        return
-    try:
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        bench.fail(key, label, "backup --json printed no JSON on its last line")
-        return
-    result.output_bytes = tree_bytes(store / "chunks")
-    result.new_bytes = report["new_bytes"]
-    result.image = Path(report["image"])
-    result.note = f"engine says {report['seconds']:.2f} s, bad_bytes {report['bad_bytes']}"
+    ours_backup(bench, key, OURS_BACKUPS[key], bench.path("ours-store"))
 
 
 def _fail_ours(bench: Bench, keys: list[str], reason: str) -> None:
@@ -194,7 +195,7 @@ def ours_on_changed(bench: Bench) -> None:
     for key, (label, options) in OURS_RESTORES.items():
         target = _fresh(bench.path("ours-restored.img"))
         result = bench.measure(
-            key, label, _imaging("restore", str(changed.image), str(target), *options),
+            key, label, imaging_command("restore", str(changed.image), str(target), *options),
             inputs=[bench.path("ours-store")], cwd=bench.repo_root)
         if not result.error:
             result.identical = same_content(target, bench.disk)
@@ -250,8 +251,8 @@ def zstd_on_original(bench: Bench) -> None:
     target = _fresh(bench.path("zstd-restored.img"))
     restored = bench.measure(
         "zstd.restore", "zstd -dc | dd bs=4M",
-        _pipeline(f"zstd -dc {shlex.quote(str(compressed))} "
-                  f"| dd of={shlex.quote(str(target))} bs=4M"),
+        pipeline(f"zstd -dc {shlex.quote(str(compressed))} "
+                 f"| dd of={shlex.quote(str(target))} bs=4M"),
         inputs=[compressed])
     if not restored.error:
         restored.identical = same_content(target, bench.disk)
@@ -282,7 +283,7 @@ def gzip_on_original(bench: Bench) -> None:
         script = f"dd if={disk} bs=1024 conv=noerror,sync | gzip -9 > {shlex.quote(str(output))}"
         sampled = bench.disk_size
     result = bench.measure("gzip.compress", "dd bs=1024 conv=noerror,sync | gzip -9",
-                           _pipeline(script), inputs=[bench.disk])
+                           pipeline(script), inputs=[bench.disk])
     if result.error:
         return
     scale = bench.disk_size / sampled
@@ -308,49 +309,72 @@ def sevenzip_on_original(bench: Bench) -> None:
                   inputs=[archive], stdout=Path(os.devnull))
 
 
-# --- partclone --------------------------------------------------------------
+# --- partclone: used blocks, the Clonezilla way ---------------------------
+
+SWAP_HEADER = 4096
+
 
 def partclone_on_original(bench: Bench) -> None:
-    """Used-blocks imaging the Clonezilla way: partclone.ext4 per ext4
-    partition, swap reduced to its header (Clonezilla re-runs mkswap on
-    restore), raw zstd for the MBR, gaps and unpartitioned space. It drops
-    deleted data and swap content, so its size is a floor, not a peer of a
-    bit-exact image."""
+    """Used-blocks imaging as Clonezilla runs it, one step after another:
+    `partclone.<fs> -c | zstd -T0 -3` for every partition partclone knows, over
+    read-only loop devices; partclone.dd for partitions without a known
+    filesystem; swap as its header page (Clonezilla keeps even less: it re-runs
+    mkswap on restore); the MBR, gaps and unpartitioned space raw through
+    `zstd -T0 -3`. It drops deleted data and swap content, so its size is a
+    floor, not a peer of a bit-exact image."""
     disk = shlex.quote(str(bench.disk))
     output = bench.path("partclone")
     output.mkdir()
+    log = output / "partclone.log"
 
     def destination(name: str) -> str:
         return shlex.quote(str(output / name))
 
-    raw_copy = ("dd if={disk} iflag=skip_bytes,count_bytes skip={offset} count={size} bs=4M "
-                "status=none | zstd -T0 -3 -q > {out}")
+    def raw_copy(offset: int, size: int, name: str) -> str:
+        return (f"dd if={disk} iflag=skip_bytes,count_bytes skip={offset} count={size} bs=4M "
+                f"status=none | zstd -T0 -3 -q > {destination(name)}")
+
     steps, cursor = [], 0
     with contextlib.ExitStack() as loops:
         devices = []
-        for part in read_partitions(bench.disk):
-            if part.offset > cursor:
-                steps.append(raw_copy.format(disk=disk, offset=cursor, size=part.offset - cursor,
-                                             out=destination(f"gap-{cursor}.zst")))
-            if part.type == LINUX_TYPE:
-                device = loops.enter_context(
-                    attached_loop(bench.disk, part.offset, part.size, read_only=True))
-                devices.append(Path(device))
-                steps.append(f"partclone.ext4 -c -q -s {device} -o - | zstd -T0 -3 -q "
-                             f"> {destination(f'p{part.number}.ext4.pc.zst')}")
+        for number, entry in enumerate(layout.partitions(str(bench.disk)), start=1):
+            start = entry["start"] * entry["sectorsize"]
+            size = entry["size"] * entry["sectorsize"]
+            if start > cursor:
+                steps.append(raw_copy(cursor, start - cursor, f"gap-{cursor}.zst"))
+            filesystem = _filesystem(bench.disk, start, size)
+            if filesystem == "swap":
+                steps.append(raw_copy(start, SWAP_HEADER, f"p{number}.swap-header.zst"))
             else:
-                size = 4096 if part.type == SWAP_TYPE else part.size
-                steps.append(raw_copy.format(disk=disk, offset=part.offset, size=size,
-                                             out=destination(f"p{part.number}.raw.zst")))
-            cursor = part.offset + part.size
+                device = loops.enter_context(attached_loop(bench.disk, start, size,
+                                                           read_only=True))
+                devices.append(Path(device))
+                tool = _partclone_tool(filesystem)
+                steps.append(f"partclone.{tool} -c -q -L {shlex.quote(str(log))} -s {device} "
+                             f"-o - | zstd -T0 -3 -q > {destination(f'p{number}.{tool}.pc.zst')}")
+            cursor = max(cursor, start + size)
         if cursor < bench.disk_size:
-            steps.append(raw_copy.format(disk=disk, offset=cursor, size=bench.disk_size - cursor,
-                                         out=destination(f"gap-{cursor}.zst")))
-        result = bench.measure("partclone.backup", "partclone.ext4 + zstd -T0 -3 (used blocks)",
-                               _pipeline("\n".join(steps)), inputs=[bench.disk, *devices])
+            steps.append(raw_copy(cursor, bench.disk_size - cursor, f"gap-{cursor}.zst"))
+        result = bench.measure("partclone.backup",
+                               "Clonezilla: partclone + zstd -T0 -3 (used blocks)",
+                               pipeline("\n".join(steps)), inputs=[bench.disk, *devices])
+    log.unlink(missing_ok=True)
     if not result.error:
         result.output_bytes = tree_bytes(output)
         result.note = "not bit-exact: no deleted data, swap header only"
+
+
+def _filesystem(disk: Path, start: int, size: int) -> str | None:
+    try:
+        return usedmap.probe(str(disk), start, size)[0]
+    except usedmap.Unmappable:
+        return None
+
+
+def _partclone_tool(filesystem: str | None) -> str:
+    if filesystem in usedmap.EXT_TYPES:
+        return filesystem
+    return usedmap.PARTCLONE_TOOLS.get(filesystem, "dd")
 
 
 @dataclass

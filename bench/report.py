@@ -9,6 +9,14 @@ from bench.system import MiB
 
 NEW_BYTES_LIMIT = 0.02
 MEMORY_LIMIT = 300 * MiB
+# Used-mode backups (bench.used_peers): ours / Clonezilla, and raw / used.
+USED_STORE_TARGET = 1.02
+USED_THROUGHPUT_TARGET = 1.5
+RAW_OVER_USED_TARGET = 2.5
+# Export (bench.export_peers): ours / the classic gunzip | 7za a, and 7za x / zstd -d.
+EXPORT_SIZE_TARGET = 1.01
+EXPORT_TIME_TARGET = 1.0
+DECOMPRESSION_TARGET = 10.0
 # Other work worth a quarter of a CPU during a run makes its wall time suspect.
 BUSY_MACHINE_SHARE = 0.25
 
@@ -25,6 +33,10 @@ def throughput(results: Results, run: Run) -> float:
 
 def stored(results: Results, run: Run) -> float:
     return run.output_bytes
+
+
+def wall_seconds(results: Results, run: Run) -> float:
+    return run.seconds
 
 
 @dataclass
@@ -73,7 +85,12 @@ def _cell(results: Results, run: Run | None, comparison: Comparison) -> str:
     if run is None or run.error:
         return "—"
     value = comparison.measure(results, run)
-    figure = f"{value:.0f} MiB/s" if comparison.unit == "MiB/s" else _size(value)
+    if comparison.unit == "MiB/s":
+        figure = f"{value:.0f} MiB/s"
+    elif comparison.unit == "s":
+        figure = f"{value:.1f} s"
+    else:
+        figure = _size(value)
     return figure if run is results.runs.get(comparison.ours) else f"{run.label}: {figure}"
 
 
@@ -103,6 +120,24 @@ RESTORE_COMPARISONS = [
     Comparison("Verified restore throughput vs zstd -dc | dd", "ours.restore_verified",
                "zstd.restore", throughput, "MiB/s"),
 ]
+USED_COMPARISONS = [
+    Comparison("Used-mode store vs Clonezilla (partclone + zstd -T0 -3)", "used.ours",
+               "partclone.backup", stored, "bytes", USED_STORE_TARGET, operator.le),
+    Comparison("Used-mode backup throughput vs Clonezilla", "used.ours", "partclone.backup",
+               throughput, "MiB/s", USED_THROUGHPUT_TARGET),
+    Comparison("Raw-mode store / used-mode store (ours)", "used.raw", "used.ours", stored,
+               "bytes", RAW_OVER_USED_TARGET),
+]
+EXPORT_COMPARISONS = [
+    Comparison("Export --level 19 --long size vs gunzip -c | 7za a", "export.ours", "export.7za",
+               stored, "bytes", EXPORT_SIZE_TARGET, operator.le),
+    Comparison("Export --level 19 --long time vs gunzip -c | 7za a", "export.ours", "export.7za",
+               wall_seconds, "s", EXPORT_TIME_TARGET, operator.le),
+    Comparison("Decompression speed: zstd -d of the export vs 7za x", "export.ours_decode",
+               "export.7za_decode", throughput, "MiB/s", DECOMPRESSION_TARGET),
+]
+
+
 def _new_bytes_row(results: Results) -> list[str]:
     criterion = "New bytes stored (compressed) after a 16 MiB change, % of disk"
     ours, borg = results.runs.get("ours.changed"), results.runs.get("borg.changed")
@@ -141,6 +176,7 @@ def targets_table(results: Results) -> str:
     rows.append(_new_bytes_row(results))
     rows += [comparison.row(results) for comparison in RESTORE_COMPARISONS]
     rows.append(_memory_row(results))
+    rows += [comparison.row(results) for comparison in USED_COMPARISONS + EXPORT_COMPARISONS]
     return _table(["Criterion", "Ours", "Peer", "Ours/peer", "Target", "Result"], rows)
 
 
