@@ -88,7 +88,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"chunk {problem.digest}: {problem.reason}"
               + ("" if problem.reason == "missing" else " (set aside as .bad)"))
     if result.ok:
-        print(f"{result.image}: all {result.chunks} chunks intact")
+        print(f"{result.image}: all {result.chunks} distinct chunks intact")
         return 0
     print(f"{result.image}: {len(result.problems)} of {result.chunks} chunks bad", file=sys.stderr)
     return 1

@@ -55,6 +55,7 @@ def restore(image_dir: str, target: str, *, verify: bool = True,
         except OSError as exc:
             raise TargetError(f"cannot flush {target}: {describe(exc)}") from None
         if verify:
+            progress.finish()
             progress.start_phase("verify", image.size)
             compare_target(target, image, index, progress, workers)
     finally:
