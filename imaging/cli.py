@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from . import codec, layout
-from .backup import backup
+from .backup import MODES, backup
 from .errors import ImagingError
 from .export import export
 from .gc import DEFAULT_SAFETY_MARGIN, collect
@@ -172,10 +172,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _level(text: str) -> int:
-    level = int(text)
-    if not 1 <= level <= 22:
-        raise argparse.ArgumentTypeError("zstd levels run from 1 to 22")
-    return level
+    try:
+        return codec.check_level(int(text))
+    except ImagingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--store", required=True, help="datastore directory (created if absent)")
     sub.add_argument("--disk", help="disk id (default: from WWN/serial/by-id)")
     sub.add_argument("--level", type=_level, default=codec.DEFAULT_LEVEL, help="zstd level")
-    sub.add_argument("--mode", choices=("raw", "used"), default="raw",
+    sub.add_argument("--mode", choices=MODES, default="raw",
                      help="raw: every sector; used: only the blocks filesystems use "
                           "(free space restores as zeros)")
     sub.add_argument("--force", action="store_true",

@@ -68,11 +68,7 @@ def translated(kind: type[ImagingError], what: str):
         raise kind(f"{what}: {describe(exc)}") from exc
 
 
-def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 __all__ = [
     "ImagingError", "SourceError", "TargetError", "StoreError", "ImageError",
-    "Cancelled", "translated", "describe", "is_no_space",
+    "Cancelled", "translated", "describe",
 ]

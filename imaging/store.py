@@ -193,9 +193,9 @@ class Datastore:
         from one whose host died.
         """
         self.writers_dir.mkdir(exist_ok=True)
-        token = self.writers_dir / f"{host_name()}-{os.getpid()}-{secrets.token_hex(4)}"
-        token.write_text(json.dumps({"host": host_name(), "pid": os.getpid(), "what": what,
-                                     "started": time.time()}))
+        host, pid = host_name(), os.getpid()
+        token = self.writers_dir / f"{host}-{pid}-{secrets.token_hex(4)}"
+        token.write_text(json.dumps({"host": host, "pid": pid, "what": what, "started": time.time()}))
         stopped = threading.Event()
 
         def heartbeat() -> None:
@@ -255,11 +255,13 @@ class ChunkBatch:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         with translated(StoreError, f"cannot write chunk {digest[:16]}"):
             try:
-                tmp.write_bytes(frame)
-            except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(frame)
+                try:
+                    tmp.write_bytes(frame)
+                except FileNotFoundError:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp.write_bytes(frame)
             except BaseException:
+                # Also when the retry in a new folder fails: no partial file stays behind.
                 with contextlib.suppress(OSError):
                     tmp.unlink()
                 raise

@@ -30,6 +30,15 @@ def _target_disk(tmp_path, size=32 * MiB):
     return build_disk(tmp_path / "target.img", size, "dos", [PartSpec(size // 2, "ext4")])
 
 
+def _mount_table_with_root_on(device, folder):
+    """A stand-in /proc/self/mountinfo whose root filesystem lives on `device`."""
+    rdev = os.stat(device).st_rdev
+    mountinfo = folder / "mountinfo"
+    mountinfo.write_text(
+        f"21 1 {os.major(rdev)}:{os.minor(rdev)} / / rw,relatime shared:1 - ext4 {device} rw\n")
+    return mountinfo
+
+
 def test_too_small_target_is_refused(image, tmp_path):
     small = tmp_path / "small.img"
     write_random(small, 8 * MiB, seed=7)
@@ -69,10 +78,7 @@ def test_disk_holding_the_root_filesystem_is_refused_before_opening(image, tmp_p
     disk = _target_disk(tmp_path)
     before = sha256_of(disk.path)
     with loop_device(disk.path) as device:
-        rdev = os.stat(device).st_rdev
-        mountinfo = tmp_path / "mountinfo"
-        mountinfo.write_text(
-            f"21 1 {os.major(rdev)}:{os.minor(rdev)} / / rw,relatime shared:1 - ext4 {device} rw\n")
+        mountinfo = _mount_table_with_root_on(device, tmp_path)
         with pytest.raises(TargetError, match="holds the running system's root filesystem"):
             restore(str(image), device, mounts_path=str(mountinfo))
     assert sha256_of(disk.path) == before
@@ -83,10 +89,7 @@ def test_partition_of_the_root_disk_counts_too(image, tmp_path):
     disk = _target_disk(tmp_path)
     part = disk.partitions[0]
     with loop_device(disk.path) as device, loop_device(disk.path, part.start, part.size) as partition:
-        rdev = os.stat(partition).st_rdev
-        mountinfo = tmp_path / "mountinfo"
-        mountinfo.write_text(
-            f"21 1 {os.major(rdev)}:{os.minor(rdev)} / / rw - ext4 {partition} rw\n")
+        mountinfo = _mount_table_with_root_on(partition, tmp_path)
         with pytest.raises(TargetError, match="root filesystem"):
             restore(str(image), device, mounts_path=str(mountinfo))
 
