@@ -8,6 +8,14 @@ checksums, in sha256sum's format, go to OUT.sha256 (OUT-parts.sha256 when
 split, so that `cat OUT.*` picks up nothing but the stream). Every file is written under a
 hidden temporary name and takes its real name only when the whole export has
 succeeded, so an interrupted export never looks like a finished one.
+
+The stream is a few zstd frames, one after another (`zstd -d` decodes them as
+one stream). The store already knows which chunks do not compress: a long run
+of them (a swap partition, encrypted or already compressed data) gets a frame
+of its own at the fastest level, instead of costing the slow high levels
+minutes for nothing, and leaves no noise in the other frames' windows. Each
+other run is one frame whose work zstd splits into one job per core, so a
+level-19 export keeps both the 128 MiB window and every core busy.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import itertools
 import os
 import secrets
 import time
@@ -34,6 +43,15 @@ from .store import fsync_dir, write_atomically
 
 # zstd's decoders refuse larger windows unless told --long=N or --memory.
 MAX_WINDOW_LOG = 27
+# A chunk whose stored frame saves less than this share is treated as noise.
+INCOMPRESSIBLE_RATIO = 0.98
+# Shorter runs of noise stay inside their neighbours' frame: a frame boundary
+# costs the next frame its window.
+MIN_NOISE_RUN = 32 * 1024 * 1024
+# zstd keeps a job's input in memory: with one job per core, this bounds the
+# export's memory whatever the disk size.
+MAX_JOB_SIZE = 256 * 1024 * 1024
+MIN_JOB_SIZE = 1024 * 1024
 def checksum_path(out: Path, split: bool) -> Path:
     return out.with_name(out.name + ("-parts.sha256" if split else ".sha256"))
 
@@ -129,6 +147,59 @@ def _check_free(out: Path) -> None:
                           f"(a restore reads {out.name}.* whole)")
 
 
+@dataclasses.dataclass
+class _Frame:
+    chunks: int
+    size: int
+    noise: bool
+
+
+def _is_noise(image: Image, digest: str, length: int) -> bool:
+    if digest == codec.zero_digest(length):
+        return False
+    try:
+        stored = image.store.chunk_path(digest).stat().st_size
+    except OSError:
+        return False  # reading it will say what is wrong with it
+    return stored >= length * INCOMPRESSIBLE_RATIO
+
+
+def _plan_frames(image: Image, index: list[str]) -> list[_Frame]:
+    """Consecutive chunks grouped into frames: long runs of noise apart, the rest together."""
+    runs: list[_Frame] = []
+    for position, digest in enumerate(index):
+        length = image.chunk_length(position)
+        noise = _is_noise(image, digest, length)
+        if runs and runs[-1].noise == noise:
+            runs[-1].chunks += 1
+            runs[-1].size += length
+        else:
+            runs.append(_Frame(1, length, noise))
+    frames: list[_Frame] = []
+    for run in runs:
+        run.noise = run.noise and run.size >= MIN_NOISE_RUN
+        if frames and frames[-1].noise == run.noise:
+            frames[-1].chunks += run.chunks
+            frames[-1].size += run.size
+        else:
+            frames.append(run)
+    return frames
+
+
+def _compressor(frame: _Frame, level: int, long_distance: bool) -> zstandard.ZstdCompressor:
+    if frame.noise:
+        return zstandard.ZstdCompressor(level=1, threads=-1, write_checksum=True,
+                                        write_content_size=True)
+    cores = len(os.sched_getaffinity(0))
+    job_size = min(MAX_JOB_SIZE, max(MIN_JOB_SIZE, -(-frame.size // cores)))
+    # Level tables never go past a 2^27 window; long-distance matching asks for it explicitly.
+    window = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG} if long_distance else {}
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=frame.size, threads=cores, job_size=job_size,
+        write_checksum=True, write_content_size=True, **window)
+    return zstandard.ZstdCompressor(compression_params=params)
+
+
 def _disk_bytes(image: Image, index: list[str], progress: Progress,
                 workers: Optional[int]) -> Iterator[bytes]:
     """The image's chunks in disk order, each checked, read ahead by a thread pool."""
@@ -154,20 +225,18 @@ def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
     index = image.index()
     out = Path(out)
     _check_free(out)
-    # Level tables never go past a 2^27 window; long-distance matching asks for it explicitly.
-    window = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG} if long_distance else {}
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, source_size=image.size, threads=-1, write_checksum=True,
-        write_content_size=True, **window)
-    compressor = zstandard.ZstdCompressor(compression_params=params)
+    frames = _plan_frames(image, index)
     progress = progress or Progress("export", image.size)
     progress.start_phase("export", image.size)
     parts = _Parts(out, split_size)
     try:
-        with compressor.stream_writer(parts, size=image.size, closefd=False) as stream:
-            for data in _disk_bytes(image, index, progress, workers):
-                stream.write(data)
-                progress.advance(len(data))
+        with contextlib.closing(_disk_bytes(image, index, progress, workers)) as chunks:
+            for frame in frames:
+                compressor = _compressor(frame, level, long_distance)
+                with compressor.stream_writer(parts, size=frame.size, closefd=False) as stream:
+                    for data in itertools.islice(chunks, frame.chunks):
+                        stream.write(data)
+                        progress.advance(len(data))
         files = parts.publish(checksum_path(out, split_size is not None))
     except BaseException:
         parts.discard()

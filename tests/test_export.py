@@ -78,6 +78,25 @@ def test_long_distance_export_stays_within_plain_zstds_window(tmp_path):
     assert restored.returncode == 0, restored.stderr
 
 
+def test_a_long_run_of_noise_gets_a_frame_of_its_own(tmp_path):
+    """A swap-like run of noise is not worth a slow level: its own fast frame,
+    between frames of compressible data, and still one stream for plain zstd."""
+    text = b"".join(b"line %d of a log that compresses well\n" % n for n in range(400_000))
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as handle:
+        handle.write(text[:16 * MiB])
+        handle.write(os.urandom(40 * MiB))
+        handle.write(text[-24 * MiB:])
+    image = last_line(imaging("backup", disk, "--store", tmp_path / "store", "--disk", "d").stdout)
+    out = tmp_path / "disk.zst"
+    imaging("export", image, out, "--level", "9")
+    listing = subprocess.run(["zstd", "-lv", out], capture_output=True, text=True, check=True).stdout
+    assert "# Zstandard Frames: 3" in listing, listing
+    restored = sh(f"zstd -d < {out} | cmp - {disk}", tmp_path)
+    assert restored.returncode == 0, restored.stderr
+    assert 40 * MiB < out.stat().st_size < 41 * MiB
+
+
 def test_a_corrupt_chunk_fails_the_export_and_leaves_no_file(imaged, tmp_path):
     _, image = imaged
     store = tmp_path / "store"
