@@ -191,7 +191,9 @@ def _compressor(frame: _Frame, level: int, long_distance: bool) -> zstandard.Zst
         return zstandard.ZstdCompressor(level=1, threads=-1, write_checksum=True,
                                         write_content_size=True)
     cores = len(os.sched_getaffinity(0))
-    job_size = min(MAX_JOB_SIZE, max(MIN_JOB_SIZE, -(-frame.size // cores)))
+    # A multiple of the cores in jobs of equal size, so no core idles at the end.
+    jobs = cores * -(-frame.size // (cores * MAX_JOB_SIZE))
+    job_size = max(MIN_JOB_SIZE, -(-frame.size // jobs))
     # Level tables never go past a 2^27 window; long-distance matching asks for it explicitly.
     window = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG} if long_distance else {}
     params = zstandard.ZstdCompressionParameters.from_level(

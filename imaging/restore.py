@@ -19,6 +19,7 @@ from .image import Image
 from .pipeline import ordered_map
 from .progress import Progress
 from .safety import MOUNTINFO, check_target
+from .syscalls import start_writeback
 
 
 @dataclasses.dataclass
@@ -83,6 +84,7 @@ def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
         if len(data) != length:
             raise ImageError(f"chunk {digest} holds {len(data)} bytes, {length} expected")
         _pwrite_all(fd, data, position * image.chunk_size)
+        start_writeback(fd, position * image.chunk_size, length)
 
     written = ordered_map(restore_chunk, range(len(index)), workers=workers,
                           cancelled=progress.cancelled, name="restore")

@@ -7,7 +7,6 @@ rename, so a crash leaves only temporary files (names starting with '.').
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Iterator, Optional
 
 from .errors import ImageError, StoreError, translated
 from .inventory import host_name
+from .syscalls import start_writeback, syncfs
 
 FORMAT = 1
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
@@ -30,20 +30,6 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 WRITER_HEARTBEAT = 60.0
 WRITER_STALE = 600.0
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def syncfs(path: Path) -> None:
-    """Flush every dirty page of the filesystem holding `path` in one call."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), str(path))
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -234,6 +220,14 @@ class Datastore:
         return alive
 
 
+def _write_and_start_writeback(path: Path, data: bytes) -> None:
+    """Write a new file; its writeback starts now, so the batch's syncfs waits less."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        start_writeback(handle.fileno(), 0, len(data))
+
+
 class ChunkBatch:
     """Writes many new chunks durably for the price of one filesystem sync.
 
@@ -256,10 +250,10 @@ class ChunkBatch:
         with translated(StoreError, f"cannot write chunk {digest[:16]}"):
             try:
                 try:
-                    tmp.write_bytes(frame)
+                    _write_and_start_writeback(tmp, frame)
                 except FileNotFoundError:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp.write_bytes(frame)
+                    _write_and_start_writeback(tmp, frame)
             except BaseException:
                 # Also when the retry in a new folder fails: no partial file stays behind.
                 with contextlib.suppress(OSError):
