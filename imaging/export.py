@@ -14,8 +14,7 @@ one stream). The store already knows which chunks do not compress: a long run
 of them (a swap partition, encrypted or already compressed data) gets a frame
 of its own at the fastest level, instead of costing the slow high levels
 minutes for nothing, and leaves no noise in the other frames' windows. Each
-other run is one frame whose work zstd splits into one job per core, so a
-level-19 export keeps both the 128 MiB window and every core busy.
+other run is one frame that zstd compresses on every core.
 """
 from __future__ import annotations
 
@@ -48,10 +47,6 @@ INCOMPRESSIBLE_RATIO = 0.98
 # Shorter runs of noise stay inside their neighbours' frame: a frame boundary
 # costs the next frame its window.
 MIN_NOISE_RUN = 32 * 1024 * 1024
-# zstd keeps a job's input in memory: with one job per core, this bounds the
-# export's memory whatever the disk size.
-MAX_JOB_SIZE = 256 * 1024 * 1024
-MIN_JOB_SIZE = 1024 * 1024
 def checksum_path(out: Path, split: bool) -> Path:
     return out.with_name(out.name + ("-parts.sha256" if split else ".sha256"))
 
@@ -190,15 +185,11 @@ def _compressor(frame: _Frame, level: int, long_distance: bool) -> zstandard.Zst
     if frame.noise:
         return zstandard.ZstdCompressor(level=1, threads=-1, write_checksum=True,
                                         write_content_size=True)
-    cores = len(os.sched_getaffinity(0))
-    # A multiple of the cores in jobs of equal size, so no core idles at the end.
-    jobs = cores * -(-frame.size // (cores * MAX_JOB_SIZE))
-    job_size = max(MIN_JOB_SIZE, -(-frame.size // jobs))
     # Level tables never go past a 2^27 window; long-distance matching asks for it explicitly.
     window = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG} if long_distance else {}
     params = zstandard.ZstdCompressionParameters.from_level(
-        level, source_size=frame.size, threads=cores, job_size=job_size,
-        write_checksum=True, write_content_size=True, **window)
+        level, source_size=frame.size, threads=-1, write_checksum=True,
+        write_content_size=True, **window)
     return zstandard.ZstdCompressor(compression_params=params)
 
 
