@@ -174,7 +174,8 @@ def _report(results: Results, pristine: Path, build_seconds: float, footprint: d
         "(untimed). Ours restores the image taken after the change; zstd restores the original.",
         "- borg runs with `--files-cache=disabled`: with a disk *file*, its files cache would skip "
         "the unchanged re-backup on a stat() alone, a shortcut a real block device never offers.",
-        "- Ours and the peers' outputs are all sized with `du -sb` (ours: the store's chunks/).",
+        "- Ours and the peers' outputs are all sized as the sum of their regular files' sizes "
+        "(ours: the store's chunks/); `du -sb` would add 1 MiB for our 256 chunk folders.",
         "- Other CPU s: what the machine spent on anything else during the run (/proc/stat "
         "minus the run's own CPU; includes writeback and this benchmark's memory sampler). "
         f"⚠ marks runs where that exceeded {BUSY_MACHINE_SHARE:.0%} of one CPU: their wall "

@@ -2,8 +2,8 @@
 
 Layout (dos label):
   first MiB     MBR and zeros, like the gap a partitioner leaves
-  p1 (~55%)     ext4, ~70% used by real files from /usr, with the contents of
-                deleted files left in its free space
+  p1 (~85%)     ext4, ~45% used by real files from /usr; most of its free space
+                holds the contents of deleted files, as on a disk in use for years
   p2 (~10%)     Linux swap: mkswap header, the rest random noise (incompressible)
   tail (rest)   unpartitioned; stale blocks of other files interleaved with zero runs
 
@@ -55,9 +55,10 @@ STALE_SOURCES = [
 # Lists of registry package names kept for the machine's users, not OS content.
 NOT_OS_CONTENT = [Path("/usr/share/package-lists")]
 
-FILESYSTEM_USED_FRACTION = 0.70
-# Share of copied files that are later deleted.
-DELETED_FILE_SHARE = 0.20
+FILESYSTEM_USED_FRACTION = 0.45
+# Share of copied files that are later deleted: about half the copies, so that
+# deleted data fills most of the free space by the time 45% is live.
+DELETED_FILE_SHARE = 0.50
 HEADROOM_FRACTION = 0.05
 STALE_DATA_FRACTION = 0.60
 TRASH_SUFFIX = ".bench-deleted"
@@ -82,7 +83,7 @@ def _filesystem_pool() -> list[Path]:
 def _layout(size: int) -> tuple[int, int, int, int]:
     """(p1 offset, p1 size, p2 offset, p2 size), MiB-aligned like fdisk does."""
     p1_offset = MiB
-    p1_size = int(size * 0.55) // MiB * MiB
+    p1_size = int(size * 0.85) // MiB * MiB
     p2_offset = p1_offset + p1_size
     p2_size = int(size * 0.10) // MiB * MiB
     return p1_offset, p1_size, p2_offset, p2_size
@@ -129,7 +130,7 @@ def _block_aligned_excerpt(content: bytes, rng: random.Random, limit: int = 8 * 
 
 
 def _fill_filesystem(root: Path, rng: random.Random) -> None:
-    """Copy files until ~70% of the filesystem is live. A seeded share of them
+    """Copy files until ~45% of the filesystem is live. A seeded share of them
     get names that are deleted later, so deleted content ends up interleaved
     with live files in the free space."""
     target_live_blocks = int(os.statvfs(root).f_blocks * FILESYSTEM_USED_FRACTION)
@@ -282,7 +283,7 @@ def describe(disk: Path) -> str:
     parts = read_partitions(disk)
     size = disk.stat().st_size
     lines = [f"Test disk: {size / MiB:.0f} MiB, dos label"]
-    names = {LINUX_TYPE: "ext4, ~70% used, deleted files in free space",
+    names = {LINUX_TYPE: "ext4, ~45% used, deleted files in most of its free space",
              SWAP_TYPE: "swap header + random noise"}
     for part in parts:
         lines.append(f"  p{part.number} type {part.type} at {part.offset // MiB} MiB, "
