@@ -2,10 +2,11 @@
 
 Builds a test disk, then for each round: runs every selected peer on a fresh
 copy of it, changes 16 MiB of files, runs the re-backups and restores. Two
-sections run in the first round only: "used" (our used-blocks backup against
-Clonezilla's partclone | zstd, bench/used_peers.py) and "export" (our
-`export --level 19 --long` against recompressing to 7z, bench/export_peers.py;
-off by default, ~11 min on 1 GiB: add it with --peers, or use --peers all).
+sections compare several runs: "used" (our used-blocks backup against
+Clonezilla's partclone | zstd, bench/used_peers.py) and, in the first round
+only, "export" (our `export --level 19 --long` against recompressing to 7z,
+bench/export_peers.py; off by default, ~11 min on 1 GiB: add it with --peers,
+or use --peers all).
 Prints a markdown report of the medians, also written to bench/results.md.
 """
 

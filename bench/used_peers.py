@@ -1,6 +1,6 @@
 """Used-blocks imaging: ours against the Clonezilla way, on one disk image.
 
-The "used" section of `python -m bench` (first round only); `run(disk_path,
+The "used" section of `python -m bench` (every round); `run(disk_path,
 workdir)` (workdir: an empty directory) runs it alone. Both time, with a warm
 page cache and a sync inside the timed span (bench.measure.timed):
   - ours, `backup --mode used`;
@@ -37,4 +37,4 @@ def run(disk_path, workdir) -> list[list[str]]:
     return [comparison.row(results) for comparison in USED_COMPARISONS]
 
 
-PEER = Peer("used", ["partclone.ext4", "zstd", "dd"], used_on_original, repeat=False)
+PEER = Peer("used", ["partclone.ext4", "zstd", "dd"], used_on_original)
