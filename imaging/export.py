@@ -47,6 +47,8 @@ INCOMPRESSIBLE_RATIO = 0.98
 # Shorter runs of noise stay inside their neighbours' frame: a frame boundary
 # costs the next frame its window.
 MIN_NOISE_RUN = 32 * 1024 * 1024
+
+
 def checksum_path(out: Path, split: bool) -> Path:
     return out.with_name(out.name + ("-parts.sha256" if split else ".sha256"))
 
