@@ -54,8 +54,9 @@ SECTION_NOTES = {
     "export": "Export: our `export --level 19 --long` of the first backup's image against the "
               "classic `gunzip -c d.gz | 7za a -si d.7z` (LZMA2, level 5), timed from a `gzip -9` "
               "archive of the disk made beforehand (untimed); decompression `zstd -dc` against "
-              "`7za x -so`, both to /dev/null. The export is decompressed and compared with the "
-              "disk afterwards (untimed).",
+              f"`7za x -so`, both to /dev/null, each the median of {export_peers.DECODE_ROUNDS} "
+              "runs in a row. The export is "
+              "decompressed and compared with the disk afterwards (untimed).",
 }
 
 
