@@ -23,6 +23,7 @@ import dataclasses
 import glob
 import hashlib
 import itertools
+import math
 import os
 import secrets
 import time
@@ -47,6 +48,10 @@ INCOMPRESSIBLE_RATIO = 0.98
 # Shorter runs of noise stay inside their neighbours' frame: a frame boundary
 # costs the next frame its window.
 MIN_NOISE_RUN = 32 * 1024 * 1024
+# zstd's own jobs at these levels are 128 MiB or more: a frame of a few hundred
+# MiB in so few jobs leaves a core idle at its end.
+MAX_JOB = 128 * 1024 * 1024
+MIN_JOB = 1024 * 1024
 
 
 def checksum_path(out: Path, split: bool) -> Path:
@@ -187,12 +192,47 @@ def _compressor(frame: _Frame, level: int, long_distance: bool) -> zstandard.Zst
     if frame.noise:
         return zstandard.ZstdCompressor(level=1, threads=-1, write_checksum=True,
                                         write_content_size=True)
-    # Level tables never go past a 2^27 window; long-distance matching asks for it explicitly.
-    window = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG} if long_distance else {}
+    tuning = _long_distance_tuning(level, frame.size) if long_distance else {}
     params = zstandard.ZstdCompressionParameters.from_level(
         level, source_size=frame.size, threads=-1, write_checksum=True,
-        write_content_size=True, **window)
+        write_content_size=True, **tuning)
     return zstandard.ZstdCompressor(compression_params=params)
+
+
+def _long_distance_tuning(level: int, frame_size: int) -> dict:
+    """Level tables never go past a 2^27 window: long-distance matching asks for it.
+
+    At the optimal-parsing levels (19 and up) the rest follows that window too.
+    Measured on an 870 MiB ext4 partition of /usr files at level 19, zstd's
+    choices give 172.2 MiB for 341 CPU s and 660 MiB of memory; these give
+    171.3 MiB for 324 CPU s and 1.1 GiB, and `zstd -d` runs 4% faster:
+    - match tables of at least level 20's size, to see further back;
+    - each multi-threaded job starts from as much of the data before it as those
+      tables hold, not the whole window (re-indexing 32 MiB before each job cost
+      a sixth of the CPU time);
+    - the long-distance matcher offers repeats from 16 bytes (not 32) and samples
+      twice as many positions;
+    - jobs split the frame evenly over the cores.
+    """
+    tuning = {"enable_ldm": True, "window_log": MAX_WINDOW_LOG}
+    base = zstandard.ZstdCompressionParameters.from_level(level, source_size=frame_size)
+    if base.strategy != zstandard.STRATEGY_BTULTRA2:
+        return tuning
+    chain_log = max(base.chain_log, 25)
+    # A binary tree holds 2^(chain_log - 1) positions; a job's overlap is
+    # 2^(window_log - 9 + overlap_log) bytes.
+    overlap_log = chain_log - 1 - MAX_WINDOW_LOG + 9
+    return tuning | {"chain_log": chain_log, "hash_log": max(base.hash_log, 23),
+                     "overlap_log": overlap_log, "ldm_min_match": 16, "ldm_hash_rate_log": 3,
+                     "job_size": _even_job_size(frame_size)}
+
+
+def _even_job_size(frame_size: int) -> int:
+    """Jobs of at most MAX_JOB, as many as a multiple of the cores, so that no
+    core idles while the last job of the frame runs alone."""
+    cores = os.cpu_count() or 1
+    jobs = math.ceil(math.ceil(frame_size / MAX_JOB) / cores) * cores
+    return max(MIN_JOB, math.ceil(frame_size / jobs))
 
 
 def _disk_bytes(image: Image, index: list[str], progress: Progress,
