@@ -61,7 +61,8 @@ def test_single_file_export_is_one_frame_with_size_and_checksum(imaged, tmp_path
     assert (tmp_path / "disk.zst.sha256").read_text() == f"{sha256_of(out)}  disk.zst\n"
 
 
-def test_long_distance_export_stays_within_plain_zstds_window(tmp_path):
+@pytest.mark.parametrize("level", ["3", "19"])  # 19: the optimal-parsing levels' own tuning
+def test_long_distance_export_stays_within_plain_zstds_window(tmp_path, level):
     # Larger than the 128 MiB window, so the cap is what limits it; sparse and quick.
     disk = tmp_path / "big.img"
     with open(disk, "wb") as handle:
@@ -71,7 +72,7 @@ def test_long_distance_export_stays_within_plain_zstds_window(tmp_path):
             handle.write(os.urandom(MiB))
     image = last_line(imaging("backup", disk, "--store", tmp_path / "store", "--disk", "big").stdout)
     out = tmp_path / "big.zst"
-    imaging("export", image, out, "--long", "--level", "3")
+    imaging("export", image, out, "--long", "--level", level)
     listing = subprocess.run(["zstd", "-lv", out], capture_output=True, text=True, check=True).stdout
     assert "Window Size: 128 MiB" in listing, listing
     restored = sh(f"zstd -d < {out} | cmp - {disk}", tmp_path)
