@@ -74,8 +74,8 @@ def _arguments() -> argparse.Namespace:
                         help="comma-separated names among: "
                              f"{', '.join(peer.name for peer in PEERS)}, or 'all' "
                              "(default: %(default)s; 7za adds ~4 min on 1 GiB, export ~11 min)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="repeat the fast peers this many times, report medians (default 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="repeat the fast peers this many times, report medians (default 5)")
     parser.add_argument("--gzip-sample", type=parse_size, default=256 * MiB,
                         help="time dd|gzip -9 on this much of the disk and scale up; "
                              "0 = whole disk (default 256M)")
@@ -134,8 +134,20 @@ def _run_round(number: int, peers: list[Peer], pristine: Path, workdir: Path,
     return bench.runs, footprint
 
 
-def _report(results: Results, pristine: Path, build_seconds: float, footprint: dict[int, int],
-            rounds: int, notes: list[str]) -> str:
+def _footprint(footprints: list[dict[int, int]]) -> str:
+    """What the change touched, per unit: the median over rounds and their range."""
+    parts = []
+    for unit in footprints[0]:
+        changed = sorted(footprint[unit] for footprint in footprints)
+        text = f"{changed[(len(changed) - 1) // 2] / MiB:.1f} MiB"
+        if changed[0] != changed[-1]:
+            text += f" ({changed[0] / MiB:.1f}–{changed[-1] / MiB:.1f})"
+        parts.append(f"{text} in {unit // 1024} KiB units")
+    return ", ".join(parts)
+
+
+def _report(results: Results, pristine: Path, build_seconds: float,
+            footprints: list[dict[int, int]], rounds: int, notes: list[str]) -> str:
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     lines = [
         f"# Benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}",
@@ -146,9 +158,8 @@ def _report(results: Results, pristine: Path, build_seconds: float, footprint: d
         "```",
         describe(pristine),
         f"built in {build_seconds:.1f} s",
-        "16 MiB of files changed before the re-backups marked so; the disk blocks that changed: "
-        + ", ".join(f"{changed / MiB:.1f} MiB in {unit // 1024} KiB units"
-                    for unit, changed in footprint.items()),
+        "16 MiB of files changed before the re-backups marked so; the disk blocks that changed "
+        f"(median of the rounds, and their range): {_footprint(footprints)}",
         "```",
         "",
         "## Targets",
@@ -163,7 +174,8 @@ def _report(results: Results, pristine: Path, build_seconds: float, footprint: d
         "",
         f"- Each run's figures come from its median-time round of {rounds}, each round on a fresh "
         "copy of the disk with fresh stores (range of wall times in brackets; peak memory is the "
-        "highest of any round), except runs marked as measured once."
+        "highest of any round), except runs marked as measured once. New bytes after the change "
+        "are the median of the rounds: ext4 places the changed files differently each time."
         if rounds > 1 else "- One round: each figure is a single measurement.",
         "- Throughput is disk size / wall seconds, for backups and restores alike.",
         "- The page cache is warm for everybody: each run's inputs (the disk, or the store/archive "
@@ -217,11 +229,12 @@ def main() -> None:
                 notes.append(f"Not run: {peer.name} ({', '.join(missing)} not installed).")
             else:
                 selected.append(peer)
-        rounds = []
+        rounds, footprints = [], []
         for number in range(1, args.rounds + 1):
             peers = selected if number == 1 else [peer for peer in selected if peer.repeat]
             runs, footprint = _run_round(number, peers, pristine, workdir, args)
             rounds.append(runs)
+            footprints.append(footprint)
         once = [peer.name for peer in selected if not peer.repeat]
         if args.rounds > 1 and once:
             notes.append(f"Measured once, in the first round: {', '.join(once)} (slow, or "
@@ -229,7 +242,7 @@ def main() -> None:
         notes += [SECTION_NOTES[peer.name] for peer in selected if peer.name in SECTION_NOTES]
         notes.append(f"Whole run: {(time.perf_counter() - start) / 60:.1f} min.")
         results = Results(merge_rounds(rounds), pristine.stat().st_size)
-        report = _report(results, pristine, build_seconds, footprint, args.rounds, notes)
+        report = _report(results, pristine, build_seconds, footprints, args.rounds, notes)
     finally:
         if args.keep:
             _progress(f"kept {workdir}")

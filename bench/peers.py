@@ -86,7 +86,9 @@ def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
     """One Run per key: the round with the median wall time stands for all,
     with the fastest and slowest as its spread and the highest peak memory of
     any round. Sizes come from the first round (the disk and the tools are
-    deterministic); an error or a mismatching restore in any round wins."""
+    deterministic), except new bytes after the change: ext4 places the changed
+    files a little differently each round, so theirs is the median. An error or
+    a mismatching restore in any round wins."""
     merged = {}
     for key, first in rounds[0].items():
         runs = [round_runs[key] for round_runs in rounds if key in round_runs]
@@ -100,10 +102,14 @@ def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
             first.label, seconds=median.seconds, output_bytes=first.output_bytes,
             peak_memory=max(run.peak_memory for run in runs),
             cpu_seconds=median.cpu_seconds, other_cpu_seconds=median.other_cpu_seconds,
-            new_bytes=first.new_bytes,
+            new_bytes=_median([run.new_bytes for run in runs if run.new_bytes is not None]),
             identical=None if first.identical is None else all(run.identical for run in runs),
             note=median.note, spread=(by_time[0].seconds, by_time[-1].seconds))
     return merged
+
+
+def _median(values: list[int]) -> int | None:
+    return sorted(values)[(len(values) - 1) // 2] if values else None
 
 
 def pipeline(script: str) -> list[str]:
