@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import export_peers, used_peers
 from bench.disk import build_disk, change_files, change_footprint, describe
 from bench.peers import PEERS as TOOL_PEERS
-from bench.peers import Bench, Peer, Run, merge_rounds
+from bench.peers import Bench, Peer, Run, median, merge_rounds
 from bench.report import (
     BUSY_MACHINE_SHARE,
     Results,
@@ -55,8 +55,8 @@ SECTION_NOTES = {
               "classic `gunzip -c d.gz | 7za a -si d.7z` (LZMA2, level 5), timed from a `gzip -9` "
               "archive of the disk made beforehand (untimed); decompression `zstd -dc` against "
               f"`7za x -so`, both to /dev/null, each the median of {export_peers.DECODE_ROUNDS} "
-              "runs in a row. The export is "
-              "decompressed and compared with the disk afterwards (untimed).",
+              "runs in a row. The export is decompressed and compared with the disk afterwards "
+              "(untimed).",
 }
 
 
@@ -138,10 +138,10 @@ def _footprint(footprints: list[dict[int, int]]) -> str:
     """What the change touched, per unit: the median over rounds and their range."""
     parts = []
     for unit in footprints[0]:
-        changed = sorted(footprint[unit] for footprint in footprints)
-        text = f"{changed[(len(changed) - 1) // 2] / MiB:.1f} MiB"
-        if changed[0] != changed[-1]:
-            text += f" ({changed[0] / MiB:.1f}–{changed[-1] / MiB:.1f})"
+        changed = [footprint[unit] for footprint in footprints]
+        text = f"{median(changed) / MiB:.1f} MiB"
+        if min(changed) != max(changed):
+            text += f" ({min(changed) / MiB:.1f}–{max(changed) / MiB:.1f})"
         parts.append(f"{text} in {unit // 1024} KiB units")
     return ", ".join(parts)
 

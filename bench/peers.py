@@ -97,18 +97,19 @@ def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
             merged[key] = failed or first
             continue
         by_time = sorted(runs, key=lambda run: run.seconds)
-        median = by_time[(len(by_time) - 1) // 2]
+        middle = by_time[(len(by_time) - 1) // 2]
         merged[key] = Run(
-            first.label, seconds=median.seconds, output_bytes=first.output_bytes,
+            first.label, seconds=middle.seconds, output_bytes=first.output_bytes,
             peak_memory=max(run.peak_memory for run in runs),
-            cpu_seconds=median.cpu_seconds, other_cpu_seconds=median.other_cpu_seconds,
-            new_bytes=_median([run.new_bytes for run in runs if run.new_bytes is not None]),
+            cpu_seconds=middle.cpu_seconds, other_cpu_seconds=middle.other_cpu_seconds,
+            new_bytes=median([run.new_bytes for run in runs if run.new_bytes is not None]),
             identical=None if first.identical is None else all(run.identical for run in runs),
-            note=median.note, spread=(by_time[0].seconds, by_time[-1].seconds))
+            note=middle.note, spread=(by_time[0].seconds, by_time[-1].seconds))
     return merged
 
 
-def _median(values: list[int]) -> int | None:
+def median(values: list[int]) -> int | None:
+    """The middle value (the lower of the two middle ones for an even count)."""
     return sorted(values)[(len(values) - 1) // 2] if values else None
 
 
