@@ -1,0 +1,374 @@
+"""The catalog: hosts, their disks, datastores, images, jobs and schedules.
+
+Rules that answer "what is this thing's state?" live here as methods that take
+`now=` so they are testable without moving clocks; use cases that change
+several rows (start a job, finish it, sync a schedule) live in services.py.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import zoneinfo
+from typing import Optional
+
+from croniter import croniter
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+HOST_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# A Celery queue and channel-layer group name must stay ASCII letters, digits and -_.
+validate_host_name = RegexValidator(HOST_NAME_RE, "use letters, digits and ._- only")
+
+
+def validate_cron(expression: str) -> None:
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        raise ValidationError(f"{expression!r} is not a five-field cron expression "
+                              "(minute hour day-of-month month day-of-week)")
+
+
+def validate_timezone(name: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(f"unknown time zone {name!r}") from None
+
+
+class Host(models.Model):
+    name = models.CharField(max_length=63, unique=True, validators=[validate_host_name])
+    worker = models.CharField(max_length=255, blank=True, help_text="Celery node that last reported")
+    last_seen = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"host.{self.name}"
+
+    def is_online(self, now: Optional[dt.datetime] = None) -> bool:
+        if self.last_seen is None:
+            return False
+        now = now or timezone.now()
+        return now - self.last_seen < dt.timedelta(seconds=settings.HOST_OFFLINE_SECONDS)
+
+
+class Datastore(models.Model):
+    path = models.CharField(max_length=4096, unique=True,
+                            help_text="the same path on every host that uses it")
+    total_bytes = models.BigIntegerField(default=0)
+    free_bytes = models.BigIntegerField(default=0)
+    chunk_count = models.BigIntegerField(default=0)
+    chunk_bytes = models.BigIntegerField(default=0, help_text="compressed bytes of all chunks")
+    image_count = models.IntegerField(default=0)
+    logical_bytes = models.BigIntegerField(default=0, help_text="sum of the images' disk sizes")
+    scanned_at = models.DateTimeField(null=True, blank=True)
+    last_gc = models.DateTimeField(null=True, blank=True)
+    last_verify = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["path"]
+
+    def __str__(self) -> str:
+        return self.path
+
+    @property
+    def used_bytes(self) -> int:
+        return max(self.total_bytes - self.free_bytes, 0)
+
+    @property
+    def dedup_ratio(self) -> Optional[float]:
+        """How many bytes of disk each stored byte stands for (compression and dedup)."""
+        return self.logical_bytes / self.chunk_bytes if self.chunk_bytes else None
+
+
+class Protection(enum.StrEnum):
+    FAILED = "failed"
+    OVERDUE = "overdue"
+    DUE = "due"
+    FRESH = "fresh"
+    UNSCHEDULED = "unscheduled"
+
+    @property
+    def protected(self) -> bool:
+        return self in (Protection.FRESH, Protection.DUE)
+
+
+class Disk(models.Model):
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="disks")
+    stable_id = models.CharField(max_length=200, unique=True,
+                                 help_text="from WWN, serial or by-id: survives reboots and recabling")
+    model = models.CharField(max_length=255, blank=True)
+    serial = models.CharField(max_length=255, blank=True)
+    wwn = models.CharField(max_length=255, blank=True)
+    size = models.BigIntegerField(default=0)
+    sector_size = models.IntegerField(default=512)
+    path = models.CharField(max_length=4096, blank=True, help_text="where the host sees it now")
+    kind = models.CharField(max_length=16, blank=True, help_text="disk, loop or file")
+    present = models.BooleanField(default=True, help_text="false once the host stops reporting it")
+    mounted = models.BooleanField(default=False)
+    mountpoints = models.JSONField(default=list, blank=True)
+    read_only = models.BooleanField(default=False)
+    first_seen = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(null=True, blank=True)
+    # When protection last flipped, and when it will next go bad unless a backup comes
+    # (the sweeper's index, as healthchecks' alert_after).
+    protection_state = models.CharField(max_length=16, default=Protection.UNSCHEDULED)
+    alert_after = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        ordering = ["host__name", "path", "stable_id"]
+
+    def __str__(self) -> str:
+        return f"{self.host.name}:{self.path or self.stable_id}"
+
+    @property
+    def short_name(self) -> str:
+        """What a user types to confirm overwriting this disk."""
+        return self.stable_id
+
+    def backup_schedule(self) -> Optional["Schedule"]:
+        return (self.schedules.filter(kind=Schedule.Kind.BACKUP, enabled=True)
+                .order_by("created").first())
+
+    def last_image(self) -> Optional["Image"]:
+        return self.images.order_by("-created").first()
+
+    def last_backup_job(self) -> Optional["Job"]:
+        return (self.jobs.filter(kind=Job.Kind.BACKUP, state__in=Job.FINISHED_STATES)
+                .order_by("-finished").first())
+
+    def due_at(self, schedule: Optional["Schedule"] = None) -> Optional[dt.datetime]:
+        """The scheduled run the next backup answers: the first fire time after the anchor."""
+        schedule = schedule or self.backup_schedule()
+        if schedule is None:
+            return None
+        image = self.last_image()
+        anchor = image.created if image is not None else schedule.created
+        return schedule.next_run_after(anchor)
+
+    def protection(self, now: Optional[dt.datetime] = None) -> Protection:
+        now = now or timezone.now()
+        job = self.last_backup_job()
+        if job is not None and job.state == Job.State.FAILED:
+            return Protection.FAILED
+        schedule = self.backup_schedule()
+        if schedule is None:
+            return Protection.UNSCHEDULED
+        due_at = self.due_at(schedule)
+        if now >= due_at + schedule.grace:
+            return Protection.OVERDUE
+        if now >= due_at:
+            return Protection.DUE
+        return Protection.FRESH
+
+    def going_bad_after(self) -> Optional[dt.datetime]:
+        """When, without a new backup, protection next turns overdue (None: never by itself)."""
+        schedule = self.backup_schedule()
+        if schedule is None:
+            return None
+        return self.due_at(schedule) + schedule.grace
+
+
+class Image(models.Model):
+    datastore = models.ForeignKey(Datastore, on_delete=models.CASCADE, related_name="images")
+    disk = models.ForeignKey(Disk, on_delete=models.PROTECT, related_name="images")
+    stamp = models.CharField(max_length=32)
+    path = models.CharField(max_length=4096, unique=True)
+    mode = models.CharField(max_length=8, default="raw")
+    status = models.CharField(max_length=32, default="complete")
+    size = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    new_bytes = models.BigIntegerField(default=0)
+    bad_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    level = models.IntegerField(default=3)
+    created = models.DateTimeField()
+    seconds = models.FloatField(default=0)
+    mounted_rw = models.BooleanField(default=False)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    verify_ok = models.BooleanField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["disk", "-created"])]
+        constraints = [models.UniqueConstraint(fields=["datastore", "disk", "stamp"],
+                                               name="one_image_per_stamp")]
+
+    def __str__(self) -> str:
+        return f"{self.disk.stable_id}/{self.stamp}"
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.verify_ok)
+
+    @property
+    def dedup_ratio(self) -> Optional[float]:
+        return self.size / self.stored_bytes if self.stored_bytes else None
+
+
+class Job(models.Model):
+    class Kind(models.TextChoices):
+        BACKUP = "backup"
+        RESTORE = "restore"
+        VERIFY = "verify"
+        RECOMPRESS = "recompress"
+        EXPORT = "export"
+        IMPORT = "import"
+        PRUNE = "prune"
+        GC = "gc"
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        SUCCEEDED_WITH_WARNINGS = "succeeded-with-warnings"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    ACTIVE_STATES = (State.QUEUED, State.RUNNING)
+    FINISHED_STATES = (State.SUCCEEDED, State.SUCCEEDED_WITH_WARNINGS, State.FAILED,
+                       State.CANCELLED)
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    state = models.CharField(max_length=32, choices=State.choices, default=State.QUEUED,
+                             db_index=True)
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="jobs",
+                             help_text="whose worker runs it")
+    disk = models.ForeignKey(Disk, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="jobs", help_text="the disk read, or whose image it is")
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="jobs")
+    target_disk = models.ForeignKey(Disk, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="restore_jobs")
+    datastore = models.ForeignKey(Datastore, null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="jobs")
+    schedule = models.ForeignKey("Schedule", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="jobs")
+    params = models.JSONField(default=dict, blank=True)
+    progress = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    result = models.JSONField(null=True, blank=True)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                     on_delete=models.SET_NULL, related_name="jobs")
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=255, blank=True, help_text="Celery node that ran it")
+    cancel_requested = models.BooleanField(default=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    progress_moved_at = models.DateTimeField(null=True, blank=True)
+    stall_notified = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["state", "heartbeat_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.pk} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
+
+    def is_stalled(self, now: Optional[dt.datetime] = None) -> bool:
+        """Running, yet its progress has not moved for JOB_STALL_SECONDS: a flag, not a state."""
+        if self.state != self.State.RUNNING:
+            return False
+        moved = self.progress_moved_at or self.started
+        if moved is None:
+            return False
+        now = now or timezone.now()
+        return now - moved >= dt.timedelta(seconds=settings.JOB_STALL_SECONDS)
+
+    def is_lost(self, now: Optional[dt.datetime] = None) -> bool:
+        """Running, but its worker stopped beating: the worker died with it."""
+        if self.state != self.State.RUNNING:
+            return False
+        beat = self.heartbeat_at or self.started
+        now = now or timezone.now()
+        return beat is None or now - beat >= dt.timedelta(seconds=settings.JOB_LOST_SECONDS)
+
+    def disks(self) -> list[Disk]:
+        """The disks this job reads or writes: at most one job may hold each."""
+        return [disk for disk in (self.disk if self.kind == self.Kind.BACKUP else None,
+                                  self.target_disk) if disk is not None]
+
+
+class Schedule(models.Model):
+    class Kind(models.TextChoices):
+        BACKUP = "backup"
+        VERIFY = "verify"
+        GC = "gc"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.BACKUP)
+    disk = models.ForeignKey(Disk, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="schedules", help_text="the disk backed up")
+    datastore = models.ForeignKey(Datastore, on_delete=models.PROTECT, related_name="schedules")
+    cron = models.CharField(max_length=100, default="0 3 * * *", validators=[validate_cron])
+    time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    mode = models.CharField(max_length=8, default="used",
+                            choices=[("raw", "raw"), ("used", "used")])
+    level = models.IntegerField(default=3, validators=[MinValueValidator(1), MaxValueValidator(22)])
+    keep_last = models.PositiveIntegerField(default=7)
+    keep_daily = models.PositiveIntegerField(default=14)
+    keep_weekly = models.PositiveIntegerField(default=8)
+    keep_monthly = models.PositiveIntegerField(default=12)
+    keep_yearly = models.PositiveIntegerField(default=0)
+    enabled = models.BooleanField(default=True)
+    grace = models.DurationField(default=dt.timedelta(hours=1))
+    notify_urls = models.TextField(blank=True, help_text="Apprise URLs, one per line or space-separated")
+    notify_on_success = models.BooleanField(default=False)
+    periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,
+                                         on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created"]
+
+    def __str__(self) -> str:
+        what = self.disk.stable_id if self.disk_id else self.datastore.path
+        return f"{self.kind} {what} at {self.cron!r}"
+
+    def clean(self) -> None:
+        if self.kind == self.Kind.BACKUP and self.disk_id is None:
+            raise ValidationError({"disk": "a backup schedule names its disk"})
+        if self.kind != self.Kind.BACKUP and self.disk_id is not None:
+            raise ValidationError({"disk": f"a {self.kind} schedule is per datastore, not per disk"})
+
+    def next_run_after(self, moment: dt.datetime) -> dt.datetime:
+        return self.next_runs(moment, 1)[0]
+
+    def next_runs(self, moment: dt.datetime, count: int) -> list[dt.datetime]:
+        """The next `count` fire times after `moment`, computed in the schedule's zone, in UTC."""
+        zone = zoneinfo.ZoneInfo(self.time_zone)
+        runs = croniter(self.cron, moment.astimezone(zone))
+        return [runs.get_next(dt.datetime).astimezone(dt.timezone.utc) for _ in range(count)]
+
+    def retention(self) -> dict[str, int]:
+        return {"last": self.keep_last, "daily": self.keep_daily, "weekly": self.keep_weekly,
+                "monthly": self.keep_monthly, "yearly": self.keep_yearly}
+
+    def notification_urls(self) -> list[str]:
+        return [url for url in self.notify_urls.replace(",", " ").split() if url]
+
+
+class StatusChange(models.Model):
+    """A disk's protection flipped; one row, one notification (healthchecks' Flip)."""
+
+    disk = models.ForeignKey(Disk, on_delete=models.CASCADE, related_name="status_changes")
+    old = models.CharField(max_length=16)
+    new = models.CharField(max_length=16)
+    created = models.DateTimeField(default=timezone.now)
+    notified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.disk.stable_id}: {self.old} -> {self.new}"
