@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import export_peers, used_peers
+from bench import catalog, export_peers, used_peers
 from bench.disk import build_disk, change_files, change_footprint, describe
 from bench.peers import PEERS as TOOL_PEERS
 from bench.peers import Bench, Peer, Run, median, merge_rounds
@@ -50,7 +50,9 @@ VERSION_COMMANDS = {
 SECTION_NOTES = {
     "used": "Used mode: our `backup --mode used` against the Clonezilla pipeline (the partclone "
             "run: partclone.<fs> | zstd -T0 -3 per partition, swap header and gaps raw "
-            "through zstd), and our `backup --mode raw` of the same disk against it.",
+            "through zstd), and our `backup --mode raw` of the same disk against it; after the "
+            "change, our used-mode re-backup into the same store against the raw re-backup of "
+            "the ours peer.",
     "export": "Export: our `export --level 19 --long` of the first backup's image against the "
               "classic `gunzip -c d.gz | 7za a -si d.7z` (LZMA2, level 5), timed from a `gzip -9` "
               "archive of the disk made beforehand (untimed); decompression `zstd -dc` against "
@@ -147,7 +149,8 @@ def _footprint(footprints: list[dict[int, int]]) -> str:
 
 
 def _report(results: Results, pristine: Path, build_seconds: float,
-            footprints: list[dict[int, int]], rounds: int, notes: list[str]) -> str:
+            footprints: list[dict[int, int]], rounds: int, notes: list[str],
+            catalog_line: str) -> str:
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     lines = [
         f"# Benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}",
@@ -166,17 +169,22 @@ def _report(results: Results, pristine: Path, build_seconds: float,
         "",
         targets_table(results),
         "",
+        catalog_line,
+        "",
         "## All runs",
         "",
         runs_table(results),
         "",
         "## Method",
         "",
-        f"- Each run's figures come from its median-time round of {rounds}, each round on a fresh "
-        "copy of the disk with fresh stores (range of wall times in brackets; peak memory is the "
-        "highest of any round), except runs marked as measured once. New bytes after the change "
-        "are the median of the rounds: ext4 places the changed files differently each time."
+        f"- Each run was measured in {rounds} rounds, each on a fresh copy of the disk with fresh "
+        "stores, except runs marked as measured once. Wall time, output size and new bytes are "
+        "each the median of the rounds (ext4 places the changed files differently each time); "
+        "the range of wall times is in brackets, CPU figures come from the median-time round, "
+        "and peak memory is the highest of any round."
         if rounds > 1 else "- One round: each figure is a single measurement.",
+        "- Ratios are ours / the peer's, to three decimals; a figure scaled up from part of the "
+        "disk says so where it appears.",
         "- Throughput is disk size / wall seconds, for backups and restores alike.",
         "- The page cache is warm for everybody: each run's inputs (the disk, or the store/archive "
         "being restored) are read once right before it is timed; caches are never dropped.",
@@ -240,9 +248,12 @@ def main() -> None:
             notes.append(f"Measured once, in the first round: {', '.join(once)} (slow, or "
                          "sections of several runs).")
         notes += [SECTION_NOTES[peer.name] for peer in selected if peer.name in SECTION_NOTES]
+        _progress(f"listing {catalog.IMAGES:,} images through the catalog")
+        catalog_line = catalog.report_line(workdir / "catalog")
         notes.append(f"Whole run: {(time.perf_counter() - start) / 60:.1f} min.")
         results = Results(merge_rounds(rounds), pristine.stat().st_size)
-        report = _report(results, pristine, build_seconds, footprints, args.rounds, notes)
+        report = _report(results, pristine, build_seconds, footprints, args.rounds, notes,
+                         catalog_line)
     finally:
         if args.keep:
             _progress(f"kept {workdir}")

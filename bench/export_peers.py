@@ -72,7 +72,7 @@ def _measure(bench: Bench, image: Path | None) -> None:
     ours.identical = same_content(restored, bench.disk)
     restored.unlink()
     ours.note = (f"{ours.output_bytes / classic.output_bytes:.3f}x 7z's size "
-                 f"(target <= {EXPORT_SIZE_TARGET}), {ours.seconds / classic.seconds:.2f}x its "
+                 f"(target <= {EXPORT_SIZE_TARGET}), {ours.seconds / classic.seconds:.3f}x its "
                  f"time (target <= {EXPORT_TIME_TARGET:g})")
 
     ours_decode = _median_of(DECODE_ROUNDS, bench, "export.ours_decode",
@@ -83,7 +83,7 @@ def _measure(bench: Bench, image: Path | None) -> None:
                                 ["7za", "x", "-so", str(sevenzip)], inputs=[sevenzip],
                                 stdout=Path("/dev/null"))
     if not (ours_decode.error or classic_decode.error):
-        ours_decode.note = (f"{classic_decode.seconds / ours_decode.seconds:.1f}x faster than "
+        ours_decode.note = (f"{classic_decode.seconds / ours_decode.seconds:.3f}x faster than "
                             f"7za x (target >= {DECOMPRESSION_TARGET:.0f}x)")
 
 

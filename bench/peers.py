@@ -43,6 +43,8 @@ class Run:
     image: Path | None = None
     # Fastest and slowest wall seconds over the rounds, when there were several.
     spread: tuple[float, float] | None = None
+    # How its figures were scaled up from a part of the disk; empty when measured whole.
+    extrapolated: str = ""
 
 
 @dataclass
@@ -83,12 +85,11 @@ class Bench:
 
 
 def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
-    """One Run per key: the round with the median wall time stands for all,
-    with the fastest and slowest as its spread and the highest peak memory of
-    any round. Sizes come from the first round (the disk and the tools are
-    deterministic), except new bytes after the change: ext4 places the changed
-    files a little differently each round, so theirs is the median. An error or
-    a mismatching restore in any round wins."""
+    """One Run per key: the median wall time (its round's CPU figures and
+    note stand for all), the fastest and slowest as its spread, the highest
+    peak memory of any round, and the median output size and new bytes (ext4
+    places the changed files a little differently each round, and a tool's
+    output with them). An error or a mismatching restore in any round wins."""
     merged = {}
     for key, first in rounds[0].items():
         runs = [round_runs[key] for round_runs in rounds if key in round_runs]
@@ -99,12 +100,14 @@ def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
         by_time = sorted(runs, key=lambda run: run.seconds)
         middle = by_time[(len(by_time) - 1) // 2]
         merged[key] = Run(
-            first.label, seconds=middle.seconds, output_bytes=first.output_bytes,
+            first.label, seconds=middle.seconds,
+            output_bytes=median([run.output_bytes for run in runs if run.output_bytes is not None]),
             peak_memory=max(run.peak_memory for run in runs),
             cpu_seconds=middle.cpu_seconds, other_cpu_seconds=middle.other_cpu_seconds,
             new_bytes=median([run.new_bytes for run in runs if run.new_bytes is not None]),
             identical=None if first.identical is None else all(run.identical for run in runs),
-            note=middle.note, spread=(by_time[0].seconds, by_time[-1].seconds))
+            note=middle.note, spread=(by_time[0].seconds, by_time[-1].seconds),
+            extrapolated=first.extrapolated)
     return merged
 
 
@@ -299,6 +302,8 @@ def gzip_on_original(bench: Bench) -> None:
     result.cpu_seconds *= scale
     result.other_cpu_seconds *= scale
     if scale != 1:
+        result.extrapolated = (f"extrapolated from {sampled // MiB} MiB in {GZIP_SLICES} "
+                               "slices")
         result.note = (f"measured on {sampled // MiB} MiB in {GZIP_SLICES} evenly spaced slices, "
                        f"time and size scaled x{scale:.2f}")
 

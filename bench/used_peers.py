@@ -7,7 +7,9 @@ page cache and a sync inside the timed span (bench.measure.timed):
   - the Clonezilla pipeline (bench.peers.partclone_on_original: partclone
     per known filesystem, swap header, raw gaps, all through zstd -T0 -3),
     unless the partclone peer already measured it on this disk;
-  - ours, `backup --mode raw`, for the size ratio.
+  - ours, `backup --mode raw`, for the size ratio;
+  - after the change, ours, `backup --mode used` again into the same store,
+    for its new bytes (against the raw re-backup of the ours peer).
 `run` returns the targets as rows [criterion, ours, peer, ours/peer, target,
 result], the shape of bench.report's targets table.
 """
@@ -18,6 +20,7 @@ from bench.peers import Bench, Peer, ours_backup, partclone_on_original
 from bench.report import USED_COMPARISONS, Results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+USED_CHANGED_LABEL = "ours: backup --mode used after 16 MiB change"
 
 
 def used_on_original(bench: Bench) -> None:
@@ -29,6 +32,14 @@ def used_on_original(bench: Bench) -> None:
                 bench.path("raw-store"), "--mode", "raw")
 
 
+def used_on_changed(bench: Bench) -> None:
+    if bench.runs["used.ours"].error:
+        bench.fail("used.changed", USED_CHANGED_LABEL, "first used-mode backup failed")
+        return
+    ours_backup(bench, "used.changed", USED_CHANGED_LABEL, bench.path("used-store"),
+                "--mode", "used")
+
+
 def run(disk_path, workdir) -> list[list[str]]:
     disk, workdir = Path(disk_path), Path(workdir)
     bench = Bench(disk=disk, workdir=workdir, repo_root=REPO_ROOT, gzip_sample=0)
@@ -37,4 +48,4 @@ def run(disk_path, workdir) -> list[list[str]]:
     return [comparison.row(results) for comparison in USED_COMPARISONS]
 
 
-PEER = Peer("used", ["partclone.ext4", "zstd", "dd"], used_on_original)
+PEER = Peer("used", ["partclone.ext4", "zstd", "dd"], used_on_original, used_on_changed)

@@ -18,9 +18,10 @@ from typing import Callable, Iterable, Optional
 
 from . import badmap, codec, layout, recipe, usedmap
 from .device import Range, Source
-from .errors import ImagingError, SourceError
-from .image import FORMAT, STATUS_COMPLETE, STATUS_READ_ERRORS, ImageWriter
+from .errors import ImagingError, SourceError, SourceInUse, StoreError, describe
+from .image import ImageWriter
 from .inventory import identify
+from .manifest import MODES, STATUS_COMPLETE, STATUS_READ_ERRORS, Manifest, utc_text
 from .pipeline import ordered_map
 from .progress import Progress
 from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
@@ -28,7 +29,6 @@ from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
 # A read plan names, for a chunk (offset, length), the ranges worth reading;
 # None means read everything. `used` mode plans from filesystem block maps.
 ReadPlan = Callable[[int, int], Optional[list[Range]]]
-MODES = ("raw", "used")
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class BackupResult:
     bad_bytes: int
     sha256: str
     status: str
+    mounted_rw: bool  # forced past a read-write mount: the image may mix moments
 
     def as_dict(self) -> dict:
         return dict(dataclasses.asdict(self), image=str(self.image))
@@ -70,6 +71,8 @@ class _ChunkSink:
             size = self.store.chunk_path(digest).stat().st_size
         except FileNotFoundError:
             size = None
+        except OSError as exc:
+            raise StoreError(f"cannot look up chunk {digest}: {describe(exc)}") from None
         if size is not None and self.store.touch_chunk(digest):
             return digest, size, 0
         frame = codec.compress(buf, self.level)
@@ -79,10 +82,15 @@ class _ChunkSink:
 
 def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[str] = None,
            level: int = codec.DEFAULT_LEVEL, mode: str = "raw", read_plan: Optional[ReadPlan] = None,
-           manifest_extra: Optional[dict] = None, progress: Optional[Progress] = None,
-           chunk_size: int = DEFAULT_CHUNK_SIZE, workers: Optional[int] = None,
-           force: bool = False) -> BackupResult:
-    """`force`: in used mode, image a disk even while it is mounted read-write."""
+           progress: Optional[Progress] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+           workers: Optional[int] = None, force: bool = False) -> BackupResult:
+    """Image a disk into the datastore.
+
+    A disk with a partition mounted read-write is refused unless `force`: files
+    change while it is read, so the image holds each part of the disk as it was
+    at a different moment (and in used mode the block bitmaps that plan the
+    read may be stale). A forced image records `mounted_rw`.
+    """
     if mode not in MODES:
         raise ImagingError(f"unknown backup mode {mode!r}: use one of {', '.join(MODES)}")
     started = time.monotonic()
@@ -91,30 +99,30 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
     store = Datastore.open_or_create(store_dir, chunk_size)
     with Source.open(source_path) as source:
         progress = progress or Progress("backup", source.size)
-        progress.total = source.size
+        progress.start_phase("backup", source.size)
         if mode == "used" and read_plan is None:
-            used = usedmap.plan(source, force=force)
+            used = usedmap.plan(source, force=force, cancelled=progress.cancelled)
             read_plan = used.wanted
-            manifest_extra = {**used.manifest_extra(), **(manifest_extra or {})}
+            notes = used.manifest_extra()
+        else:
+            notes = _mount_notes(source_path, force)
         try:
-            table, layout_error = layout.dump(source_path), None
+            table = layout.dump(source_path)
         except SourceError as exc:
             # A failing disk may not let sfdisk read it; the sectors still matter more.
-            table, layout_error = None, str(exc)
+            table, notes["layout_error"] = None, str(exc)
         mbr, _ = source.read(0, min(layout.MBR_SIZE, source.size))
         writer = ImageWriter(store, disk_id)
         try:
             # Registered until the image is published: garbage collection must
             # never see this backup's chunks as neither a writer's nor an image's.
-            with store.writer(f"backup {disk_id}"):
+            with store.register("backup", f"backup {disk_id}", progress=progress):
                 index, whole, bad = _copy_chunks(source, store, level, read_plan, progress, workers)
                 identity["id"] = disk_id
                 result = publish_image(
                     writer, identity=identity, size=source.size, sector_size=source.sector_size,
                     level=level, mode=mode, index=index, sha256=whole, bad=bad, mbr=bytes(mbr),
-                    table=table, progress=progress, started=started, manifest_extra={
-                        **({"layout_error": layout_error} if layout_error else {}),
-                        **(manifest_extra or {})})
+                    table=table, progress=progress, started=started, notes=notes)
         except BaseException:
             writer.discard()
             raise
@@ -122,37 +130,51 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
     return result
 
 
+def _mount_notes(source_path: str, force: bool) -> dict:
+    """The manifest's note of a read-write mount a forced backup goes past; refused unforced."""
+    mounted = usedmap.mounted_read_write(source_path)
+    if mounted is None:
+        return {}
+    if not force:
+        raise SourceInUse(f"{source_path} is mounted read-write ({mounted}): its image would "
+                          "mix data written at different moments; unmount it, or force the "
+                          "backup to take it anyway")
+    return {"forced_past_mount": mounted}
+
+
 def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size: int, level: int,
                   mode: str, index: list[str], sha256: str, bad: list[Range], mbr: bytes,
                   table: Optional[str], progress: Progress, started: float,
-                  manifest_extra: Optional[dict] = None) -> BackupResult:
-    """Write an image's files and manifest and publish it; the caller discards on failure."""
+                  notes: Optional[dict] = None) -> BackupResult:
+    """Write an image's files and manifest and publish it; the caller discards on failure.
+
+    `notes`: the optional Manifest fields that apply to this image (a used
+    mode's read map, a read-write mount a forced backup went past, ...).
+    """
     store = writer.store
-    bad_bytes = sum(length for _, length in bad)
-    status = STATUS_READ_ERRORS if bad else STATUS_COMPLETE
-    seconds = round(time.monotonic() - started, 3)
-    manifest = {
-        "format": FORMAT, "disk": identity, "size": size,
-        "chunk_size": store.chunk_size, "sector_size": sector_size,
-        "sha256": sha256, "created": writer.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "seconds": seconds, "level": level, "chunks": len(index),
-        "stored_bytes": progress.stored_bytes, "new_bytes": progress.new_bytes,
-        "bad_bytes": bad_bytes, "mode": mode, "status": status,
-        **(manifest_extra or {}),
-    }
+    notes = notes or {}
     index_text = "".join(f"{d}\n" for d in index)
-    manifest["index_sha256"] = hashlib.sha256(index_text.encode()).hexdigest()
+    manifest = Manifest(
+        disk=identity, size=size, chunk_size=store.chunk_size, sector_size=sector_size,
+        sha256=sha256, created=utc_text(writer.created),
+        seconds=round(time.monotonic() - started, 3), level=level,
+        stored_bytes=progress.stored_bytes, new_bytes=progress.new_bytes,
+        bad_bytes=sum(length for _, length in bad), mode=mode,
+        status=STATUS_READ_ERRORS if bad else STATUS_COMPLETE, chunks=len(index),
+        index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
+        mounted_rw=notes.get("forced_past_mount") is not None, **notes)
     writer.write("index", index_text)
     writer.write("mbr.bin", mbr)
     if table is not None:
         writer.write("layout.sf", table)
     writer.write("badblocks.map", badmap.render(size, bad))
     writer.write("RESTORE.txt", recipe.render(
-        disk_id=writer.disk_id, created=manifest["created"], size=size,
+        disk_id=writer.disk_id, created=manifest.created, size=size,
         chunk_size=store.chunk_size, sha256=sha256, image_dir=str(writer.final)))
     image_dir = writer.commit(manifest)
-    return BackupResult(image_dir, size, seconds, manifest["stored_bytes"],
-                        manifest["new_bytes"], bad_bytes, sha256, status)
+    return BackupResult(image_dir, size, manifest.seconds, manifest.stored_bytes,
+                        manifest.new_bytes, manifest.bad_bytes, sha256, manifest.status,
+                        manifest.mounted_rw)
 
 
 def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Optional[ReadPlan],

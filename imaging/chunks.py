@@ -6,8 +6,6 @@ an archive.
 """
 from __future__ import annotations
 
-import zstandard
-
 from . import codec
 from .errors import ImageError
 from .store import Datastore
@@ -17,11 +15,7 @@ def read_chunk(store: Datastore, digest: str, length: int) -> bytes:
     """The `length` raw bytes named `digest`; ImageError if missing or corrupt."""
     if digest == codec.zero_digest(length):
         return codec.zeros(length)
-    frame = store.read_frame(digest)
-    try:
-        data = codec.decompress(frame)
-    except zstandard.ZstdError as exc:
-        raise ImageError(f"chunk {digest} is corrupt ({exc}): run verify") from None
+    data = codec.decompress(store.read_frame(digest), digest)
     if len(data) != length or codec.digest(data) != digest:
-        raise ImageError(f"chunk {digest} is corrupt (content does not match its name): run verify")
+        raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
     return data

@@ -14,10 +14,10 @@ from typing import Optional
 
 from . import codec, layout
 from .backup import MODES, backup
-from .errors import ImagingError
+from .catalog import ImageRecord, list_images
+from .errors import ImagingError, SourceInUse
 from .export import export
 from .gc import DEFAULT_SAFETY_MARGIN, collect
-from .image import Image
 from .importer import import_archive
 from .inventory import inventory
 from .progress import Progress
@@ -26,7 +26,6 @@ from .recompress import recompress
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
 from .splitnames import parse_size
-from .store import Datastore
 from .verify import verify
 
 
@@ -94,25 +93,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _list_row(record: ImageRecord) -> tuple[str, ...]:
+    if record.size is None:
+        return (record.disk_id, record.stamp, "-", "-", "-", "-", "-", "-",
+                f"unreadable: {record.error}")
+    if record.error:
+        verified = "unreadable record"
+    elif record.verified:
+        verified = f"{'ok' if record.verify_ok else 'FAILED'} {record.verified_at}"
+    else:
+        verified = "no"
+    return (record.disk_id, record.stamp, human_bytes(record.size),
+            human_bytes(record.stored_bytes), human_bytes(record.new_bytes), record.mode,
+            "yes" if record.mounted_rw else "no", verified, record.status)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    store = Datastore.open(args.store)
-    rows = [("DISK", "IMAGE", "SIZE", "STORED", "NEW", "MODE", "STATUS")]
-    for path in store.image_dirs(args.disk):
-        try:
-            image = Image.open(path)
-        except ImagingError as exc:
-            rows.append((path.parent.name, path.name, "-", "-", "-", "-", f"unreadable: {exc}"))
-            continue
-        m = image.manifest
-        rows.append((image.disk_id, image.stamp, human_bytes(image.size),
-                     human_bytes(m.get("stored_bytes", 0)), human_bytes(m.get("new_bytes", 0)),
-                     m.get("mode", "raw"), m.get("status", "?")))
-    if len(rows) == 1:
-        print(f"no images in {store.root}")
-        return 0
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    records = list_images(args.store, args.disk)
+    if args.json:
+        print(json.dumps([record.as_dict() for record in records], indent=2))
+    elif records:
+        rows = [("DISK", "IMAGE", "SIZE", "STORED", "NEW", "MODE", "MOUNTED RW", "VERIFIED",
+                 "STATUS")] + [_list_row(record) for record in records]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    else:
+        print(f"no images in {args.store}")
+    # Listed with the others, and still a failure: something in the datastore is damaged.
+    damaged = [record.error for record in records if record.error]
+    if damaged:
+        raise ImagingError(damaged[0] + (f" (and {len(damaged) - 1} more damaged images)"
+                                         if len(damaged) > 1 else ""))
     return 0
 
 
@@ -147,15 +159,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     retention = Retention(last=args.keep_last, hourly=args.keep_hourly, daily=args.keep_daily,
                           weekly=args.keep_weekly, monthly=args.keep_monthly,
                           yearly=args.keep_yearly)
-    decisions = prune(args.store, args.disk, retention, dry_run=args.dry_run,
-                      progress=_progress(args, "prune"))
+    result = prune(args.store, args.disk, retention, dry_run=args.dry_run,
+                   progress=_progress(args, "prune"))
     gone = "would remove" if args.dry_run else "removed"
-    for decision in decisions:
-        verdict = "keep" if decision.keep else gone
+    for decision in result.decisions:
+        if decision.image in result.deferred:
+            verdict = "deferred"
+        else:
+            verdict = "keep" if decision.keep else gone
         print(f"{verdict:<12}  {decision.image.name}  {decision.reason}".rstrip())
-    removed = sum(not d.keep for d in decisions)
-    print(f"{gone} {removed} of {len(decisions)} images of {args.disk}"
-          + ("; `gc` frees their chunks" if removed and not args.dry_run else ""))
+    count = sum(not d.keep for d in result.decisions)
+    print(f"{gone} {count} of {len(result.decisions)} images of {args.disk}"
+          + (f", deferred {len(result.deferred)} being read" if result.deferred else "")
+          + ("; `gc` frees their chunks" if result.removed else ""))
     return 0
 
 
@@ -206,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="raw: every sector; used: only the blocks filesystems use "
                           "(free space restores as zeros)")
     sub.add_argument("--force", action="store_true",
-                     help="used mode: image the disk even while it is mounted read-write")
+                     help="image the disk even while a partition of it is mounted read-write "
+                          "(the image may mix moments and is marked mounted_rw)")
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 
@@ -222,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("list", cmd_list, "images per disk")
     sub.add_argument("--store", required=True)
-    sub.add_argument("--disk")
+    sub.add_argument("--disk", help="only this disk's images")
+    sub.add_argument("--json", action="store_true", help="print a JSON list of image records")
 
     sub = add("import", cmd_import, "ingest a classic backup: dd | gzip (maybe split), 7z, xz, "
               "zstd or a raw image, with the .sf and .mbr files beside it")
@@ -257,11 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="only show what would be removed")
     with_progress(sub)
 
-    sub = add("gc", cmd_gc, "delete chunks no image references, never one a running backup may use")
+    sub = add("gc", cmd_gc, "delete chunks no image references, never one a running job may "
+              "still need")
     sub.add_argument("--store", required=True)
     sub.add_argument("--safety-margin", type=float, default=DEFAULT_SAFETY_MARGIN, metavar="SECONDS",
                      help="also keep chunks touched this long before the oldest running backup "
-                          f"started (default {DEFAULT_SAFETY_MARGIN:.0f})")
+                          f"or import started, for clock skew between hosts (default "
+                          f"{DEFAULT_SAFETY_MARGIN:.0f}, not negative)")
     with_progress(sub)
     return parser
 
@@ -270,6 +290,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except SourceInUse as exc:
+        # The library says "force it"; on the command line that is a flag.
+        print(f"imaging: error: {exc} (--force)", file=sys.stderr)
+        return 1
     except ImagingError as exc:
         print(f"imaging: error: {exc}", file=sys.stderr)
         return 1

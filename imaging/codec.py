@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
+from typing import Optional
 
 import zstandard
 
-from .errors import ImagingError
+from .errors import ImageError, ImagingError
 
 DEFAULT_LEVEL = 3
 _local = threading.local()
@@ -51,11 +52,24 @@ def compress(buf, level: int = DEFAULT_LEVEL) -> bytes:
     return compressor.compress(buf)
 
 
-def decompress(frame: bytes) -> bytes:
+class CorruptFrame(ImageError, zstandard.ZstdError):
+    """A stored chunk zstd cannot decode.
+
+    An ImageError, so it reaches the user as one line; still the ZstdError
+    that code written against python-zstandard catches.
+    """
+
+
+def decompress(frame: bytes, digest: Optional[str] = None) -> bytes:
+    """The raw bytes of one stored frame; CorruptFrame, naming chunk `digest`, if undecodable."""
     decompressor = getattr(_local, "decompressor", None)
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-    return decompressor.decompress(frame)
+    try:
+        return decompressor.decompress(frame)
+    except zstandard.ZstdError as exc:
+        problem = f"undecodable zstd frame ({exc})"
+        raise CorruptFrame(f"chunk {digest} is corrupt: {problem}" if digest else problem) from None
 
 
 LEVELS = range(1, 23)

@@ -121,7 +121,11 @@ class Source:
                 self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 # Filesystems without O_DIRECT (tmpfs): plain reads are then exact anyway.
-                self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise SourceError(f"cannot reopen {self.path} to recover a failed read: "
+                                      f"{describe(exc)}") from None
         return self._direct_fd
 
     def _recover(self, offset: int, view: memoryview,

@@ -30,6 +30,10 @@ class ImageError(ImagingError):
     """An image directory is missing, incomplete or corrupt."""
 
 
+class SourceInUse(SourceError):
+    """The source is mounted read-write; imaging it anyway takes the caller's explicit force."""
+
+
 class Cancelled(ImagingError):
     """The caller asked the job to stop."""
 
@@ -51,10 +55,14 @@ _REASONS = {
 }
 
 
+def reason(exc: OSError) -> str:
+    """What went wrong, in lower case, without the file name."""
+    return _REASONS.get(exc.errno) or (exc.strerror or str(exc)).lower()
+
+
 def describe(exc: OSError) -> str:
-    reason = _REASONS.get(exc.errno) or exc.strerror or str(exc)
-    where = exc.filename
-    return f"{where}: {reason}" if where else reason
+    """The file the error is about, if it names one, and what went wrong."""
+    return f"{exc.filename}: {reason(exc)}" if exc.filename else reason(exc)
 
 
 @contextlib.contextmanager
@@ -68,7 +76,22 @@ def translated(kind: type[ImagingError], what: str):
         raise kind(f"{what}: {describe(exc)}") from exc
 
 
+@contextlib.contextmanager
+def running(tool: str, package: str, kind: type[ImagingError] = SourceError):
+    """Re-raise a failure to start the system program `tool` as `kind`.
+
+    subprocess reports a missing program as FileNotFoundError, which would
+    otherwise read like a missing disk or datastore file.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise kind(f"{tool} not found: install the {package} package") from None
+    except OSError as exc:
+        raise kind(f"cannot run {tool}: {describe(exc)}") from exc
+
+
 __all__ = [
-    "ImagingError", "SourceError", "TargetError", "StoreError", "ImageError",
-    "Cancelled", "translated", "describe",
+    "ImagingError", "SourceError", "SourceInUse", "TargetError", "StoreError", "ImageError",
+    "Cancelled", "translated", "running", "describe", "reason",
 ]

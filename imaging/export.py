@@ -39,7 +39,7 @@ from .image import Image
 from .pipeline import ordered_map
 from .progress import Progress
 from .splitnames import suffixes
-from .store import fsync_dir, write_atomically
+from .store import fsync_dir, reads_image, write_atomically
 
 # zstd's decoders refuse larger windows unless told --long=N or --memory.
 MAX_WINDOW_LOG = 27
@@ -64,6 +64,9 @@ class ExportResult:
     size: int  # disk bytes
     compressed_bytes: int
     seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), files=[str(path) for path in self.files])
 
 
 class _Parts:
@@ -248,6 +251,7 @@ def _disk_bytes(image: Image, index: list[str], progress: Progress,
             yield data
 
 
+@reads_image("export")
 def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
            level: int = codec.DEFAULT_LEVEL, long_distance: bool = False,
            split_size: Optional[int] = None, progress: Optional[Progress] = None,
@@ -268,10 +272,14 @@ def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
         with contextlib.closing(_disk_bytes(image, index, progress, workers)) as chunks:
             for frame in frames:
                 compressor = _compressor(frame, level, long_distance)
-                with compressor.stream_writer(parts, size=frame.size, closefd=False) as stream:
-                    for data in itertools.islice(chunks, frame.chunks):
-                        stream.write(data)
-                        progress.advance(len(data))
+                # Not a `with`: closing ends the frame, and a frame cut short by an
+                # error or a cancel would raise zstd's "Src size is incorrect" over
+                # the real reason. The parts of a failed export are discarded anyway.
+                stream = compressor.stream_writer(parts, size=frame.size, closefd=False)
+                for data in itertools.islice(chunks, frame.chunks):
+                    stream.write(data)
+                    progress.advance(len(data))
+                stream.close()
         files = parts.publish(checksum_path(out, split_size is not None))
     except BaseException:
         parts.discard()

@@ -2,12 +2,22 @@
 
 Mark: the digests listed by the index of every complete image. Sweep: a chunk
 not marked is deleted only if its mtime is older than the cutoff, which is the
-earlier of this collection's start and the start of the oldest backup still
-running, minus a safety margin. A running backup touches (os.utime) every
-existing chunk it reuses before counting on it and writes new chunks with fresh
-mtimes, so everything it may reference is newer than the cutoff; the writers
-list is read before the images are listed, so a backup that publishes its
-image meanwhile was either seen running or is seen in the images.
+earlier of this collection's start and the start of the oldest job still
+writing (a backup or an import), minus a safety margin. A running backup
+touches (os.utime) every existing chunk it reuses before counting on it and
+writes new chunks with fresh mtimes, so everything it may reference is newer
+than the cutoff; the jobs are read before the images are listed, so a backup
+that publishes its image meanwhile was either seen running or is seen in the
+images.
+
+Jobs that read images (restore, export, verify, recompress, mount) need the
+chunks of the images they read. Prune defers an image being read, so those
+are marked like any other; the jobs are read again after the images are
+listed, and a live reader of an image not among them (deleted by hand, or by
+a prune on a host whose NFS cache hid the reader from it) keeps every
+unreferenced chunk, since only that reader knows what it still needs. A prune
+hides an image while it looks for readers and may put it back: collection
+waits for running prunes and keeps them out (Datastore.collecting).
 
 One race remains in that scheme: a backup may touch a chunk between the sweep's
 look at its mtime and the unlink. The sweep closes it without any lock on the
@@ -19,32 +29,31 @@ stores the chunk afresh. Either way nothing a backup counts on is lost.
 Also removed: quarantined `*.bad` chunks; temporary files (`.*.tmp`) in chunk
 folders and hidden `.<stamp>.tmp` image folders left by writers that died
 (older than the cutoff and a grace period); `.<stamp>.deleting` folders of an
-interrupted prune; chunks set aside by an interrupted collection go back first.
+interrupted prune; the tokens of jobs whose heartbeat went stale; chunks set
+aside by an interrupted collection go back first.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from .errors import Cancelled, ImageError, StoreError, translated
+from .errors import Cancelled, ImageError, ImagingError, StoreError, translated
 from .image import Image
-from .progress import Progress
+from .progress import UNIT_CHUNKS, Progress
 from .prune import DELETING_SUFFIX
-from .store import BAD_SUFFIX, CHUNK_SUFFIX, DIGEST_RE, Datastore
+from .store import BAD_SUFFIX, CHUNK_SUFFIX, DIGEST_RE, Datastore, Job
 
 # Clock skew between hosts sharing the store, and coarse file timestamps.
 DEFAULT_SAFETY_MARGIN = 60.0
-# A temporary file this old belongs to nobody, whatever the writers list says.
+# A temporary file this old belongs to nobody, whatever the jobs say.
 DEFAULT_TEMP_GRACE = 3600.0
 ASIDE_SUFFIX = ".sweeping"
 TEMP_SUFFIX = ".tmp"
-LOCK_NAME = ".gc.lock"
 
 
 @dataclasses.dataclass
@@ -58,38 +67,28 @@ class GcResult:
     temp_removed: int
     seconds: float
 
-
-@contextlib.contextmanager
-def _exclusive(store: Datastore) -> Iterator[None]:
-    with translated(StoreError, "cannot lock the datastore for garbage collection"):
-        handle = open(store.root / LOCK_NAME, "a")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"another garbage collection is running on {store.root}") from None
-        yield
-    finally:
-        handle.close()
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
-def cutoff_time(store: Datastore, now: float, safety_margin: float) -> float:
-    """Chunks last touched before this cannot be needed by any running backup."""
-    starts = [now] + [writer["started"] for writer in store.running_writers()]
-    return min(starts) - safety_margin
+def cutoff_time(jobs: list[Job], images: set[str], now: float, safety_margin: float) -> float:
+    """Chunks last touched before this are needed by no running job but through `images`."""
+    if any(image not in images for job in jobs for image in job.images):
+        return float("-inf")  # a reader of an image gone meanwhile: keep every chunk
+    return min([now] + [job.started for job in jobs if job.writes]) - safety_margin
 
 
-def referenced_chunks(store: Datastore) -> tuple[int, set[str]]:
-    """(number of images, digests referenced by every complete image)."""
-    images, digests = 0, set()
+def referenced_chunks(store: Datastore) -> tuple[set[str], set[str]]:
+    """("<disk-id>/<stamp>" of every complete image, the digests they reference)."""
+    images, digests = set(), set()
     for path in store.image_dirs():
         try:
-            digests.update(Image.open(path).index())
+            digests.update(Image.open(path, store).index())
         except ImageError as exc:
             if not path.exists():
-                continue  # pruned meanwhile: its chunks are garbage anyway
+                continue  # deleted meanwhile: its chunks are garbage anyway
             raise StoreError(f"garbage collection stopped, nothing deleted: {exc}") from None
-        images += 1
+        images.add(f"{path.parent.name}/{path.name}")
     return images, digests
 
 
@@ -117,27 +116,39 @@ def _put_back(aside: Path) -> None:
 def collect(store_dir: os.PathLike | str, *, safety_margin: float = DEFAULT_SAFETY_MARGIN,
             temp_grace: float = DEFAULT_TEMP_GRACE,
             progress: Optional[Progress] = None) -> GcResult:
+    """`safety_margin`: seconds of clock skew between hosts and file timestamp coarseness
+    to allow for; chunks touched that long before the oldest running writer began stay too."""
+    if safety_margin < 0:
+        raise ImagingError(f"the safety margin must not be negative ({safety_margin:g} s): it "
+                           "would delete chunks a running backup has just counted on")
     started = time.monotonic()
     store = Datastore.open(store_dir)
-    with _exclusive(store):
-        now = time.time()
-        cutoff = cutoff_time(store, now, safety_margin)
-        stale = min(cutoff, now - temp_grace)
+    progress = progress or Progress("gc", 0, unit=UNIT_CHUNKS)
+    with store.collecting(), translated(StoreError, "garbage collection failed"):
+        now = store.clock()
+        jobs = store.running_jobs()
         images, referenced = referenced_chunks(store)
-        result = GcResult(images, len(referenced), 0, 0, 0, 0, 0, 0.0)
-        folders = store.chunk_dirs()
-        progress = progress or Progress("gc", len(folders))
-        progress.start_phase("gc", len(folders))
-        with translated(StoreError, "garbage collection failed"):
-            for folder in folders:
-                if progress.cancelled():
-                    raise Cancelled()
-                _sweep_folder(folder, referenced, cutoff, stale, result)
-                progress.advance(1)
-            _sweep_image_folders(store, stale, result)
+        jobs += store.running_jobs()  # and the readers that started meanwhile
+        cutoff = cutoff_time(jobs, images, now, safety_margin)
+        stale = min(cutoff, now - temp_grace)
+        result = GcResult(len(images), len(referenced), 0, 0, 0, 0, 0, 0.0)
+        folders = [(folder, _chunk_count(folder)) for folder in store.chunk_dirs()]
+        progress.start_phase("gc", sum(count for _, count in folders), unit=UNIT_CHUNKS)
+        for folder, count in folders:
+            if progress.cancelled():
+                raise Cancelled()
+            _sweep_folder(folder, referenced, cutoff, stale, result)
+            progress.advance(count)
+        _sweep_image_folders(store, stale, result)
+        result.temp_removed += store.forget_dead_jobs()
     progress.finish()
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _chunk_count(folder: Path) -> int:
+    with os.scandir(folder) as entries:
+        return sum(entry.name.endswith(CHUNK_SUFFIX) for entry in entries)
 
 
 def _sweep_folder(folder: Path, referenced: set[str], cutoff: float, stale: float,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ImageError, StoreError, translated
+from .manifest import NAME as MANIFEST_NAME
+from .manifest import Manifest
 from .store import DIGEST_RE, Datastore, check_disk_id, fsync_dir, write_atomically
 
-FORMAT = 1
 STAMP_FORMAT = "%Y-%m-%dT%H-%M-%SZ"
-STATUS_COMPLETE = "complete"
-STATUS_READ_ERRORS = "complete-with-read-errors"
 
 
 def stamp_of(moment: dt.datetime) -> str:
@@ -36,37 +34,29 @@ def parse_stamp(stamp: str) -> dt.datetime:
 @dataclass
 class Image:
     path: Path
-    manifest: dict
+    manifest: Manifest
     store: Datastore
 
     @classmethod
-    def open(cls, path: os.PathLike | str) -> "Image":
+    def open(cls, path: os.PathLike | str, store: Optional[Datastore] = None) -> "Image":
+        """The image in directory `path`; `store`, the datastore holding it, when already open."""
         path = Path(path).resolve()
-        manifest_path = path / "manifest.json"
         if not path.is_dir():
             raise ImageError(f"{path}: no such image directory")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise ImageError(f"{path}: not an image (no manifest.json)") from None
-        except (OSError, ValueError) as exc:
-            raise ImageError(f"{manifest_path}: unreadable manifest ({exc})") from None
-        for key in ("size", "chunk_size", "sha256"):
-            if key not in manifest:
-                raise ImageError(f"{manifest_path}: manifest lacks {key!r}")
+        manifest = Manifest.load(path)
         # images/<disk>/<stamp> inside the datastore root
-        store = Datastore.open(path.parent.parent.parent)
-        if manifest["chunk_size"] != store.chunk_size:
-            raise ImageError(f"{path}: chunk size {manifest['chunk_size']} differs from the datastore's")
+        store = store or Datastore.open(path.parent.parent.parent)
+        if manifest.chunk_size != store.chunk_size:
+            raise ImageError(f"{path}: chunk size {manifest.chunk_size} differs from the datastore's")
         return cls(path, manifest, store)
 
     @property
     def size(self) -> int:
-        return int(self.manifest["size"])
+        return self.manifest.size
 
     @property
     def chunk_size(self) -> int:
-        return int(self.manifest["chunk_size"])
+        return self.manifest.chunk_size
 
     @property
     def disk_id(self) -> str:
@@ -86,15 +76,13 @@ class Image:
             raise ImageError(f"{index_path}: missing index") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ImageError(f"{index_path}: unreadable index ({exc})") from None
-        expected = -(-self.size // self.chunk_size)
-        if len(lines) != expected:
+        if len(lines) != self.manifest.chunks:
             raise ImageError(f"{index_path}: corrupt or truncated index "
-                             f"({len(lines)} chunks listed, {expected} expected)")
+                             f"({len(lines)} chunks listed, {self.manifest.chunks} expected)")
         for number, line in enumerate(lines, 1):
             if not DIGEST_RE.match(line):
                 raise ImageError(f"{index_path}: corrupt index (line {number} is not a SHA-256)")
-        recorded = self.manifest.get("index_sha256")
-        if recorded and hashlib.sha256(text.encode()).hexdigest() != recorded:
+        if hashlib.sha256(text.encode()).hexdigest() != self.manifest.index_sha256:
             raise ImageError(f"{index_path}: corrupt index (its checksum does not match the manifest)")
         return lines
 
@@ -133,8 +121,8 @@ class ImageWriter:
         with translated(StoreError, f"cannot write {name} of the image"):
             write_atomically(self.tmp / name, data)
 
-    def commit(self, manifest: dict) -> Path:
-        self.write("manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    def commit(self, manifest: Manifest) -> Path:
+        self.write(MANIFEST_NAME, manifest.as_json())
         with translated(StoreError, "cannot publish the image"):
             fsync_dir(self.tmp)
             os.rename(self.tmp, self.final)

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -24,9 +25,10 @@ from typing import Iterator, Optional, Sequence
 
 from . import codec
 from .backup import BackupResult, publish_image, store_chunks
-from .errors import ImagingError, SourceError, translated
+from .errors import ImagingError, SourceError, running, translated
 from .image import ImageWriter
 from .inventory import host_name
+from .manifest import utc_text
 from .progress import Progress
 from .splitnames import ALPHABETIC, NUMERIC, suffixes
 from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
@@ -218,7 +220,8 @@ class _Decoder:
                  feed: Optional[_Concatenation] = None, size: Optional[int] = None) -> None:
         self.fmt, self.label, self.feed, self.size = fmt, label, feed, size
         self.feed_error: Optional[BaseException] = None
-        self._stderr = tempfile.TemporaryFile()
+        with translated(SourceError, f"cannot start {argv[0]}"):
+            self._stderr = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
@@ -282,8 +285,9 @@ class _Decoder:
 
 def _seven_zip_entry(archive: Path, label: str) -> int:
     """The size of the one file a 7z archive must hold; refuse anything else."""
-    listing = subprocess.run(["7za", "l", "-slt", "-bd", str(archive)], capture_output=True,
-                             text=True, stdin=subprocess.DEVNULL)
+    with running("7za", "p7zip-full"):
+        listing = subprocess.run(["7za", "l", "-slt", "-bd", str(archive)], capture_output=True,
+                                 text=True, stdin=subprocess.DEVNULL)
     if listing.returncode != 0:
         complaint = _last_line(listing.stderr) or f"7za exited {listing.returncode}"
         raise SourceError(f"{label}: truncated or corrupt 7z archive ({complaint})")
@@ -299,12 +303,12 @@ def _seven_zip_entry(archive: Path, label: str) -> int:
 
 
 @contextlib.contextmanager
-def open_disk_stream(fmt: Format, parts: Sequence[Path]):
-    """The raw disk bytes inside the archive, as an object with readinto/finish."""
-    label = _label(parts)
-    if fmt is SEVEN_ZIP:
-        # 7-Zip reads split volumes named NAME.7z.001, .002, ...: links give it those names.
-        with tempfile.TemporaryDirectory(prefix="imaging-import-") as folder:
+def _seven_zip_volume(parts: Sequence[Path], label: str):
+    """7-Zip reads split volumes named NAME.7z.001, .002, ...: links give it those names."""
+    with translated(SourceError, f"cannot prepare {label} for 7-Zip"):
+        folder = tempfile.mkdtemp(prefix="imaging-import-")
+    try:
+        with translated(SourceError, f"cannot prepare {label} for 7-Zip"):
             if len(parts) == 1:
                 volume = Path(folder, "archive.7z")
                 volume.symlink_to(parts[0].resolve())
@@ -312,6 +316,17 @@ def open_disk_stream(fmt: Format, parts: Sequence[Path]):
                 for number, part in enumerate(parts, 1):
                     Path(folder, f"archive.7z.{number:03d}").symlink_to(part.resolve())
                 volume = Path(folder, "archive.7z.001")
+        yield volume
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def open_disk_stream(fmt: Format, parts: Sequence[Path]):
+    """The raw disk bytes inside the archive, as an object with readinto/finish."""
+    label = _label(parts)
+    if fmt is SEVEN_ZIP:
+        with _seven_zip_volume(parts, label) as volume:
             size = _seven_zip_entry(volume, label)
             stream = _Decoder(fmt, ["7za", "x", "-so", "-bd", str(volume)], label, size=size)
             try:
@@ -405,11 +420,12 @@ def import_archive(files: Sequence[os.PathLike | str], store_dir: os.PathLike | 
     taken = dt.datetime.fromtimestamp(max(p.stat().st_mtime for p in parts), dt.timezone.utc)
     store = Datastore.open_or_create(store_dir, chunk_size)
     progress = progress or Progress("import", 0)
+    progress.start_phase("import", 0)
     with open_disk_stream(fmt, parts) as stream:
         reader = _ChunkReader(stream, store.chunk_size, progress, _label(parts), fmt)
         writer = ImageWriter(store, disk_id, taken)
         try:
-            with store.writer(f"import {disk_id}"):
+            with store.register("import", f"import {disk_id}", progress=progress):
                 index, whole, bad = store_chunks(reader, store, level, progress, workers)
                 identity = {
                     "id": disk_id, "source": "import", "archive_format": fmt.name,
@@ -419,12 +435,12 @@ def import_archive(files: Sequence[os.PathLike | str], store_dir: os.PathLike | 
                     "model": None, "serial": None, "wwn": None, "size": reader.size,
                     "path": None, "host": host_name(),
                 }
-                imported = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
                 result = publish_image(
                     writer, identity=identity, size=reader.size, sector_size=SECTOR, level=level,
                     mode="raw", index=index, sha256=whole, bad=bad,
                     mbr=boot_sector or reader.head, table=table, progress=progress,
-                    started=started, manifest_extra={"imported": imported})
+                    started=started,
+                    notes={"imported": utc_text(dt.datetime.now(dt.timezone.utc))})
         except BaseException:
             writer.discard()
             raise

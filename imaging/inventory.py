@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .errors import SourceError
+from .errors import SourceError, reason, running
 
 LSBLK_COLUMNS = "NAME,PATH,KNAME,MAJ:MIN,TYPE,SIZE,MODEL,SERIAL,WWN,TRAN,RO,RM,LOG-SEC,MOUNTPOINTS"
 BY_ID = Path("/dev/disk/by-id")
@@ -36,10 +36,18 @@ def _lsblk(path: Optional[str] = None) -> list[dict]:
     command = ["lsblk", "--json", "--bytes", "--output", LSBLK_COLUMNS]
     if path:
         command.append(path)
-    result = subprocess.run(command, capture_output=True, text=True)
+    with running("lsblk", "util-linux"):
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         raise SourceError(f"lsblk failed: {result.stderr.strip() or result.returncode}")
-    return json.loads(result.stdout).get("blockdevices", [])
+    try:
+        devices = json.loads(result.stdout).get("blockdevices", [])
+        if not all(isinstance(device, dict) and "name" in device and "path" in device
+                   for device in devices):
+            raise ValueError("a device without a name or path")
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise SourceError(f"unexpected JSON from lsblk ({exc})") from None
+    return devices
 
 
 def _mountpoints(device: dict) -> list[str]:
@@ -50,10 +58,12 @@ def _mountpoints(device: dict) -> list[str]:
 
 
 def _by_id_name(device_path: str) -> Optional[str]:
-    if not BY_ID.is_dir():
-        return None
     target = os.path.realpath(device_path)
-    names = sorted(link.name for link in BY_ID.iterdir()
+    try:
+        links = list(BY_ID.iterdir())
+    except OSError:
+        return None  # no udev (a container, a rescue system): the other ids must do
+    names = sorted(link.name for link in links
                    if os.path.realpath(link) == target and not link.name.startswith("nvme-eui"))
     return names[0] if names else None
 
@@ -97,7 +107,7 @@ def _file_disk(path: str) -> dict:
     try:
         size = os.stat(real).st_size
     except OSError as exc:
-        raise SourceError(f"cannot use disk file {path}: {exc.strerror}") from None
+        raise SourceError(f"cannot use disk file {path}: {reason(exc)}") from None
     return {
         "id": safe_id(f"file-{Path(real).name}"), "path": real, "type": "file",
         "model": None, "serial": None, "wwn": None, "size": size, "sector_size": 512,
@@ -107,13 +117,18 @@ def _file_disk(path: str) -> dict:
 
 
 def inventory() -> list[dict]:
-    """Every whole disk of this host and every configured disk file."""
+    """Every whole disk of this host and every configured disk file.
+
+    A configured path may also be a block device lsblk does not call a disk
+    (a loop device over a VM's disk image): it is described as a block device.
+    """
     # zram is compressed memory, and an empty slot (card reader) holds nothing to image.
     disks = [_block_disk(d) for d in _lsblk()
              if d.get("type") == "disk" and int(d.get("size") or 0) > 0 and not d["name"].startswith("zram")]
+    listed = {disk["path"] for disk in disks}
     for path in configured_disk_files():
-        if os.path.exists(path):
-            disks.append(_file_disk(path))
+        if os.path.exists(path) and os.path.realpath(path) not in listed:
+            disks.append(identify(path))
     return disks
 
 
@@ -122,7 +137,7 @@ def identify(path: str) -> dict:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise SourceError(f"cannot open source {path}: {exc.strerror.lower()}") from None
+        raise SourceError(f"cannot open source {path}: {reason(exc)}") from None
     if stat.S_ISBLK(mode):
         devices = _lsblk(path)
         if not devices:

@@ -5,17 +5,22 @@ import json
 import subprocess
 from typing import Optional
 
-from .errors import SourceError
+from .errors import SourceError, running
 
 MBR_SIZE = 512
+# Debian's name for the util-linux package that ships sfdisk.
+SFDISK_PACKAGE = "fdisk"
+
+
+def _sfdisk(*arguments: str) -> subprocess.CompletedProcess:
+    with running("sfdisk", SFDISK_PACKAGE):
+        return subprocess.run(["sfdisk", *arguments], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
 
 
 def dump(source: str) -> Optional[str]:
     """`sfdisk --dump SOURCE` output, or None when the source has no partition table."""
-    try:
-        result = subprocess.run(["sfdisk", "--dump", source], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise SourceError("sfdisk not found: install util-linux's fdisk package") from None
+    result = _sfdisk("--dump", source)
     if result.returncode == 0:
         return result.stdout
     message = result.stderr.strip()
@@ -27,9 +32,17 @@ def dump(source: str) -> Optional[str]:
 
 def partitions(source: str) -> list[dict]:
     """Partitions as sfdisk's JSON lists them (start and size in sectors), empty if none."""
-    result = subprocess.run(["sfdisk", "--json", source], capture_output=True, text=True)
+    result = _sfdisk("--json", source)
     if result.returncode != 0 or not result.stdout.strip():
         return []
-    table = json.loads(result.stdout)["partitiontable"]
-    return [dict(p, sectorsize=table.get("sectorsize", 512), label=table.get("label"))
-            for p in table.get("partitions", [])]
+    try:
+        table = json.loads(result.stdout)["partitiontable"]
+        entries = [dict(p, sectorsize=int(table.get("sectorsize", 512)), label=table.get("label"))
+                   for p in table.get("partitions", [])]
+        for entry in entries:
+            if not all(isinstance(entry.get(key), int) for key in ("start", "size")):
+                raise ValueError(f"a partition without start and size: {entry}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SourceError(f"cannot read the partition table of {source}: unexpected JSON "
+                          f"from sfdisk ({exc})") from None
+    return entries

@@ -14,7 +14,11 @@ from typing import Callable, Optional
 
 from .errors import ImagingError
 
+# What `done` and `total` count: disk bytes for every job that reads or writes
+# a disk, whole images for prune, chunks for garbage collection.
 UNIT_BYTES = "bytes"
+UNIT_IMAGES = "images"
+UNIT_CHUNKS = "chunks"
 ProgressCallback = Callable[["ProgressEvent"], None]
 
 
@@ -30,7 +34,7 @@ class ProgressEvent:
     stored_bytes: int = 0
     new_bytes: int = 0
     finished: bool = False
-    unit: str = UNIT_BYTES  # "bytes", or what prune and gc count: "images", "chunks"
+    unit: str = UNIT_BYTES  # a UNIT_* constant
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

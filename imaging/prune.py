@@ -11,9 +11,18 @@ not looked at by later rules. Whatever no rule keeps is removed.
 Removing an image renames its directory to a hidden `.<stamp>.deleting`
 first, so a crash midway never leaves a half-deleted image that looks
 complete. Its chunks stay until garbage collection finds them unreferenced.
+
+An image that a running job (a restore, an export, ...) is reading is not
+removed: it is deferred, kept this time with the reason, and the next prune
+decides again. Prune hides the image first, then looks for its readers, and
+puts it back if it finds one; a reader registers first, then opens the image.
+Whichever comes second sees the other, so no reader goes on with an image
+being deleted. Garbage collection does not run meanwhile (Datastore.pruning),
+so it never mistakes an image hidden for a moment for a removed one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -23,8 +32,8 @@ from typing import Optional
 
 from .errors import Cancelled, ImagingError, StoreError, translated
 from .image import parse_stamp
-from .progress import Progress
-from .store import Datastore, check_disk_id, fsync_dir
+from .progress import UNIT_IMAGES, Progress
+from .store import Datastore, Job, check_disk_id, fsync_dir
 
 DELETING_SUFFIX = ".deleting"
 # Rule name and the strftime pattern that names its period (None: every image is its own).
@@ -43,19 +52,36 @@ class Retention:
 
     def check(self) -> None:
         counts = dataclasses.asdict(self)
-        negative = [name for name, count in counts.items() if count < 0]
+        negative = [(name, count) for name, count in counts.items() if count < 0]
         if negative:
-            raise ImagingError(f"--keep-{negative[0]} must not be negative")
+            name, count = negative[0]
+            raise ImagingError(f"the {name} rule must not keep a negative number of images "
+                               f"({count})")
         if not any(counts.values()):
-            raise ImagingError("name what to keep (--keep-last, --keep-daily, ...): "
-                               "without a rule prune would remove every image")
+            raise ImagingError("name what to keep (the last, hourly, daily, weekly, monthly or "
+                               "yearly images): without a rule prune would remove every image")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PruneDecision:
     image: Path
     keep: bool
-    reason: str  # the rule that keeps it and the period's rank, like "daily 3"
+    reason: str  # the rule that keeps it and the period's rank, like "daily 3", or who reads it
+
+    def as_dict(self) -> dict:
+        return {"image": str(self.image), "keep": self.keep, "reason": self.reason}
+
+
+@dataclasses.dataclass
+class PruneResult:
+    decisions: list[PruneDecision]  # newest first, then whatever is not named like an image
+    removed: list[Path]  # nothing on a dry run
+    deferred: list[Path]  # no rule keeps them, but a running job is reading them
+
+    def as_dict(self) -> dict:
+        return {"decisions": [decision.as_dict() for decision in self.decisions],
+                "removed": [str(path) for path in self.removed],
+                "deferred": [str(path) for path in self.deferred]}
 
 
 def select(moments: dict[str, dt.datetime], retention: Retention,
@@ -86,21 +112,44 @@ def select(moments: dict[str, dt.datetime], retention: Retention,
     return {name: reason for name, reason in marks.items() if reason}
 
 
-def remove_image(path: Path) -> None:
-    """Hide the image under a name no reader takes for an image, then delete it."""
+def reader_of(store: Datastore, image: Path) -> Optional[Job]:
+    """A running job that reads `image`, if there is one."""
+    name = f"{image.parent.name}/{image.name}"
+    return next((job for job in store.running_jobs() if job.reads(name)), None)
+
+
+def remove_image(store: Datastore, path: Path) -> Optional[Job]:
+    """Delete an image, unless a running job reads it: then that job, and the image stays.
+
+    Call it holding `store.pruning()`.
+    """
+    reader = reader_of(store, path)
+    if reader is not None:
+        return reader
+    # Hidden under a name no reader takes for an image, and fresh, so garbage
+    # collection leaves the folder to us rather than deleting it alongside.
     hidden = path.with_name(f".{path.name}{DELETING_SUFFIX}")
     with translated(StoreError, f"cannot remove image {path}"):
-        # Fresh, so garbage collection leaves it to us rather than deleting it alongside.
         os.utime(path)
         os.rename(path, hidden)
         fsync_dir(path.parent)
+        # A reader not seen by now registered after the rename: it finds the image gone.
+        reader = reader_of(store, path)
+        if reader is not None:
+            os.rename(hidden, path)
+            fsync_dir(path.parent)
+            return reader
         shutil.rmtree(hidden)
+    return None
 
 
 def prune(store_dir: os.PathLike | str, disk_id: str, retention: Retention, *,
           dry_run: bool = False, progress: Optional[Progress] = None,
-          tz: Optional[dt.tzinfo] = None) -> list[PruneDecision]:
-    """Keep what `retention` says among the disk's images and remove the rest, newest first."""
+          tz: Optional[dt.tzinfo] = None) -> PruneResult:
+    """Keep what `retention` says among the disk's images and remove the rest, newest first.
+
+    A dry run removes nothing; it still defers the images being read now.
+    """
     retention.check()
     store = Datastore.open(store_dir)
     disk_id = check_disk_id(disk_id)
@@ -116,14 +165,24 @@ def prune(store_dir: os.PathLike | str, disk_id: str, retention: Retention, *,
                  for name in sorted(moments, key=moments.get, reverse=True)]
     # Never delete what is not named like an image.
     decisions += [PruneDecision(path, True, "not named like an image") for path in unrecognised]
-    doomed = [d for d in decisions if not d.keep]
-    progress = progress or Progress("prune", len(doomed))
-    progress.start_phase("prune", len(doomed))
-    if not dry_run:
-        for decision in doomed:
+    doomed = sum(not decision.keep for decision in decisions)
+    progress = progress or Progress("prune", doomed, unit=UNIT_IMAGES)
+    progress.start_phase("prune", doomed, unit=UNIT_IMAGES)
+    removed, deferred = [], []
+    with contextlib.nullcontext() if dry_run else store.pruning():
+        for position, decision in enumerate(decisions):
+            if decision.keep:
+                continue
             if progress.cancelled():
                 raise Cancelled()
-            remove_image(decision.image)
+            image = decision.image
+            reader = reader_of(store, image) if dry_run else remove_image(store, image)
+            if reader is not None:
+                decisions[position] = PruneDecision(
+                    image, True, f"being read by {reader.what} on {reader.host}")
+                deferred.append(image)
+            elif not dry_run:
+                removed.append(image)
             progress.advance(1)
     progress.finish()
-    return decisions
+    return PruneResult(decisions, removed, deferred)

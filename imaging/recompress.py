@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from typing import Optional
 
 from . import codec
 from .chunks import read_chunk
-from .errors import ImageError, StoreError, translated
+from .errors import ImageError, StoreError, describe, translated
 from .image import Image
+from .manifest import NAME as MANIFEST_NAME
 from .pipeline import ordered_map
 from .progress import Progress
-from .store import fsync_dir, write_atomically
+from .store import fsync_dir, reads_image, write_atomically
 
 
 @dataclasses.dataclass
@@ -35,6 +35,9 @@ class RecompressResult:
     after: int  # and after
     seconds: float
 
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 def _recompress_chunk(image: Image, digest: str, length: int, level: int) -> tuple[int, int]:
     """(stored bytes before, after) for one chunk, rewritten in place."""
@@ -42,11 +45,14 @@ def _recompress_chunk(image: Image, digest: str, length: int, level: int) -> tup
         before = image.store.chunk_path(digest).stat().st_size
     except FileNotFoundError:
         raise ImageError(f"chunk {digest} is missing from {image.store.root}: run verify") from None
+    except OSError as exc:
+        raise StoreError(f"cannot look up chunk {digest}: {describe(exc)}") from None
     frame = codec.compress(read_chunk(image.store, digest, length), level)
     image.store.write_chunk(digest, frame)
     return before, len(frame)
 
 
+@reads_image("recompress")
 def recompress(image_dir: os.PathLike | str, level: int, *, progress: Optional[Progress] = None,
                workers: Optional[int] = None) -> RecompressResult:
     started = time.monotonic()
@@ -68,9 +74,8 @@ def recompress(image_dir: os.PathLike | str, level: int, *, progress: Optional[P
     with translated(StoreError, "cannot update the image's manifest"):
         for folder in {image.store.chunk_path(digest).parent for digest in lengths}:
             fsync_dir(folder)
-        manifest = dict(image.manifest, level=level, stored_bytes=after)
-        write_atomically(image.path / "manifest.json",
-                         (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        manifest = dataclasses.replace(image.manifest, level=level, stored_bytes=after)
+        write_atomically(image.path / MANIFEST_NAME, manifest.as_json().encode())
         fsync_dir(image.path)
     progress.finish()
     return RecompressResult(str(image.path), level, len(lengths), before, after,

@@ -5,7 +5,7 @@ import json
 import sys
 from typing import TextIO
 
-from .progress import ProgressEvent
+from .progress import UNIT_BYTES, ProgressEvent
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -24,6 +24,11 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def human_count(count: float, unit: str) -> str:
+    """Bytes in binary units; images or chunks as plain counts."""
+    return human_bytes(count) if unit == UNIT_BYTES else f"{count:.0f} {unit}"
+
+
 class TerminalBar:
     """One self-overwriting line, like pv: done/total, bar, percent, rate, ETA."""
 
@@ -38,8 +43,11 @@ class TerminalBar:
         bar = "=" * filled + (">" if filled < self.WIDTH else "") + " " * (self.WIDTH - filled - 1)
         eta = "done" if event.finished else (f"ETA {human_seconds(event.eta)}" if event.eta is not None else "ETA --")
         extra = f"  bad {human_bytes(event.bad_bytes)}" if event.bad_bytes else ""
-        line = (f"{event.phase:>8} {human_bytes(event.done):>10} / {human_bytes(event.total):<10} "
-                f"[{bar}] {fraction:4.0%} {human_bytes(event.rate)}/s  {eta}{extra}")
+        rate = (f"{human_bytes(event.rate)}/s" if event.unit == UNIT_BYTES
+                else f"{event.rate:.1f} {event.unit}/s")
+        line = (f"{event.phase:>8} {human_count(event.done, event.unit):>10} / "
+                f"{human_count(event.total, event.unit):<10} "
+                f"[{bar}] {fraction:4.0%} {rate}  {eta}{extra}")
         self.stream.write("\r" + line + "\x1b[K")
         if event.finished:
             self.stream.write("\n")

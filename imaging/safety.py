@@ -1,10 +1,18 @@
 """Restore safety: decide, before anything is opened for writing, whether a target may be overwritten.
 
-Refused: a block device smaller than the image, one that is mounted, one with a
-mounted partition (or a mounted loop device over any part of it), and the disk
-holding the running system's root filesystem. The mount table is read from a
-path the caller may replace, so the refusals can be tested without going near
-this machine's own disks.
+Refused, each with its reason: a target outside the set of allowed targets
+when the caller gives one; anything inside a datastore (a chunk, an image
+file, whatever lies under a directory holding datastore.json); anything but a
+block device or a regular file; a block device smaller than the image, and
+an existing non-empty regular file smaller than it (a disk-image file is a
+disk; a new or empty file is fine); a target that is mounted, or that lies
+under a mounted filesystem through a partition, a holder (LVM, LUKS, md) or a
+loop device over any part of it; and the disk holding the running system's
+root filesystem, however many layers of holders lie between.
+
+No argument switches a check off. The mount table is read from MOUNTINFO, a
+module constant that only tests point elsewhere, so that the root-disk
+refusals can be tested without going near this machine's own disks.
 """
 from __future__ import annotations
 
@@ -12,10 +20,11 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 from .device import block_size_of
 from .errors import TargetError, describe
+from .store import CONFIG_NAME
 
 MOUNTINFO = "/proc/self/mountinfo"
 SYS_DEV_BLOCK = Path("/sys/dev/block")
@@ -36,8 +45,18 @@ class Target:
     size: int  # current size in bytes; 0 for a file that does not exist yet
 
 
-def read_mounts(path: str = MOUNTINFO) -> list[Mount]:
-    """Mounts from a /proc/<pid>/mountinfo-format table."""
+@dataclass(frozen=True)
+class _Loop:
+    device: str  # "major:minor" of the loop device
+    backing: str  # real path of its backing file or device node
+    backing_device: Optional[str]  # "major:minor" when it is backed by a block device
+    start: int
+    end: int
+
+
+def read_mounts(path: Optional[str] = None) -> list[Mount]:
+    """Mounts from a /proc/<pid>/mountinfo-format table (this process's by default)."""
+    path = path or MOUNTINFO
     mounts = []
     try:
         text = Path(path).read_text()
@@ -57,9 +76,17 @@ def _unescape(text: str) -> str:
     return text.encode().decode("unicode_escape") if "\\" in text else text
 
 
-def _dev_of(path: str) -> str:
-    rdev = os.stat(path).st_rdev
+def _number(rdev: int) -> str:
     return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _block_device_of(path: str) -> Optional[str]:
+    """"major:minor" if `path` is a block device node, else None."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return _number(info.st_rdev) if stat.S_ISBLK(info.st_mode) else None
 
 
 def _read(path: Path) -> Optional[str]:
@@ -69,90 +96,123 @@ def _read(path: Path) -> Optional[str]:
         return None
 
 
-def _disk_of(device: str) -> str:
-    """The whole disk a partition belongs to ("major:minor"), or the device itself."""
-    node = SYS_DEV_BLOCK / device
-    if (node / "partition").exists():
-        parent = _read(node.resolve().parent / "dev")
-        if parent:
-            return parent
-    return device
-
-
-def _loop_span(name: str) -> Optional[tuple[str, int, int]]:
-    """(backing file, offset, end) of an attached loop device."""
-    loop = SYS_BLOCK / name / "loop"
-    backing = _read(loop / "backing_file")
-    if not backing:
-        return None
-    offset = int(_read(loop / "offset") or 0)
-    limit = int(_read(loop / "sizelimit") or 0)
-    sectors = int(_read(SYS_BLOCK / name / "size") or 0)
-    end = offset + (limit or sectors * 512)
-    return os.path.realpath(backing.removesuffix(" (deleted)")), offset, end
-
-
-def _users(target: str, target_dev: Optional[str]) -> set[str]:
-    """Every device whose data lies on the target: itself, partitions, holders, loops over it."""
-    found: set[str] = set()
-    span: Optional[tuple[str, int, int]] = None
-    if target_dev:
-        found.add(target_dev)
-        node = SYS_DEV_BLOCK / target_dev
-        for child in node.iterdir() if node.is_dir() else ():
-            if (child / "partition").exists() and (dev := _read(child / "dev")):
-                found.add(dev)
-        for holder in (node / "holders").iterdir() if (node / "holders").is_dir() else ():
-            if dev := _read(holder / "dev"):
-                found.add(dev)
-        if node.is_dir():
-            span = _loop_span(node.resolve().name)
-    real = os.path.realpath(target)
-    for loop in SYS_BLOCK.glob("loop*"):
-        other = _loop_span(loop.name)
-        if other is None:
+def _loops() -> list[_Loop]:
+    """Every attached loop device and the span of the file or device it serves."""
+    loops = []
+    for node in SYS_BLOCK.glob("loop*"):
+        backing = _read(node / "loop" / "backing_file")
+        device = _read(node / "dev")
+        if not backing or not device:
             continue
-        backing, start, end = other
-        over_target = backing == real
-        # Two loop devices over overlapping parts of one file share data too.
-        shares_file = span is not None and backing == span[0] and start < span[2] and span[1] < end
-        if over_target or shares_file:
-            dev = _read(loop / "dev")
-            if dev and dev not in found:
-                found.add(dev)
-                if over_target:
-                    # Partitions of a loop device over the target are the target's too.
-                    found |= _users(f"/dev/{loop.name}", dev)
+        real = os.path.realpath(backing.removesuffix(" (deleted)"))
+        start = int(_read(node / "loop" / "offset") or 0)
+        limit = int(_read(node / "loop" / "sizelimit") or 0)
+        end = start + (limit or int(_read(node / "size") or 0) * 512)
+        loops.append(_Loop(device, real, _block_device_of(real), start, end))
+    return loops
+
+
+def _partitions_and_holders(device: str) -> list[str]:
+    """The devices directly on top of `device`: its partitions and its holders (dm, md, ...)."""
+    node = SYS_DEV_BLOCK / device
+    found = []
+    if node.is_dir():
+        for child in node.iterdir():
+            if (child / "partition").exists() and (number := _read(child / "dev")):
+                found.append(number)
+        holders = node / "holders"
+        for holder in holders.iterdir() if holders.is_dir() else ():
+            if number := _read(holder / "dev"):
+                found.append(number)
     return found
 
 
-def check_target(path: str, image_size: int, mounts_path: str = MOUNTINFO) -> Target:
-    """Return the target if it may be overwritten by an image of `image_size` bytes."""
+def _users(path: str, device: Optional[str]) -> set[str]:
+    """Every device whose data lies on the target, however deep.
+
+    The target itself, then recursively whatever sits on a device already
+    found: partitions, holders (LVM, LUKS and md stack up this way), loop
+    devices backed by it, and loop devices over an overlapping span of the
+    file a loop device found serves. A regular file starts with the loop
+    devices over it.
+    """
+    loops = _loops()
+    by_device = {loop.device: loop for loop in loops}
+    real = os.path.realpath(path)
+    pending = [device] if device else [loop.device for loop in loops if loop.backing == real]
+    found: set[str] = set()
+    while pending:
+        current = pending.pop()
+        if current in found:
+            continue
+        found.add(current)
+        pending += _partitions_and_holders(current)
+        pending += [loop.device for loop in loops if loop.backing_device == current]
+        span = by_device.get(current)
+        if span is not None:
+            pending += [loop.device for loop in loops if loop.backing == span.backing
+                        and loop.start < span.end and span.start < loop.end]
+    return found
+
+
+def _datastore_holding(path: str) -> Optional[Path]:
+    real = Path(os.path.realpath(path))
+    for folder in (real, *real.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    return None
+
+
+def _allowed(path: str, info: Optional[os.stat_result], allowed: Collection[str]) -> bool:
+    """Is the target one of `allowed`: the same real path, or the same block device?"""
+    real = os.path.realpath(path)
+    device = _number(info.st_rdev) if info is not None and stat.S_ISBLK(info.st_mode) else None
+    return any(os.path.realpath(candidate) == real
+               or (device is not None and _block_device_of(candidate) == device)
+               for candidate in allowed)
+
+
+def check_target(path: str, image_size: int,
+                 allowed_targets: Optional[Collection[str]] = None) -> Target:
+    """Return the target if it may be overwritten by an image of `image_size` bytes.
+
+    `allowed_targets`: when given, the only disks and files that may be
+    written (a web request names one of this host's inventoried disks).
+    """
     try:
-        info = os.stat(path)
+        info: Optional[os.stat_result] = os.stat(path)
     except FileNotFoundError:
-        if not Path(path).parent.is_dir():
-            raise TargetError(f"target {path}: no such file or directory") from None
-        return Target(path, False, 0)
+        info = None
     except OSError as exc:
         raise TargetError(f"target {path}: {describe(exc)}") from None
+    if allowed_targets is not None and not _allowed(path, info, allowed_targets):
+        raise TargetError(f"target {path} is not one of the allowed targets")
+    datastore = _datastore_holding(path)
+    if datastore is not None:
+        raise TargetError(f"target {path} is inside the datastore {datastore}")
+    if info is None:
+        if not Path(path).parent.is_dir():
+            raise TargetError(f"target {path}: no such file or directory")
+        return Target(path, False, 0)
 
     is_block = stat.S_ISBLK(info.st_mode)
     if not is_block and not stat.S_ISREG(info.st_mode):
         raise TargetError(f"target {path}: not a block device or a regular file")
-    device = f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}" if is_block else None
     size = _block_size(path) if is_block else info.st_size
-    if is_block and size < image_size:
-        raise TargetError(f"target {path} is too small: {size} bytes, the image needs {image_size}")
+    # An empty file is a new target; one with data is a disk, as a disk-image file.
+    if size < image_size and (is_block or size > 0):
+        kind = "" if is_block else "disk-image file "
+        raise TargetError(f"target {kind}{path} is too small: {size} bytes, "
+                          f"the image needs {image_size}")
 
-    mounts = read_mounts(mounts_path)
+    device = _number(info.st_rdev) if is_block else None
+    mounts = read_mounts()
     users = _users(path, device)
     root = next((m for m in mounts if m.mount_point == "/"), None)
-    if root is not None and device is not None:
-        root_source_dev = _dev_of(root.source) if root.source.startswith("/dev/") and os.path.exists(root.source) else None
-        root_devices = {root.device, _disk_of(root.device)}
-        if root_source_dev:
-            root_devices |= {root_source_dev, _disk_of(root_source_dev)}
+    if root is not None:
+        # A btrfs root shows an anonymous device number: its source names the disk's.
+        source = _block_device_of(root.source) if root.source.startswith("/dev/") else None
+        root_devices = {root.device, source} - {None}
         if root_devices & users:
             raise TargetError(f"target {path} holds the running system's root filesystem")
     for mount in mounts:

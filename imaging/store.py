@@ -1,12 +1,16 @@
 """The datastore: a directory of content-addressed zstd chunks and images.
 
-Layout (see DESIGN.md): datastore.json, chunks/<hh>/<sha256>.zst, and
-images/<disk-id>/<stamp>/. Every file lands by write-to-temporary, fsync,
-rename, so a crash leaves only temporary files (names starting with '.').
+Layout (see DESIGN.md): datastore.json, chunks/<hh>/<sha256>.zst,
+images/<disk-id>/<stamp>/, and jobs/ with a token for each running job.
+Every file lands by write-to-temporary, fsync, rename, so a crash leaves only
+temporary files (names starting with '.').
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
+import functools
 import json
 import os
 import re
@@ -14,21 +18,45 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
-from .errors import ImageError, StoreError, translated
-from .inventory import host_name
+from .errors import ImageError, StoreError, describe, reason, translated
+from .inventory import host_name, safe_id
+from .progress import Progress
 from .syscalls import start_writeback, syncfs
+
+if TYPE_CHECKING:
+    from .image import Image
 
 FORMAT = 1
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CHUNK_SUFFIX = ".zst"
 BAD_SUFFIX = ".bad"
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-# A writer on another host refreshes its token this often; one silent for
-# WRITER_STALE seconds died with its host.
-WRITER_HEARTBEAT = 60.0
-WRITER_STALE = 600.0
+CONFIG_NAME = "datastore.json"
+# Every running job keeps a token in jobs/ and refreshes its mtime this often.
+# Another host sees the new mtime only when its NFS attribute cache for the
+# file expires: up to acregmax, 60 s by default (opening the token revalidates
+# it under close-to-open, but not on a nocto or noac-tuned mount). A healthy
+# job's token thus looks at most 10 + 60 s old; taken for dead at 180 s, a job
+# still has almost two minutes of grace for a heartbeat stuck behind a busy or
+# rebooting NAS, and a host that died holds its chunks back three minutes at
+# most. One attribute update per job every 10 s costs nothing on a NAS.
+JOB_HEARTBEAT = 10.0
+NFS_ATTRIBUTE_CACHE = 60.0
+JOB_STALE = 180.0
+# A job that went this long without a heartbeat (suspended, frozen, stalled
+# on the NAS) may look dead to a host behind by the attribute cache: it fails.
+JOB_LAPSE = JOB_STALE - NFS_ATTRIBUTE_CACHE
+# Kinds of job that only read chunks some image references; every other kind
+# (backup, import, and any this engine does not know) may hold new ones.
+READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount"})
+CLOCK_NAME = ".clock"
+# Held by the one running garbage collection.
+GC_LOCK = ".gc.lock"
+# Shared by running prunes; garbage collection takes it whole, so it never
+# sees an image that a prune has hidden but may put back.
+PRUNE_LOCK = ".prune.lock"
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
 
@@ -67,17 +95,17 @@ class Datastore:
         self.chunk_size = chunk_size
         self.chunks_dir = root / "chunks"
         self.images_dir = root / "images"
-        self.writers_dir = root / "writers"
+        self.jobs_dir = root / "jobs"
 
     # -- opening ---------------------------------------------------------
     @classmethod
     def open(cls, root: os.PathLike | str) -> "Datastore":
         root = Path(root)
-        config = root / "datastore.json"
+        config = root / CONFIG_NAME
         try:
             settings = json.loads(config.read_text())
         except FileNotFoundError:
-            raise StoreError(f"{root}: not a datastore (no datastore.json)") from None
+            raise StoreError(f"{root}: not a datastore (no {CONFIG_NAME})") from None
         except (OSError, ValueError) as exc:
             raise StoreError(f"{config}: unreadable datastore settings ({exc})") from None
         if settings.get("format") != FORMAT:
@@ -91,15 +119,15 @@ class Datastore:
     def open_or_create(cls, root: os.PathLike | str,
                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Datastore":
         root = Path(root)
-        if (root / "datastore.json").exists():
+        if (root / CONFIG_NAME).exists():
             return cls.open(root)
         if chunk_size <= 0 or chunk_size % 4096:
             raise StoreError(f"chunk size must be a positive multiple of 4096, not {chunk_size}")
         with translated(StoreError, f"cannot create datastore {root}"):
             root.mkdir(parents=True, exist_ok=True)
-            for sub in ("chunks", "images", "writers"):
+            for sub in ("chunks", "images", "jobs"):
                 (root / sub).mkdir(exist_ok=True)
-            write_atomically(root / "datastore.json",
+            write_atomically(root / CONFIG_NAME,
                              json.dumps({"format": FORMAT, "chunk_size": chunk_size}).encode() + b"\n")
             fsync_dir(root)
         return cls(root, chunk_size)
@@ -119,6 +147,8 @@ class Datastore:
             return True
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise StoreError(f"cannot mark chunk {digest} as in use: {describe(exc)}") from None
 
     def write_chunk(self, digest: str, frame: bytes) -> None:
         path = self.chunk_path(digest)
@@ -150,74 +180,254 @@ class Datastore:
         return bad
 
     def chunk_dirs(self) -> list[Path]:
-        return sorted(p for p in self.chunks_dir.iterdir() if p.is_dir())
+        with translated(StoreError, f"cannot list the chunk folders of {self.root}"):
+            return sorted(p for p in self.chunks_dir.iterdir() if p.is_dir())
 
     # -- images ----------------------------------------------------------
     def disk_ids(self) -> list[str]:
         if not self.images_dir.is_dir():
             return []
-        return sorted(p.name for p in self.images_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith("."))
+        with translated(StoreError, f"cannot list the images of {self.root}"):
+            return sorted(p.name for p in self.images_dir.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))
 
     def image_dirs(self, disk_id: Optional[str] = None) -> list[Path]:
         disks = [disk_id] if disk_id else self.disk_ids()
         found = []
-        for disk in disks:
-            folder = self.images_dir / disk
-            if folder.is_dir():
-                found.extend(sorted(p for p in folder.iterdir()
-                                    if p.is_dir() and not p.name.startswith(".")))
+        with translated(StoreError, f"cannot list the images of {self.root}"):
+            for disk in disks:
+                folder = self.images_dir / disk
+                if folder.is_dir():
+                    found.extend(sorted(p for p in folder.iterdir()
+                                        if p.is_dir() and not p.name.startswith(".")))
         return found
 
-    # -- running writers (for garbage collection) ------------------------
-    @contextlib.contextmanager
-    def writer(self, what: str) -> Iterator[Path]:
-        """Register a running job that may reference chunks not yet in any image.
+    # -- running jobs (for garbage collection and prune) -----------------
+    def register(self, kind: str, what: str, *, images: Sequence[str] = (),
+                 progress: Optional[Progress] = None) -> "Registration":
+        """Register a running job here for as long as a `with` block runs.
 
-        Hosts share a datastore over NFS: the token names its host, and a
-        heartbeat keeps its mtime fresh so other hosts can tell a live writer
-        from one whose host died.
+        `kind` is what the job does (backup and import write chunks no image
+        references yet; restore, export, verify, recompress and mount read
+        `images`, each named "<disk-id>/<stamp>"); `what` describes it to
+        people. A heartbeat that fails stops the job through `progress`.
         """
-        self.writers_dir.mkdir(exist_ok=True)
-        host, pid = host_name(), os.getpid()
-        token = self.writers_dir / f"{host}-{pid}-{secrets.token_hex(4)}"
-        token.write_text(json.dumps({"host": host, "pid": pid, "what": what, "started": time.time()}))
-        stopped = threading.Event()
+        return Registration(self, kind, what, tuple(images), progress)
 
-        def heartbeat() -> None:
-            while not stopped.wait(WRITER_HEARTBEAT):
-                with contextlib.suppress(OSError):
-                    os.utime(token)
+    def clock(self) -> float:
+        """Now, by the clock that stamps files here: the file server's, over NFS.
 
-        beating = threading.Thread(target=heartbeat, name="writer-heartbeat", daemon=True)
-        beating.start()
-        try:
-            yield token
-        finally:
-            stopped.set()
-            beating.join()
-            with contextlib.suppress(OSError):
+        Heartbeat ages are measured with it, so hosts whose clocks disagree
+        still agree on which jobs are alive.
+        """
+        probe = self.jobs_dir / CLOCK_NAME
+        with translated(StoreError, f"cannot read the datastore's clock in {self.root}"):
+            self.jobs_dir.mkdir(exist_ok=True)
+            with open(probe, "ab") as handle:
+                os.utime(handle.fileno())
+                return os.fstat(handle.fileno()).st_mtime
+
+    def running_jobs(self) -> list[Job]:
+        """Every job registered here whose heartbeat is fresh, on any host, in any container."""
+        return [job for _, job, age in self._registrations() if age <= JOB_STALE]
+
+    def forget_dead_jobs(self) -> int:
+        """Delete the tokens of jobs whose heartbeat is stale; how many went.
+
+        A job that comes back after that (a host resumed from suspend) finds
+        its token gone and fails, which is right: it was taken for dead.
+        """
+        dead = [token for token, _, age in self._registrations() if age > JOB_STALE]
+        for token in dead:
+            with translated(StoreError, f"cannot remove the dead job {token.name}"), \
+                    contextlib.suppress(FileNotFoundError):
                 token.unlink()
+        return len(dead)
 
-    def running_writers(self) -> list[dict]:
-        """Registered writers still alive: a live process here, a fresh heartbeat elsewhere."""
-        alive = []
-        if not self.writers_dir.is_dir():
-            return alive
-        here = host_name()
-        for token in self.writers_dir.iterdir():
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Garbage collection's hold on the store: alone, and with no prune midway."""
+        with self._lock(GC_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB,
+                        f"another garbage collection is running on {self.root}"):
+            # Prunes take seconds: wait for the running ones to end.
+            with self._lock(PRUNE_LOCK, fcntl.LOCK_EX):
+                yield
+
+    @contextlib.contextmanager
+    def pruning(self) -> Iterator[None]:
+        """A prune's hold on the store: other prunes may run, garbage collection may not."""
+        with self._lock(PRUNE_LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB,
+                        f"garbage collection is running on {self.root}: prune once it is done"):
+            yield
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, operation: int, busy: str = "") -> Iterator[None]:
+        """flock `name` in the store root; `busy` is the error when LOCK_NB finds it taken.
+
+        flock() over NFS becomes a lock on the server (NLM or NFSv4), held
+        across hosts; "a+" opens for reading and writing, as a lock there needs.
+        """
+        with translated(StoreError, f"cannot lock the datastore {self.root}"):
+            handle = open(self.root / name, "a+")
+        try:
             try:
-                info = json.loads(token.read_text())
-                beat = token.stat().st_mtime
-                if info.get("host", here) == here:
-                    os.kill(int(info["pid"]), 0)
-                elif time.time() - beat > WRITER_STALE:
-                    continue
-                info["started"] = min(float(info["started"]), beat)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            alive.append(info)
-        return alive
+                fcntl.flock(handle, operation)
+            except BlockingIOError:
+                raise StoreError(busy) from None
+            except OSError as exc:
+                raise StoreError(f"cannot lock the datastore {self.root}: {reason(exc)}") from None
+            yield
+        finally:
+            handle.close()
+
+    def _registrations(self) -> list[tuple[Path, Job, float]]:
+        """(token, job, heartbeat age in seconds) of every token here, dead or alive."""
+        now = self.clock()
+        found = []
+        with translated(StoreError, f"cannot read the jobs registered in {self.root}"):
+            with os.scandir(self.jobs_dir) as entries:
+                tokens = [Path(entry.path) for entry in entries if not entry.name.startswith(".")]
+            for token in tokens:
+                try:
+                    # Opening revalidates NFS's cached attributes (close-to-open), so
+                    # this mtime is the job's last heartbeat, not a cached older one.
+                    with open(token, "rb") as handle:
+                        beat = os.fstat(handle.fileno()).st_mtime
+                        text = handle.read()
+                except FileNotFoundError:
+                    continue  # that job ended meanwhile
+                found.append((token, Job.parse(text, token.name), now - beat))
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A running job, as its token in the datastore describes it."""
+
+    kind: str
+    what: str
+    host: str
+    pid: int  # in its own host's or container's PID namespace: for people, never for liveness
+    started: float  # UNIX time, by its host's clock
+    images: tuple[str, ...] = ()  # "<disk-id>/<stamp>" of each image it reads
+
+    @property
+    def writes(self) -> bool:
+        """May it hold chunks no image references yet? Any kind not known to only read may."""
+        return self.kind not in READING_KINDS
+
+    def reads(self, image: str) -> bool:
+        return image in self.images
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), images=list(self.images))
+
+    @classmethod
+    def parse(cls, text: bytes, name: str) -> "Job":
+        try:
+            record = json.loads(text)
+            return cls(str(record["kind"]), str(record["what"]), str(record["host"]),
+                       int(record["pid"]), float(record["started"]),
+                       tuple(str(image) for image in record.get("images", ())))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Nothing says what it may need: it holds back every chunk (a writer
+            # that started at the epoch) until its heartbeat goes stale.
+            return cls("unknown", f"an unreadable registration ({name})", "?", 0, 0.0)
+
+
+class Registration:
+    """A job's token in the datastore, kept fresh by a heartbeat thread while the job runs.
+
+    Liveness is the token's mtime alone, never a process id: a pid means
+    nothing across hosts, users or PID namespaces. If a heartbeat cannot be
+    written (the store is full or read-only, the token was deleted as dead)
+    or the job went so long without one that others may have taken it for
+    dead, the job fails: `progress.abort` stops it at its next poll between
+    chunks, and leaving the `with` block raises the same error otherwise.
+    """
+
+    def __init__(self, store: Datastore, kind: str, what: str, images: tuple[str, ...],
+                 progress: Optional[Progress]) -> None:
+        self.store = store
+        self.job = Job(kind, what, host_name(), os.getpid(), time.time(), images)
+        name = f"{safe_id(self.job.host)}-{self.job.pid}-{secrets.token_hex(4)}"
+        self.token = store.jobs_dir / name
+        self.error: Optional[StoreError] = None
+        self._progress = progress
+        self._stopped = threading.Event()
+        self._beating = threading.Thread(target=self._beat, name="job-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Registration":
+        with translated(StoreError, f"cannot register {self.job.what} in {self.store.root}"):
+            self.store.jobs_dir.mkdir(exist_ok=True)
+            write_atomically(self.token, json.dumps(self.job.as_dict()).encode() + b"\n")
+        self._beating.start()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._stopped.set()
+        self._beating.join()
+        try:
+            self.token.unlink()
+        except FileNotFoundError:
+            self._lose("its token was removed")
+        except OSError:
+            pass  # left behind, it goes stale and the next garbage collection removes it
+        if error is None and self.error is not None:
+            raise self.error
+
+    def _beat(self) -> None:
+        last = _uptime()
+        while not self._stopped.wait(JOB_HEARTBEAT):
+            silent = _uptime() - last
+            if silent > JOB_LAPSE:
+                return self._lose(f"no heartbeat for {silent:.0f} s")
+            try:
+                os.utime(self.token)
+            except OSError as exc:
+                return self._lose(reason(exc))
+            last = _uptime()
+
+    def _lose(self, detail: str) -> None:
+        if self.error is None:
+            self.error = StoreError(f"{self.job.what} stopped: its heartbeat in {self.store.root} "
+                                    f"failed ({detail})")
+            if self._progress is not None:
+                self._progress.abort(self.error)
+
+
+def _uptime() -> float:
+    """Seconds since boot, suspend included: a job asleep for an hour sees that hour."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@contextlib.contextmanager
+def reading(image_dir: os.PathLike | str, kind: str, progress: Optional[Progress],
+            detail: str = "") -> Iterator["Image"]:
+    """Register a job that reads the image in `image_dir` while the block runs; yields the image.
+
+    The image is opened again once the token is in place. Prune hides an
+    image before it looks for its readers: a reader it did not see finds the
+    image gone here and stops, one it saw keeps the image.
+    """
+    from .image import Image  # image.py builds on this module
+
+    found = Image.open(image_dir)
+    name = f"{found.disk_id}/{found.stamp}"
+    with found.store.register(kind, f"{kind} {name}{detail}", images=[name], progress=progress):
+        yield Image.open(found.path, found.store)
+
+
+def reads_image(kind: str) -> Callable:
+    """Decorate a job taking (image_dir, ..., progress=None) to run registered as its reader."""
+    def decorate(job: Callable) -> Callable:
+        @functools.wraps(job)
+        def registered(image_dir, *args, progress: Optional[Progress] = None, **kwargs):
+            progress = progress or Progress(kind, 0)
+            with reading(image_dir, kind, progress):
+                return job(image_dir, *args, progress=progress, **kwargs)
+        return registered
+    return decorate
 
 
 def _write_and_start_writeback(path: Path, data: bytes) -> None:

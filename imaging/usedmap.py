@@ -8,6 +8,9 @@ concurrently), Linux swap by keeping only its header page. A byte is skipped
 only when a filesystem positively says it is free; partition tables, gaps,
 space outside the partitions and every partition that cannot be mapped are
 read in full, and the manifest says why for each partition.
+
+Mapping can take a while (partclone on a large NTFS or btrfs): every tool
+runs under a cancel poll, and a cancel kills the running tools at once.
 """
 from __future__ import annotations
 
@@ -21,12 +24,12 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from . import layout, safety
 from .badmap import merge
 from .device import Range, Source
-from .errors import SourceError
+from .errors import Cancelled, SourceError, SourceInUse, describe, translated
 
 # blkid TYPE -> the partclone.<tool> that maps that filesystem.
 PARTCLONE_TOOLS = {
@@ -43,11 +46,18 @@ DOS_EXTENDED_TYPES = {"5", "f", "85"}
 MAX_CONCURRENT_MAPS = 8
 # Tools' messages are parsed, so they must not be translated.
 TOOL_ENV = dict(os.environ, LC_ALL="C")
+# How often a running tool's caller looks at the cancel flag, in seconds.
+CANCEL_POLL = 0.05
+CancelPoll = Callable[[], bool]
 
 METHOD_DUMPE2FS = "dumpe2fs"
 METHOD_PARTCLONE = "partclone"
 METHOD_SWAP = "swap-header"
 METHOD_EXTENDED = "extended: holds logical partitions, which are mapped on their own"
+
+
+def _never() -> bool:
+    return False
 
 
 class Unmappable(Exception):
@@ -74,7 +84,7 @@ class UsedPlan:
 
     read: list[Range]
     partitions: list[PartitionMap]
-    forced_past: Optional[str] = None  # the read-write mount --force overrode
+    forced_past: Optional[str] = None  # the read-write mount a forced backup went past
 
     def __post_init__(self) -> None:
         self._starts = [start for start, _ in self.read]
@@ -108,22 +118,33 @@ class UsedPlan:
         return extra
 
 
-def plan(source: Source, force: bool = False, mounts_path: str = safety.MOUNTINFO) -> UsedPlan:
-    """Map every partition of `source` and decide what a `used` backup reads."""
+def plan(source: Source, force: bool = False, mounts_path: str = safety.MOUNTINFO,
+         cancelled: CancelPoll = _never) -> UsedPlan:
+    """Map every partition of `source` and decide what a `used` backup reads.
+
+    `cancelled` is polled while the tools run; when it says so, they are
+    killed and Cancelled is raised.
+    """
     mounted = mounted_read_write(source.path, mounts_path)
     if mounted and not force:
-        raise SourceError(f"{source.path} is mounted read-write ({mounted}): its block bitmaps "
-                          "could change during a used-mode read; unmount it, use --mode raw, "
-                          "or pass --force")
+        raise SourceInUse(f"{source.path} is mounted read-write ({mounted}): its block bitmaps "
+                          "could change during a used-mode read; unmount it, or force the "
+                          "backup to image it in use")
     entries = layout.partitions(source.path)
-    with concurrent.futures.ThreadPoolExecutor(
-            max(1, min(len(entries), MAX_CONCURRENT_MAPS)), thread_name_prefix="map") as pool:
-        maps = list(pool.map(lambda entry: map_partition(source, entry), entries))
+    with translated(SourceError, f"cannot map the used blocks of {source.path}"), \
+            concurrent.futures.ThreadPoolExecutor(
+                max(1, min(len(entries), MAX_CONCURRENT_MAPS)), thread_name_prefix="map") as pool:
+        maps = list(pool.map(lambda entry: map_partition(source, entry, cancelled), entries))
     return UsedPlan(read_ranges(source.size, source.sector_size, maps), maps, mounted)
 
 
 def mounted_read_write(source_path: str, mounts_path: str = safety.MOUNTINFO) -> Optional[str]:
     """Where the source, or a device over any part of it, is mounted read-write."""
+    with translated(SourceError, f"cannot tell whether {source_path} is mounted"):
+        return _mounted_read_write(source_path, mounts_path)
+
+
+def _mounted_read_write(source_path: str, mounts_path: str) -> Optional[str]:
     info = os.stat(source_path)
     device = (f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
               if stat.S_ISBLK(info.st_mode) else None)
@@ -185,7 +206,7 @@ def _overlap(ranges: list[Range], start: int, size: int) -> int:
     return sum(max(0, min(s + n, end) - max(s, start)) for s, n in ranges)
 
 
-def map_partition(source: Source, entry: dict) -> PartitionMap:
+def map_partition(source: Source, entry: dict, cancelled: CancelPoll = _never) -> PartitionMap:
     """One partition as sfdisk --json lists it, with the free ranges its filesystem names."""
     sector = entry.get("sectorsize", 512)
     start, size = entry["start"] * sector, entry["size"] * sector
@@ -197,17 +218,18 @@ def map_partition(source: Source, entry: dict) -> PartitionMap:
     try:
         if start + size > source.size:
             raise Unmappable("partition extends past the end of the disk")
-        filesystem, usage = probe(source.path, start, size)
-        free, method = _free_ranges(source, start, size, filesystem, usage)
+        filesystem, usage = probe(source.path, start, size, cancelled)
+        free, method = _free_ranges(source, start, size, filesystem, usage, cancelled)
     except Unmappable as reason:
         return PartitionMap(number, start, size, filesystem, f"full: {reason}", [])
     return PartitionMap(number, start, size, filesystem, method, free)
 
 
-def probe(path: str, start: int, size: int) -> tuple[Optional[str], Optional[str]]:
+def probe(path: str, start: int, size: int,
+          cancelled: CancelPoll = _never) -> tuple[Optional[str], Optional[str]]:
     """(TYPE, USAGE) that `blkid -p` finds at start..start+size; TYPE None if nothing."""
     result = _run(["blkid", "--probe", "--output", "export",
-                   "--offset", str(start), "--size", str(size), path])
+                   "--offset", str(start), "--size", str(size), path], cancelled)
     if result.returncode == 2:
         return None, None
     if result.returncode == 8:
@@ -221,7 +243,7 @@ def probe(path: str, start: int, size: int) -> tuple[Optional[str], Optional[str
 
 
 def _free_ranges(source: Source, start: int, size: int, filesystem: Optional[str],
-                 usage: Optional[str]) -> tuple[list[Range], str]:
+                 usage: Optional[str], cancelled: CancelPoll) -> tuple[list[Range], str]:
     if filesystem is None:
         raise Unmappable("no filesystem recognised")
     if usage == "crypto":
@@ -232,12 +254,12 @@ def _free_ranges(source: Source, start: int, size: int, filesystem: Optional[str
         raise Unmappable("swap holding a hibernation image")
     if filesystem in EXT_TYPES:
         with _partition_device(source.path, start, size) as device:
-            return ext_free(device, start, size), METHOD_DUMPE2FS
+            return ext_free(device, start, size, cancelled), METHOD_DUMPE2FS
     tool = PARTCLONE_TOOLS.get(filesystem)
     if tool is None:
         raise Unmappable(f"partclone cannot map {filesystem}")
     with _partition_device(source.path, start, size) as device:
-        return partclone_free(tool, device, start, size), METHOD_PARTCLONE
+        return partclone_free(tool, device, start, size, cancelled), METHOD_PARTCLONE
 
 
 def swap_free(source: Source, start: int, size: int) -> list[Range]:
@@ -252,9 +274,9 @@ def swap_free(source: Source, start: int, size: int) -> list[Range]:
     raise Unmappable("no swap signature at the end of a page")
 
 
-def ext_free(device: str, start: int, size: int) -> list[Range]:
+def ext_free(device: str, start: int, size: int, cancelled: CancelPoll = _never) -> list[Range]:
     """Free blocks of an ext2/3/4 filesystem from dumpe2fs's block bitmaps."""
-    result = _run(["dumpe2fs", device])
+    result = _run(["dumpe2fs", device], cancelled)
     if result.returncode != 0:
         raise Unmappable(f"dumpe2fs failed: {_last_line(result.stderr)}")
     header, group_marker, groups = result.stdout.partition("\nGroup 0:")
@@ -288,27 +310,34 @@ def ext_free(device: str, start: int, size: int) -> list[Range]:
     for listed in free_lists:
         for item in filter(None, (part.strip() for part in listed.split(","))):
             first, _, last = item.partition("-")
-            low = int(first)
-            high = min(int(last or first) + cluster_blocks - 1, block_count - 1)
+            try:
+                low, high = int(first), int(last or first)
+            except ValueError:
+                raise Unmappable(f"dumpe2fs lists unreadable free blocks {item!r}") from None
+            high = min(high + cluster_blocks - 1, block_count - 1)
             if not first_block <= low <= high:
                 raise Unmappable(f"dumpe2fs lists free blocks {item} outside the filesystem")
             free.append((start + low * block_size, (high - low + 1) * block_size))
     return _clip(merge(free), start, size)
 
 
-def partclone_free(tool: str, device: str, start: int, size: int) -> list[Range]:
+def partclone_free(tool: str, device: str, start: int, size: int,
+                   cancelled: CancelPoll = _never) -> list[Range]:
     """The ranges partclone's domain map of the partition does not mark used ('+')."""
     with tempfile.TemporaryDirectory(prefix="imaging-map-") as scratch:
         domain = Path(scratch, "domain.map")
         result = _run([f"partclone.{tool}", "--domain", "--quiet", "--source", device,
                        "--output", str(domain), "--logfile", str(Path(scratch, "partclone.log")),
-                       f"--offset_domain={start}"])
+                       f"--offset_domain={start}"], cancelled)
         if result.returncode != 0:
             messages = [line for line in result.stderr.splitlines()
                         if line.strip() and not line.startswith("Partclone")]
             raise Unmappable(f"partclone.{tool} failed: "
                              f"{messages[-1].strip() if messages else result.returncode}")
-        text = domain.read_text()
+        try:
+            text = domain.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Unmappable(f"partclone.{tool} wrote no readable domain map ({exc})") from None
     free, used = parse_domain(text)
     if not used:
         raise Unmappable(f"partclone.{tool} marked no block as used")
@@ -325,10 +354,11 @@ def parse_domain(text: str) -> tuple[list[Range], list[Range]]:
     rows = [fields for fields in rows if fields]
     # The first row is the current position and status, not a block.
     for fields in rows[1:]:
-        if len(fields) < 3:
-            raise Unmappable(f"unreadable domain map line: {' '.join(fields)}")
-        span = (int(fields[0], 0), int(fields[1], 0))
-        (used if fields[2] == "+" else free).append(span)
+        try:
+            span, status = (int(fields[0], 0), int(fields[1], 0)), fields[2]
+        except (IndexError, ValueError):
+            raise Unmappable(f"unreadable domain map line: {' '.join(fields)}") from None
+        (used if status == "+" else free).append(span)
     return free, used
 
 
@@ -340,7 +370,11 @@ def _clip(ranges: list[Range], start: int, size: int) -> list[Range]:
 
 @contextlib.contextmanager
 def _partition_device(path: str, start: int, size: int) -> Iterator[str]:
-    """A read-only loop device over one partition, detached afterwards whatever happens."""
+    """A read-only loop device over one partition, detached afterwards whatever happens.
+
+    Attaching is never cancelled: a losetup killed after attaching would leave
+    a device nobody knows about.
+    """
     result = _run(["losetup", "--find", "--show", "--read-only",
                    "--offset", str(start), "--sizelimit", str(size), path])
     if result.returncode != 0:
@@ -354,12 +388,33 @@ def _partition_device(path: str, start: int, size: int) -> Iterator[str]:
             raise SourceError(f"cannot detach {device}: {_last_line(detached.stderr)}")
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
+def _run(argv: list[str], cancelled: CancelPoll = _never) -> subprocess.CompletedProcess:
+    """Run a tool to its end, or kill it as soon as `cancelled` says so and raise Cancelled.
+
+    A tool that cannot be started leaves its partition to be read in full.
+    """
+    if cancelled():
+        raise Cancelled()
     try:
-        return subprocess.run(argv, capture_output=True, text=True, env=TOOL_ENV,
-                              stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, text=True, env=TOOL_ENV)
     except FileNotFoundError:
         raise Unmappable(f"{argv[0]} is not installed") from None
+    except OSError as exc:
+        raise Unmappable(f"cannot run {argv[0]}: {describe(exc)}") from None
+    with process:
+        try:
+            while True:
+                try:
+                    stdout, stderr = process.communicate(timeout=CANCEL_POLL)
+                except subprocess.TimeoutExpired:
+                    if cancelled():
+                        raise Cancelled() from None
+                    continue
+                return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+        except BaseException:
+            process.kill()
+            raise
 
 
 def _last_line(text: str) -> str:

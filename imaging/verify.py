@@ -1,22 +1,32 @@
 """Verify: re-hash every chunk an image needs; set corrupt ones aside.
 
 A chunk whose content no longer matches its name is renamed `<name>.bad`, so
-the next backup holding that data stores a healthy copy (self-healing).
+the next backup holding that data stores a healthy copy (self-healing). The
+outcome is recorded in the image directory as verify.json, which the catalog
+reports: {"at": UTC time, "ok": bool, "chunks": n, "problems": [{"digest",
+"reason"}]}.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
+import json
+from pathlib import Path
 from typing import Optional
 
 import zstandard
 
-from . import codec
-from .errors import ImageError
+from . import codec, errors
+from .errors import ImageError, StoreError, translated
 from .image import Image
+from .manifest import TIME_FORMAT, utc_text
 from .pipeline import ordered_map
 from .progress import Progress
+from .store import DIGEST_RE, reads_image, write_atomically
+
+RECORD_NAME = "verify.json"
 
 
 @dataclasses.dataclass
@@ -28,12 +38,54 @@ class ChunkProblem:
 @dataclasses.dataclass
 class VerifyResult:
     image: str
-    chunks: int
+    chunks: int  # distinct chunks checked
     problems: list[ChunkProblem]
+    at: str  # when the check ended, UTC
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), ok=self.ok)
+
+    def record(self) -> dict:
+        """What verify.json holds."""
+        return {"at": self.at, "ok": self.ok, "chunks": self.chunks,
+                "problems": [dataclasses.asdict(problem) for problem in self.problems]}
+
+    @classmethod
+    def read(cls, image_dir: Path) -> Optional["VerifyResult"]:
+        """The last verification recorded in `image_dir`; None if it was never verified."""
+        path = image_dir / RECORD_NAME
+        try:
+            record = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ImageError(f"{path}: unreadable verification record ({errors.reason(exc)})") from None
+        except ValueError as exc:
+            raise ImageError(f"{path}: unreadable verification record (not JSON: {exc})") from None
+        try:
+            result = cls(str(image_dir), record["chunks"],
+                         [ChunkProblem(problem["digest"], problem["reason"])
+                          for problem in record["problems"]], record["at"])
+            well_formed = record["ok"] is result.ok and _well_formed(result)
+        except (KeyError, TypeError):
+            well_formed = False
+        if not well_formed:
+            raise ImageError(f"{path}: invalid verification record")
+        return result
+
+
+def _well_formed(result: VerifyResult) -> bool:
+    try:
+        dt.datetime.strptime(result.at, TIME_FORMAT)
+    except (TypeError, ValueError):
+        return False
+    return (type(result.chunks) is int and result.chunks >= 0
+            and all(isinstance(p.digest, str) and DIGEST_RE.match(p.digest)
+                    and isinstance(p.reason, str) for p in result.problems))
 
 
 def check_chunk(image: Image, digest: str) -> Optional[str]:
@@ -51,6 +103,7 @@ def check_chunk(image: Image, digest: str) -> Optional[str]:
     return None
 
 
+@reads_image("verify")
 def verify(image_dir: str, *, progress: Optional[Progress] = None,
            workers: Optional[int] = None) -> VerifyResult:
     image = Image.open(image_dir)
@@ -70,5 +123,9 @@ def verify(image_dir: str, *, progress: Optional[Progress] = None,
                     image.store.quarantine(digest)
                 problems.append(ChunkProblem(digest, reason))
             progress.advance(lengths[digest])
+    result = VerifyResult(str(image.path), len(lengths), problems,
+                          utc_text(dt.datetime.now(dt.timezone.utc)))
+    with translated(StoreError, "cannot record the verification"):
+        write_atomically(image.path / RECORD_NAME, json.dumps(result.record()).encode() + b"\n")
     progress.finish()
-    return VerifyResult(str(image.path), len(lengths), problems)
+    return result

@@ -1,8 +1,10 @@
 """Bad input gets one clear line on stderr, exit 1, and loses nothing."""
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from support.devices import loop_device, mounted, requires_loop, run
 from imaging.backup import backup
 from imaging.errors import Cancelled
 from imaging.progress import Progress
+from imaging.store import Datastore
 
 
 @pytest.fixture
@@ -117,15 +120,96 @@ def test_sigkill_mid_backup_leaves_nothing_that_looks_complete(tmp_path):
 def test_cancel_between_chunks_leaves_no_image(tmp_path):
     source = tmp_path / "disk.img"
     write_random(source, 64 * MiB)
+    before = sha256_of(source)
     cancel = threading.Event()
 
-    def stop_after_first_event(event):
-        cancel.set()
+    def stop_after_the_first_chunk(event):
+        if event.done:
+            cancel.set()
 
-    progress = Progress("backup", 0, stop_after_first_event, interval=0, cancel=cancel)
+    progress = Progress("backup", 0, stop_after_the_first_chunk, interval=0, cancel=cancel)
     with pytest.raises(Cancelled):
         backup(str(source), tmp_path / "store", disk_id="d", progress=progress)
     assert 0 < progress.done < 64 * MiB
     assert list((tmp_path / "store" / "images" / "d").iterdir()) == []
-    assert not list((tmp_path / "store" / "writers").iterdir())
-    assert sha256_of(source)  # the source is untouched and readable
+    assert Datastore.open(tmp_path / "store").running_jobs() == []
+    assert sha256_of(source) == before
+
+
+# --- the tools and files the engine relies on, missing or misbehaving -------------
+
+def _path_without(tool: str, tmp_path) -> str:
+    """A PATH like ours, but where `tool` cannot be found."""
+    shadow = tmp_path / "bin"
+    shadow.mkdir(exist_ok=True)
+    for folder in os.environ["PATH"].split(os.pathsep):
+        for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+            target = shadow / entry.name
+            if entry.name != tool and not target.exists():
+                target.symlink_to(entry.path)
+    return str(shadow)
+
+
+def _tool_printing(tool: str, output: str, tmp_path) -> str:
+    """A PATH whose `tool` prints `output` and exits 0, ahead of the real one."""
+    shadow = tmp_path / "fake-bin"
+    shadow.mkdir(exist_ok=True)
+    script = shadow / tool
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\n")
+    script.chmod(0o755)
+    return f"{shadow}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("tool, command", [
+    ("sfdisk", ["layout", "{source}"]),
+    ("lsblk", ["disks"]),
+])
+def test_a_missing_tool_is_named(tool, command, source, tmp_path):
+    env = dict(os.environ, PATH=_path_without(tool, tmp_path))
+    arguments = [part.format(source=source) for part in command]
+    message = one_error_line(imaging(*arguments, check=False, env=env))
+    assert message.endswith(f"{tool} not found: install the "
+                            f"{'fdisk' if tool == 'sfdisk' else 'util-linux'} package")
+
+
+def test_unexpected_output_of_lsblk_is_one_line(tmp_path):
+    env = dict(os.environ, PATH=_tool_printing("lsblk", '{"blockdevices": [{"size": 1}', tmp_path))
+    assert "unexpected JSON from lsblk" in one_error_line(imaging("disks", check=False, env=env))
+
+
+def test_unexpected_output_of_sfdisk_fails_used_mode_in_one_line(source, tmp_path):
+    env = dict(os.environ, PATH=_tool_printing("sfdisk", '{"partitiontable": {"partitions": '
+                                               '[{"node": "x1"}]}}', tmp_path))
+    message = one_error_line(imaging("backup", source, "--store", tmp_path / "s", "--disk", "d",
+                                     "--mode", "used", check=False, env=env))
+    assert f"cannot read the partition table of {source}: unexpected JSON from sfdisk" in message
+    assert not list((tmp_path / "s").glob("images/d/*"))
+
+
+def test_gc_of_a_datastore_without_its_chunks_folder_is_one_line(source, tmp_path):
+    store = tmp_path / "store"
+    image = backup(str(source), store, disk_id="d").image
+    for chunk in store.glob("chunks/*/*"):
+        chunk.unlink()
+    for folder in store.glob("chunks/*"):
+        folder.rmdir()
+    (store / "chunks").rmdir()
+    message = one_error_line(imaging("gc", "--store", store, check=False))
+    assert str(store / "chunks") in message and "no such file or directory" in message
+    assert (image / "manifest.json").exists()
+
+
+def test_library_errors_name_no_command_line_flags():
+    """Errors reach web users too: only cli.py may speak of --flags."""
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for module in sorted((REPO / "imaging").glob("*.py")):
+        if module.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                texts = [part.value for part in ast.walk(node.exc)
+                         if isinstance(part, ast.Constant) and isinstance(part.value, str)]
+                if any(flag.search(text) for text in texts):
+                    found.append(f"{module.name}:{node.lineno}")
+    assert found == []

@@ -1,10 +1,13 @@
-"""Garbage collection: frees what no image references, never what a running backup uses."""
+"""Garbage collection: frees what no image references, never what a running backup uses.
+
+How it spares the images running restores and other readers need, and how it
+judges jobs alive across hosts, is tested in test_job_registry.py.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 
@@ -15,9 +18,8 @@ from imaging.backup import backup
 from imaging.gc import collect, sweep_chunk
 from imaging.image import Image
 from imaging.progress import Progress
-from imaging.prune import remove_image
 from imaging.restore import restore
-from imaging.store import Datastore
+from imaging.store import JOB_STALE, Datastore
 from imaging.verify import verify
 
 HOUR = 3600.0
@@ -45,7 +47,7 @@ def test_gc_running_alongside_a_backup_that_reuses_garbage(tmp_path):
     old_disk, new_disk = tmp_path / "old.img", tmp_path / "new.img"
     write_random(old_disk, 16 * MiB, seed=1)
     pruned = backup(str(old_disk), store.root, disk_id="sda")
-    remove_image(pruned.image)  # every chunk of it is garbage now, and an hour old
+    shutil.rmtree(pruned.image)  # every chunk of it is garbage now, and an hour old
     age(store.chunks_dir.glob("*/*.zst"))
     garbage = chunk_files(store)
     # The new disk keeps every other chunk of the old one: the backup reuses half the garbage.
@@ -121,7 +123,7 @@ def test_a_touch_after_gc_set_the_chunk_aside_makes_the_backup_store_it_again(tm
 
 def test_a_running_writer_holds_back_the_cutoff(tmp_path):
     store = Datastore.open_or_create(tmp_path / "store")
-    with store.writer("backup sda"):
+    with store.register("backup", "backup sda"):
         time.sleep(0.05)
         _, path = stored_chunk(store, os.urandom(4096))  # not in any image yet
         time.sleep(0.05)
@@ -147,16 +149,18 @@ def test_gc_removes_bad_chunks_and_stale_leftovers_but_not_fresh_ones(tmp_path):
     for path in (dead_image, live_image, interrupted_prune):
         path.mkdir()
         (path / "index").write_text("")
-    age([stale_tmp, dead_image, interrupted_prune], 2 * HOUR)
-    # A crashed writer's registration (its process is gone) does not hold collection back.
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (store.writers_dir / f"{gone.pid}-dead").write_text(f'{{"pid": {gone.pid}, "started": 0}}')
+    # A crashed job's registration, silent for longer than a live job ever is, goes too.
+    dead_job = store.jobs_dir / "host-b-4242-0001"
+    dead_job.write_text(json.dumps({"kind": "backup", "what": "backup sdb", "host": "host-b",
+                                    "pid": 4242, "started": 0.0}))
+    age([stale_tmp, dead_image, interrupted_prune, dead_job], 2 * HOUR)
+    assert 2 * HOUR > JOB_STALE
 
     output = imaging("gc", "--store", store.root).stdout
-    assert "1 corrupt (.bad) chunks, 3 leftovers of interrupted jobs" in output
+    assert "1 corrupt (.bad) chunks, 4 leftovers of interrupted jobs" in output
     assert not bad.exists() and not stale_tmp.exists() and fresh_tmp.exists()
     assert not dead_image.exists() and not interrupted_prune.exists() and live_image.exists()
+    assert not dead_job.exists()
     assert verify(str(result.image)).ok
 
 
@@ -171,20 +175,27 @@ def test_gc_stops_without_deleting_anything_when_an_image_is_unreadable(tmp_path
     line = one_error_line(imaging("gc", "--store", store.root, check=False))
     assert "nothing deleted" in line and str(result.image) in line
     assert garbage.exists()
-    assert one_error_line(imaging("gc", "--store", tmp_path / "nowhere", check=False))
+    assert "not a datastore" in one_error_line(imaging("gc", "--store", tmp_path / "nowhere",
+                                                       check=False))
 
 
-def test_writers_on_other_hosts_count_while_their_heartbeat_is_fresh(tmp_path):
+def test_a_negative_safety_margin_is_refused_before_anything_is_deleted(tmp_path):
     store = Datastore.open_or_create(tmp_path / "store")
-    fresh = store.writers_dir / "nas-client-2-1234-aaaa"
-    fresh.write_text(json.dumps({"host": "nas-client-2", "pid": 999999999, "what": "backup sdb",
-                                 "started": 1000.0}))
-    stale = store.writers_dir / "nas-client-3-1234-bbbb"
-    stale.write_text(json.dumps({"host": "nas-client-3", "pid": 1, "what": "backup sdc",
-                                 "started": 1000.0}))
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    dead_here = store.writers_dir / "local-dead"
-    dead_here.write_text(json.dumps({"pid": 999999999, "what": "backup", "started": 1000.0}))
-    assert [w["what"] for w in store.running_writers()] == ["backup sdb"]
-    with store.writer("backup sda"):
-        assert sorted(w["what"] for w in store.running_writers()) == ["backup sda", "backup sdb"]
+    _, garbage = stored_chunk(store, os.urandom(4096))
+    age([garbage])
+    line = one_error_line(imaging("gc", "--store", store.root, "--safety-margin", "-5",
+                                  check=False))
+    assert "safety margin must not be negative (-5 s)" in line and "--" not in line
+    assert garbage.exists()
+
+
+def test_gc_counts_its_progress_in_chunks(tmp_path):
+    store = Datastore.open_or_create(tmp_path / "store")
+    digests = [stored_chunk(store, os.urandom(4096))[0] for _ in range(5)]
+    age(store.chunk_path(digest) for digest in digests)
+    events = []
+    collect(store.root, safety_margin=0.0, progress=Progress("gc", 0, events.append, interval=0))
+    assert {(event.phase, event.unit) for event in events} == {("gc", "chunks")}
+    assert events[-1].finished and events[-1].done == events[-1].total == 5
+    assert [event.finished for event in events].count(True) == 1
+    assert chunk_files(store) == set()

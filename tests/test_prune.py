@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from engine import MiB, imaging, last_line, one_error_line
 from support.disks import PartSpec, build_disk
 
-from imaging.prune import Retention, select
+from imaging.progress import Progress
+from imaging.prune import Retention, prune, select
 
 UTC = dt.timezone.utc
 
@@ -113,3 +116,19 @@ def test_bad_input_is_one_clear_line(history):
         line = one_error_line(imaging("prune", *arguments, check=False))
         assert words in line, line
     assert len(list((store / "images" / "sda").iterdir())) == 6
+
+
+def test_prune_counts_images_and_its_result_is_json_safe(history):
+    store, images = history
+    events = []
+    result = prune(store, "sda", Retention(last=2),
+                   progress=Progress("prune", 0, events.append, interval=0))
+    assert {(event.phase, event.unit) for event in events} == {("prune", "images")}
+    assert [event.finished for event in events].count(True) == 1 and events[-1].finished
+    assert events[-1].done == events[-1].total == 4
+    assert result.removed == [Path(image) for image in reversed(images[:4])]
+    assert result.deferred == [] and not any(Path(image).exists() for image in images[:4])
+    record = json.loads(json.dumps(result.as_dict()))
+    assert record["removed"] == list(reversed(images[:4]))
+    assert [decision["keep"] for decision in record["decisions"]] == [True] * 2 + [False] * 4
+    assert record["decisions"][0] == {"image": images[5], "keep": True, "reason": "last 1"}

@@ -48,7 +48,7 @@ def test_backup_survives_read_errors_and_maps_them_like_ddrescue(faulty, tmp_pat
     assert ddrescue.returncode == 0, ddrescue.stderr
     assert ours == ddrescue_bad_ranges(rescue / "out.map") == expected_bad
 
-    manifest = Image.open(summary["image"]).manifest
+    manifest = Image.open(summary["image"]).manifest.as_dict()
     assert manifest["bad_bytes"] == summary["bad_bytes"]
     # The image holds every readable byte and zeros where the disk could not be read.
     expected = bytearray(image.read_bytes())

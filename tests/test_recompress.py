@@ -49,7 +49,7 @@ def test_recompress_shrinks_updates_the_manifest_and_keeps_every_image(two_image
     assert f"{len(set(second.index()))} chunks re-encoded at level 9" in result.stdout
     manifest = json.loads((second.path / "manifest.json").read_text())
     assert manifest["level"] == 9 and manifest["stored_bytes"] == after
-    assert manifest["sha256"] == second.manifest["sha256"]
+    assert manifest["sha256"] == second.manifest.sha256
     # Each chunk is still a standard frame whose content hashes to its name.
     for digest in sorted(set(second.index()))[:3]:
         data = subprocess.run(["zstd", "-dc", second.store.chunk_path(digest)],

@@ -6,6 +6,7 @@ import mmap
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,33 @@ def test_round_out_to_sectors_covers_every_touched_sector():
         (0, 1024),
         (2048, 1024),
     ]
+
+
+# --- missing requirements: skipped here, failed under CI --------------------------
+
+NEEDS_A_FROBNICATOR = '''
+from support.requirements import requirement_missing
+
+def test_needs_a_frobnicator():
+    requirement_missing("no frobnicator on this machine")
+'''
+
+
+@pytest.mark.parametrize(
+    "ci, outcome",
+    [(None, "skipped"), ("", "skipped"), ("false", "skipped"), ("0", "skipped"),
+     ("true", "failed"), ("1", "failed"), ("yes", "failed")],
+)
+def test_a_missing_requirement_skips_but_fails_under_ci(workdir, ci, outcome):
+    (workdir / "test_frobnicator.py").write_text(NEEDS_A_FROBNICATOR)
+    env = {name: value for name, value in os.environ.items() if name != "CI"}
+    if ci is not None:
+        env["CI"] = ci
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rsf", "-p", "no:cacheprovider", "-p", "no:django",
+         "--rootdir", workdir, workdir / "test_frobnicator.py"],
+        cwd=workdir, env=env, capture_output=True, text=True)
+    assert f"1 {outcome}" in result.stdout, result.stdout
+    assert result.returncode == (1 if outcome == "failed" else 0), result.stdout
+    assert "no frobnicator on this machine" in result.stdout

@@ -60,7 +60,7 @@ def restored(request, tmp_path_factory):
     summary = json.loads(last_line(result.stdout))
     target = folder / "restored.img"
     imaging("restore", summary["image"], target)
-    manifest = Image.open(summary["image"]).manifest
+    manifest = Image.open(summary["image"]).manifest.as_dict()
     assert summary["sha256"] == manifest["sha256"] == sha256_of(target)
     return disk, manifest, target
 
@@ -236,7 +236,7 @@ def test_logical_partitions_are_mapped_and_the_extended_one_kept_around_them(
     result = imaging("backup", disk, "--store", tmp_path / "store", "--mode", "used", "--json")
     image = json.loads(last_line(result.stdout))["image"]
     imaging("restore", image, tmp_path / "restored.img")
-    mapped = {e["number"]: e["mapped"] for e in Image.open(image).manifest["partitions"]}
+    mapped = {e["number"]: e["mapped"] for e in Image.open(image).manifest.partitions}
     assert mapped[2] == usedmap.METHOD_EXTENDED and mapped[5] == "dumpe2fs"
     source, restored = disk.read_bytes(), (tmp_path / "restored.img").read_bytes()
     # The EBRs and the noise around them, inside the extended partition.
@@ -259,8 +259,8 @@ def test_read_write_mounted_disk_is_refused_unless_forced(loop_available, tmp_pa
         assert not list(store.glob("images/*/*/manifest.json"))
         forced = json.loads(last_line(imaging("backup", disk.path, "--store", store, "--mode",
                                               "used", "--force", "--json").stdout))
-        imaging("backup", disk.path, "--store", store, "--mode", "raw")
-    manifest = Image.open(forced["image"]).manifest
+        imaging("backup", disk.path, "--store", store, "--mode", "raw", "--force")
+    manifest = Image.open(forced["image"]).manifest.as_dict()
     assert str(tmp_path / "mnt") in manifest["forced_past_mount"]
     # A mounted ext4 has an unreplayed journal: its bitmaps are not trusted.
     assert manifest["partitions"][0]["mapped"].startswith("full: ")
@@ -273,7 +273,7 @@ def test_read_only_mount_is_no_obstacle(loop_available, tmp_path):
             mounted(device, tmp_path / "mnt", read_only=True):
         result = imaging("backup", disk.path, "--store", tmp_path / "store", "--mode", "used",
                          "--json")
-    manifest = Image.open(json.loads(last_line(result.stdout))["image"]).manifest
+    manifest = Image.open(json.loads(last_line(result.stdout))["image"]).manifest.as_dict()
     assert manifest["partitions"][0]["mapped"] == "dumpe2fs"
 
 

@@ -1,2 +1,3 @@
 """Shared test support: loop devices and mounts (devices), realistic disk
-images (disks) and a FUSE-backed disk with bad sectors (faulty)."""
+images (disks), a FUSE-backed disk with bad sectors (faulty), and what a test
+does when the machine lacks one of them (requirements: skip, or fail under CI)."""

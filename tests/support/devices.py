@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from .requirements import requirement_missing
 
 LOOP_CONTROL = Path("/dev/loop-control")
 FUSE_DEVICE = Path("/dev/fuse")
@@ -58,17 +58,17 @@ def fuse_unavailable_reason() -> str | None:
 
 
 def requires_loop() -> None:
-    """Skip the calling test when loop devices are unavailable."""
+    """Skip the calling test when loop devices are unavailable (fail it under CI)."""
     reason = loop_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        requirement_missing(reason)
 
 
 def requires_root_loop_fuse() -> None:
-    """Skip the calling test unless both loop devices and FUSE are usable."""
+    """Skip the calling test unless both loop devices and FUSE are usable (fail it under CI)."""
     reason = loop_unavailable_reason() or fuse_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        requirement_missing(reason)
 
 
 def _backing_identity(device: str) -> str | None:

@@ -1,0 +1,119 @@
+"""The catalog: a datastore's images as typed records, and what the datastore holds.
+
+Listing reads each image's manifest.json and verification record and nothing
+else (no index), so thousands of images list in a second or so. An image that
+cannot be read is listed with the reason instead of failing the whole listing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+from .errors import ImagingError, StoreError, translated
+from .image import Image
+from .store import CHUNK_SUFFIX, DIGEST_RE, Datastore, check_disk_id
+from .verify import VerifyResult
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image as the catalog lists it; `error` says why the rest is unknown."""
+
+    disk_id: str
+    stamp: str
+    path: str
+    disk: Optional[dict] = None  # identity: id, model, serial, wwn, size, path, host
+    size: Optional[int] = None
+    mode: Optional[str] = None
+    status: Optional[str] = None
+    level: Optional[int] = None
+    sha256: Optional[str] = None
+    created: Optional[str] = None  # UTC, ISO 8601
+    seconds: Optional[float] = None
+    stored_bytes: Optional[int] = None
+    new_bytes: Optional[int] = None
+    bad_bytes: Optional[int] = None
+    mounted_rw: Optional[bool] = None
+    verified: bool = False  # a verification is recorded
+    verified_at: Optional[str] = None  # when it ended, UTC, ISO 8601
+    verify_ok: Optional[bool] = None  # whether it found every chunk intact
+    error: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatastoreUsage:
+    path: str
+    total_bytes: int  # of the filesystem holding the datastore
+    free_bytes: int  # available to this process on it
+    chunk_count: int
+    chunk_bytes: int  # compressed, as stored
+    image_count: int  # readable images
+    logical_bytes: int  # the sum of their disk sizes
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_images(store_dir: os.PathLike | str, disk_id: Optional[str] = None) -> list[ImageRecord]:
+    """Every image of the datastore (of one disk if `disk_id`), by disk, oldest first."""
+    store = Datastore.open(store_dir)
+    if disk_id is not None:
+        check_disk_id(disk_id)
+    return [_record(store, path) for path in store.image_dirs(disk_id)]
+
+
+def _record(store: Datastore, path: Path) -> ImageRecord:
+    where = ImageRecord(path.parent.name, path.name, str(path))
+    try:
+        image = Image.open(path, store)
+    except ImagingError as exc:
+        return dataclasses.replace(where, error=str(exc))
+    manifest = image.manifest
+    record = dataclasses.replace(
+        where, disk=manifest.identity(), size=manifest.size, mode=manifest.mode,
+        status=manifest.status, level=manifest.level, sha256=manifest.sha256,
+        created=manifest.created, seconds=manifest.seconds, stored_bytes=manifest.stored_bytes,
+        new_bytes=manifest.new_bytes, bad_bytes=manifest.bad_bytes,
+        mounted_rw=manifest.mounted_rw)
+    try:
+        verification = VerifyResult.read(path)
+    except ImagingError as exc:
+        return dataclasses.replace(record, error=str(exc))
+    if verification is None:
+        return record
+    return dataclasses.replace(record, verified=True, verified_at=verification.at,
+                               verify_ok=verification.ok)
+
+
+def datastore_usage(store_dir: os.PathLike | str) -> DatastoreUsage:
+    """The datastore's filesystem space, its chunks and its images."""
+    store = Datastore.open(store_dir)
+    with translated(StoreError, f"cannot measure datastore {store.root}"):
+        space = os.statvfs(store.root)
+        chunk_count, chunk_bytes = _chunks(store)
+    images = [record for record in list_images(store.root) if record.size is not None]
+    return DatastoreUsage(str(store.root), space.f_blocks * space.f_frsize,
+                          space.f_bavail * space.f_frsize, chunk_count, chunk_bytes,
+                          len(images), sum(record.size for record in images))
+
+
+def _chunks(store: Datastore) -> tuple[int, int]:
+    """(number, bytes) of the stored chunks; set-aside and temporary files are not chunks."""
+    count = size = 0
+    for folder in store.chunk_dirs():
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.endswith(CHUNK_SUFFIX) or \
+                        not DIGEST_RE.match(entry.name[:-len(CHUNK_SUFFIX)]):
+                    continue
+                try:
+                    size += entry.stat().st_size
+                except FileNotFoundError:
+                    continue  # collected meanwhile
+                count += 1
+    return count, size
