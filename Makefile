@@ -1,16 +1,21 @@
-# `make run` shows the product working; `make test` proves it. Both start from
+# `make run` brings the whole system up; `make test` proves it. Both start from
 # a fresh Debian machine: they install what they need, every time, idempotently.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# util-linux/fdisk: sfdisk, lsblk, losetup; fuse3 + libfuse3-dev + gcc: the faulty
-# test disk; gddrescue: the reference for read-error maps; the rest are the peers
-# the benchmark compares with and the filesystems the tests build.
-APT_PACKAGES := python3-venv fdisk util-linux e2fsprogs dosfstools mtools fuse3 libfuse3-dev pkg-config \
-	gcc zstd gddrescue partclone borgbackup p7zip-full gzip xz-utils time
+# What the engine runs on every host (the Docker image installs only these):
+# util-linux/fdisk: sfdisk, lsblk, losetup, mount; e2fsprogs and partclone: used
+# mode's block maps; zstd: RESTORE.txt; gzip, xz, 7-Zip: importing classic backups.
+RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full
+# The rest: Redis and PostgreSQL on loopback; fuse3 + libfuse3-dev + gcc: the
+# faulty test disk; gddrescue: the reference for read-error maps; chromium: the
+# page tests; docker-compose: checking docker-compose.yml; borg, time: the
+# benchmark's peers; dosfstools/mtools: the filesystems the tests build.
+APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
+	docker-compose curl dosfstools mtools fuse3 libfuse3-dev pkg-config gcc gddrescue borgbackup time
 
-.PHONY: install system-packages run test bench clean
+.PHONY: install system-packages services run test bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -28,13 +33,16 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# Redis, and PostgreSQL for the tests, on loopback when none answers.
+services: install
+	@ops/services.sh
+
+# Web server, worker for this host, beat (and Redis if none answers) until Ctrl-C.
 run: install
-	$(PY) -m demo
+	@ops/run.sh
 
 test: install
-	@$(PY) -m pytest tests; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
-	exit $$status
+	@ops/test.sh
 
 bench: install
 	$(PY) -m bench

@@ -88,7 +88,7 @@ def _block_disk(device: dict) -> dict:
     elif (by_id := _by_id_name(device["path"])):
         disk_id = safe_id(by_id)
     elif backing:
-        disk_id = safe_id(f"loop-{Path(backing).name}")
+        disk_id = safe_id(f"loop-{host_name()}-{Path(backing).name}")
     else:
         disk_id = safe_id(f"dev-{device['name']}")
     points = _mountpoints(device)
@@ -109,7 +109,8 @@ def _file_disk(path: str) -> dict:
     except OSError as exc:
         raise SourceError(f"cannot use disk file {path}: {reason(exc)}") from None
     return {
-        "id": safe_id(f"file-{Path(real).name}"), "path": real, "type": "file",
+        # A file's name is unique on its host only: two hosts may each have a "vm.img".
+        "id": safe_id(f"file-{host_name()}-{Path(real).name}"), "path": real, "type": "file",
         "model": None, "serial": None, "wwn": None, "size": size, "sector_size": 512,
         "transport": None, "read_only": not os.access(real, os.W_OK), "removable": False,
         "mounted": False, "mountpoints": [], "backing_file": None, "host": host_name(),

@@ -16,7 +16,7 @@ def test_disks_lists_block_disks_and_configured_files(tmp_path):
     disks = json.loads(imaging("disks", env=env).stdout)
     files = [d for d in disks if d["type"] == "file"]
     assert [(d["id"], d["path"], d["size"], d["host"]) for d in files] == \
-        [("file-vm-disk.img", str(disk_file), 8 * MiB, "node7")]
+        [("file-node7-vm-disk.img", str(disk_file), 8 * MiB, "node7")]
     lsblk = json.loads(subprocess.run(["lsblk", "--json", "--bytes", "-d", "-o", "PATH,TYPE,SIZE"],
                                       capture_output=True, text=True, check=True).stdout)
     expected = {d["path"]: int(d["size"]) for d in lsblk["blockdevices"]

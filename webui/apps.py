@@ -8,3 +8,4 @@ class WebuiConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401  (registers the system checks)
+        from . import signals  # noqa: F401  (connects the worker's and models' handlers)

@@ -15,6 +15,7 @@ DEBUG = env_bool("DEBUG", False)
 DATA_DIR = env_path("DATA_DIR", BASE_DIR / "data")
 try:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
+    (DATA_DIR / "static").mkdir(exist_ok=True)
 except OSError as exc:
     raise ImproperlyConfigured(f"DATA_DIR={str(DATA_DIR)!r}: cannot create it ({exc.strerror})") from None
 SECRET_KEY = env_secret("SECRET_KEY")
@@ -61,6 +62,8 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Before anything reads a body: DRF's parsers skip DATA_UPLOAD_MAX_MEMORY_SIZE.
+    "webui.api.middleware.ApiBodyLimitMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -118,7 +121,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT = DATA_DIR / "static"  # made above, filled by collectstatic
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -147,6 +150,15 @@ PROGRESS_SEND_SECONDS = env_float("PROGRESS_SEND_SECONDS", 0.25, minimum=0.01)
 PROGRESS_SAVE_SECONDS = env_float("PROGRESS_SAVE_SECONDS", 5.0, minimum=0.1)
 # Longer than any job: an unacknowledged job message is redelivered only after this.
 JOB_VISIBILITY_TIMEOUT = env_int("JOB_VISIBILITY_TIMEOUT", 7 * 24 * 3600, minimum=3600)
+# A running job looks for a cancel request this often (the engine stops within a chunk).
+JOB_CANCEL_POLL_SECONDS = env_float("JOB_CANCEL_POLL_SECONDS", 0.25, minimum=0.05)
+# How often beat sweeps for lost and stalled jobs, and for disks whose protection changed.
+CHECK_JOBS_SECONDS = env_float("CHECK_JOBS_SECONDS", 15.0, minimum=1.0)
+CHECK_PROTECTION_SECONDS = env_float("CHECK_PROTECTION_SECONDS", 60.0, minimum=1.0)
+# Export writes, and import reads, only below these folders of the host that runs the job:
+# a request names a file in them, never a path elsewhere on a machine where workers are root.
+EXPORT_DIR = env_path("EXPORT_DIR", DATA_DIR / "exports")
+IMPORT_DIR = env_path("IMPORT_DIR", DATA_DIR / "imports")
 
 # --- Redis: Celery broker and the Channels layer ----------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -164,6 +176,21 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = False
+# Threads: a job, its heartbeat and its cancel watcher share one process, so killing the
+# worker kills its jobs with it (no orphaned pool child writing a disk while its job is
+# declared lost), and the engine's work (hashing, zstd, I/O) releases the GIL anyway.
+CELERY_WORKER_POOL = "threads"
+CELERY_WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 4, minimum=1)
+# Installed into django-celery-beat's table by its DatabaseScheduler at every beat start
+# (update or create by name): the intervals live here, next to their settings, and only
+# beat, which runs once per installation, writes them.
+CELERY_BEAT_SCHEDULE = {
+    "check jobs": {"task": "webui.tasks.check_jobs", "schedule": CHECK_JOBS_SECONDS,
+                   "options": {"expire_seconds": int(CHECK_JOBS_SECONDS)}},
+    "check protection": {"task": "webui.tasks.check_protection",
+                         "schedule": CHECK_PROTECTION_SECONDS,
+                         "options": {"expire_seconds": int(CHECK_PROTECTION_SECONDS)}},
+}
 
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "redis")
 if CHANNEL_LAYER == "redis":
@@ -183,16 +210,21 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only: a form field is always a string, and the API's ids are numbers.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"login": env_str("LOGIN_THROTTLE_RATE", "10/min")},
+    "EXCEPTION_HANDLER": "webui.api.exceptions.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Disk imaging dashboard API",
     "DESCRIPTION": "Hosts, disks, images, jobs, schedules and datastores of a home lab.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Read-only fields (id, created...) stay out of request bodies in the schema.
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 # Logins: five failures lock that user and address out for an hour.

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# `make test`: the whole suite on SQLite, then the web tests again on PostgreSQL.
+#
+# Redis and PostgreSQL are started on loopback first when none answers
+# (ops/services.sh). The test process keeps its state in a temporary DATA_DIR,
+# so a run never touches ./data, the one `make run` uses.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+
+postgres_url=$(ops/services.sh | sed -n 's/^DATABASE_URL=//p')
+[ -n "$postgres_url" ] || { echo "test: the services did not start" >&2; exit 1; }
+
+DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/imaging-test-data.XXXXXX")
+export DATA_DIR
+trap 'rm -rf "$DATA_DIR"' EXIT
+
+run_pytest() {  # pytest's exit 5 (no test collected) fails the run as well
+    "$PY" -m pytest "$@"
+    local status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "pytest collected no tests: failing" >&2
+        return 1
+    fi
+    return "$status"
+}
+
+failed=0
+echo "== every test, on SQLite"
+(unset DATABASE_URL; run_pytest tests) || failed=1
+echo "== the web tests, on PostgreSQL at $postgres_url"
+DATABASE_URL=$postgres_url run_pytest tests/test_web_*.py || failed=1
+exit "$failed"

@@ -1,0 +1,96 @@
+"""The environment as settings read it: typed helpers that fail loudly, and a refused missing key."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from webui.env import env_bool, env_float, env_int, env_list, env_path, env_secret, env_str
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_env_str_takes_an_empty_value_for_unset():
+    assert env_str("NAME", "fallback", {}) == "fallback"
+    assert env_str("NAME", "fallback", {"NAME": ""}) == "fallback"
+    assert env_str("NAME", "fallback", {"NAME": "value"}) == "value"
+
+
+@pytest.mark.parametrize("text", ["true", "True", "YES", "1", "on"])
+def test_env_bool_reads_true_in_any_case(text):
+    assert env_bool("DEBUG", False, {"DEBUG": text}) is True
+
+
+@pytest.mark.parametrize("text", ["false", "False", "no", "0", "OFF"])
+def test_env_bool_reads_false_in_any_case(text):
+    assert env_bool("DEBUG", True, {"DEBUG": text}) is False
+
+
+def test_env_bool_refuses_anything_else_naming_the_variable_and_value():
+    with pytest.raises(ImproperlyConfigured, match=r"DEBUG='maybe'"):
+        env_bool("DEBUG", False, {"DEBUG": "maybe"})
+    assert env_bool("DEBUG", True, {}) is True
+
+
+def test_env_int_and_float_refuse_words_and_values_below_the_minimum():
+    assert env_int("PORT", 8000, {"PORT": "8080"}) == 8080
+    with pytest.raises(ImproperlyConfigured, match="PORT='eighty'.*whole number"):
+        env_int("PORT", 8000, {"PORT": "eighty"})
+    with pytest.raises(ImproperlyConfigured, match="at least 1"):
+        env_int("PORT", 8000, {"PORT": "0"}, minimum=1)
+    assert env_float("JOB_LOST_SECONDS", 45.0, {"JOB_LOST_SECONDS": "2.5"}) == 2.5
+    with pytest.raises(ImproperlyConfigured, match="JOB_LOST_SECONDS='soon'"):
+        env_float("JOB_LOST_SECONDS", 45.0, {"JOB_LOST_SECONDS": "soon"})
+
+
+def test_env_list_splits_on_white_space_commas_or_the_separator_given():
+    assert env_list("ALLOWED_HOSTS", "", {"ALLOWED_HOSTS": "a.lan, b.lan  c.lan"}) == \
+        ["a.lan", "b.lan", "c.lan"]
+    assert env_list("IMAGING_DISK_FILES", "", {"IMAGING_DISK_FILES": "/a.img::/b,c.img"},
+                    separator=":") == ["/a.img", "/b,c.img"]
+    assert env_list("NOTIFY_URLS", "", {}) == []
+
+
+def test_env_path_is_absolute_and_expands_the_home(tmp_path):
+    assert env_path("DATA_DIR", "data", {}) == Path.cwd() / "data"
+    assert env_path("DATA_DIR", "data", {"DATA_DIR": "~/state"}) == Path.home() / "state"
+
+
+def test_env_secret_prefers_the_file_named_by_NAME_FILE(tmp_path):
+    secret = tmp_path / "key"
+    secret.write_text("from-the-file\n")
+    environ = {"SECRET_KEY": "from-the-variable", "SECRET_KEY_FILE": str(secret)}
+    assert env_secret("SECRET_KEY", None, environ) == "from-the-file"
+    assert env_secret("SECRET_KEY", None, {"SECRET_KEY": "from-the-variable"}) == "from-the-variable"
+    with pytest.raises(ImproperlyConfigured, match="SECRET_KEY_FILE="):
+        env_secret("SECRET_KEY", None, {"SECRET_KEY_FILE": str(tmp_path / "missing")})
+
+
+def _load_settings(tmp_path, **variables) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("SECRET_KEY", "SECRET_KEY_FILE", "DEBUG")}
+    env.update(DJANGO_SETTINGS_MODULE="webui.settings", DATA_DIR=str(tmp_path), **variables)
+    return subprocess.run([sys.executable, "-c", "import django; django.setup(); "
+                           "from django.conf import settings; print(settings.DEBUG)"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_settings_refuse_a_missing_secret_key_when_debug_is_off(tmp_path):
+    result = _load_settings(tmp_path)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: SECRET_KEY is missing" in result.stderr
+
+
+def test_settings_load_with_a_key_or_with_debug_on(tmp_path):
+    with_key = _load_settings(tmp_path, SECRET_KEY="k" * 50)
+    assert (with_key.returncode, with_key.stdout.strip()) == (0, "False"), with_key.stderr
+    debug = _load_settings(tmp_path, DEBUG="true")
+    assert (debug.returncode, debug.stdout.strip()) == (0, "True"), debug.stderr
+
+
+def test_settings_refuse_a_boolean_they_cannot_read(tmp_path):
+    result = _load_settings(tmp_path, SECRET_KEY="k" * 50, DEBUG="sometimes")
+    assert result.returncode != 0
+    assert "DEBUG='sometimes': use true or false" in result.stderr

@@ -1,0 +1,209 @@
+"""The JSON shapes of DESIGN.md: what the API returns and the WebSocket streams."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from ..models import Datastore, Disk, Host, Image, Job, Protection, Schedule
+
+# A job's progress as the worker last reported it; a job that has not started yet has these.
+EMPTY_PROGRESS: dict[str, Any] = {
+    "phase": None, "unit": "bytes", "done": 0, "total": 0, "rate": 0.0, "eta": None,
+    "bad_bytes": 0, "stored_bytes": 0, "new_bytes": 0, "sent_at": None,
+}
+
+
+class RejectUnknownFields:
+    # A field the serializer does not know is refused: a typo must not pass for a default.
+    # (Serializers' docstrings are the schema's descriptions, for the API's users.)
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(RejectUnknownFields, serializers.Serializer):
+    """Parameters of an action; unknown fields are refused."""
+
+
+class HostSerializer(serializers.ModelSerializer):
+    """A machine with disks; online while its worker reports."""
+
+    online = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Host
+        fields = ["id", "name", "queue", "worker", "last_seen", "online"]
+
+    def get_online(self, host: Host) -> bool:
+        return host.is_online()
+
+
+class DiskSerializer(serializers.ModelSerializer):
+    """A disk of a host, present or gone, and whether its backups are on time."""
+
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    last_backup = serializers.DateTimeField(read_only=True, allow_null=True,
+                                            help_text="when its newest image was taken")
+    overdue = serializers.SerializerMethodField()
+    protection = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Disk
+        fields = ["id", "stable_id", "host", "model", "serial", "size", "path", "present",
+                  "last_backup", "overdue", "protection"]
+
+    def to_representation(self, disk: Disk) -> dict[str, Any]:
+        # The disk comes from Disk.objects.with_protection_facts(): this costs no query.
+        self._protection = disk.protection()  # read by both fields below
+        return super().to_representation(disk)
+
+    def get_overdue(self, disk: Disk) -> bool:
+        return self._protection == Protection.OVERDUE
+
+    @extend_schema_field(serializers.ChoiceField(choices=[state.value for state in Protection]))
+    def get_protection(self, disk: Disk) -> str:
+        return self._protection.value
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    """One backup of a disk in a datastore."""
+
+    verified = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = Image
+        fields = ["id", "disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
+                  "bad_bytes", "sha256", "created", "seconds", "verified"]
+
+
+class ProgressSerializer(serializers.Serializer):
+    """Where a job is, as its worker last reported it."""
+
+    # For the schema: the progress object is built from a dict, never validated.
+    phase = serializers.CharField(allow_null=True)
+    unit = serializers.CharField()
+    done = serializers.IntegerField()
+    total = serializers.IntegerField()
+    rate = serializers.FloatField()
+    eta = serializers.FloatField(allow_null=True)
+    bad_bytes = serializers.IntegerField()
+    stored_bytes = serializers.IntegerField()
+    new_bytes = serializers.IntegerField()
+    sent_at = serializers.FloatField(allow_null=True, help_text="UNIX time it left the worker")
+
+
+class JobSerializer(serializers.ModelSerializer):
+    """A backup, restore, verify... with its state and progress."""
+
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    stalled = serializers.SerializerMethodField()
+    progress = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = ["id", "kind", "state", "stalled", "host", "disk", "image", "target_disk",
+                  "progress", "error", "note", "result", "created", "started", "finished",
+                  "worker"]
+
+    def get_stalled(self, job: Job) -> bool:
+        return job.is_stalled()
+
+    @extend_schema_field(ProgressSerializer)
+    def get_progress(self, job: Job) -> dict[str, Any]:
+        saved = job.progress if isinstance(job.progress, dict) else {}
+        return {name: saved.get(name, default) for name, default in EMPTY_PROGRESS.items()}
+
+
+class DatastoreSerializer(serializers.ModelSerializer):
+    """Where images are kept: usage, chunks, deduplication, last gc and verify."""
+
+    used_bytes = serializers.IntegerField(read_only=True)
+    dedup_ratio = serializers.FloatField(read_only=True, allow_null=True,
+                                         help_text="disk bytes each stored byte stands for")
+
+    class Meta:
+        model = Datastore
+        fields = ["id", "path", "total_bytes", "free_bytes", "used_bytes", "chunk_count",
+                  "chunk_bytes", "image_count", "logical_bytes", "dedup_ratio", "scanned_at",
+                  "last_gc", "last_verify"]
+
+
+class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
+    """When a disk is backed up (or a datastore verified or collected), how, and what is kept."""
+
+    next_run = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Schedule
+        fields = ["id", "kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
+                  "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                  "enabled", "grace", "notify_urls", "notify_on_success", "created", "next_run"]
+        read_only_fields = ["created"]
+        extra_kwargs = {"grace": {"min_value": dt.timedelta(0),
+                                  "max_value": dt.timedelta(days=365)}}
+
+    def get_next_run(self, schedule: Schedule) -> dt.datetime | None:
+        if not schedule.enabled:
+            return None
+        return schedule.next_run_after(timezone.now())
+
+    def validate(self, attrs):
+        # The model's own rules (a backup schedule names its disk...) on the row as edited;
+        # DRF turns Django's ValidationError into field errors.
+        candidate = copy.copy(self.instance) if self.instance is not None else Schedule()
+        for name, value in attrs.items():
+            setattr(candidate, name, value)
+        candidate.clean()
+        return attrs
+
+
+class BackupSerializer(StrictSerializer):
+    """How to take this backup; left out, as the disk's schedule says."""
+
+    mode = serializers.ChoiceField(choices=["raw", "used"], required=False)
+    level = serializers.IntegerField(min_value=1, max_value=22, required=False)
+    datastore = serializers.PrimaryKeyRelatedField(queryset=Datastore.objects.all(),
+                                                   required=False)
+
+
+class DiskIdField(serializers.IntegerField):
+    """A disk's database id as a JSON number: never a path, never a string of digits."""
+
+    default_error_messages = {
+        "invalid": "a disk is named by its id from /api/disks/ (a whole number), not {kind}",
+        "path": "a disk is named by its id from /api/disks/, never by a path",
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and data.startswith("/"):
+            self.fail("path")
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid", kind=f"a {type(data).__name__}")
+        return data
+
+
+class RestoreSerializer(StrictSerializer):
+    """The disk to overwrite, by its id, and its stable_id typed again to confirm."""
+
+    target_disk = DiskIdField(help_text="the id of the disk to overwrite")
+    confirm = serializers.CharField(max_length=200, trim_whitespace=False,
+                                    help_text="the target disk's stable_id, typed to confirm")
+
+
+class NoParametersSerializer(StrictSerializer):
+    """An action that takes no parameters."""
+
+
+class JobStartedSerializer(serializers.Serializer):
+    """The job that was queued (or asked to stop)."""
+
+    job = serializers.IntegerField(help_text="the job's id: follow it at /api/jobs/<id>/")

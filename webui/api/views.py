@@ -1,0 +1,167 @@
+"""The JSON API: each view parses the request and calls one query or one service.
+
+A service that refuses (a busy disk, a target too small...) raises
+services.Refused; the exception handler answers it with 400 {"detail": ...}.
+"""
+from __future__ import annotations
+
+from django.db import transaction
+from django.db.models import Q
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.reverse import reverse
+from rest_framework.serializers import Serializer
+from rest_framework.throttling import ScopedRateThrottle
+
+from .. import services
+from ..models import Datastore, Disk, Host, Image, Job, Schedule
+from .permissions import IsStaffOrReadOnly
+from .serializers import (BackupSerializer, DatastoreSerializer, DiskSerializer, HostSerializer,
+                          ImageSerializer, JobSerializer, JobStartedSerializer,
+                          NoParametersSerializer, RestoreSerializer, ScheduleSerializer)
+
+# The largest id a database column holds: a bigger number in a filter names no row, and
+# SQLite would not even take it.
+MAX_ID = 2 ** 63 - 1
+REFUSED = OpenApiResponse(description="refused, with the reason in `detail`")
+STARTED = {202: JobStartedSerializer, 400: REFUSED}
+
+
+def parse(serializer_class: type[Serializer], data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def accepted(request: Request, job: Job) -> Response:
+    """202: the job is queued (or asked to stop); its state is at the Location."""
+    return Response({"job": job.pk}, status=status.HTTP_202_ACCEPTED,
+                    headers={"Location": reverse("job-detail", args=[job.pk], request=request)})
+
+
+class ApiViewSet(viewsets.GenericViewSet):
+    permission_classes = [IsStaffOrReadOnly]
+    lookup_value_regex = r"[0-9]+"
+
+
+class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+    queryset = Host.objects.all()
+    serializer_class = HostSerializer
+
+
+class DiskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+    serializer_class = DiskSerializer
+
+    def get_queryset(self):
+        return Disk.objects.with_protection_facts()
+
+    @extend_schema(request=BackupSerializer, responses=STARTED,
+                   summary="Back the disk up now")
+    @action(detail=True, methods=["post"])
+    def backup(self, request: Request, pk=None) -> Response:
+        disk = self.get_object()
+        job = services.start_backup(disk, request.user, **parse(BackupSerializer,
+                                                                 request.data))
+        return accepted(request, job)
+
+
+class ImageFilter(serializers.Serializer):
+    disk = serializers.IntegerField(min_value=1, max_value=MAX_ID, required=False,
+                                    help_text="only this disk's images (its id)")
+
+
+@extend_schema(parameters=[ImageFilter])
+class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+    serializer_class = ImageSerializer
+
+    def get_queryset(self):
+        if self.action != "list":
+            return Image.objects.select_related("disk__host", "datastore")
+        wanted = parse(ImageFilter, self.request.query_params)
+        if "disk" in wanted:
+            return Image.objects.filter(disk_id=wanted["disk"])
+        return Image.objects.all()
+
+    @extend_schema(request=RestoreSerializer, responses=STARTED,
+                   summary="Write the image onto a disk")
+    @action(detail=True, methods=["post"])
+    def restore(self, request: Request, pk=None) -> Response:
+        image = self.get_object()
+        wanted = parse(RestoreSerializer, request.data)
+        job = services.start_restore(image, wanted["target_disk"], wanted["confirm"],
+                                     request.user)
+        return accepted(request, job)
+
+    @extend_schema(request=NoParametersSerializer, responses=STARTED,
+                   summary="Re-hash every chunk of the image")
+    @action(detail=True, methods=["post"])
+    def verify(self, request: Request, pk=None) -> Response:
+        image = self.get_object()
+        parse(NoParametersSerializer, request.data)
+        return accepted(request, services.start_verify(image, request.user))
+
+
+class JobFilter(serializers.Serializer):
+    state = serializers.ChoiceField(choices=Job.State.choices, required=False)
+    disk = serializers.IntegerField(min_value=1, max_value=MAX_ID, required=False,
+                                    help_text="jobs that read or write this disk (its id)")
+
+
+@extend_schema(parameters=[JobFilter])
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+    serializer_class = JobSerializer
+
+    def get_queryset(self):
+        jobs = Job.objects.select_related("host")
+        if self.action == "list":
+            wanted = parse(JobFilter, self.request.query_params)
+            if "state" in wanted:
+                jobs = jobs.filter(state=wanted["state"])
+            if "disk" in wanted:
+                jobs = jobs.filter(Q(disk_id=wanted["disk"]) | Q(target_disk_id=wanted["disk"]))
+        return jobs
+
+    @extend_schema(request=NoParametersSerializer, responses=STARTED,
+                   summary="Ask the job to stop (it stops between two chunks)")
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk=None) -> Response:
+        job = self.get_object()
+        parse(NoParametersSerializer, request.data)
+        services.cancel_job(job, request.user)
+        return accepted(request, job)
+
+
+class ScheduleViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                      mixins.CreateModelMixin, mixins.UpdateModelMixin, ApiViewSet):
+    queryset = Schedule.objects.all()
+    serializer_class = ScheduleSerializer
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+    def perform_create(self, serializer: ScheduleSerializer) -> None:
+        with transaction.atomic():
+            services.sync_schedule(serializer.save())
+
+    def perform_update(self, serializer: ScheduleSerializer) -> None:
+        with transaction.atomic():
+            services.sync_schedule(serializer.save())
+
+
+class DatastoreViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+    queryset = Datastore.objects.all()
+    serializer_class = DatastoreSerializer
+
+
+class ObtainTokenView(ObtainAuthToken):
+    """A user's API token for a username and password (throttled; django-axes locks out)."""
+
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "login"
+
+    def get_serializer_context(self):
+        # django-axes flags a locked-out attempt on Django's request, where its middleware
+        # looks to answer 429; DRF's wrapper would keep the flag to itself.
+        return {**super().get_serializer_context(), "request": self.request._request}

@@ -1,0 +1,23 @@
+"""The ASGI entry point: Django for HTTP, Channels for WebSockets.
+
+WebSockets carry the session's user and must come from a page of ours: an
+Origin outside ALLOWED_HOSTS (or none) is refused before any consumer runs.
+"""
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webui.settings")
+# Sets Django up; the imports below load models.
+django_application = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from .routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter({
+    "http": django_application,
+    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+})
