@@ -1,16 +1,19 @@
 """The catalog: a datastore's images as typed records, and what the datastore holds.
 
-Listing reads each image's manifest.json and verification record and nothing
-else (no index), so thousands of images list in a second or so. An image that
-cannot be read is listed with the reason instead of failing the whole listing.
+Listing reads each image's manifest.json, verification record and partition
+table, and its read-error map if it has read errors, nothing else (no index),
+so thousands of images list in a second or so. An image that cannot be read is
+listed with the reason instead of failing the whole listing.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
+from . import badmap
 from .errors import ImagingError, StoreError, translated
 from .image import Image
 from .store import CHUNK_SUFFIX, DIGEST_RE, Datastore, check_disk_id
@@ -39,6 +42,11 @@ class ImageRecord:
     verified: bool = False  # a verification is recorded
     verified_at: Optional[str] = None  # when it ended, UTC, ISO 8601
     verify_ok: Optional[bool] = None  # whether it found every chunk intact
+    # What the disk held: {"name", "start", "size" (bytes), "type", "fstype", "label"} each,
+    # from layout.sf; the filesystem is known where a used-mode backup probed it.
+    partitions: Optional[list[dict]] = None
+    # Where its read errors are, [offset, length] in bytes, at most MAX_BAD_RANGES spans.
+    bad_ranges: Optional[list[list[int]]] = None
     error: Optional[str] = None
 
     def as_dict(self) -> dict:
@@ -79,7 +87,8 @@ def _record(store: Datastore, path: Path) -> ImageRecord:
         status=manifest.status, level=manifest.level, sha256=manifest.sha256,
         created=manifest.created, seconds=manifest.seconds, stored_bytes=manifest.stored_bytes,
         new_bytes=manifest.new_bytes, bad_bytes=manifest.bad_bytes,
-        mounted_rw=manifest.mounted_rw)
+        mounted_rw=manifest.mounted_rw, partitions=_partitions(path, manifest),
+        bad_ranges=_bad_ranges(path, manifest.size) if manifest.bad_bytes else [])
     try:
         verification = VerifyResult.read(path)
     except ImagingError as exc:
@@ -88,6 +97,63 @@ def _record(store: Datastore, path: Path) -> ImageRecord:
         return record
     return dataclasses.replace(record, verified=True, verified_at=verification.at,
                                verify_ok=verification.ok)
+
+
+LAYOUT_NAME = "layout.sf"
+BADMAP_NAME = "badblocks.map"
+# A read-error map is shown as a strip across the disk: finer spans than this add nothing.
+MAX_BAD_RANGES = 1000
+_DUMP_FIELD = re.compile(r'(\w+)=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
+
+
+def _partitions(path: Path, manifest) -> Optional[list[dict]]:
+    """The partitions layout.sf lists, [] without a table, None if it cannot be read."""
+    try:
+        text = (path / LAYOUT_NAME).read_text()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError):
+        return None
+    return parse_dump(text, manifest.sector_size, manifest.partitions or [])
+
+
+def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> list[dict]:
+    """Partitions of an `sfdisk --dump` text; `probed`: a used-mode manifest's partition notes,
+    whose filesystems are matched by start."""
+    filesystems = {note["start"]: note.get("filesystem") for note in probed}
+    found = []
+    for line in text.splitlines():
+        header, _, value = line.partition(":")
+        if header == "sector-size" and value.strip().isdigit():
+            sector_size = int(value)
+            continue
+        node, separator, fields = line.partition(" : ")
+        if not separator:
+            continue
+        values = {key: value.strip('"') for key, value in _DUMP_FIELD.findall(fields)}
+        if not values.get("start", "").isdigit() or not values.get("size", "").isdigit():
+            continue
+        start = int(values["start"]) * sector_size
+        found.append({"name": Path(node.strip()).name, "start": start,
+                      "size": int(values["size"]) * sector_size, "type": values.get("type"),
+                      "fstype": filesystems.get(start), "label": values.get("name") or None})
+    return found
+
+
+def _bad_ranges(path: Path, size: int) -> Optional[list[list[int]]]:
+    try:
+        bad = badmap.parse_bad((path / BADMAP_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if len(bad) > MAX_BAD_RANGES:
+        # One span per 1/MAX_BAD_RANGES of the disk, covering the errors inside it.
+        spans: dict[int, list[int]] = {}
+        for start, length in bad:
+            bucket = start * MAX_BAD_RANGES // max(size, 1)
+            low, high = spans.get(bucket, (start, start + length))
+            spans[bucket] = [min(low, start), max(high, start + length)]
+        bad = [(low, high - low) for low, high in spans.values()]
+    return [[start, length] for start, length in bad]
 
 
 def datastore_usage(store_dir: os.PathLike | str) -> DatastoreUsage:

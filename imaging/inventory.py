@@ -14,10 +14,14 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
+from . import layout
 from .errors import SourceError, reason, running
 
-LSBLK_COLUMNS = "NAME,PATH,KNAME,MAJ:MIN,TYPE,SIZE,MODEL,SERIAL,WWN,TRAN,RO,RM,LOG-SEC,MOUNTPOINTS"
+LSBLK_COLUMNS = ("NAME,PATH,KNAME,MAJ:MIN,TYPE,SIZE,MODEL,SERIAL,WWN,TRAN,RO,RM,LOG-SEC,"
+                 "MOUNTPOINTS,START,FSTYPE,LABEL,PARTLABEL")
 BY_ID = Path("/dev/disk/by-id")
+# The kernel counts a partition's START in 512-byte units whatever the disk's sector size.
+KERNEL_SECTOR = 512
 
 
 def host_name() -> str:
@@ -118,23 +122,79 @@ def _file_disk(path: str) -> dict:
 
 
 def inventory() -> list[dict]:
-    """Every whole disk of this host and every configured disk file.
+    """Every whole disk of this host and every configured disk file, with its partitions.
 
     A configured path may also be a block device lsblk does not call a disk
     (a loop device over a VM's disk image): it is described as a block device.
     """
     # zram is compressed memory, and an empty slot (card reader) holds nothing to image.
-    disks = [_block_disk(d) for d in _lsblk()
-             if d.get("type") == "disk" and int(d.get("size") or 0) > 0 and not d["name"].startswith("zram")]
+    devices = [d for d in _lsblk() if d.get("type") == "disk" and int(d.get("size") or 0) > 0
+               and not d["name"].startswith("zram")]
+    disks = []
+    for device in devices:
+        disk = _block_disk(device)
+        disk["partitions"] = partitions(disk["path"], disk["size"], device.get("children") or [])
+        disks.append(disk)
     listed = {disk["path"] for disk in disks}
     for path in configured_disk_files():
         if os.path.exists(path) and os.path.realpath(path) not in listed:
-            disks.append(identify(path))
+            disk, children = _identified(path)
+            disk["partitions"] = partitions(disk["path"], disk["size"], children)
+            disks.append(disk)
     return disks
+
+
+def partitions(path: str, size: int, children: list[dict]) -> list[dict]:
+    """What overwriting the disk destroys: each partition's place (bytes), filesystem, label.
+
+    lsblk's children are the partitions the kernel knows. A disk file, or a loop
+    device without partition scanning, has none: sfdisk reads its table then.
+    Without udev, lsblk knows no filesystems: blkid probes each partition in
+    place. A disk whose table cannot be read is listed without partitions.
+    """
+    try:
+        found = [{"name": child["name"], "start": int(child.get("start") or 0) * KERNEL_SECTOR,
+                  "size": int(child.get("size") or 0), "fstype": child.get("fstype"),
+                  "label": child.get("label") or child.get("partlabel")}
+                 for child in children if child.get("type") == "part"]
+        if not found:
+            found = [{"name": Path(entry.get("node") or "").name,
+                      "start": entry["start"] * entry["sectorsize"],
+                      "size": entry["size"] * entry["sectorsize"], "fstype": None,
+                      "label": entry.get("name")} for entry in layout.partitions(path)]
+        if not found:
+            # No partition table: a filesystem may fill the whole disk.
+            fstype, label = _probe(path, 0, size)
+            return [{"name": Path(path).name, "start": 0, "size": size, "fstype": fstype,
+                     "label": label}] if fstype else []
+        for entry in found:
+            if entry["fstype"] is None:
+                fstype, label = _probe(path, entry["start"], entry["size"])
+                entry["fstype"], entry["label"] = fstype, label or entry["label"]
+    except SourceError:
+        return []
+    return found
+
+
+def _probe(path: str, start: int, size: int) -> tuple[Optional[str], Optional[str]]:
+    """(TYPE, LABEL) of the filesystem blkid finds at start..start+size, (None, None) if none."""
+    command = ["blkid", "--probe", "--output", "export", "--offset", str(start),
+               "--size", str(size), path]
+    with running("blkid", "util-linux"):
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        return None, None
+    found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    return found.get("TYPE"), found.get("LABEL")
 
 
 def identify(path: str) -> dict:
     """The identity of one source (block device or disk file) for its manifest."""
+    return _identified(path)[0]
+
+
+def _identified(path: str) -> tuple[dict, list[dict]]:
+    """The identity of one source, and the partitions lsblk lists under it."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -143,5 +203,5 @@ def identify(path: str) -> dict:
         devices = _lsblk(path)
         if not devices:
             raise SourceError(f"{path}: lsblk does not know this device")
-        return _block_disk(devices[0])
-    return _file_disk(path)
+        return _block_disk(devices[0]), devices[0].get("children") or []
+    return _file_disk(path), []

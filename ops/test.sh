@@ -14,6 +14,8 @@ postgres_url=$(ops/services.sh | sed -n 's/^DATABASE_URL=//p')
 DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/imaging-test-data.XXXXXX")
 export DATA_DIR
 trap 'rm -rf "$DATA_DIR"' EXIT
+# STATIC_ROOT: the web tests serve no static files, but it must exist.
+mkdir "$DATA_DIR/static"
 
 run_pytest() {  # pytest's exit 5 (no test collected) fails the run as well
     "$PY" -m pytest "$@"

@@ -136,6 +136,9 @@ class Disk(models.Model):
     mounted = models.BooleanField(default=False)
     mountpoints = models.JSONField(default=list, blank=True)
     read_only = models.BooleanField(default=False)
+    partitions = models.JSONField(default=list, blank=True,
+                                  help_text='what it holds now: [{"name", "start", "size", '
+                                            '"fstype", "label"}], bytes')
     first_seen = models.DateTimeField(default=timezone.now)
     last_seen = models.DateTimeField(null=True, blank=True)
     # When protection last flipped, and when it will next go bad unless a backup comes
@@ -228,6 +231,11 @@ class Image(models.Model):
     mounted_rw = models.BooleanField(default=False)
     verified_at = models.DateTimeField(null=True, blank=True)
     verify_ok = models.BooleanField(null=True, blank=True)
+    partitions = models.JSONField(default=list, blank=True,
+                                  help_text='what the disk held: [{"name", "start", "size", '
+                                            '"type", "fstype", "label"}], bytes')
+    bad_ranges = models.JSONField(default=list, blank=True,
+                                  help_text="where its read errors are: [[offset, length]], bytes")
 
     class Meta:
         ordering = ["-created"]

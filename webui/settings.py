@@ -132,6 +132,11 @@ STORAGES = {
 # Huge bodies are refused with 400 before any view sees them.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024, minimum=1024)
 
+# `make run` (manage.py up): the port it serves on, and the first admin account's
+# password (empty: a random one, printed once; only Django's hash is stored).
+PORT = env_int("PORT", 8000, minimum=1)
+ADMIN_PASSWORD = env_secret("ADMIN_PASSWORD", "")
+
 # --- the imaging side -----------------------------------------------------------
 IMAGING_DATASTORE = env_path("IMAGING_DATASTORE", DATA_DIR / "datastore")
 IMAGING_DISK_FILES = env_list("IMAGING_DISK_FILES", "", separator=":")

@@ -15,8 +15,10 @@ so its fixtures need no import:
 - `live_environment`: the environment those subprocesses get (a dict the test
   may add to before it starts one).
 
-Every subprocess leads its own process group, and the group is killed at
-teardown, also when the test fails: no pool process or reloader outlives it.
+The processes are started by webui.testing, the launcher the web benchmark
+uses too. Every subprocess leads its own process group, and the group is
+killed at teardown, also when the test fails: no pool process or reloader
+outlives it.
 
 The database they share with the test is pytest-django's test database itself:
 these fixtures pull in `transactional_db`, so what the test writes is committed
@@ -36,26 +38,24 @@ set, so webui.settings loads with DEBUG off, as in production.
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
+from webui.testing import (REPO, CeleryWorker, LiveServer, ServiceFailed, database_url,
+                           free_port, redis_answers)
+
 from .requirements import requirement_missing
 
-REPO = Path(__file__).resolve().parents[2]
-STARTUP_SECONDS = 60
-STOP_SECONDS = 10
+__all__ = ["REPO", "CeleryWorker", "LiveServer", "free_port"]
+
 TEST_SECRET_KEY = "tests-only-secret-key-" + "k" * 20 + "-never-used-outside-the-test-run"
 
 _sqlite_test_dir: Path | None = None
@@ -94,36 +94,6 @@ def pytest_sessionfinish(session):
         shutil.rmtree(_sqlite_test_dir, ignore_errors=True)
 
 
-def database_url(settings_dict: dict) -> str:
-    """A DATABASE_URL for the database a Django connection is using."""
-    engine, name = settings_dict["ENGINE"], settings_dict["NAME"]
-    if engine == "django.db.backends.sqlite3":
-        return f"sqlite:///{Path(name).resolve()}"
-    if engine == "django.db.backends.postgresql":
-        user = quote(settings_dict.get("USER") or "", safe="")
-        password = quote(settings_dict.get("PASSWORD") or "", safe="")
-        credentials = f"{user}:{password}@" if user else ""
-        host = settings_dict.get("HOST") or "127.0.0.1"
-        port = settings_dict.get("PORT") or 5432
-        return f"postgres://{credentials}{host}:{port}/{quote(name, safe='')}"
-    raise RuntimeError(f"no DATABASE_URL for a subprocess on {engine}")
-
-
-def redis_answers(url: str) -> str | None:
-    """None if Redis at url answers a PING, else why not."""
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except redis.RedisError as error:
-        return f"no Redis answers at {url} ({error}); `make services` starts one"
-    return None
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     settings = _django_settings()
@@ -134,109 +104,13 @@ def redis_url() -> str:
     return url
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ServiceProcess:
-    """A subprocess leading its own process group, its output kept in a log file."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path):
-        self.name = name
-        self.command = command
-        self.env = env
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = STARTUP_SECONDS) -> None:
-        """Poll ready() until it is true; fail the test with the log if the
-        process dies or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if not self.alive():
-                self.stop()
-                pytest.fail(f"{self.name} exited {self.process.returncode} before {what}:\n"
-                            f"{self._log_tail()}", pytrace=False)
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"{self.name}: no sign of {what} after {timeout:.0f} s:\n"
-                            f"{self._log_tail()}", pytrace=False)
-            time.sleep(0.1)
-
-    def _log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL for whatever of its group is left after a grace time."""
-        if self.alive():
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill_hard()
-
-    def kill_hard(self) -> None:
-        """SIGKILL to every process of the group, at once, as a power cut would."""
-        self._signal_group(signal.SIGKILL)
-        self.process.wait()
-
-
-class LiveServer(ServiceProcess):
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__("uvicorn", [
-            sys.executable, "-m", "uvicorn", "webui.asgi:application",
-            "--host", "127.0.0.1", "--port", str(self.port), "--lifespan", "off",
-        ], env, log_path)
-        self.wait_until(self._answers, f"an HTTP answer at {self.url}")
-
-    def _answers(self) -> bool:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            connection.request("HEAD", "/")
-            connection.getresponse()
-        except OSError:
-            return False
-        finally:
-            connection.close()
-        return True
-
-
-class CeleryWorker(ServiceProcess):
-    def __init__(self, host_name: str, queues: Iterable[str], env: dict[str, str],
-                 log_path: Path, concurrency: int | None):
-        self.host_name = host_name
-        self.node_name = f"{host_name}@{socket.gethostname()}"
-        command = [sys.executable, "-m", "celery", "-A", "webui", "worker",
-                   "--queues", ",".join(queues), "--hostname", self.node_name,
-                   "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
-        if concurrency is not None:
-            command += ["--concurrency", str(concurrency)]
-        super().__init__(f"worker {host_name}", command, env, log_path)
-        self.wait_until(lambda: f"{self.node_name} ready." in self.log(), "being ready")
+@contextlib.contextmanager
+def _failing_the_test() -> Iterator[None]:
+    """A service that does not come up fails the test with its log, not a traceback."""
+    try:
+        yield
+    except ServiceFailed as failure:
+        pytest.fail(str(failure), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -280,7 +154,8 @@ def live_environment(transactional_db, redis_url, collected_static, tmp_path) ->
 
 @pytest.fixture
 def live_server_process(live_environment, tmp_path) -> Iterator[LiveServer]:
-    server = LiveServer(live_environment, tmp_path / "uvicorn.log")
+    with _failing_the_test():
+        server = LiveServer(live_environment, tmp_path / "uvicorn.log")
     try:
         yield server
     finally:
@@ -301,8 +176,10 @@ def celery_worker(live_environment, tmp_path) -> Iterator[Callable[..., CeleryWo
         worker_env = dict(live_environment, HOST_NAME=host_name,
                           IMAGING_DISK_FILES=":".join(str(Path(path)) for path in disk_files),
                           **(env or {}))
-        worker = CeleryWorker(host_name, queues or [f"host.{host_name}"], worker_env,
-                              tmp_path / f"worker-{host_name}-{len(workers)}.log", concurrency)
+        with _failing_the_test():
+            worker = CeleryWorker(host_name, queues or [f"host.{host_name}"], worker_env,
+                                  tmp_path / f"worker-{host_name}-{len(workers)}.log",
+                                  concurrency)
         workers.append(worker)
         return worker
 

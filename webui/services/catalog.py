@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from django.conf import settings
@@ -18,9 +19,11 @@ from django.utils.dateparse import parse_datetime
 
 import imaging.catalog
 import imaging.inventory
+import imaging.prune
+import imaging.store
 from imaging.errors import ImagingError
 
-from ..models import HOST_NAME_RE, Datastore, Disk, Host, Image
+from ..models import HOST_NAME_RE, Datastore, Disk, Host, Image, Job
 from .errors import Refused
 from .protection import update_alert
 
@@ -45,7 +48,8 @@ def report_inventory(host_name: str, worker: str, disks: Iterable[dict],
                 "sector_size": disk.get("sector_size") or 512, "path": disk.get("path") or "",
                 "kind": disk.get("type") or "", "present": True,
                 "mounted": bool(disk.get("mounted")), "mountpoints": disk.get("mountpoints") or [],
-                "read_only": bool(disk.get("read_only")), "last_seen": now,
+                "read_only": bool(disk.get("read_only")),
+                "partitions": disk.get("partitions") or [], "last_seen": now,
             })
         (Disk.objects.filter(host=host, present=True)
          .exclude(stable_id__in=[disk["id"] for disk in disks]).update(present=False))
@@ -84,6 +88,33 @@ def rescan(datastore_path: os.PathLike | str) -> CatalogChange:
     records, usage = read_catalog(datastore)
     with transaction.atomic():
         return store_catalog(datastore, records, usage)
+
+
+def delete_image(image: Image) -> CatalogChange:
+    """Remove one image from its datastore now; its chunks stay until garbage collection.
+
+    Refused while a job of ours uses it, or a job on any host reads it (the
+    datastore's registrations say so). The disk's catalog is read again after.
+    """
+    busy = image.jobs.filter(state__in=Job.ACTIVE_STATES).first()
+    if busy is not None:
+        raise Refused(f"image {image} is in use by {busy.kind} job #{busy.pk} ({busy.state}): "
+                      "delete it once that job is done")
+    datastore, disk_id = image.datastore, image.disk.stable_id
+    path = Path(image.path)
+    try:
+        store = imaging.store.Datastore.open(datastore.path)
+        if path.is_dir():
+            with store.pruning():
+                reader = imaging.prune.remove_image(store, path)
+            if reader is not None:
+                raise Refused(f"image {image} is being read by {reader.what} on {reader.host}: "
+                              "delete it once that job is done")
+    except ImagingError as exc:
+        raise Refused(str(exc)) from exc
+    records, usage = read_catalog(datastore, disk_id)
+    with transaction.atomic():
+        return store_catalog(datastore, records, usage, disk_id=disk_id)
 
 
 def read_catalog(datastore: Datastore, disk_id: Optional[str] = None,
@@ -137,7 +168,7 @@ def store_catalog(datastore: Datastore, records: Optional[list], usage: Any,
 
 IMAGE_FIELDS = ["disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
                 "bad_bytes", "sha256", "level", "created", "seconds", "mounted_rw",
-                "verified_at", "verify_ok"]
+                "verified_at", "verify_ok", "partitions", "bad_ranges"]
 
 
 def _copy_record(image: Image, record, disk: Disk) -> None:
@@ -150,6 +181,8 @@ def _copy_record(image: Image, record, disk: Disk) -> None:
     image.created = parse_datetime(record.created)
     image.verified_at = parse_datetime(record.verified_at) if record.verified_at else None
     image.verify_ok = record.verify_ok
+    image.partitions = record.partitions or []
+    image.bad_ranges = record.bad_ranges or []
 
 
 def _disks_for(records: list) -> dict[str, Disk]:

@@ -69,6 +69,20 @@ def start_verify(image: Image | int, user=None, schedule: Optional[Schedule] = N
                        disk=image.disk, image=image, datastore=image.datastore, schedule=schedule)
 
 
+def start_verify_latest(datastore: Datastore, user=None,
+                        schedule: Optional[Schedule] = None) -> list[Job]:
+    """Verify the newest image of each disk in the datastore (what a verify schedule runs)."""
+    return [start_verify(image, user, schedule=schedule) for image in latest_images(datastore)]
+
+
+def latest_images(datastore: Datastore) -> list[Image]:
+    latest: dict[int, Image] = {}
+    for image in (Image.objects.filter(datastore=datastore).select_related("disk__host", "datastore")
+                  .order_by("disk_id", "-created")):
+        latest.setdefault(image.disk_id, image)
+    return list(latest.values())
+
+
 def start_recompress(image: Image | int, level: int, user=None) -> Job:
     image = _image(image)
     _check_level(level)

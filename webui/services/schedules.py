@@ -11,9 +11,9 @@ from croniter import croniter
 from django.db import transaction
 from django.utils import timezone
 
-from ..models import Datastore, Disk, Image, Job, Schedule
+from ..models import Disk, Job, Schedule
 from .errors import Refused
-from .jobs import start_backup, start_gc, start_verify
+from .jobs import start_backup, start_gc, start_verify_latest
 from .protection import update_alert
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,8 @@ def run_schedule(schedule_id: int, now: Optional[dt.datetime] = None) -> list[Jo
         elif schedule.kind == Schedule.Kind.GC:
             jobs.append(start_gc(schedule.datastore, schedule=schedule))
         else:
-            for image in _latest_images(schedule.datastore):
-                jobs.append(start_verify(image, schedule=schedule))
+            jobs.extend(start_verify_latest(schedule.datastore, schedule=schedule))
     except Refused as exc:
         # The disk goes overdue if no backup follows: that is what tells the user.
         log.warning("%s did not start: %s", schedule, exc)
     return jobs
-
-
-def _latest_images(datastore: Datastore) -> list[Image]:
-    latest: dict[int, Image] = {}
-    for image in (Image.objects.filter(datastore=datastore).select_related("disk__host", "datastore")
-                  .order_by("disk_id", "-created")):
-        latest.setdefault(image.disk_id, image)
-    return list(latest.values())
