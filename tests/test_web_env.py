@@ -94,3 +94,25 @@ def test_settings_refuse_a_boolean_they_cannot_read(tmp_path):
     result = _load_settings(tmp_path, SECRET_KEY="k" * 50, DEBUG="sometimes")
     assert result.returncode != 0
     assert "DEBUG='sometimes': use true or false" in result.stderr
+
+
+def test_production_settings_pass_the_deployment_checklist(tmp_path):
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("SECRET_KEY", "SECRET_KEY_FILE", "DEBUG", "ALLOWED_HOSTS")}
+    env.update(DJANGO_SETTINGS_MODULE="webui.settings", DATA_DIR=str(tmp_path), HTTPS="true",
+               SECRET_KEY="x7Qm2-random-looking-production-key-vR9wLp4Zk8sT1nB6yH3cJ0fD5gA")
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level",
+                             "WARNING"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout
+
+
+def test_the_deployment_checklist_warns_of_plain_http(tmp_path):
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("SECRET_KEY", "SECRET_KEY_FILE", "DEBUG", "HTTPS")}
+    env.update(DJANGO_SETTINGS_MODULE="webui.settings", DATA_DIR=str(tmp_path),
+               SECRET_KEY="x7Qm2-random-looking-production-key-vR9wLp4Zk8sT1nB6yH3cJ0fD5gA")
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "security.W004" in result.stdout + result.stderr  # no HSTS without HTTPS
