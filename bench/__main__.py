@@ -6,7 +6,9 @@ sections compare several runs: "used" (our used-blocks backup against
 Clonezilla's partclone | zstd, bench/used_peers.py) and, in the first round
 only, "export" (our `export --level 19 --long` against recompressing to 7z,
 bench/export_peers.py; off by default, ~11 min on 1 GiB: add it with --peers,
-or use --peers all).
+or use --peers all). Then the web section (bench/web.py): the same backup
+through the API and a worker against the CLI, live progress over WebSockets,
+and the JSON API over a catalog of 10,000 images.
 Prints a markdown report of the medians, also written to bench/results.md.
 """
 
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import catalog, export_peers, used_peers
+from bench import catalog, export_peers, used_peers, web
 from bench.disk import build_disk, change_files, change_footprint, describe
 from bench.peers import PEERS as TOOL_PEERS
 from bench.peers import Bench, Peer, Run, median, merge_rounds
@@ -250,8 +252,13 @@ def main() -> None:
         notes += [SECTION_NOTES[peer.name] for peer in selected if peer.name in SECTION_NOTES]
         _progress(f"listing {catalog.IMAGES:,} images through the catalog")
         catalog_line = catalog.report_line(workdir / "catalog")
+        web_section = web.section(pristine, workdir / "web",
+                                  web.Scale(rounds=min(args.rounds, web.ROUNDS)),
+                                  idle_wait=args.wait_idle, progress=_progress)
+        notes += web_section.notes
         notes.append(f"Whole run: {(time.perf_counter() - start) / 60:.1f} min.")
-        results = Results(merge_rounds(rounds), pristine.stat().st_size)
+        results = Results(merge_rounds(rounds) | web_section.runs, pristine.stat().st_size,
+                          web_section.rows)
         report = _report(results, pristine, build_seconds, footprints, args.rounds, notes,
                          catalog_line)
     finally:

@@ -2,7 +2,7 @@
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.peers import Run
 from bench.system import MiB
@@ -25,6 +25,8 @@ BUSY_MACHINE_SHARE = 0.25
 class Results:
     runs: dict[str, Run]
     disk_size: int
+    # Rows a section makes itself (bench.web), in the targets table's columns, appended to it.
+    rows: list[list[str]] = field(default_factory=list)
 
 
 def throughput(results: Results, run: Run) -> float:
@@ -186,6 +188,7 @@ def targets_table(results: Results) -> str:
     rows += [comparison.row(results) for comparison in RESTORE_COMPARISONS]
     rows.append(_memory_row(results))
     rows += [comparison.row(results) for comparison in USED_COMPARISONS + EXPORT_COMPARISONS]
+    rows += results.rows
     return _table(["Criterion", "Ours", "Peer", "Ours/peer", "Target", "Result"], rows)
 
 

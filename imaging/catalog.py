@@ -42,6 +42,9 @@ class ImageRecord:
     verified: bool = False  # a verification is recorded
     verified_at: Optional[str] = None  # when it ended, UTC, ISO 8601
     verify_ok: Optional[bool] = None  # whether it found every chunk intact
+    # A restore drill's (verify --fsck) findings, {"number", "type", "result": "clean",
+    # "dirty" or "not checked", "detail"} per partition; None if the last verification had none.
+    filesystems: Optional[list[dict]] = None
     # What the disk held: {"name", "start", "size" (bytes), "type", "fstype", "label"} each,
     # from layout.sf; the filesystem is known where a used-mode backup probed it.
     partitions: Optional[list[dict]] = None
@@ -95,8 +98,11 @@ def _record(store: Datastore, path: Path) -> ImageRecord:
         return dataclasses.replace(record, error=str(exc))
     if verification is None:
         return record
+    filesystems = verification.filesystems
     return dataclasses.replace(record, verified=True, verified_at=verification.at,
-                               verify_ok=verification.ok)
+                               verify_ok=verification.ok,
+                               filesystems=None if filesystems is None else
+                               [check.as_dict() for check in filesystems])
 
 
 LAYOUT_NAME = "layout.sf"

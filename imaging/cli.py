@@ -9,17 +9,20 @@ import argparse
 import json
 import os
 import signal
+import stat
 import sys
 from typing import Optional
 
 from . import codec, layout
 from .backup import MODES, backup
 from .catalog import ImageRecord, list_images
-from .errors import ImagingError, SourceInUse
+from .errors import Cancelled, ImagingError, SourceInUse
 from .export import export
+from .files import COVERED, extract, list_files, printable
 from .gc import DEFAULT_SAFETY_MARGIN, collect
 from .importer import import_archive
 from .inventory import inventory
+from .mount import mount
 from .progress import Progress
 from .prune import Retention, prune
 from .recompress import recompress
@@ -74,23 +77,88 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     result = restore(args.image, args.target, verify=not args.no_verify,
-                     progress=_progress(args, "restore"))
+                     progress=_progress(args, "restore"), partition=args.partition,
+                     grow=args.grow)
     rate = human_bytes(result.size / max(result.seconds, 1e-9))
-    print(f"restored {human_bytes(result.size)} to {result.target} in {result.seconds:.1f} s "
-          f"({rate}/s), {'verified: every chunk matches' if result.verified else 'not verified'}")
+    what, compared = ("", "every chunk") if result.partition is None else \
+        (f" of partition {result.partition}", "every byte")
+    print(f"restored {human_bytes(result.size)}{what} to {result.target} in "
+          f"{result.seconds:.1f} s ({rate}/s), "
+          f"{f'verified: {compared} matches' if result.verified else 'not verified'}")
+    if result.relocated:
+        print("moved the GPT backup header to the end of the target")
+    if result.grown_size is not None:
+        print(f"grew the last partition and its filesystem to {human_bytes(result.grown_size)}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    result = verify(args.image, progress=_progress(args, "verify"))
+    result = verify(args.image, fsck=args.fsck, progress=_progress(args, "verify"))
     for problem in result.problems:
         print(f"chunk {problem.digest}: {problem.reason}"
               + ("" if problem.reason == "missing" else " (set aside as .bad)"))
-    if result.ok:
-        print(f"{result.image}: all {result.chunks} distinct chunks intact")
+    for check in result.filesystems or ():
+        print(f"partition {check.number} ({check.type or 'no filesystem'}): {check.result}: "
+              f"{printable(check.detail)}")
+    if not result.ok:
+        print(f"{result.image}: {len(result.problems)} of {result.chunks} chunks bad",
+              file=sys.stderr)
+        return 1
+    print(f"{result.image}: all {result.chunks} distinct chunks intact")
+    if result.filesystems_clean is False:
+        dirty = [str(check.number) for check in result.filesystems if check.result == "dirty"]
+        print(f"{result.image}: filesystem check failed on partition {', '.join(dirty)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the command through its clean-up (unmounting), as Ctrl-C does."""
+    def stop(*_) -> None:
+        raise Cancelled("stopped by SIGTERM")
+    signal.signal(signal.SIGTERM, stop)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    def mounted(names: list[str]) -> None:
+        print(f"{args.image} mounted read-only at {args.dir}: {', '.join(names)} "
+              f"(umount {args.dir} or Ctrl-C ends it)", flush=True)
+
+    result = mount(args.image, args.dir, on_mounted=mounted)
+    print(f"unmounted {result.mountpoint} after {result.seconds:.0f} s; read "
+          f"{human_bytes(result.chunk_bytes_read)} of chunks")
+    return 0
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    _stop_on_sigterm()
+    listing = list_files(args.image, args.partition, args.path)
+    if args.json:
+        print(json.dumps(listing.as_dict(), indent=2))
         return 0
-    print(f"{result.image}: {len(result.problems)} of {result.chunks} chunks bad", file=sys.stderr)
-    return 1
+    for entry in listing.entries:
+        kind = {"directory": stat.S_IFDIR, "symlink": stat.S_IFLNK, "file": stat.S_IFREG}
+        mode = stat.filemode(kind.get(entry.type, 0) | entry.mode)
+        name = printable(entry.name) + (f" -> {printable(entry.target)}" if entry.target else "")
+        print(f"{mode}  {entry.size:>12}  {entry.mtime or '-':<20}  {name}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    progress = _progress(args, "extract")
+    _stop_on_sigterm()
+    result = extract(args.image, args.partition, args.paths, args.to, overwrite=args.overwrite,
+                     progress=progress)
+    for skipped in result.skipped:
+        print(f"not extracted: {printable(skipped['path'])}: {skipped['reason']}")
+    print(f"extracted {result.files} files ({human_bytes(result.bytes)}), {result.directories} "
+          f"folders and {result.symlinks} symbolic links into {result.to} in "
+          f"{result.seconds:.1f} s; read {human_bytes(result.chunk_bytes_read)} of chunks")
+    if result.skipped:
+        print(f"imaging: error: {len(result.skipped)} entries not extracted", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _list_row(record: ImageRecord) -> tuple[str, ...]:
@@ -227,14 +295,45 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 
-    sub = add("restore", cmd_restore, "write an image to a disk or file")
+    sub = add("restore", cmd_restore, "write an image to a disk or file; onto a larger disk, "
+              "a GPT's backup header is moved to the end (a dos label needs nothing)")
     sub.add_argument("image", help="image directory")
     sub.add_argument("target", help="block device or file")
     sub.add_argument("--no-verify", action="store_true", help="skip reading the target back")
+    sub.add_argument("--partition", type=int, metavar="N",
+                     help="write only partition N of the image, onto a partition-sized target")
+    sub.add_argument("--grow", action="store_true",
+                     help="grow the last partition and its ext2/3/4 filesystem to fill a larger "
+                          "target")
     with_progress(sub)
 
     sub = add("verify", cmd_verify, "re-hash every chunk an image needs")
     sub.add_argument("image")
+    sub.add_argument("--fsck", action="store_true",
+                     help="also check every partition's filesystem, read-only (e2fsck -fn, "
+                          "fsck.vfat -n, ntfsfix -n), and record the result")
+    with_progress(sub)
+
+    sub = add("mount", cmd_mount, "expose an image read-only through FUSE as DIR/disk and "
+              "DIR/p1, DIR/p2, ... until `umount DIR` or Ctrl-C")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("dir", help="an existing directory to mount it on")
+
+    sub = add("files", cmd_files, f"list a folder of a partition without mounting it "
+              f"(reads {COVERED})")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("partition", type=int, help="partition number")
+    sub.add_argument("path", nargs="?", default="/", help="folder or file (default: /)")
+    sub.add_argument("--json", action="store_true", help="print the listing as one JSON object")
+
+    sub = add("extract", cmd_extract, "copy files or folders out of a partition without "
+              f"mounting it, with their modes and times (reads {COVERED})")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("partition", type=int, help="partition number")
+    sub.add_argument("paths", nargs="+", metavar="PATH", help="file or folder in the partition")
+    sub.add_argument("--to", required=True, metavar="DIR",
+                     help="where they go (created if absent); nothing is written outside it")
+    sub.add_argument("--overwrite", action="store_true", help="replace files that exist")
     with_progress(sub)
 
     sub = add("list", cmd_list, "images per disk")

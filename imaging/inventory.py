@@ -133,44 +133,51 @@ def inventory() -> list[dict]:
     disks = []
     for device in devices:
         disk = _block_disk(device)
-        disk["partitions"] = partitions(disk["path"], disk["size"], device.get("children") or [])
+        disk["partitions"] = listed_partitions(device)
         disks.append(disk)
     listed = {disk["path"] for disk in disks}
     for path in configured_disk_files():
         if os.path.exists(path) and os.path.realpath(path) not in listed:
-            disk, children = _identified(path)
-            disk["partitions"] = partitions(disk["path"], disk["size"], children)
+            disk = identify(path)
+            disk["partitions"] = read_partitions(disk["path"], disk["size"])
             disks.append(disk)
     return disks
 
 
-def partitions(path: str, size: int, children: list[dict]) -> list[dict]:
-    """What overwriting the disk destroys: each partition's place (bytes), filesystem, label.
+def listed_partitions(device: dict) -> list[dict]:
+    """What overwriting a disk destroys, as lsblk lists it: each partition's place (bytes),
+    filesystem and label, or the filesystem filling the whole disk.
 
-    lsblk's children are the partitions the kernel knows. A disk file, or a loop
-    device without partition scanning, has none: sfdisk reads its table then.
-    Without udev, lsblk knows no filesystems: blkid probes each partition in
-    place. A disk whose table cannot be read is listed without partitions.
+    From what the kernel and udev know, without reading the disk: the inventory
+    runs every minute, and must not wake a spun-down disk to do so.
     """
+    found = [{"name": child["name"], "start": int(child.get("start") or 0) * KERNEL_SECTOR,
+              "size": int(child.get("size") or 0), "fstype": child.get("fstype"),
+              "label": child.get("label") or child.get("partlabel")}
+             for child in device.get("children") or [] if child.get("type") == "part"]
+    if not found and device.get("fstype"):
+        found = [{"name": device["name"], "start": 0, "size": int(device.get("size") or 0),
+                  "fstype": device["fstype"], "label": device.get("label")}]
+    return found
+
+
+def read_partitions(path: str, size: int) -> list[dict]:
+    """The partitions of a disk file or a loop device, read from it: sfdisk's table, each
+    filesystem as blkid finds it in place (the kernel has no partitions of a file, nor
+    of a loop device without partition scanning). [] if the table cannot be read."""
     try:
-        found = [{"name": child["name"], "start": int(child.get("start") or 0) * KERNEL_SECTOR,
-                  "size": int(child.get("size") or 0), "fstype": child.get("fstype"),
-                  "label": child.get("label") or child.get("partlabel")}
-                 for child in children if child.get("type") == "part"]
-        if not found:
-            found = [{"name": Path(entry.get("node") or "").name,
-                      "start": entry["start"] * entry["sectorsize"],
-                      "size": entry["size"] * entry["sectorsize"], "fstype": None,
-                      "label": entry.get("name")} for entry in layout.partitions(path)]
+        found = [{"name": Path(entry.get("node") or "").name,
+                  "start": entry["start"] * entry["sectorsize"],
+                  "size": entry["size"] * entry["sectorsize"], "fstype": None,
+                  "label": entry.get("name")} for entry in layout.partitions(path)]
         if not found:
             # No partition table: a filesystem may fill the whole disk.
             fstype, label = _probe(path, 0, size)
             return [{"name": Path(path).name, "start": 0, "size": size, "fstype": fstype,
                      "label": label}] if fstype else []
         for entry in found:
-            if entry["fstype"] is None:
-                fstype, label = _probe(path, entry["start"], entry["size"])
-                entry["fstype"], entry["label"] = fstype, label or entry["label"]
+            fstype, label = _probe(path, entry["start"], entry["size"])
+            entry["fstype"], entry["label"] = fstype, label or entry["label"]
     except SourceError:
         return []
     return found
@@ -190,11 +197,6 @@ def _probe(path: str, start: int, size: int) -> tuple[Optional[str], Optional[st
 
 def identify(path: str) -> dict:
     """The identity of one source (block device or disk file) for its manifest."""
-    return _identified(path)[0]
-
-
-def _identified(path: str) -> tuple[dict, list[dict]]:
-    """The identity of one source, and the partitions lsblk lists under it."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -203,5 +205,5 @@ def _identified(path: str) -> tuple[dict, list[dict]]:
         devices = _lsblk(path)
         if not devices:
             raise SourceError(f"{path}: lsblk does not know this device")
-        return _block_disk(devices[0]), devices[0].get("children") or []
-    return _file_disk(path), []
+        return _block_disk(devices[0])
+    return _file_disk(path)

@@ -6,6 +6,10 @@ mounted. Chunks are decompressed by a thread pool and written in place; a
 regular-file target gets holes where the image has zero chunks. The restore
 is registered in the datastore as a reader of its image for its whole run, so
 prune defers that image and garbage collection keeps its chunks.
+
+One partition of an image can be restored alone, onto a partition-sized
+target, with the same checks and a read-back comparison of its bytes. A
+whole-disk restore onto a larger target is fitted to it afterwards (fit.py).
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ import time
 from typing import Collection, Optional
 
 
-from . import codec
-from .errors import ImageError, TargetError, describe
+from . import codec, fit, mount
+from .errors import ImageError, ImagingError, TargetError, describe
 from .image import Image
 from .pipeline import ordered_map
 from .progress import Progress
@@ -32,6 +36,9 @@ class RestoreResult:
     size: int
     seconds: float
     verified: bool
+    partition: Optional[int] = None  # the one partition restored, None for the whole disk
+    relocated: bool = False  # the GPT backup header was moved to the end of a larger target
+    grown_size: Optional[int] = None  # the last partition's new size, when grown
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,20 +47,30 @@ class RestoreResult:
 def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
             progress: Optional[Progress] = None,
             allowed_targets: Optional[Collection[str]] = None,
-            workers: Optional[int] = None) -> RestoreResult:
+            workers: Optional[int] = None, partition: Optional[int] = None,
+            grow: bool = False) -> RestoreResult:
     """Write the image to `target`, then (if `verify`) read it back and compare.
 
     `allowed_targets`: when given, the only disks or files the target may be;
-    anything else is refused before it is opened.
+    anything else is refused before it is opened. `partition`: write only that
+    partition of the image. A target larger than a GPT image gets its backup
+    header moved to its end, after the comparison; `grow` also grows the last
+    partition and its ext2/3/4 filesystem to fill the target.
     """
     started = time.monotonic()
     progress = progress or Progress("restore", 0)
+    if partition is not None:
+        if grow:
+            raise ImagingError("growing applies to a whole-disk restore, not to one partition")
+        return _restore_partition(image_dir, target, partition, verify, progress,
+                                  allowed_targets, workers, started)
     with reading(image_dir, "restore", progress, f" to {target}") as image:
         index = image.index()
         missing = sorted({d for d in index if not image.store.chunk_path(d).exists()})
         if missing:
             raise ImageError(f"cannot restore {image.path}: {len(missing)} chunk(s) missing, "
                              f"first {missing[0]}")
+        growth = fit.plan_growth(image) if grow else None
         checked = check_target(target, image.size, allowed_targets)
         progress.start_phase("restore", image.size)
         fd = _open_target(checked)
@@ -61,17 +78,134 @@ def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
             if not checked.is_block:
                 _empty_file(fd, checked, image.size)
             _write_chunks(fd, image, index, checked.is_block, progress, workers)
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                raise TargetError(f"cannot flush {target}: {describe(exc)}") from None
+            _flush(fd, target)
             if verify:
                 progress.start_phase("verify", image.size)
                 compare_target(target, image, index, progress, workers)
         finally:
             os.close(fd)
+        relocated = fit.relocate_backup_header(image, target, max(checked.size, image.size))
+        grown_size = fit.grow(growth, target) if growth else None
     progress.finish()
-    return RestoreResult(target, image.size, round(time.monotonic() - started, 3), verify)
+    return RestoreResult(target, image.size, round(time.monotonic() - started, 3), verify,
+                         relocated=relocated, grown_size=grown_size)
+
+
+def _flush(fd: int, target: str) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise TargetError(f"cannot flush {target}: {describe(exc)}") from None
+
+
+def _restore_partition(image_dir: os.PathLike | str, target: str, number: int, verify: bool,
+                       progress: Progress, allowed_targets: Optional[Collection[str]],
+                       workers: Optional[int], started: float) -> RestoreResult:
+    """Write partition `number` of the image to a partition-sized target, then compare it."""
+    with reading(image_dir, "restore", progress, f" partition {number} to {target}") as image:
+        part = mount.partition(image, number)
+        index = image.index()
+        pieces = _pieces(image, part)
+        needed = {index[offset // image.chunk_size] for offset, _ in pieces}
+        missing = sorted(digest for digest in needed if not image.store.chunk_path(digest).exists())
+        if missing:
+            raise ImageError(f"cannot restore partition {number} of {image.path}: "
+                             f"{len(missing)} chunk(s) missing, first {missing[0]}")
+        checked = check_target(target, part.size, allowed_targets)
+        progress.start_phase("restore", part.size)
+        fd = _open_target(checked)
+        try:
+            if not checked.is_block:
+                _empty_file(fd, checked, part.size)
+            digests = _write_pieces(fd, image, index, part, pieces, checked.is_block, progress,
+                                    workers)
+            _flush(fd, target)
+            if verify:
+                progress.start_phase("verify", part.size)
+                _compare_pieces(target, part, pieces, digests, progress, workers)
+        finally:
+            os.close(fd)
+    progress.finish()
+    return RestoreResult(target, part.size, round(time.monotonic() - started, 3), verify,
+                         partition=number)
+
+
+def _pieces(image: Image, part: mount.Partition) -> list[tuple[int, int]]:
+    """The partition's bytes as (disk offset, length), cut where chunks end."""
+    pieces = []
+    offset = part.start
+    while offset < part.end:
+        chunk_end = (offset // image.chunk_size + 1) * image.chunk_size
+        pieces.append((offset, min(chunk_end, part.end) - offset))
+        offset += pieces[-1][1]
+    return pieces
+
+
+def _write_pieces(fd: int, image: Image, index: list[str], part: mount.Partition,
+                  pieces: list[tuple[int, int]], is_block: bool, progress: Progress,
+                  workers: Optional[int]) -> list[str]:
+    """Write each piece at its place in the partition; the SHA-256 of each, in order."""
+    def restore_piece(piece: tuple[int, int]) -> str:
+        offset, length = piece
+        position = offset // image.chunk_size
+        digest = index[position]
+        if codec.zero_digest(image.chunk_length(position)) == digest:
+            if not is_block:
+                return codec.zero_digest(length)  # a hole
+            data = codec.zeros(length)
+        else:
+            within = offset - position * image.chunk_size
+            chunk = codec.decompress(image.store.read_frame(digest), digest)
+            if len(chunk) != image.chunk_length(position):
+                raise ImageError(f"chunk {digest} holds {len(chunk)} bytes, "
+                                 f"{image.chunk_length(position)} expected: run verify")
+            data = chunk[within:within + length]
+        _pwrite_all(fd, data, offset - part.start)
+        start_writeback(fd, offset - part.start, length)
+        return codec.digest(data)
+
+    digests = []
+    written = ordered_map(restore_piece, pieces, workers=workers, cancelled=progress.cancelled,
+                          name="restore")
+    with contextlib.closing(written):
+        for (_, length), digest in written:
+            digests.append(digest)
+            progress.advance(length)
+    return digests
+
+
+def _compare_pieces(target: str, part: mount.Partition, pieces: list[tuple[int, int]],
+                    digests: list[str], progress: Progress, workers: Optional[int]) -> None:
+    """Re-read the partition from the target, not the page cache, and compare piece hashes."""
+    try:
+        read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TargetError(f"cannot read back {target} to verify it: {describe(exc)}") from None
+
+    def digest_of(number: int) -> str:
+        offset, length = pieces[number]
+        try:
+            return codec.digest(os.pread(read_fd, length, offset - part.start))
+        except OSError as exc:
+            raise TargetError(f"cannot read back {target} at byte {offset - part.start} to "
+                              f"verify it: {describe(exc)}") from None
+
+    try:
+        with contextlib.suppress(OSError):  # a hint; without it the comparison still holds
+            os.posix_fadvise(read_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        read_back = ordered_map(digest_of, range(len(pieces)), workers=workers,
+                                cancelled=progress.cancelled, name="compare")
+        with contextlib.closing(read_back):
+            for number, digest in read_back:
+                offset, length = pieces[number]
+                if digest != digests[number]:
+                    start = offset - part.start
+                    raise TargetError(f"verification failed: {target} differs from partition "
+                                      f"{part.number} of the image (bytes {start}-"
+                                      f"{start + length - 1})")
+                progress.advance(length)
+    finally:
+        os.close(read_fd)
 
 
 def _open_target(target: Target) -> int:

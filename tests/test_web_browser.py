@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from playwright.sync_api import expect
 from engine import MiB, sha256_of
+from support.disks import PartSpec
 
 from webui import services
 from webui.models import Image, Job, Schedule
@@ -62,6 +62,13 @@ def job_actions(visit) -> list[str]:
         "[data-action]", "elements => elements.map(element => element.dataset.action)")
 
 
+def posting_forms(visit) -> list[str]:
+    """Where each form of the page that posts sends it, but the logout form."""
+    actions = visit.page.eval_on_selector_all(
+        "form", "forms => forms.filter(form => form.method === 'post').map(form => form.action)")
+    return [action for action in actions if not action.endswith("/accounts/logout/")]
+
+
 def test_a_visit_without_login_lands_on_the_login_page_and_logging_in_returns_there(visitor):
     anonymous = visitor(None)
     page = anonymous.page
@@ -96,7 +103,7 @@ def test_a_backup_shows_live_progress_then_restores_through_the_guarded_dialog(l
     page.evaluate(WATCH_PROGRESS)
     navigations = []
     page.on("framenavigated", lambda frame: frame == page.main_frame and navigations.append(frame.url))
-    page.click('[data-action="backup"]')
+    page.locator('[data-action="backup"]').first.click()
     expect(page.locator("[data-job-state]")).to_have_text(SUCCEEDED, timeout=JOB_TIMEOUT_MS)
 
     seen = page.evaluate("window.progressSeen")
@@ -105,6 +112,7 @@ def test_a_backup_shows_live_progress_then_restores_through_the_guarded_dialog(l
     assert len(set(values)) >= 3, seen
     assert values == sorted(values), seen
     assert {total for value, total in seen if value} == {SOURCE_SIZE}, seen
+    print(f"the progress bar took {len(set(values))} values without a reload")
     backup = Job.objects.get(kind=Job.Kind.BACKUP, disk=source_disk)
     assert backup.state == Job.State.SUCCEEDED, backup.error
     image = Image.objects.get(disk=source_disk)
@@ -154,7 +162,7 @@ def test_a_failed_job_shows_its_error(lab, alice_page):
     page = alice_page.page
 
     alice_page.open(f"/disks/{disk.pk}/")
-    page.click('[data-action="backup"]')
+    page.locator('[data-action="backup"]').first.click()
     expect(page.locator("[data-job-state]")).to_have_text(FAILED, timeout=JOB_TIMEOUT_MS)
     job = Job.objects.get(kind=Job.Kind.BACKUP, disk=disk)
     assert job.state == Job.State.FAILED and str(vanishing) in job.error, job.error
@@ -168,30 +176,34 @@ def test_a_failed_job_shows_its_error(lab, alice_page):
     assert alice_page.script_errors == []
 
 
-def test_a_viewer_sees_no_job_buttons(lab, visitor):
+def test_a_viewer_sees_no_job_buttons(lab, alice_page, bob_page):
     small = lab.loop_disk("small.img", 16 * MiB, 16 * MiB)
     endless = lab.loop_disk("endless.img", 64 * 1024 * MiB)  # sparse: long to read, no room taken
     lab.start_worker()
     small_disk, endless_disk = lab.disk(small), lab.disk(endless)
-    finished = lab.finished(lab.in_own_thread(services.start_backup, small_disk, mode="raw").pk)
+    finished = lab.finished(lab.in_own_thread(services.start_backup, small_disk, mode="raw",
+                                              datastore=lab.datastore).pk)
     assert finished.state == Job.State.SUCCEEDED, finished.error
-    running = lab.in_own_thread(services.start_backup, endless_disk, mode="raw")
+    running = lab.in_own_thread(services.start_backup, endless_disk, mode="raw",
+                                datastore=lab.datastore)
     lab.wait_for(lambda: Job.objects.get(pk=running.pk).state == Job.State.RUNNING,
                  "the long backup running")
 
-    alice, bob = visitor("alice"), visitor("bob")
+    alice, bob = alice_page, bob_page
     pages = ["/", f"/disks/{small_disk.pk}/", f"/disks/{endless_disk.pk}/",
              f"/jobs/{finished.pk}/", f"/jobs/{running.pk}/", "/schedules/", "/datastores/",
              "/hosts/"]
-    staff_actions = {}
+    staff_actions, staff_forms = {}, {}
     for path in pages:
         alice.open(path)
         bob.open(path)
-        staff_actions[path] = set(job_actions(alice))
-        assert job_actions(bob) == [], path
+        staff_actions[path], staff_forms[path] = set(job_actions(alice)), posting_forms(alice)
+        assert (job_actions(bob), posting_forms(bob)) == ([], []), path
     # The same pages give staff the buttons: the check above looks where they are.
     assert {"restore", "verify", "export", "delete", "backup"} <= staff_actions[pages[1]]
     assert "cancel" in staff_actions[f"/jobs/{running.pk}/"]
+    assert {"gc", "verify-datastore"} <= staff_actions["/datastores/"]
+    assert len(staff_forms["/datastores/"]) == 2
 
     alice.open(f"/jobs/{running.pk}/")
     alice.page.on("dialog", lambda dialog: dialog.accept())
@@ -202,18 +214,23 @@ def test_a_viewer_sees_no_job_buttons(lab, visitor):
 
 
 def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, visitor, screenshots):
-    system = lab.loop_disk("system.img", 96 * MiB, 64 * MiB)
-    photos = lab.loop_disk("photos.img", 128 * MiB, 32 * MiB)
+    system = lab.loop_disk("system.img", 96 * MiB, partitions=(
+        PartSpec(64 * MiB, "ext4"), PartSpec(16 * MiB, "swap"), PartSpec(8 * MiB, "fat16")))
+    photos = lab.loop_disk("photos.img", 128 * MiB, label="gpt",
+                           partitions=(PartSpec(120 * MiB, "ext4"),))
+    archive = lab.loop_disk("archive.img", 256 * 1024 * MiB)  # sparse: runs while the pages are seen
     lab.start_worker()
-    system_disk, photos_disk = lab.disk(system), lab.disk(photos)
-    datastore = services.default_datastore()
-    schedule = Schedule.objects.create(disk=system_disk, datastore=datastore, cron="0 3 * * *")
+    system_disk, photos_disk, archive_disk = lab.disk(system), lab.disk(photos), lab.disk(archive)
+    schedule = Schedule.objects.create(disk=system_disk, datastore=lab.datastore, cron="0 3 * * *")
     services.sync_schedule(schedule)
     for disk in (system_disk, system_disk, photos_disk):
-        job = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="raw").pk)
+        job = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="raw",
+                                             datastore=lab.datastore).pk)
         assert job.state == Job.State.SUCCEEDED, job.error
+    running = lab.in_own_thread(services.start_backup, archive_disk, mode="raw",
+                                datastore=lab.datastore)
     image = Image.objects.filter(disk=system_disk).first()
-    pages = {"dashboard": "/", "disk": f"/disks/{system_disk.pk}/", "job": f"/jobs/{job.pk}/",
+    pages = {"dashboard": "/", "disk": f"/disks/{system_disk.pk}/", "job": f"/jobs/{running.pk}/",
              "schedules": "/schedules/", "schedule-form": f"/schedules/new/?disk={system_disk.pk}",
              "datastores": "/datastores/", "hosts": "/hosts/"}
     captured = {"dashboard", "disk", "job", "schedules", "datastores", "hosts"}
@@ -221,7 +238,11 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
     def open_restore_dialog(visit):
         visit.open(pages["disk"])
         visit.page.locator(f'tr[data-image-id="{image.pk}"] [data-action="restore"]').click()
-        expect(visit.page.locator("dialog#restore-dialog")).to_be_visible()
+        dialog = visit.page.locator("dialog#restore-dialog")
+        expect(dialog).to_be_visible()
+        # Another disk than the image's own: what will be overwritten differs from the image.
+        dialog.locator('select[name="target_disk"]').select_option(str(photos_disk.pk))
+        expect(dialog.locator("[data-confirm-name]")).to_have_text(photos_disk.stable_id)
 
     backgrounds = {}
     for scheme in ("light", "dark"):
@@ -229,12 +250,15 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
         for name, path in pages.items():
             desktop.open(path)
             assert desktop.body_page() == name, path
+            if name == "job":  # a few live updates, for the rate, ETA and throughput chart
+                expect(desktop.page.locator("[data-job-rate]")).to_contain_text("/s")
+                desktop.page.wait_for_timeout(2000)
             if name in captured:
                 screenshots(desktop, name, scheme)
         backgrounds[scheme] = desktop.page.evaluate(
             "getComputedStyle(document.body).backgroundColor")
         open_restore_dialog(desktop)
-        screenshots(desktop, "restore-dialog", scheme)
+        screenshots(desktop, "restore-dialog", scheme, full_page=False)
         assert desktop.script_errors == []
     assert backgrounds["light"] != backgrounds["dark"], backgrounds
 
@@ -246,7 +270,7 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
         if width > PHONE_WIDTH:
             too_wide[name] = (width, phone.page.evaluate(OVERFLOWING, PHONE_WIDTH))
 
-    for name, path in pages.items():
+    for name, path in {**pages, "finished job": f"/jobs/{job.pk}/"}.items():
         phone.open(path)
         check_width(name)
     open_restore_dialog(phone)
@@ -254,5 +278,8 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
     phone.page.context.clear_cookies()
     phone.open("/accounts/login/")
     check_width("login")
+    assert Job.objects.get(pk=running.pk).state == Job.State.RUNNING  # live all along
+    lab.in_own_thread(services.cancel_job, running)
+    assert lab.finished(running.pk).state == Job.State.CANCELLED
     assert too_wide == {}, too_wide
     assert phone.script_errors == []

@@ -18,6 +18,7 @@ from .models import Datastore, Disk, Host, Image, Job, Protection, Schedule
 from .templatetags.human import duration, size
 
 HISTORY_PAGE_SIZE = 25
+CHART_POINTS = 360
 RECENT_FAILURE_DAYS = 7
 RECENT_FAILURES = 5
 
@@ -55,13 +56,9 @@ def disks_with_status(disks: Iterable[Disk], now: Optional[dt.datetime] = None) 
 def with_last_image(disks):
     """Disk.objects.with_protection_facts() plus what the newest image says about itself."""
     newest = Image.objects.filter(disk=OuterRef("pk")).order_by("-created")
-    counted = (Image.objects.filter(disk=OuterRef("pk")).order_by().values("disk")
-               .annotate(count=Count("pk")).values("count"))
     return (disks.with_protection_facts()
             .annotate(last_bad_bytes=Subquery(newest.values("bad_bytes")[:1]),
-                      last_mounted_rw=Subquery(newest.values("mounted_rw")[:1]),
-                      last_stored_bytes=Subquery(newest.values("stored_bytes")[:1]),
-                      image_count=Subquery(counted)))
+                      last_mounted_rw=Subquery(newest.values("mounted_rw")[:1])))
 
 
 def disk_status(disk: Disk, now: Optional[dt.datetime] = None) -> DiskStatus:
@@ -143,9 +140,26 @@ def dashboard(now: Optional[dt.datetime] = None) -> dict:
         "running": active_jobs(),
         "failures": list(failures),
         "failure_days": RECENT_FAILURE_DAYS,
-        "datastores": list(Datastore.objects.all()),
-        "now": now,
+        "datastores": datastores(),
     }
+
+
+def datastores() -> list[Datastore]:
+    """Each datastore, given `.saved_bytes`: how many more disk bytes its images hold than
+    it stores."""
+    stores = list(Datastore.objects.all())
+    for store in stores:
+        store.saved_bytes = max(store.logical_bytes - store.chunk_bytes, 0)
+    return stores
+
+
+def hosts_with_disks() -> list[Host]:
+    """Every host, each given `.disk_rows`: its disks with their status."""
+    hosts = list(Host.objects.all())
+    disks = disks_with_status(with_last_image(Disk.objects.all()))
+    for host in hosts:
+        host.disk_rows = [disk for disk in disks if disk.host_id == host.pk]
+    return hosts
 
 
 def hosts_with_counts():
@@ -156,10 +170,8 @@ def jobs_with_subjects(jobs):
     return jobs.select_related("host", "disk__host", "target_disk__host", "image", "datastore")
 
 
-def active_jobs(disk: Optional[Disk] = None) -> list[Job]:
+def active_jobs() -> list[Job]:
     jobs = Job.objects.filter(state__in=Job.ACTIVE_STATES)
-    if disk is not None:
-        jobs = jobs.filter(Q(disk=disk) | Q(target_disk=disk))
     return list(jobs_with_subjects(jobs).order_by("created"))
 
 
@@ -191,11 +203,23 @@ def job_subject_disk(job: Job) -> Optional[Disk]:
     return job.target_disk if job.target_disk_id else job.disk
 
 
+def job_timing(job: Job) -> dict:
+    """How long a finished job took and, for bytes, its average rate."""
+    if not (job.started and job.finished):
+        return {"job_seconds": None, "average_rate": None}
+    seconds = max((job.finished - job.started).total_seconds(), 0.001)
+    progress = job.progress if isinstance(job.progress, dict) else {}
+    done = progress.get("done") or 0
+    rate = done / seconds if progress.get("unit", "bytes") == "bytes" and done else None
+    return {"job_seconds": seconds, "average_rate": rate}
+
+
 def job_log(job: Job) -> list[tuple[Optional[dt.datetime], str]]:
     """What happened to a job, from its row: queued, started, waiting, finished, result."""
     by = f" by {job.requested_by}" if job.requested_by_id else (
         " by its schedule" if job.schedule_id else "")
-    lines: list[tuple[Optional[dt.datetime], str]] = [(job.created, f"Queued{by} for host {job.host}")]
+    lines: list[tuple[Optional[dt.datetime], str]] = [
+        (job.created, f"Queued{by} for host {job.host}")]
     if job.note:
         lines.append((None, job.note))
     if job.started:
@@ -228,7 +252,8 @@ def result_lines(job: Job) -> list[str]:
             lines.append(f"Stored {size(result['stored_bytes'])}, "
                          f"{size(result.get('new_bytes'))} of it new in the datastore")
     if job.kind == Job.Kind.RESTORE and result.get("target"):
-        checked = "and read it back to compare" if result.get("verified") else "without reading it back"
+        checked = ("and read it back to compare" if result.get("verified")
+                   else "without reading it back")
         lines.append(f"Wrote {size(result.get('size'))} to {result['target']} {checked}")
     if job.kind == Job.Kind.VERIFY and "chunks" in result:
         problems = result.get("problems") or []
@@ -254,7 +279,11 @@ def result_lines(job: Job) -> list[str]:
 
 def disk_history(disk: Disk, page_number) -> Page:
     images = Image.objects.filter(disk=disk).select_related("datastore").order_by("-created")
-    return Paginator(images, HISTORY_PAGE_SIZE).get_page(page_number)
+    page = Paginator(images, HISTORY_PAGE_SIZE).get_page(page_number)
+    page.object_list = list(page.object_list)
+    for image in page.object_list:
+        image.disk = disk  # the rows' own disk, already loaded
+    return page
 
 
 def latest_job(disk: Disk) -> Optional[Job]:
@@ -270,13 +299,12 @@ class Chart:
 
     WIDTH = 720
     HEIGHT = 200
-    LEFT = 64  # room for the size labels
-    BOTTOM = 22  # room for the dates
+    TOP = 18  # room for the top size label, written above its grid line
 
-    series: list[dict]  # {"name", "css", "path", "area"}
+    series: list[dict]  # {"name", "css", "path", "area", "dots"}
     y_ticks: list[tuple[float, str]]  # (y, label)
     x_ticks: list[tuple[float, str]]
-    points: list[list]  # [x, time ISO, value, ...] for the hover read-out
+    points: list[list]  # [x, ms since 1970, value, ...] for the hover read-out
     empty: bool
 
 
@@ -288,39 +316,47 @@ def history_chart(disk: Disk) -> Chart:
 
 
 def size_chart(rows: list[tuple], names: list[tuple[str, str]]) -> Chart:
-    """rows: (moment, value, value, ...), in time order; names: (legend, css class) each."""
-    width, height = Chart.WIDTH, Chart.HEIGHT
-    left, bottom, top, right = Chart.LEFT, Chart.BOTTOM, 10, 10
+    """rows: (moment, value, value, ...), in time order; names: (legend, css class) each.
+
+    Past CHART_POINTS rows, evenly spaced ones stand for the rest (the newest always
+    among them): the chart is not wider than that many points on a screen anyway."""
+    width, height, top = Chart.WIDTH, Chart.HEIGHT, Chart.TOP
     if not rows:
         return Chart([], [], [], [], True)
+    if len(rows) > CHART_POINTS:
+        stride = len(rows) / CHART_POINTS
+        rows = [rows[int(number * stride)] for number in range(CHART_POINTS - 1)] + [rows[-1]]
     first, last = rows[0][0], rows[-1][0]
     span = max((last - first).total_seconds(), 1)
     top_value = max(max(row[1:]) for row in rows) or 1
     step, unit_label = _nice_step(top_value)
     y_max = step * -(-top_value // step)
-    plot_w, plot_h = width - left - right, height - top - bottom
+    plot_h = height - top
 
     def x_of(moment) -> float:
-        if len(rows) == 1:
-            return left + plot_w / 2
-        return left + plot_w * (moment - first).total_seconds() / span
+        return width * (moment - first).total_seconds() / span if len(rows) > 1 else width / 2
 
     def y_of(value) -> float:
         return top + plot_h * (1 - value / y_max)
 
+    xs = [x_of(row[0]) for row in rows]
     series = []
     for column, (name, css) in enumerate(names, start=1):
-        coords = [(x_of(row[0]), y_of(row[column])) for row in rows]
-        line = " ".join(f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(coords))
-        base = top + plot_h
-        area = f"{line} L{coords[-1][0]:.1f},{base:.1f} L{coords[0][0]:.1f},{base:.1f} Z"
-        series.append({"name": name, "css": css, "path": line, "area": area})
-    ticks = int(y_max // step)
-    y_ticks = [(y_of(step * i), unit_label(step * i)) for i in range(ticks + 1)]
-    x_ticks = [(x_of(first), _day(first))]
+        coords = [(x, y_of(row[column])) for x, row in zip(xs, rows)]
+        line = " ".join(f"{'L' if i else 'M'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(coords))
+        area = f"{line} L{coords[-1][0]:.1f},{height} L{coords[0][0]:.1f},{height} Z"
+        # Few points: a dot on each (a zero-length stroke stays round however the chart stretches).
+        dots = " ".join(f"M{x:.1f},{y:.1f} l0,0" for x, y in coords) if len(coords) <= 60 else ""
+        series.append({"name": name, "css": css, "path": line, "area": area, "dots": dots})
+    y_ticks = [(y_of(step * i), unit_label(step * i)) for i in range(int(y_max // step) + 1)]
+    x_ticks = [(xs[0], _day(first))]
     if len(rows) > 1 and _day(last) != _day(first):
-        x_ticks.append((x_of(last), _day(last)))
-    points = [[round(x_of(row[0]), 1), row[0].isoformat(), *row[1:]] for row in rows]
+        # Between the first and the last date, a few evenly spaced ones.
+        between = [first + (last - first) * quarter / 4 for quarter in (1, 2, 3)]
+        x_ticks += [(x_of(moment), _day(moment)) for moment in between]
+        x_ticks.append((xs[-1], _day(last)))
+    # For the read-out under the pointer: x, the moment (ms since 1970) and the values.
+    points = [[round(x, 1), int(row[0].timestamp() * 1000), *row[1:]] for x, row in zip(xs, rows)]
     return Chart(series, y_ticks, x_ticks, points, False)
 
 
@@ -425,14 +461,15 @@ def partition_rows(partitions: Optional[list]) -> list[dict]:
 # --- jobs -------------------------------------------------------------------------------
 
 def bad_strip(ranges: Optional[list], total: int) -> list[dict]:
-    """Read errors as marks on a strip of 1000 units across the disk (at least one unit wide)."""
+    """Read errors as marks on a strip of 1000 units across the disk (at least 3 units wide,
+    so a single bad sector on a big disk still shows)."""
     if not total:
         return []
     marks = []
     for entry in ranges or []:
         start, length = entry
         marks.append({"x": round(1000 * start / total, 2),
-                      "width": max(round(1000 * length / total, 2), 1.0),
+                      "width": max(round(1000 * length / total, 2), 3.0),
                       "start": start, "length": length})
     return marks
 
@@ -474,6 +511,11 @@ def _number(field: str) -> Optional[int]:
     return int(field) if re.fullmatch(r"\d{1,2}", field) else None
 
 
-def schedules_with_subjects():
-    return Schedule.objects.select_related("disk__host", "datastore").order_by(
-        "kind", "disk__host__name", "disk__path", "created")
+def schedules_with_next_run(now: Optional[dt.datetime] = None) -> list[Schedule]:
+    """Every schedule, each given `.next_run` (None when it is off)."""
+    now = now or timezone.now()
+    schedules = list(Schedule.objects.select_related("disk__host", "datastore").order_by(
+        "kind", "disk__host__name", "disk__path", "created"))
+    for schedule in schedules:
+        schedule.next_run = schedule.next_run_after(now) if schedule.enabled else None
+    return schedules

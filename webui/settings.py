@@ -1,6 +1,7 @@
 """Django settings, read from the environment through webui.env (DESIGN.md's table)."""
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -135,6 +136,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024
 # `make run` (manage.py up): the port it serves on, and the first admin account's
 # password (empty: a random one, printed once; only Django's hash is stored).
 PORT = env_int("PORT", 8000, minimum=1)
+# Web server processes: Django runs a process's requests on one core at a time (the GIL).
+WEB_WORKERS = env_int("WEB_WORKERS", os.cpu_count() or 1, minimum=1)
 ADMIN_PASSWORD = env_secret("ADMIN_PASSWORD", "")
 
 # --- the imaging side -----------------------------------------------------------

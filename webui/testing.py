@@ -8,7 +8,7 @@ its own process group, and stopping it kills the group, so no pool process or
 reloader outlives it. A process that dies or does not become ready in time
 raises ServiceFailed with the tail of its log.
 
-No Django import: the callers configure Django (or not) as they need.
+Nothing here reads Django's settings: callers configure Django (or not) as they need.
 """
 from __future__ import annotations
 
@@ -145,12 +145,15 @@ class RedisServer(ServiceProcess):
 
 
 class LiveServer(ServiceProcess):
-    def __init__(self, env: dict[str, str], log_path: Path):
+    """uvicorn as `make run` starts it; `workers` processes (WEB_WORKERS there)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__("uvicorn", [
             sys.executable, "-m", "uvicorn", "webui.asgi:application",
-            "--host", "127.0.0.1", "--port", str(self.port), "--lifespan", "off",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
+            "--lifespan", "off",
         ], env, log_path)
         self.wait_until(self._answers, f"an HTTP answer at {self.url}")
 

@@ -12,23 +12,26 @@ A test module loads these fixtures with `pytest_plugins = ["support.browser"]`:
   page on the live server, logged in through the login form as "alice"
   (staff) or "bob" (a viewer), or anonymous with None; `alice_page` and
   `bob_page` are the two logged in at a desktop width.
+- `screenshots(visit, name, color_scheme)`: saves the page as a PNG, into
+  docs/screenshots/ only when SCREENSHOTS=1.
 
 Playwright's synchronous API keeps its event loop registered as the thread's
 running loop between calls, which Django reads as "called from async code"
 and answers with SynchronousOnlyOperation. Nothing runs on that loop while the
 test's own code does (the loop only turns inside a Playwright call), so the
 ORM is safe here: the `browser` fixture sets DJANGO_ALLOW_ASYNC_UNSAFE for
-this process only, for the test's duration. What runs an event loop itself
-(async_to_sync, as the services do to announce a job on the channel layer)
-still refuses that thread: `lab.in_own_thread(services.start_backup, disk)`
-runs it in a thread without a loop. The browser is stopped before the
-test database is emptied, and that clears the loop again. The server and
-worker subprocesses never see the variable: their environment is fixed
-before the browser starts.
+this process only, for the test's duration, and closes the connections opened
+meanwhile before it stops (the server and worker subprocesses never see the
+variable: their environment is fixed before the browser starts). What runs an
+event loop itself (async_to_sync, as the services do to announce a job on the
+channel layer) still refuses that thread:
+`lab.in_own_thread(services.start_backup, disk)` runs it in a thread without
+a loop.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -40,8 +43,10 @@ from typing import TypeVar
 
 import pytest
 import redis
+from playwright.sync_api import Page, sync_playwright
 
 from .devices import loop_device, requires_loop
+from .disks import PartSpec, build_disk
 from .requirements import requirement_missing
 from .services import REPO, CeleryWorker, LiveServer
 
@@ -57,6 +62,7 @@ PAGE_TIMEOUT_MS = 15_000
 SCREENSHOTS_DIR = REPO / "docs" / "screenshots"
 
 T = TypeVar("T")
+_lab_numbers = itertools.count(1)
 
 
 def write_random(path: Path, size: int, length: int) -> None:
@@ -98,7 +104,7 @@ def browser(live_environment, monkeypatch):
     so it is closed before the flush and its variable stays out of that environment."""
     if not os.access(CHROMIUM, os.X_OK):
         requirement_missing(f"{CHROMIUM} is missing: `make install` brings Debian's chromium")
-    from playwright.sync_api import sync_playwright
+    from django.db import connections
 
     playwright = sync_playwright().start()
     try:
@@ -107,6 +113,10 @@ def browser(live_environment, monkeypatch):
         try:
             yield browser
         finally:
+            # With a loop marked running, Django keeps this thread's connections apart
+            # from the usual ones (asgiref's Local): close them while that still holds,
+            # or they outlive the test and hold its database.
+            connections.close_all()
             browser.close()
     finally:
         playwright.stop()
@@ -123,7 +133,7 @@ def browser_users(transactional_db) -> dict:
 @dataclass
 class Visit:
     """One browser context's page, and the script errors it raised so far."""
-    page: object  # playwright.sync_api.Page
+    page: Page
     script_errors: list[str] = field(default_factory=list)
 
     def open(self, path: str):
@@ -150,7 +160,8 @@ def visitor(browser, lab, browser_users) -> Iterator[Callable[..., Visit]]:
     logged in through the form as user ("alice", "bob"), or anonymous (None)."""
     contexts = []
 
-    def visit(user: str | None, color_scheme: str = "light", width: int = DESKTOP["width"]) -> Visit:
+    def open_page(user: str | None, color_scheme: str = "light",
+                  width: int = DESKTOP["width"]) -> Visit:
         context = browser.new_context(base_url=lab.server.url, color_scheme=color_scheme,
                                       viewport={"width": width, "height": DESKTOP["height"]})
         context.set_default_timeout(PAGE_TIMEOUT_MS)
@@ -163,7 +174,7 @@ def visitor(browser, lab, browser_users) -> Iterator[Callable[..., Visit]]:
         return visit
 
     try:
-        yield visit
+        yield open_page
     finally:
         for context in contexts:
             context.close()
@@ -189,9 +200,11 @@ def bob_page(visitor) -> Visit:
 class Lab:
     """The live server, and this host's disks and worker once a test has made them."""
 
-    def __init__(self, server: LiveServer, host_name: str, start_worker: Callable[..., CeleryWorker],
-                 loops: contextlib.ExitStack, folder: Path):
+    def __init__(self, server: LiveServer, environment: dict[str, str], host_name: str,
+                 start_worker: Callable[..., CeleryWorker], loops: contextlib.ExitStack,
+                 folder: Path):
         self.server = server
+        self.environment = environment
         self.host_name = host_name
         self._start_worker = start_worker
         self._loops = loops
@@ -206,14 +219,26 @@ class Lab:
         self.disk_paths.append(str(path))
         return path
 
-    def loop_disk(self, name: str, size: int, random_bytes: int = 0) -> str:
-        """A loop device over such a file, detached after the test; returns its path."""
+    def loop_disk(self, name: str, size: int, random_bytes: int = 0, label: str = "dos",
+                  partitions: tuple[PartSpec, ...] = ()) -> str:
+        """A loop device over such a file, or over a disk with these partitions and their
+        filesystems (build_disk), detached after the test; returns its path."""
         requires_loop()
         backing = self._folder / name
-        write_random(backing, size, random_bytes)
+        if partitions:
+            build_disk(backing, size, label, partitions)
+        else:
+            write_random(backing, size, random_bytes)
         device = self._loops.enter_context(loop_device(backing))
         self.disk_paths.append(device)
         return device
+
+    @property
+    def datastore(self):
+        """The datastore the server and worker use by default (not the test process's own)."""
+        from webui import services
+
+        return services.datastore_at(self.environment["IMAGING_DATASTORE"])
 
     def start_worker(self) -> CeleryWorker:
         """This host's worker, once every disk made so far is in its inventory."""
@@ -251,7 +276,7 @@ class Lab:
 def lab_host_name(redis_url) -> Iterator[str]:
     """A host name of this run only, its queue dropped afterwards: a message left by a
     failed test finds no worker later, in this run or another one sharing the Redis."""
-    name = f"lab-{os.getpid()}-{time.monotonic_ns() % 100_000}"
+    name = f"lab-{os.getpid()}-{next(_lab_numbers)}"
     yield name
     queue = f"host.{name}"
     client = redis.Redis.from_url(redis_url)
@@ -273,23 +298,26 @@ def lab_loops() -> Iterator[contextlib.ExitStack]:
 
 
 @pytest.fixture
-def lab(lab_host_name, lab_loops, live_server_process, celery_worker, tmp_path) -> Lab:
+def lab(lab_host_name, lab_loops, live_server_process, live_environment, celery_worker,
+        tmp_path) -> Lab:
     folder = tmp_path / "disks"
     folder.mkdir()
-    return Lab(live_server_process, lab_host_name, celery_worker, lab_loops, folder)
+    return Lab(live_server_process, live_environment, lab_host_name, celery_worker, lab_loops,
+               folder)
 
 
 @pytest.fixture
-def screenshots(tmp_path) -> Callable[[Visit, str], Path]:
-    """screenshots(visit, name, color_scheme) saves the page as <name>-<color_scheme>.png: into
+def screenshots(tmp_path) -> Callable[..., Path]:
+    """screenshots(visit, name, color_scheme, full_page=True) saves the page (all of it, or
+    what the window shows) as <name>-<color_scheme>.png: into
     docs/screenshots/ when SCREENSHOTS=1 (the README shows them), else into the
     test's temporary folder, so a plain test run leaves the tree alone."""
     folder = SCREENSHOTS_DIR if os.environ.get("SCREENSHOTS") == "1" else tmp_path / "screenshots"
     folder.mkdir(parents=True, exist_ok=True)
 
-    def save(visit: Visit, name: str, color_scheme: str) -> Path:
+    def save(visit: Visit, name: str, color_scheme: str, full_page: bool = True) -> Path:
         path = folder / f"{name}-{color_scheme}.png"
-        visit.page.screenshot(path=path, full_page=True, animations="disabled")
+        visit.page.screenshot(path=path, full_page=full_page, animations="disabled")
         return path
 
     return save

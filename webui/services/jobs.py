@@ -77,8 +77,8 @@ def start_verify_latest(datastore: Datastore, user=None,
 
 def latest_images(datastore: Datastore) -> list[Image]:
     latest: dict[int, Image] = {}
-    for image in (Image.objects.filter(datastore=datastore).select_related("disk__host", "datastore")
-                  .order_by("disk_id", "-created")):
+    for image in (Image.objects.filter(datastore=datastore)
+                  .select_related("disk__host", "datastore").order_by("disk_id", "-created")):
         latest.setdefault(image.disk_id, image)
     return list(latest.values())
 

@@ -121,3 +121,9 @@ def percent(part, whole) -> str:
     if not whole:
         return "—"
     return f"{100 * float(part) / float(whole):.0f} %"
+
+
+@register.filter
+def thousands(count) -> str:
+    """12345 -> "12,345"."""
+    return f"{int(count or 0):,}"

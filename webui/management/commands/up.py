@@ -181,7 +181,8 @@ class Command(BaseCommand):
         if redis_command:
             commands["redis"] = redis_command
         commands["web"] = [python, "-m", "uvicorn", "webui.asgi:application", "--host", bind,
-                           "--port", str(settings.PORT), "--lifespan", "off"]
+                           "--port", str(settings.PORT), "--workers", str(settings.WEB_WORKERS),
+                           "--lifespan", "off"]
         commands["worker"] = [python, "-m", "celery", "-A", "webui", "worker",
                               "--queues", self.host_queue, "--hostname", self.worker_node_name,
                               "--loglevel", "INFO"]

@@ -1,0 +1,720 @@
+"""Files from an image's partitions, without mounting a filesystem in the kernel.
+
+An image's filesystem is untrusted input: a kernel driver meeting a crafted
+one may crash or worse. The partition is exposed read-only through a private
+FUSE mount (mount.exposed) and read by the filesystem's own user-space tools:
+e2fsprogs' debugfs (catastrophic mode: no bitmaps read) for ext2/3/4, mtools
+for FAT, ntfs-3g's ntfsls, ntfsinfo and ntfscat for NTFS. Other filesystems
+get one clear error.
+
+Extracting writes only under the target directory, whatever the image holds:
+every name is a single path component checked here (never empty, ".", ".."
+or holding "/"; other odd bytes are kept as they are), every file is created
+relative to its parent directory's descriptor with O_EXCL and O_NOFOLLOW,
+directories are entered with O_NOFOLLOW, and symbolic links are recreated as
+links and never followed. Tools never name a file on this side: they write
+into descriptors this module opened (/dev/fd/N). Files get their permission
+bits (without set-user/group-ID) and times; owners are the extracting user's.
+An existing file is replaced only with `overwrite`, through a temporary file
+renamed over it.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import os
+import re
+import secrets
+import stat
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+from . import mount
+from .errors import Cancelled, ImagingError, TargetError, describe, running
+from .filesystems import EXT, identify
+from .manifest import utc_text
+from .mount import ImageReader, exposed
+from .progress import Progress
+from .store import reading
+
+FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
+COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"
+# Directories listed, and files copied, per run of a tool.
+BATCH = 128
+_TYPES = {stat.S_IFREG: FILE, stat.S_IFDIR: DIRECTORY, stat.S_IFLNK: SYMLINK}
+# Permission bits a copy gets: set-user-ID and set-group-ID stay behind.
+COPIED_MODE_BITS = 0o1777
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """A directory entry as a filesystem's tool describes it."""
+
+    name: bytes
+    kind: str  # FILE, DIRECTORY, SYMLINK or OTHER
+    size: int
+    mode: int  # permission bits
+    mtime_ns: Optional[int]
+    atime_ns: Optional[int]
+    handle: object  # how the tool finds it again: an inode number, a path
+    target: Optional[bytes] = None  # a symlink's target, when the listing gave it
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str  # the stored bytes, decoded as file names are (undecodable bytes kept)
+    type: str  # file, directory, symlink or other
+    size: int
+    mode: int  # permission bits
+    mtime: Optional[str]  # UTC, ISO 8601
+    target: Optional[str] = None  # where a symlink points
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Listing:
+    image: str
+    partition: int
+    filesystem: str
+    path: str
+    entries: list[Entry]
+    chunk_bytes_read: int  # raw bytes of the chunks decompressed to answer
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ExtractResult:
+    image: str
+    partition: int
+    filesystem: str
+    to: str
+    files: int
+    directories: int
+    symlinks: int
+    bytes: int  # of the files' contents
+    skipped: list[dict]  # {"path", "reason"} of each entry not extracted
+    chunk_bytes_read: int  # raw bytes of the chunks decompressed to extract them
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- the filesystems' tools ----------------------------------------------------
+
+class _Tool:
+    """One filesystem's tools on one partition file."""
+
+    name = ""
+    case_insensitive = False
+    # True when copying a file also sets its modification time, more precisely
+    # than the listing gives it.
+    copies_times = False
+
+    def __init__(self, device: Path) -> None:
+        self.device = device
+
+    def root(self) -> Node:
+        raise NotImplementedError
+
+    def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
+        """The entries of each directory, without "." and ".."."""
+        raise NotImplementedError
+
+    def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
+        """Write each file's contents into its descriptor; {job number: problem}."""
+        raise NotImplementedError
+
+    def link_target(self, node: Node) -> bytes:
+        return node.target or b""
+
+    def _checked_copy(self, jobs, problems: dict[int, str], detail: str = "") -> dict[int, str]:
+        """Add a problem for each copy whose size is not the file's: a short read."""
+        for number, (node, fd) in enumerate(jobs):
+            written = os.fstat(fd).st_size
+            if number not in problems and written != node.size:
+                problems[number] = (f"read {written} of its {node.size} bytes"
+                                    + (f" ({detail})" if detail else ""))
+        return problems
+
+
+def _run(tool: str, package: str, arguments: list[str], *, input: Optional[bytes] = None,
+         pass_fds: Iterable[int] = (), env: Optional[dict] = None,
+         stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    with running(tool, package, ImagingError):
+        return subprocess.run([tool, *arguments], input=input, stdout=stdout,
+                              stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
+                              env=env, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def _last_line(text: bytes) -> str:
+    lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+class _Ext(_Tool):
+    """ext2/3/4 through debugfs, every entry found by inode number."""
+
+    name = "ext"
+    ROOT_INODE = 2
+    _STAT_TIME = {key: re.compile(rb"\b" + key + rb": 0x([0-9a-f]{1,8})(?::([0-9a-f]{1,8}))?")
+                  for key in (b"mtime", b"atime")}
+    _STAT_SIZE = re.compile(rb"\bSize: (\d+)")
+    _FAST_LINK = b'Fast link dest: "'
+    _ECHO = re.compile(rb"debugfs: ls -p <(\d+)>")
+    _ENTRY = re.compile(rb"/(\d+)/([0-7]{6})/\d+/\d+/")
+    _ENTRY_END = re.compile(rb"/(\d*)/\n(?=/\d+/[0-7]{6}/\d+/\d+/|debugfs: |\n|\Z)")
+
+    def _debugfs(self, commands: list[str], pass_fds: Iterable[int] = ()) -> tuple[bytes, bytes]:
+        done = _run("debugfs", "e2fsprogs", ["-c", "-f", "-", str(self.device)],
+                    input=("\n".join(commands) + "\n").encode(), pass_fds=pass_fds)
+        if b"while trying to open" in done.stderr or b"Filesystem not open" in done.stderr:
+            problem = next((line for line in done.stderr.decode(errors="replace").splitlines()
+                            if "while trying to open" in line), _last_line(done.stderr))
+            raise ImagingError(f"debugfs cannot open the filesystem: "
+                               f"{problem.replace(str(self.device), 'the partition')}")
+        return done.stdout, done.stderr
+
+    def root(self) -> Node:
+        return Node(b"/", DIRECTORY, 0, 0o755, None, None, self.ROOT_INODE)
+
+    def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
+        found: dict[int, list[tuple[int, int, bytes, int]]] = {d.handle: [] for d in dirs}
+        output, _ = self._debugfs([f"ls -p <{d.handle}>" for d in dirs])
+        for directory, entry in self._parse_listings(output):
+            if directory in found and entry[2] not in (b".", b"..") and entry[0]:
+                found[directory].append(entry)
+        entries = [entry for d in dirs for entry in found[d.handle]]
+        details = self._stat([inode for inode, *_ in entries])
+        return [[self._node(entry, details.get(entry[0], b"")) for entry in found[d.handle]]
+                for d in dirs]
+
+    def _parse_listings(self, output: bytes) -> Iterator[tuple[int, tuple[int, int, bytes, int]]]:
+        """(directory inode, (inode, mode, name, size)) of each entry `ls -p` printed.
+
+        Each entry is /inode/mode/uid/gid/name/size/ and a newline, the name raw:
+        a name ends at the first "/size/" and newline that the next entry (or
+        the next command, or the end) follows. A name that holds "/" (only a
+        damaged or crafted filesystem has one) is read whole and refused later.
+        """
+        directory, position = None, 0
+        while position < len(output):
+            echo = self._ECHO.match(output, position)
+            head = self._ENTRY.match(output, position)
+            if echo is not None:
+                directory = int(echo.group(1))
+            if head is None:
+                newline = output.find(b"\n", position)
+                position = len(output) if newline < 0 else newline + 1
+                continue
+            tail = self._ENTRY_END.search(output, head.end())
+            if tail is None:
+                return
+            yield directory, (int(head.group(1)), int(head.group(2), 8),
+                              output[head.end():tail.start()], int(tail.group(1) or 0))
+            position = tail.end()
+
+    def _stat(self, inodes: list[int]) -> dict[int, bytes]:
+        """Each inode's `stat` text."""
+        unique = list(dict.fromkeys(inodes))
+        blocks: dict[int, bytes] = {}
+        for first in range(0, len(unique), BATCH * 8):
+            batch = unique[first:first + BATCH * 8]
+            output, _ = self._debugfs([f"stat <{inode}>" for inode in batch])
+            echoes = [f"debugfs: stat <{inode}>\n".encode() for inode in batch]
+            position = 0
+            for number, inode in enumerate(batch):
+                start = output.find(echoes[number], position)
+                if start < 0:
+                    break
+                start += len(echoes[number])
+                end = output.find(echoes[number + 1], start) if number + 1 < len(batch) else -1
+                blocks[inode] = output[start:end if end >= 0 else len(output)]
+                position = start
+        return blocks
+
+    def _node(self, entry: tuple[int, int, bytes, int], details: bytes) -> Node:
+        inode, mode, name, size = entry
+        kind = _TYPES.get(stat.S_IFMT(mode), OTHER)
+        if kind == DIRECTORY and (found := self._STAT_SIZE.search(details)):
+            size = int(found.group(1))
+        target = None
+        if kind == SYMLINK and (start := details.find(self._FAST_LINK)) >= 0:
+            start += len(self._FAST_LINK)
+            target = details[start:start + size]
+        return Node(name, kind, size, stat.S_IMODE(mode), self._time(details, b"mtime"),
+                    self._time(details, b"atime"), inode, target)
+
+    def _time(self, details: bytes, key: bytes) -> Optional[int]:
+        """An inode time in nanoseconds: 32 signed bits, extended by ext4's extra field."""
+        found = self._STAT_TIME[key].search(details)
+        if found is None:
+            return None
+        seconds = int(found.group(1), 16)
+        seconds -= (seconds & 0x80000000) << 1
+        extra = int(found.group(2) or b"0", 16)
+        return (seconds + ((extra & 3) << 32)) * 10**9 + (extra >> 2)
+
+    def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
+        problems: dict[int, str] = {}
+        for first in range(0, len(jobs), BATCH):
+            batch = jobs[first:first + BATCH]
+            _, errors = self._debugfs([f"dump <{node.handle}> /dev/fd/{fd}" for node, fd in batch],
+                                      pass_fds=[fd for _, fd in batch])
+            batch_problems = self._checked_copy(batch, {}, _last_line(errors))
+            problems.update({first + number: problem for number, problem in batch_problems.items()})
+        return problems
+
+    def link_target(self, node: Node) -> bytes:
+        if node.target is not None:
+            return node.target
+        # A long target lives in a data block: the link's contents.
+        done = _run("debugfs", "e2fsprogs", ["-c", "-R", f"cat <{node.handle}>", str(self.device)])
+        return done.stdout
+
+
+class _Fat(_Tool):
+    """FAT through mtools, every entry found by its path (names are case-insensitive)."""
+
+    name = "fat"
+    case_insensitive = True
+    copies_times = True
+    # mdir: 8.3 name, size or <DIR>, date, time, then the long name if there is one.
+    _LINE = re.compile(r"^(?P<base>.{8}) (?P<ext>.{3}) +(?P<size><DIR>|\d+) +"
+                       r"(?P<date>\d{4}-\d\d-\d\d) +(?P<time>\d{1,2}:\d\d)")
+    # mtools reads these as patterns in a path.
+    _PATTERN = re.compile(r"[*?\[\]]")
+
+    def _env(self) -> dict:
+        # MTOOLS_SKIP_CHECK: a partition's geometry does not look like a floppy's.
+        return dict(os.environ, MTOOLS_SKIP_CHECK="1", LC_ALL="C.UTF-8",
+                    MTOOLS_DATE_STRING="yyyy-mm-dd")
+
+    def root(self) -> Node:
+        return Node(b"/", DIRECTORY, 0, 0o755, None, None, "::/")
+
+    def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
+        return [self._list(d) for d in dirs]
+
+    def _list(self, directory: Node) -> list[Node]:
+        done = _run("mdir", "mtools", ["-a", "-i", str(self.device), directory.handle],
+                    env=self._env())
+        if done.returncode != 0:
+            raise ImagingError(f"mdir cannot list {directory.handle[2:]}: "
+                               f"{_last_line(done.stderr).replace(str(self.device), 'the partition')}")
+        found = []
+        for line in done.stdout.decode(errors="surrogateescape").splitlines():
+            fields = self._LINE.match(line)
+            if fields is None:
+                continue
+            rest = line[fields.end():]
+            name = rest[2:] if rest.startswith("  ") else \
+                fields["base"].rstrip() + ("." + fields["ext"].rstrip() if fields["ext"].strip() else "")
+            if name in (".", ".."):
+                continue
+            moment = dt.datetime.strptime(f"{fields['date']} {fields['time']}", "%Y-%m-%d %H:%M")
+            mtime = int(moment.astimezone(dt.timezone.utc).timestamp()) * 10**9
+            is_dir = fields["size"] == "<DIR>"
+            handle = directory.handle.rstrip("/") + "/" + name
+            found.append(Node(os.fsencode(name), DIRECTORY if is_dir else FILE,
+                              0 if is_dir else int(fields["size"]), 0o755 if is_dir else 0o644,
+                              mtime, mtime, handle if not self._PATTERN.search(name) else None))
+        return found
+
+    def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
+        problems: dict[int, str] = {}
+        for number, (node, fd) in enumerate(jobs):
+            done = _run("mcopy", "mtools", ["-n", "-m", "-i", str(self.device), node.handle,
+                                             f"/dev/fd/{fd}"], pass_fds=[fd], env=self._env())
+            if done.returncode != 0:
+                problems[number] = f"mcopy failed: {_last_line(done.stderr)}"
+        return self._checked_copy(jobs, problems)
+
+
+class _Ntfs(_Tool):
+    """NTFS through ntfs-3g's tools, every entry found by its MFT record number."""
+
+    name = "ntfs"
+    case_insensitive = True
+    ROOT_RECORD = 5
+    # ntfsls -l -i: record, size, date (month day time year), name.
+    _LINE = re.compile(rb"^\s*(\d+)\s+(\d+)\s+\w{3}\s+\d+\s+\d+:\d\d\s+\d{4}\s(.*?)(/?)$")
+    _TIMES = {"mtime": re.compile(r"File Altered Time:\s+(.+?) UTC"),
+              "atime": re.compile(r"Last Accessed Time:\s+(.+?) UTC")}
+
+    def root(self) -> Node:
+        return Node(b"/", DIRECTORY, 0, 0o755, None, None, (self.ROOT_RECORD, "/"))
+
+    def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
+        return [self._list(d) for d in dirs]
+
+    def _list(self, directory: Node) -> list[Node]:
+        record, path = directory.handle
+        done = _run("ntfsls", "ntfs-3g", ["-l", "-i", "-F", "-a", "-p", path, str(self.device)])
+        if done.returncode != 0:
+            raise ImagingError(f"ntfsls cannot list {path}: {_last_line(done.stderr)}")
+        found = []
+        for line in done.stdout.split(b"\n"):
+            fields = self._LINE.match(line)
+            if fields is None or fields.group(3) in (b".", b"..", b""):
+                continue
+            number, size, name, slash = int(fields.group(1)), int(fields.group(2)), \
+                fields.group(3), fields.group(4)
+            times = self._times(number)
+            child = path.rstrip("/") + "/" + os.fsdecode(name)
+            found.append(Node(name, DIRECTORY if slash else FILE, 0 if slash else size,
+                              0o755 if slash else 0o644, times.get("mtime"), times.get("atime"),
+                              (number, child)))
+        return found
+
+    def _times(self, record: int) -> dict[str, int]:
+        done = _run("ntfsinfo", "ntfs-3g", ["-i", str(record), str(self.device)])
+        text = done.stdout.decode(errors="replace")
+        times = {}
+        for key, pattern in self._TIMES.items():
+            found = pattern.search(text)
+            if found:
+                moment = dt.datetime.strptime(" ".join(found.group(1).split()),
+                                              "%a %b %d %H:%M:%S %Y")
+                times[key] = int(moment.replace(tzinfo=dt.timezone.utc).timestamp()) * 10**9
+        return times
+
+    def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
+        problems: dict[int, str] = {}
+        for number, (node, fd) in enumerate(jobs):
+            done = _run("ntfscat", "ntfs-3g", ["-i", str(node.handle[0]), str(self.device)],
+                        stdout=fd)
+            if done.returncode != 0:
+                problems[number] = f"ntfscat failed: {_last_line(done.stderr)}"
+        return self._checked_copy(jobs, problems)
+
+
+_TOOLS = {**{kind: _Ext for kind in EXT}, "vfat": _Fat, "ntfs": _Ntfs}
+
+
+def _tool_for(device: Path, part: mount.Partition) -> tuple[str, _Tool]:
+    kind = identify(device)
+    if kind not in _TOOLS:
+        holds = f"holds {kind}" if kind else "holds no filesystem blkid recognises"
+        raise ImagingError(f"partition {part.number} {holds}: files and extract read {COVERED}")
+    return kind, _TOOLS[kind](device)
+
+
+# -- paths and names -------------------------------------------------------------
+
+def _components(path: str) -> list[bytes]:
+    """The names along `path` inside the filesystem; "/" is the root."""
+    names = [name for name in os.fsencode(path).split(b"/") if name not in (b"", b".")]
+    if b".." in names:
+        raise ImagingError(f"{path}: a path inside the image may not hold '..'")
+    return names
+
+
+def _safe(name: bytes) -> bool:
+    """Is `name` one path component that stays where it is put?"""
+    return name not in (b"", b".", b"..") and b"/" not in name and b"\0" not in name
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and undecodable bytes escaped, safe on a terminal."""
+    return "".join(ch if ch.isprintable() else
+                   (f"\\x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF
+                    else ch.encode("unicode_escape").decode()) for ch in text)
+
+
+def _shown(names: Sequence[bytes]) -> str:
+    return "/" + "/".join(os.fsdecode(name) for name in names)
+
+
+def _lookup(tool: _Tool, names: list[bytes], number: int) -> Node:
+    node = tool.root()
+    for depth, name in enumerate(names):
+        if node.kind != DIRECTORY:
+            raise ImagingError(f"{_shown(names[:depth])}: not a directory in partition {number}")
+        children = tool.list_dirs([node])[0]
+        match = next((child for child in children if child.name == name), None)
+        if match is None and tool.case_insensitive:
+            folded = os.fsdecode(name).casefold()
+            match = next((child for child in children
+                          if os.fsdecode(child.name).casefold() == folded), None)
+        if match is None:
+            raise ImagingError(f"{_shown(names[:depth + 1])}: no such file or directory "
+                               f"in partition {number}")
+        node = match
+    return node
+
+
+def _entry(node: Node, tool: _Tool) -> Entry:
+    mtime = None
+    if node.mtime_ns is not None:
+        mtime = utc_text(dt.datetime.fromtimestamp(node.mtime_ns / 10**9, dt.timezone.utc))
+    target = os.fsdecode(tool.link_target(node)) if node.kind == SYMLINK else None
+    return Entry(os.fsdecode(node.name), node.kind, node.size, node.mode, mtime, target)
+
+
+# -- listing ---------------------------------------------------------------------
+
+def list_files(image_dir: os.PathLike | str, number: int, path: str = "/", *,
+               progress: Optional[Progress] = None) -> Listing:
+    """The entries of directory `path` (or the one entry `path` names) in partition `number`."""
+    started = time.monotonic()
+    progress = progress or Progress("files", 0)
+    names = _components(path)
+    with reading(image_dir, "mount", progress, f" to list partition {number}") as image:
+        part = mount.partition(image, number)
+        reader = ImageReader(image)
+        with exposed(image, reader) as exposure:
+            kind, tool = _tool_for(exposure.path(part), part)
+            node = _lookup(tool, names, number)
+            nodes = tool.list_dirs([node])[0] if node.kind == DIRECTORY else [node]
+            entries = sorted((_entry(child, tool) for child in nodes),
+                             key=lambda entry: (entry.type != DIRECTORY, entry.name))
+    progress.finish()
+    return Listing(str(image.path), number, kind, _shown(names), entries,
+                   reader.chunk_bytes_read, round(time.monotonic() - started, 3))
+
+
+# -- extracting ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Pending:
+    node: Node
+    fd: int
+    dir_fd: int
+    name: bytes
+    temporary: Optional[bytes]  # renamed over `name` once complete (overwrite)
+    shown: str
+
+
+class _Extraction:
+    """Places what a tool reads under one directory, never anywhere else."""
+
+    def __init__(self, tool: _Tool, to_fd: int, overwrite: bool, progress: Progress) -> None:
+        self.tool = tool
+        self.to_fd = to_fd
+        self.overwrite = overwrite
+        self.progress = progress
+        self.files = self.directories = self.symlinks = self.bytes = 0
+        self.skipped: list[dict] = []
+        self._queue: collections.deque[tuple[Node, tuple[bytes, ...]]] = collections.deque()
+        self._made_dirs: list[tuple[tuple[bytes, ...], Node]] = []
+        self._pending: list[_Pending] = []
+
+    def add(self, node: Node, names: list[bytes]) -> None:
+        """Extract `node` (the root's contents when `names` is empty) into the target."""
+        if not names:
+            self._queue.append((node, ()))
+        else:
+            self._place(node, self.to_fd, (), node.name)
+
+    def run(self) -> None:
+        try:
+            while self._queue:
+                group = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                listings = self.tool.list_dirs([node for node, _ in group])
+                dir_fds = []
+                try:
+                    for (_, names), children in zip(group, listings):
+                        dir_fd = self._open_dir(names)
+                        if dir_fd is None:
+                            continue
+                        dir_fds.append(dir_fd)
+                        for child in children:
+                            self._place(child, dir_fd, names, child.name)
+                            if len(self._pending) >= BATCH:
+                                self._flush()
+                    self._flush()
+                finally:
+                    for dir_fd in dir_fds:
+                        os.close(dir_fd)
+            self._flush()
+            self._finish_dirs()
+        finally:
+            for pending in self._pending:
+                os.close(pending.fd)
+
+    def _skip(self, shown: str, reason: str) -> None:
+        self.skipped.append({"path": shown, "reason": reason})
+
+    def _place(self, node: Node, dir_fd: int, parent: tuple[bytes, ...], name: bytes) -> None:
+        if self.progress.cancelled():
+            raise Cancelled()
+        shown = _shown((*parent, name))
+        if not _safe(name):
+            return self._skip(shown, "a name that would leave its folder")
+        if node.handle is None:
+            return self._skip(shown, f"a name the {self.tool.name} tools cannot address")
+        try:
+            if node.kind == DIRECTORY:
+                self._make_dir(node, dir_fd, (*parent, name), shown)
+            elif node.kind == FILE:
+                self._create_file(node, dir_fd, name, shown)
+            elif node.kind == SYMLINK:
+                self._make_symlink(node, dir_fd, name, shown)
+            else:
+                self._skip(shown, "not a file, folder or symbolic link")
+        except OSError as exc:
+            self._skip(shown, describe(exc))
+
+    def _existing(self, dir_fd: int, name: bytes) -> Optional[os.stat_result]:
+        try:
+            return os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+
+    def _make_dir(self, node: Node, dir_fd: int, names: tuple[bytes, ...], shown: str) -> None:
+        name = names[-1]
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            existing = self._existing(dir_fd, name)
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                pass  # extracted into as it is
+            elif self.overwrite:
+                os.unlink(name, dir_fd=dir_fd)
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+            else:
+                return self._skip(shown, "exists and is not a folder (--overwrite replaces it)")
+        self.directories += 1
+        self._made_dirs.append((names, node))
+        self._queue.append((node, names))
+
+    def _create_file(self, node: Node, dir_fd: int, name: bytes, shown: str) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        temporary = None
+        if self.overwrite:
+            existing = self._existing(dir_fd, name)
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                return self._skip(shown, "a folder of that name is in the way")
+            if existing is not None:
+                temporary = f".imaging-{secrets.token_hex(6)}.tmp".encode()
+        try:
+            fd = os.open(temporary or name, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            return self._skip(shown, "exists (--overwrite replaces it)")
+        self._pending.append(_Pending(node, fd, dir_fd, name, temporary, shown))
+
+    def _make_symlink(self, node: Node, dir_fd: int, name: bytes, shown: str) -> None:
+        target = self.tool.link_target(node)
+        if not target or b"\0" in target:
+            return self._skip(shown, "a symbolic link without a usable target")
+        temporary = None
+        existing = self._existing(dir_fd, name)
+        if existing is not None:
+            if not self.overwrite:
+                return self._skip(shown, "exists (--overwrite replaces it)")
+            if stat.S_ISDIR(existing.st_mode):
+                return self._skip(shown, "a folder of that name is in the way")
+            temporary = f".imaging-{secrets.token_hex(6)}.tmp".encode()
+        os.symlink(target, temporary or name, dir_fd=dir_fd)
+        if temporary:
+            os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if node.mtime_ns is not None:
+            os.utime(name, ns=(node.atime_ns or node.mtime_ns, node.mtime_ns), dir_fd=dir_fd,
+                     follow_symlinks=False)
+        self.symlinks += 1
+
+    def _flush(self) -> None:
+        """Copy the pending files' contents, then give each its mode, times and name."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            problems = self.tool.copy([(job.node, job.fd) for job in pending])
+            for number, job in enumerate(pending):
+                if number in problems:
+                    os.unlink(job.temporary or job.name, dir_fd=job.dir_fd)
+                    self._skip(job.shown, problems[number])
+                    continue
+                os.fchmod(job.fd, job.node.mode & COPIED_MODE_BITS)
+                if job.node.mtime_ns is not None and not self.tool.copies_times:
+                    os.utime(job.fd, ns=(job.node.atime_ns or job.node.mtime_ns,
+                                         job.node.mtime_ns))
+                if job.temporary:
+                    os.replace(job.temporary, job.name, src_dir_fd=job.dir_fd,
+                               dst_dir_fd=job.dir_fd)
+                self.files += 1
+                self.bytes += job.node.size
+                self.progress.advance(job.node.size)
+        finally:
+            for job in pending:
+                os.close(job.fd)
+
+    def _open_dir(self, names: tuple[bytes, ...]) -> Optional[int]:
+        """A directory this extraction made, entered one name at a time, never through a link."""
+        fd = os.dup(self.to_fd)
+        try:
+            for name in names:
+                inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except OSError as exc:
+            os.close(fd)
+            self._skip(_shown(names), f"cannot enter it: {describe(exc)}")
+            return None
+        return fd
+
+    def _finish_dirs(self) -> None:
+        """Folders get their modes and times last, deepest first: filling them changed both."""
+        for names, node in reversed(self._made_dirs):
+            fd = self._open_dir(names)
+            if fd is None:
+                continue
+            try:
+                os.fchmod(fd, node.mode & COPIED_MODE_BITS)
+                if node.mtime_ns is not None:
+                    os.utime(fd, ns=(node.atime_ns or node.mtime_ns, node.mtime_ns))
+            finally:
+                os.close(fd)
+
+
+def _open_target(to: Path) -> int:
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+        return os.open(to, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TargetError(f"cannot extract into {to}: {describe(exc)}") from None
+
+
+def extract(image_dir: os.PathLike | str, number: int, paths: Sequence[str],
+            to: os.PathLike | str, *, overwrite: bool = False,
+            progress: Optional[Progress] = None) -> ExtractResult:
+    """Copy files or folders `paths` of partition `number` into the directory `to`.
+
+    Each lands under `to` by its last name ("/" puts the whole filesystem's
+    contents there). Entries that could not be extracted are listed in the
+    result's `skipped`, with the reason.
+    """
+    started = time.monotonic()
+    progress = progress or Progress("extract", 0)
+    wanted = [_components(path) for path in paths]
+    to = Path(to)
+    with reading(image_dir, "mount", progress, f" to extract from partition {number}") as image:
+        part = mount.partition(image, number)
+        reader = ImageReader(image)
+        with exposed(image, reader) as exposure:
+            kind, tool = _tool_for(exposure.path(part), part)
+            nodes = [_lookup(tool, names, number) for names in wanted]
+            progress.start_phase("extract", 0)
+            to_fd = _open_target(to)
+            try:
+                extraction = _Extraction(tool, to_fd, overwrite, progress)
+                for node, names in zip(nodes, wanted):
+                    extraction.add(node, names)
+                extraction.run()
+            finally:
+                os.close(to_fd)
+    progress.finish()
+    return ExtractResult(str(image.path), number, kind, str(to), extraction.files,
+                         extraction.directories, extraction.symlinks, extraction.bytes,
+                         extraction.skipped, reader.chunk_bytes_read,
+                         round(time.monotonic() - started, 3))

@@ -1,0 +1,415 @@
+"""An image as a read-only disk: random access to its bytes, and a FUSE mount of it.
+
+`ImageReader` serves any byte range of an image, decompressing (and checking)
+only the chunks the range touches and keeping the last few in a small LRU
+cache; it counts the chunk bytes it decompressed, which is how a caller shows
+that reading one file read only that file's chunks.
+
+`mount` exposes an image through libfuse 3 (the mfusepy binding) as
+DIR/disk and one file per partition of its layout.sf, DIR/p1, DIR/p2, ...
+Nothing can write through it: it is mounted read-only and an open for writing
+is refused with EROFS. It serves until `umount DIR` (or `fusermount3 -u DIR`),
+Ctrl-C or SIGTERM, registered in the datastore as a reader of its image all
+along, so prune defers the image and garbage collection keeps its chunks.
+
+`exposed` makes the same mount in a private temporary directory for the length
+of a `with` block: how files, extract and verify --fsck hand a partition to the
+filesystems' own user-space tools without mounting a filesystem in the kernel.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from . import catalog, codec
+from .chunks import read_chunk
+from .errors import ImageError, ImagingError, describe, running
+from .image import Image, parse_stamp
+from .progress import Progress
+from .store import reading
+
+# Decompressed chunks kept for reads that come back to them (4 MiB each by default).
+CACHE_CHUNKS = 8
+# How long a private mount may take to come up before it counts as failed.
+MOUNT_TIMEOUT = 30.0
+# How often a mount looks at its registration's heartbeat and at cancel.
+WATCH_INTERVAL = 1.0
+FUSE_DEVICE = Path("/dev/fuse")
+FUSE_PACKAGE = "fuse3"
+_LABEL_RE = re.compile(r"^label:\s*(\S+)", re.MULTILINE)
+_NUMBER_RE = re.compile(r"(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """A partition of an image's layout, in bytes."""
+
+    number: int
+    start: int
+    size: int
+    type: Optional[str] = None  # the partition type sfdisk printed (MBR id or GPT GUID)
+
+    @property
+    def name(self) -> str:
+        return f"p{self.number}"
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def layout_text(image: Image) -> Optional[str]:
+    """The image's layout.sf, None if the disk had no partition table."""
+    path = image.path / catalog.LAYOUT_NAME
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = describe(exc) if isinstance(exc, OSError) else "not text"
+        raise ImageError(f"{path}: unreadable partition table ({problem})") from None
+
+
+def label(image: Image) -> Optional[str]:
+    """"dos" or "gpt" (what sfdisk calls the table), None without a partition table."""
+    text = layout_text(image)
+    found = _LABEL_RE.search(text) if text else None
+    return found.group(1) if found else None
+
+
+def partitions(image: Image) -> list[Partition]:
+    """The partitions of the image's layout.sf that lie within the image, by number."""
+    text = layout_text(image)
+    if text is None:
+        return []
+    found = []
+    for entry in catalog.parse_dump(text, image.manifest.sector_size):
+        number = _NUMBER_RE.search(entry["name"])
+        if number is None or entry["size"] <= 0 or entry["start"] + entry["size"] > image.size:
+            continue  # not a partition this image holds whole
+        found.append(Partition(int(number.group(1)), entry["start"], entry["size"], entry["type"]))
+    return sorted(found, key=lambda part: part.number)
+
+
+def partition(image: Image, number: int) -> Partition:
+    """Partition `number` of the image; ImageError naming those it has if there is none."""
+    parts = partitions(image)
+    for part in parts:
+        if part.number == number:
+            return part
+    have = ", ".join(str(part.number) for part in parts) or "none"
+    raise ImageError(f"{image.path} has no partition {number} (its partitions: {have})")
+
+
+class ImageReader:
+    """Any byte range of an image, decompressing only the chunks it touches.
+
+    Thread-safe: concurrent reads of one chunk wait for a single decompression.
+    All-zero chunks are served without reading anything.
+    """
+
+    def __init__(self, image: Image, cache_chunks: int = CACHE_CHUNKS) -> None:
+        self.image = image
+        self.size = image.size
+        self.chunk_size = image.chunk_size
+        self.chunks_read = 0  # chunks decompressed from the datastore
+        self.chunk_bytes_read = 0  # their raw bytes
+        self._index = image.index()
+        self._cache_chunks = max(cache_chunks, 1)
+        self._cache: collections.OrderedDict[int, concurrent.futures.Future] = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset`; fewer only at the end of the image."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"cannot read {length} bytes at offset {offset}")
+        end = min(offset + length, self.size)
+        pieces = []
+        while offset < end:
+            position = offset // self.chunk_size
+            chunk = self.chunk(position)
+            within = offset - position * self.chunk_size
+            piece = memoryview(chunk)[within:within + end - offset]
+            pieces.append(piece)
+            offset += len(piece)
+        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+
+    def chunk(self, position: int) -> bytes:
+        """The raw bytes of chunk `position`, from the cache or the datastore."""
+        digest, length = self._index[position], self.image.chunk_length(position)
+        if digest == codec.zero_digest(length):
+            return codec.zeros(length)
+        with self._lock:
+            loading = self._cache.get(position)
+            owner = loading is None
+            if owner:
+                loading = self._cache[position] = concurrent.futures.Future()
+                while len(self._cache) > self._cache_chunks:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(position)
+        if not owner:
+            return loading.result()
+        try:
+            data = read_chunk(self.image.store, digest, length)
+        except BaseException as exc:
+            with self._lock:
+                if self._cache.get(position) is loading:
+                    del self._cache[position]  # the next read tries again
+            loading.set_exception(exc)
+            raise
+        with self._lock:
+            self.chunks_read += 1
+            self.chunk_bytes_read += length
+        loading.set_result(data)
+        return data
+
+
+class _ImageFiles:
+    """The FUSE operations: a read-only directory of disk, p1, p2, ..."""
+
+    use_ns = True  # times in nanoseconds (mfusepy)
+
+    def __init__(self, reader: ImageReader, parts: list[Partition],
+                 on_ready: Callable[[], None]) -> None:
+        self._reader = reader
+        self._files = {"/disk": (0, reader.size)}
+        self._files.update({f"/{part.name}": (part.start, part.size) for part in parts})
+        self._on_ready = on_ready
+        created = parse_stamp(reader.image.stamp).timestamp()
+        self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid(),
+                       **{key: int(created) * 10**9 for key in ("st_atime", "st_mtime", "st_ctime")}}
+        self._reported = False
+
+    def init(self, path: str) -> None:
+        self._on_ready()
+
+    def getattr(self, path: str, fh: Optional[int] = None) -> dict:
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, **self._owner}
+        if path not in self._files:
+            raise _fuse().FuseOSError(errno.ENOENT)
+        return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self._files[path][1],
+                "st_blksize": self._reader.chunk_size, **self._owner}
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        if path != "/":
+            raise _fuse().FuseOSError(errno.ENOTDIR)
+        return [".", "..", *(name.lstrip("/") for name in self._files)]
+
+    def open(self, path: str, flags: int) -> int:
+        if path not in self._files:
+            raise _fuse().FuseOSError(errno.ENOENT)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise _fuse().FuseOSError(errno.EROFS)
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        start, length = self._files[path]
+        if offset >= length:
+            return b""
+        try:
+            return self._reader.pread(start + offset, min(size, length - offset))
+        except ImagingError as exc:
+            # The reading tool sees EIO; whoever mounted it learns why, once.
+            if not self._reported:
+                self._reported = True
+                print(f"imaging: error: {exc}", file=sys.stderr, flush=True)
+            raise _fuse().FuseOSError(errno.EIO) from None
+
+    def statfs(self, path: str) -> dict:
+        blocks = -(-self._reader.size // 4096)
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": blocks, "f_bfree": 0,
+                "f_bavail": 0, "f_files": len(self._files), "f_ffree": 0,
+                "f_namemax": 255, "f_flag": os.ST_RDONLY}
+
+
+def _fuse():
+    """mfusepy, loaded on first use: it looks for libfuse when imported."""
+    try:
+        import mfusepy
+    except (ImportError, OSError, EnvironmentError) as exc:
+        raise ImagingError(f"FUSE is not available: {exc} (install the {FUSE_PACKAGE} "
+                           "package and the mfusepy Python package)") from None
+    return mfusepy
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    if not FUSE_DEVICE.exists():
+        raise ImagingError(f"{FUSE_DEVICE} is missing: this system has no FUSE support")
+    if not mountpoint.is_dir():
+        raise ImagingError(f"cannot mount at {mountpoint}: not a directory")
+    if os.path.ismount(mountpoint):
+        raise ImagingError(f"cannot mount at {mountpoint}: something is already mounted there")
+
+
+def _serve(reader: ImageReader, parts: list[Partition], mountpoint: Path,
+           on_ready: Callable[[], None]) -> None:
+    """Serve the image at `mountpoint` until it is unmounted (in this thread)."""
+    fuse = _fuse()
+    disk = f"{reader.image.disk_id}/{reader.image.stamp}"
+    try:
+        fuse.FUSE(_ImageFiles(reader, parts, on_ready), str(mountpoint), foreground=True,
+                  ro=True, default_permissions=True, kernel_cache=True,
+                  fsname=f"imaging:{disk}", subtype="imaging")
+    except RuntimeError as exc:
+        # libfuse has printed its reason on stderr already.
+        raise ImagingError(f"cannot mount {disk} at {mountpoint}: libfuse failed ({exc})") from None
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount a FUSE mount, lazily if something still holds it open."""
+    if not os.path.ismount(mountpoint):
+        return
+    with running("fusermount3", FUSE_PACKAGE, ImagingError):
+        done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        if done.returncode != 0 and os.path.ismount(mountpoint):
+            done = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
+                                  capture_output=True, text=True)
+    if done.returncode != 0 and os.path.ismount(mountpoint):
+        raise ImagingError(f"cannot unmount {mountpoint}: {done.stderr.strip()}")
+
+
+@dataclasses.dataclass
+class MountResult:
+    mountpoint: str
+    files: list[str]  # disk, p1, p2, ...
+    seconds: float  # how long it was mounted
+    chunks_read: int
+    chunk_bytes_read: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def mount(image_dir: os.PathLike | str, mountpoint: os.PathLike | str, *,
+          on_mounted: Optional[Callable[[list[str]], None]] = None,
+          progress: Optional[Progress] = None) -> MountResult:
+    """Expose the image at `mountpoint` until it is unmounted; `on_mounted` hears the file names.
+
+    In the main thread, SIGINT, SIGTERM and SIGHUP unmount it: libfuse's own
+    handlers take them (Python's could not run while libfuse holds the thread).
+    """
+    mountpoint = Path(mountpoint).absolute()
+    progress = progress or Progress("mount", 0)
+    started = time.monotonic()
+    _check_mountpoint(mountpoint)
+    with reading(image_dir, "mount", progress, f" at {mountpoint}") as image:
+        reader = ImageReader(image)
+        parts = partitions(image)
+        names = ["disk", *(part.name for part in parts)]
+        stopped = threading.Event()
+        failure: list[ImagingError] = []
+
+        def watch() -> None:
+            """End the mount when the job is cancelled or its heartbeat fails."""
+            while not stopped.wait(WATCH_INTERVAL):
+                try:
+                    if not progress.cancelled():
+                        continue
+                except ImagingError as exc:
+                    failure.append(exc)
+                with contextlib.suppress(ImagingError):
+                    unmount(mountpoint)
+                return
+
+        watcher = threading.Thread(target=watch, name="mount-watch", daemon=True)
+        watcher.start()
+        with _default_signals():
+            try:
+                _serve(reader, parts, mountpoint, lambda: on_mounted and on_mounted(names))
+            finally:
+                stopped.set()
+                watcher.join()
+        if failure:
+            raise failure[0]
+    progress.finish()
+    return MountResult(str(mountpoint), names, round(time.monotonic() - started, 3),
+                       reader.chunks_read, reader.chunk_bytes_read)
+
+
+@contextlib.contextmanager
+def _default_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP at their defaults, which libfuse replaces with its unmounting handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {number: signal.signal(number, signal.SIG_DFL)
+             for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exposure:
+    """An image mounted privately: the paths its tools read, and the reader behind them."""
+
+    root: Path
+    partitions: list[Partition]
+    reader: ImageReader
+
+    @property
+    def disk(self) -> Path:
+        return self.root / "disk"
+
+    def path(self, part: Partition) -> Path:
+        return self.root / part.name
+
+
+@contextlib.contextmanager
+def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Exposure]:
+    """The image mounted read-only in a private temporary directory while the block runs.
+
+    The caller registers itself as the image's reader. The mount is always
+    undone, also when the block fails or is interrupted.
+    """
+    reader = reader or ImageReader(image)
+    parts = partitions(image)
+    root = Path(tempfile.mkdtemp(prefix="imaging-mount-"))
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            _serve(reader, parts, root, ready.set)
+        except BaseException as exc:  # reported to the waiting thread
+            failure.append(exc)
+
+    server = threading.Thread(target=serve, name="fuse", daemon=True)
+    try:
+        _check_mountpoint(root)
+        server.start()
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not ready.wait(0.02):
+            if not server.is_alive() or time.monotonic() > deadline:
+                if failure and isinstance(failure[0], ImagingError):
+                    raise failure[0]
+                raise ImagingError(f"cannot mount {image.path} at {root}: "
+                                   f"{failure[0] if failure else 'libfuse did not answer'}")
+        yield Exposure(root, parts, reader)
+    finally:
+        try:
+            unmount(root)
+        finally:
+            if server.is_alive():
+                server.join(MOUNT_TIMEOUT)
+            with contextlib.suppress(OSError):
+                root.rmdir()

@@ -1,0 +1,132 @@
+"""The pages' forms: what a person types, as the models and services take it."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import zoneinfo
+
+from django import forms
+from django.db import transaction
+
+import imaging.codec
+
+from . import services
+from .models import Disk, Schedule
+from .pages import disk_title
+from .templatetags.human import size
+
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """ "2G", "700 MiB", "4096" -> bytes (binary units, as split and zstd count)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise forms.ValidationError(f"{text!r} is not a size like 2G, 700M or 4096")
+    value = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise forms.ValidationError("a part size must be more than 0 bytes")
+    return value
+
+
+class DiskChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, disk: Disk) -> str:
+        gone = "" if disk.present else " (gone)"
+        return f"{disk.host.name} · {disk_title(disk)} · {disk.path or disk.stable_id} · " \
+               f"{size(disk.size)}{gone}"
+
+
+class ScheduleForm(forms.ModelForm):
+    grace_minutes = forms.IntegerField(
+        label="Grace time (minutes)", min_value=0, max_value=365 * 24 * 60,
+        help_text="How late a backup may come before the disk counts as overdue.")
+
+    class Meta:
+        model = Schedule
+        fields = ["kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
+                  "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                  "notify_urls", "notify_on_success", "enabled"]
+        field_classes = {"disk": DiskChoiceField}
+        labels = {
+            "kind": "What to run", "cron": "When (cron)", "time_zone": "Time zone",
+            "mode": "Backup mode", "level": "Compression level (1–22)",
+            "keep_last": "Last", "keep_daily": "Daily", "keep_weekly": "Weekly",
+            "keep_monthly": "Monthly", "keep_yearly": "Yearly",
+            "notify_urls": "Notification URLs", "notify_on_success": "Also notify on success",
+            "enabled": "On",
+        }
+        help_texts = {
+            "cron": "minute hour day-of-month month day-of-week, like 0 3 * * * for 03:00 daily",
+            "mode": "used reads only the blocks filesystems use; raw reads every sector",
+            "notify_urls": "Apprise URLs, one per line (mailto://, ntfy://, gotify://, ...); "
+                           "failures, overdue disks and stalls are sent there",
+            "level": "3 is fast; 19 packs tighter and takes much longer",
+        }
+        widgets = {"notify_urls": forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
+                   "cron": forms.TextInput(attrs={"spellcheck": "false", "autocomplete": "off"}),
+                   "time_zone": forms.TextInput(attrs={"list": "time-zones", "autocomplete": "off",
+                                                       "spellcheck": "false"})}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["disk"].queryset = Disk.objects.select_related("host").order_by(
+            "host__name", "path")
+        self.fields["disk"].required = False
+        self.fields["disk"].empty_label = "— none (verify and gc run per datastore) —"
+        self.fields["kind"].choices = [("backup", "Back up a disk"),
+                                       ("verify", "Verify the newest image of each disk"),
+                                       ("gc", "Collect garbage in the datastore")]
+        self.fields["grace_minutes"].initial = int(self.instance.grace.total_seconds() // 60)
+        for name in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"):
+            self.fields[name].widget.attrs["min"] = 0
+        self.fields["level"].widget.attrs.update(min=1, max=22)
+
+    @staticmethod
+    def time_zones() -> list[str]:
+        return sorted(zoneinfo.available_timezones())
+
+    def clean(self):
+        cleaned = super().clean()
+        minutes = cleaned.get("grace_minutes")
+        if minutes is not None:
+            self.instance.grace = dt.timedelta(minutes=minutes)
+        if cleaned.get("kind") == Schedule.Kind.BACKUP and not any(
+                cleaned.get(f"keep_{rule}") for rule in ("last", "daily", "weekly", "monthly",
+                                                         "yearly")):
+            raise forms.ValidationError("Keep at least one image: a retention that keeps "
+                                        "nothing would remove every backup.")
+        return cleaned
+
+    def notification_urls(self) -> list[str]:
+        text = self.data.get("notify_urls", "") if self.is_bound else self.instance.notify_urls
+        return [url for url in text.replace(",", " ").split() if url]
+
+    def save_and_sync(self) -> Schedule:
+        with transaction.atomic():
+            schedule = self.save()
+            services.sync_schedule(schedule)
+        return schedule
+
+
+class ExportForm(forms.Form):
+    name = forms.RegexField(regex=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$", max_length=201,
+                            error_messages={"invalid": "use letters, digits and ._+- only"})
+    level = forms.IntegerField(min_value=imaging.codec.LEVELS.start,
+                               max_value=imaging.codec.LEVELS.stop - 1,
+                               initial=imaging.codec.DEFAULT_LEVEL)
+    long_distance = forms.BooleanField(required=False)
+    split_size = forms.CharField(required=False, max_length=32)
+
+    def clean_split_size(self):
+        text = self.cleaned_data["split_size"].strip()
+        return parse_size(text) if text else None
+
+    def problems(self) -> str:
+        return "; ".join(f"{name}: {' '.join(errors)}" if name != "__all__" else " ".join(errors)
+                         for name, errors in self.errors.items())
+
+
+def export_name(image) -> str:
+    """A file name for an image's export: the disk and the moment, safe for any host."""
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{image.disk.stable_id}-{image.stamp}").strip("-.")
+    return f"{stem}.img.zst"

@@ -1,0 +1,64 @@
+"""Names for disks and jobs, a job's progress with every field present, and amounts in
+their unit: the words pages.py chooses, for templates."""
+from __future__ import annotations
+
+from django import template
+from django.utils.html import format_html
+
+from .. import forms, pages
+from ..api.serializers import EMPTY_PROGRESS
+from .human import size
+
+register = template.Library()
+
+PHASES = {"backup": "reading", "restore": "writing", "verify": "verifying", "export": "exporting",
+          "import": "importing", "recompress": "recompressing", "prune": "pruning",
+          "gc": "collecting garbage"}
+
+
+@register.filter
+def disk_title(disk) -> str:
+    return pages.disk_title(disk) if disk is not None else "a disk no longer known"
+
+
+@register.filter
+def job_title(job) -> str:
+    return pages.describe_job(job)
+
+
+@register.filter
+def progress(job) -> dict:
+    saved = job.progress if isinstance(job.progress, dict) else {}
+    values = {name: saved.get(name, default) for name, default in EMPTY_PROGRESS.items()}
+    values["done"], values["total"] = values["done"] or 0, values["total"] or 0
+    values["percent"] = (100 * values["done"] / values["total"]) if values["total"] else None
+    return values
+
+
+@register.filter
+def phase(name) -> str:
+    return PHASES.get(name or "", name or "waiting")
+
+
+@register.simple_tag
+def amount(value, unit="bytes") -> str:
+    """A progress amount in its unit, exact on hover: "1.2 GiB", "3 images"."""
+    value = value or 0
+    if unit == "bytes":
+        return format_html('<span title="{} bytes">{}</span>', f"{int(value):,}", size(value))
+    return f"{int(value):,} {unit}"
+
+
+@register.filter
+def cron_words(expression: str) -> str:
+    return pages.describe_cron(expression)
+
+
+@register.filter
+def partition_rows(partitions) -> list:
+    return pages.partition_rows(partitions)
+
+
+@register.filter
+def export_name(image) -> str:
+    return forms.export_name(image)

@@ -1,0 +1,237 @@
+"""The pages: each view loads what it shows (through pages.py) or calls one service.
+
+Jobs that the JSON API starts (backup, restore, verify, cancel) are started by
+the pages' JavaScript through the API; the rest (export, delete, gc, verifying
+a datastore, schedules) are forms posted here. Only staff may change anything.
+"""
+from __future__ import annotations
+
+import functools
+import zoneinfo
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from . import pages, services
+from .api.serializers import JobSerializer
+from .forms import ExportForm, ScheduleForm
+from .models import Datastore, Disk, Image, Job, Schedule, validate_cron, validate_timezone
+
+
+def staff_required(view):
+    """Logged in (else to the login page) and staff (else 403)."""
+    @login_required
+    @functools.wraps(view)
+    def checked(request: HttpRequest, *args, **kwargs):
+        if not request.user.is_staff:
+            raise PermissionDenied("only staff may start jobs or change schedules")
+        return view(request, *args, **kwargs)
+    return checked
+
+
+@login_required
+@require_GET
+def dashboard(request: HttpRequest) -> HttpResponse:
+    return render(request, "webui/dashboard.html", pages.dashboard())
+
+
+@login_required
+@require_GET
+def disk_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    disk = get_object_or_404(pages.with_last_image(Disk.objects.all()), pk=pk)
+    pages.disks_with_status([disk])
+    history = pages.disk_history(disk, request.GET.get("page"))
+    return render(request, "webui/disk.html", {
+        "disk": disk, "history": history, "chart": pages.history_chart(disk),
+        "job": pages.latest_job(disk), "schedule": disk.backup_schedule(),
+        "local_host": settings.HOST_NAME,
+    })
+
+
+@staff_required
+@require_GET
+def image_restore(request: HttpRequest, pk: int) -> HttpResponse:
+    """The guarded restore: as a fragment for the disk page's dialog, or as a page of its own."""
+    image = get_object_or_404(Image.objects.select_related("disk__host", "datastore"), pk=pk)
+    targets = pages.restore_targets(image)
+    chosen = next((target for target in targets if target.suitable), None)
+    template = "webui/_restore_form.html" if "fragment" in request.GET else "webui/restore.html"
+    return render(request, template, {"image": image, "targets": targets, "chosen": chosen})
+
+
+@staff_required
+@require_POST
+def image_export(request: HttpRequest, pk: int) -> HttpResponse:
+    image = get_object_or_404(Image.objects.select_related("disk__host", "datastore"), pk=pk)
+    form = ExportForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Not exported: {form.problems()}")
+        return redirect("disk", image.disk_id)
+    try:
+        job = services.start_export(image, user=request.user, **form.cleaned_data)
+    except services.Refused as refused:
+        messages.error(request, f"Not exported: {refused}")
+        return redirect("disk", image.disk_id)
+    return redirect("job", job.pk)
+
+
+@staff_required
+@require_POST
+def image_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    image = get_object_or_404(Image.objects.select_related("disk__host", "datastore"), pk=pk)
+    taken = timezone.localtime(image.created).strftime("%Y-%m-%d %H:%M")
+    try:
+        services.delete_image(image)
+    except services.Refused as refused:
+        messages.error(request, f"Not deleted: {refused}")
+    else:
+        messages.success(request, f"Deleted the image of {taken}. Its chunks are freed by the "
+                                  "next garbage collection unless another image shares them.")
+    return redirect("disk", image.disk_id)
+
+
+@login_required
+@require_GET
+def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_object_or_404(pages.jobs_with_subjects(Job.objects.select_related(
+        "requested_by", "schedule")), pk=pk)
+    image = job.image
+    total = image.size if image is not None else (job.progress or {}).get("total") or 0
+    return render(request, "webui/job.html", {
+        "job": job, "job_data": JobSerializer(job).data, "log": pages.job_log(job),
+        "subject": pages.job_subject_disk(job),
+        "bad_marks": pages.bad_strip(image.bad_ranges if image is not None else [], total),
+        "bad_total": total, "stalled_since": (job.progress_moved_at or job.started)
+        if job.is_stalled() else None,
+        **pages.job_timing(job),
+    })
+
+
+@login_required
+@require_GET
+def schedules(request: HttpRequest) -> HttpResponse:
+    unscheduled = (Disk.objects.filter(present=True).exclude(schedules__kind=Schedule.Kind.BACKUP)
+                   .select_related("host"))
+    return render(request, "webui/schedules.html", {
+        "schedules": pages.schedules_with_next_run(), "unscheduled": list(unscheduled),
+    })
+
+
+@staff_required
+def schedule_new(request: HttpRequest) -> HttpResponse:
+    disk = None
+    if request.GET.get("disk", "").isdigit() and len(request.GET["disk"]) < 19:
+        disk = Disk.objects.filter(pk=int(request.GET["disk"])).first()
+    return _schedule_form(request, Schedule(disk=disk, datastore=_default_datastore(disk)))
+
+
+@staff_required
+def schedule_edit(request: HttpRequest, pk: int) -> HttpResponse:
+    schedule = get_object_or_404(Schedule.objects.select_related("disk__host", "datastore"), pk=pk)
+    if request.method == "POST" and "delete" in request.POST:
+        schedule.delete()
+        messages.success(request,
+                         f"Deleted the schedule “{pages.describe_cron(schedule.cron)}”.")
+        return redirect("schedules")
+    return _schedule_form(request, schedule)
+
+
+def _schedule_form(request: HttpRequest, schedule: Schedule) -> HttpResponse:
+    if request.method not in ("GET", "POST"):
+        return HttpResponse(status=405, headers={"Allow": "GET, POST"})
+    form = ScheduleForm(request.POST or None, instance=schedule)
+    if request.method == "POST" and "send_test" in request.POST:
+        urls = form.notification_urls()
+        if not urls:
+            messages.error(request, "Enter at least one notification URL to test.")
+        elif services.notify("Test from Disk imaging",
+                             "Notifications of this schedule's disk arrive here.", urls):
+            messages.success(request, f"Sent a test notification to {len(urls)} URL(s).")
+        else:
+            messages.error(request, "The test notification could not be sent: check the URLs "
+                                    "(Apprise's format) and the server's log.")
+    elif request.method == "POST" and form.is_valid():
+        schedule = form.save_and_sync()
+        messages.success(request, f"Saved: {pages.describe_cron(schedule.cron)}"
+                                  f"{'' if schedule.enabled else ' (off)'}.")
+        return redirect("schedules")
+    return render(request, "webui/schedule_form.html", {
+        "form": form, "schedule": schedule, "presets": pages.CRON_PRESETS,
+        "preview": _preview(form["cron"].value() or "", form["time_zone"].value() or "UTC"),
+    })
+
+
+def _default_datastore(disk) -> Datastore:
+    schedule = disk.backup_schedule() if disk is not None else None
+    return schedule.datastore if schedule is not None else (
+        Datastore.objects.first() or services.default_datastore())
+
+
+@login_required
+@require_GET
+def schedule_preview(request: HttpRequest) -> JsonResponse:
+    """What the schedule form shows beside the cron field as it is typed."""
+    return JsonResponse(_preview(request.GET.get("cron", ""), request.GET.get("time_zone", "UTC")))
+
+
+def _preview(cron: str, time_zone: str) -> dict:
+    try:
+        validate_cron(cron)
+        validate_timezone(time_zone)
+    except ValidationError as invalid:
+        return {"description": "", "next_runs": [], "error": " ".join(invalid.messages)}
+    runs = Schedule(cron=cron, time_zone=time_zone).next_runs(timezone.now(), 5)
+    zone = zoneinfo.ZoneInfo(time_zone)
+    return {"description": pages.describe_cron(cron), "error": "",
+            "next_runs": [{"iso": run.isoformat(),
+                           "text": run.astimezone(zone).strftime("%a %Y-%m-%d %H:%M %Z")}
+                          for run in runs]}
+
+
+@login_required
+@require_GET
+def datastores(request: HttpRequest) -> HttpResponse:
+    return render(request, "webui/datastores.html", {"datastores": pages.datastores()})
+
+
+@staff_required
+@require_POST
+def datastore_gc(request: HttpRequest, pk: int) -> HttpResponse:
+    datastore = get_object_or_404(Datastore, pk=pk)
+    try:
+        job = services.start_gc(datastore, request.user)
+    except services.Refused as refused:
+        messages.error(request, f"No garbage collection: {refused}")
+        return redirect("datastores")
+    return redirect("job", job.pk)
+
+
+@staff_required
+@require_POST
+def datastore_verify(request: HttpRequest, pk: int) -> HttpResponse:
+    datastore = get_object_or_404(Datastore, pk=pk)
+    try:
+        jobs = services.start_verify_latest(datastore, request.user)
+    except services.Refused as refused:
+        messages.error(request, f"Not verified: {refused}")
+        return redirect("datastores")
+    if len(jobs) == 1:
+        return redirect("job", jobs[0].pk)
+    if jobs:
+        messages.success(request, f"Verifying the newest image of {len(jobs)} disks: the "
+                                  "dashboard shows their progress.")
+    else:
+        messages.info(request, "Nothing to verify: the datastore holds no images.")
+    return redirect("datastores")
+
+
+@login_required
+@require_GET
+def hosts(request: HttpRequest) -> HttpResponse:
+    return render(request, "webui/hosts.html", {"hosts": pages.hosts_with_disks()})
