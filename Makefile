@@ -6,14 +6,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # What the engine runs on every host (the Docker image installs only these):
 # util-linux/fdisk: sfdisk, lsblk, losetup, mount; e2fsprogs and partclone: used
-# mode's block maps; zstd: RESTORE.txt; gzip, xz, 7-Zip: importing classic backups.
-RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full
-# The rest: Redis and PostgreSQL on loopback; fuse3 + libfuse3-dev + gcc: the
-# faulty test disk; gddrescue: the reference for read-error maps; chromium: the
-# page tests; docker-compose: checking docker-compose.yml; borg, time: the
-# benchmark's peers; dosfstools/mtools: the filesystems the tests build.
+# mode's block maps; zstd: RESTORE.txt; gzip, xz, 7-Zip: importing classic backups;
+# fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g: files, extract and verify --fsck.
+RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full \
+	fuse3 mtools dosfstools ntfs-3g
+# The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
+# test disk; gddrescue: the reference for read-error maps; chromium: the page
+# tests; docker-compose: checking docker-compose.yml; borg, time: the
+# benchmark's peers.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
-	docker-compose curl dosfstools mtools fuse3 libfuse3-dev pkg-config gcc gddrescue borgbackup time
+	docker-compose curl libfuse3-dev pkg-config gcc gddrescue borgbackup time
 
 .PHONY: install system-packages services run test bench clean
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import catalog, export_peers, used_peers, web
+from bench import catalog, export_peers, files, used_peers, web
 from bench.disk import build_disk, change_files, change_footprint, describe
 from bench.peers import PEERS as TOOL_PEERS
 from bench.peers import Bench, Peer, Run, median, merge_rounds
@@ -252,6 +252,8 @@ def main() -> None:
         notes += [SECTION_NOTES[peer.name] for peer in selected if peer.name in SECTION_NOTES]
         _progress(f"listing {catalog.IMAGES:,} images through the catalog")
         catalog_line = catalog.report_line(workdir / "catalog")
+        _progress("listing and extracting files from an image of the disk")
+        catalog_line = "\n\n".join([catalog_line, *files.report_lines(pristine, workdir / "files")])
         web_section = web.section(pristine, workdir / "web",
                                   web.Scale(rounds=min(args.rounds, web.ROUNDS)),
                                   idle_wait=args.wait_idle, progress=_progress)

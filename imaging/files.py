@@ -21,6 +21,7 @@ renamed over it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -37,6 +38,7 @@ from .errors import Cancelled, ImagingError, TargetError, describe, running
 from .filesystems import EXT, identify
 from .manifest import utc_text
 from .mount import ImageReader, exposed
+from .pipeline import ordered_map
 from .progress import Progress
 from .store import reading
 
@@ -44,6 +46,8 @@ FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
 COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"
 # Directories listed, and files copied, per run of a tool.
 BATCH = 128
+# The largest read from the image at once when copying a file's extents.
+COPY_STEP = 4 * 1024 * 1024
 _TYPES = {stat.S_IFREG: FILE, stat.S_IFDIR: DIRECTORY, stat.S_IFLNK: SYMLINK}
 # Permission bits a copy gets: set-user-ID and set-group-ID stay behind.
 COPIED_MODE_BITS = 0o1777
@@ -119,8 +123,10 @@ class _Tool:
     # than the listing gives it.
     copies_times = False
 
-    def __init__(self, device: Path) -> None:
-        self.device = device
+    def __init__(self, device: Path, reader: ImageReader, part: mount.Partition) -> None:
+        self.device = device  # the partition as the private mount exposes it
+        self.reader = reader  # the same bytes, for a tool that only maps where data lies
+        self.part = part
 
     def root(self) -> Node:
         raise NotImplementedError
@@ -155,6 +161,13 @@ def _run(tool: str, package: str, arguments: list[str], *, input: Optional[bytes
                               env=env, stdin=None if input is not None else subprocess.DEVNULL)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def _last_line(text: bytes) -> str:
     lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -164,12 +177,17 @@ class _Ext(_Tool):
     """ext2/3/4 through debugfs, every entry found by inode number."""
 
     name = "ext"
+    _block: Optional[int] = None
     ROOT_INODE = 2
     _STAT_TIME = {key: re.compile(rb"\b" + key + rb": 0x([0-9a-f]{1,8})(?::([0-9a-f]{1,8}))?")
                   for key in (b"mtime", b"atime")}
     _STAT_SIZE = re.compile(rb"\bSize: (\d+)")
     _FAST_LINK = b'Fast link dest: "'
     _ECHO = re.compile(rb"debugfs: ls -p <(\d+)>")
+    # A leaf of `ex`: level/depth, entry/entries, logical and physical block ranges, length.
+    _LEAF = re.compile(rb"^ *(?P<level>\d+)/ *(?P<depth>\d+) +\d+/ *\d+ +(?P<logical>\d+) *- *\d+ +"
+                       rb"(?P<physical>\d+) *- *\d+ +(?P<length>\d+) *(?P<uninit>Uninit)?",
+                       re.MULTILINE)
     _ENTRY = re.compile(rb"/(\d+)/([0-7]{6})/\d+/\d+/")
     _ENTRY_END = re.compile(rb"/(\d*)/\n(?=/\d+/[0-7]{6}/\d+/\d+/|debugfs: |\n|\Z)")
 
@@ -264,14 +282,85 @@ class _Ext(_Tool):
         return (seconds + ((extra & 3) << 32)) * 10**9 + (extra >> 2)
 
     def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
+        """Files with an extent tree are copied from where debugfs maps them, the rest by dump.
+
+        The map costs one small command per file; the data then comes straight
+        from the image's chunks in large reads, without a 4 KiB round trip
+        through FUSE per block (which is what `dump` costs).
+        """
         problems: dict[int, str] = {}
-        for first in range(0, len(jobs), BATCH):
-            batch = jobs[first:first + BATCH]
+        maps = self._extents([node.handle for node, _ in jobs])
+        dumped = []
+        for number, (node, fd) in enumerate(jobs):
+            if node.handle not in maps:
+                dumped.append(number)
+                continue
+            problem = self._copy_extents(node, fd, maps[node.handle])
+            if problem:
+                problems[number] = problem
+        for first in range(0, len(dumped), BATCH):
+            batch = [jobs[number] for number in dumped[first:first + BATCH]]
             _, errors = self._debugfs([f"dump <{node.handle}> /dev/fd/{fd}" for node, fd in batch],
                                       pass_fds=[fd for _, fd in batch])
-            batch_problems = self._checked_copy(batch, {}, _last_line(errors))
-            problems.update({first + number: problem for number, problem in batch_problems.items()})
-        return problems
+            found = self._checked_copy(batch, {}, _last_line(errors))
+            problems.update({dumped[first + number]: problem for number, problem in found.items()})
+        return self._checked_copy(jobs, problems)
+
+    def _block_size(self) -> int:
+        if self._block is None:
+            output, _ = self._debugfs(["stats -h"])
+            found = re.search(rb"^Block size:\s+(\d+)", output, re.MULTILINE)
+            if found is None:
+                raise ImagingError("debugfs did not say the filesystem's block size")
+            self._block = int(found.group(1))
+        return self._block
+
+    def _extents(self, inodes: list[int]) -> dict[int, list[tuple[int, int, int, bool]]]:
+        """(logical block, physical block, blocks, written) of each extent-mapped inode's data.
+
+        An inode without an extent tree (ext2/3 block maps, inline data) is left out.
+        """
+        maps: dict[int, list[tuple[int, int, int, bool]]] = {}
+        for first in range(0, len(inodes), BATCH * 8):
+            batch = inodes[first:first + BATCH * 8]
+            output, _ = self._debugfs([f"ex <{inode}>" for inode in batch])
+            echoes = [f"debugfs: ex <{inode}>\n".encode() for inode in batch]
+            starts = [output.find(echo) for echo in echoes]
+            for number, inode in enumerate(batch):
+                if starts[number] < 0:
+                    continue
+                begin = starts[number] + len(echoes[number])
+                later = [start for start in starts[number + 1:] if start >= begin]
+                text = output[begin:later[0] if later else len(output)]
+                if not text.startswith(b"Level Entries"):
+                    continue  # no extent tree: dump copies it
+                maps[inode] = [
+                    (int(leaf["logical"]), int(leaf["physical"]), int(leaf["length"]),
+                     not leaf["uninit"])
+                    for leaf in self._LEAF.finditer(text) if leaf["level"] == leaf["depth"]]
+        return maps
+
+    def _copy_extents(self, node: Node, fd: int, extents) -> Optional[str]:
+        """Copy the written extents; chunks are read (decompressed, checked) by a thread pool."""
+        block = self._block_size()
+        steps = []  # (offset in the partition, offset in the file, length)
+        for logical, physical, length, written in extents:
+            offset = logical * block
+            if not written or offset >= node.size:
+                continue
+            count = min(length * block, node.size - offset)
+            source = physical * block
+            if source + count > self.part.size:
+                return "its data lies outside the partition (a damaged or crafted filesystem)"
+            steps += [(source + step, offset + step, min(COPY_STEP, count - step))
+                      for step in range(0, count, COPY_STEP)]
+        os.ftruncate(fd, node.size)  # holes and unwritten extents read as zeros
+        read = ordered_map(lambda step: self.reader.pread(self.part.start + step[0], step[2]),
+                           steps, name="extract")
+        with contextlib.closing(read):
+            for (_, offset, _), data in read:
+                _pwrite_all(fd, data, offset)
+        return None
 
     def link_target(self, node: Node) -> bytes:
         if node.target is not None:
@@ -308,20 +397,20 @@ class _Fat(_Tool):
         done = _run("mdir", "mtools", ["-a", "-i", str(self.device), directory.handle],
                     env=self._env())
         if done.returncode != 0:
-            raise ImagingError(f"mdir cannot list {directory.handle[2:]}: "
-                               f"{_last_line(done.stderr).replace(str(self.device), 'the partition')}")
+            problem = _last_line(done.stderr).replace(str(self.device), "the partition")
+            raise ImagingError(f"mdir cannot list {directory.handle[2:]}: {problem}")
         found = []
         for line in done.stdout.decode(errors="surrogateescape").splitlines():
             fields = self._LINE.match(line)
             if fields is None:
                 continue
-            rest = line[fields.end():]
+            rest, extension = line[fields.end():], fields["ext"].rstrip()
             name = rest[2:] if rest.startswith("  ") else \
-                fields["base"].rstrip() + ("." + fields["ext"].rstrip() if fields["ext"].strip() else "")
+                fields["base"].rstrip() + (f".{extension}" if extension else "")
             if name in (".", ".."):
                 continue
-            moment = dt.datetime.strptime(f"{fields['date']} {fields['time']}", "%Y-%m-%d %H:%M")
-            mtime = int(moment.astimezone(dt.timezone.utc).timestamp()) * 10**9
+            # FAT keeps local time, which mtools reads as such.
+            mtime = _parsed_time(f"{fields['date']} {fields['time']}", "%Y-%m-%d %H:%M", None)
             is_dir = fields["size"] == "<DIR>"
             handle = directory.handle.rstrip("/") + "/" + name
             found.append(Node(os.fsencode(name), DIRECTORY if is_dir else FILE,
@@ -381,10 +470,10 @@ class _Ntfs(_Tool):
         times = {}
         for key, pattern in self._TIMES.items():
             found = pattern.search(text)
-            if found:
-                moment = dt.datetime.strptime(" ".join(found.group(1).split()),
-                                              "%a %b %d %H:%M:%S %Y")
-                times[key] = int(moment.replace(tzinfo=dt.timezone.utc).timestamp()) * 10**9
+            moment = found and _parsed_time(" ".join(found.group(1).split()),
+                                            "%a %b %d %H:%M:%S %Y", dt.timezone.utc)
+            if moment is not None:
+                times[key] = moment
         return times
 
     def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
@@ -397,15 +486,26 @@ class _Ntfs(_Tool):
         return self._checked_copy(jobs, problems)
 
 
+def _parsed_time(text: str, form: str, zone: Optional[dt.tzinfo]) -> Optional[int]:
+    """A listed time in nanoseconds (local time without `zone`); None if it is no time."""
+    try:
+        moment = dt.datetime.strptime(text, form)
+    except ValueError:
+        return None
+    moment = moment.replace(tzinfo=zone) if zone else moment.astimezone()
+    return int(moment.timestamp()) * 10**9
+
+
 _TOOLS = {**{kind: _Ext for kind in EXT}, "vfat": _Fat, "ntfs": _Ntfs}
 
 
-def _tool_for(device: Path, part: mount.Partition) -> tuple[str, _Tool]:
+def _tool_for(exposure: mount.Exposure, part: mount.Partition) -> tuple[str, _Tool]:
+    device = exposure.path(part)
     kind = identify(device)
     if kind not in _TOOLS:
         holds = f"holds {kind}" if kind else "holds no filesystem blkid recognises"
         raise ImagingError(f"partition {part.number} {holds}: files and extract read {COVERED}")
-    return kind, _TOOLS[kind](device)
+    return kind, _TOOLS[kind](device, exposure.reader, part)
 
 
 # -- paths and names -------------------------------------------------------------
@@ -472,7 +572,7 @@ def list_files(image_dir: os.PathLike | str, number: int, path: str = "/", *,
         part = mount.partition(image, number)
         reader = ImageReader(image)
         with exposed(image, reader) as exposure:
-            kind, tool = _tool_for(exposure.path(part), part)
+            kind, tool = _tool_for(exposure, part)
             node = _lookup(tool, names, number)
             nodes = tool.list_dirs([node])[0] if node.kind == DIRECTORY else [node]
             entries = sorted((_entry(child, tool) for child in nodes),
@@ -702,7 +802,7 @@ def extract(image_dir: os.PathLike | str, number: int, paths: Sequence[str],
         part = mount.partition(image, number)
         reader = ImageReader(image)
         with exposed(image, reader) as exposure:
-            kind, tool = _tool_for(exposure.path(part), part)
+            kind, tool = _tool_for(exposure, part)
             nodes = [_lookup(tool, names, number) for names in wanted]
             progress.start_phase("extract", 0)
             to_fd = _open_target(to)

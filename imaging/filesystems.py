@@ -36,7 +36,10 @@ def identify(device: Path) -> Optional[str]:
 
 
 def check(device: Path, number: int, shown_as: str) -> FilesystemCheck:
-    """Check the filesystem on `device` without changing it; `shown_as` replaces its path in the detail."""
+    """Check the filesystem on `device` without changing it.
+
+    `shown_as` (p1, p2, ...) stands for the device's temporary path in the detail.
+    """
     kind = identify(device)
     if kind not in _CHECKERS:
         return FilesystemCheck(number, kind, NOT_CHECKED,

@@ -49,6 +49,7 @@ MOUNT_TIMEOUT = 30.0
 # How often a mount looks at its registration's heartbeat and at cancel.
 WATCH_INTERVAL = 1.0
 FUSE_DEVICE = Path("/dev/fuse")
+PRIVATE_MOUNT_PREFIX = "imaging-mount-"
 FUSE_PACKAGE = "fuse3"
 _LABEL_RE = re.compile(r"^label:\s*(\S+)", re.MULTILINE)
 _NUMBER_RE = re.compile(r"(\d+)$")
@@ -192,8 +193,8 @@ class _ImageFiles:
         self._files.update({f"/{part.name}": (part.start, part.size) for part in parts})
         self._on_ready = on_ready
         created = parse_stamp(reader.image.stamp).timestamp()
-        self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid(),
-                       **{key: int(created) * 10**9 for key in ("st_atime", "st_mtime", "st_ctime")}}
+        times = {key: int(created) * 10**9 for key in ("st_atime", "st_mtime", "st_ctime")}
+        self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid(), **times}
         self._reported = False
 
     def init(self, path: str) -> None:
@@ -277,7 +278,8 @@ def unmount(mountpoint: Path) -> None:
     if not os.path.ismount(mountpoint):
         return
     with running("fusermount3", FUSE_PACKAGE, ImagingError):
-        done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+        done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                              text=True)
         if done.returncode != 0 and os.path.ismount(mountpoint):
             done = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
                                   capture_output=True, text=True)
@@ -383,7 +385,8 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
     """
     reader = reader or ImageReader(image)
     parts = partitions(image)
-    root = Path(tempfile.mkdtemp(prefix="imaging-mount-"))
+    # Named after this process, so whoever finds one left behind knows whose it was.
+    root = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_MOUNT_PREFIX}{os.getpid()}-"))
     ready = threading.Event()
     failure: list[BaseException] = []
 

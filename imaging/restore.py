@@ -41,7 +41,13 @@ class RestoreResult:
     grown_size: Optional[int] = None  # the last partition's new size, when grown
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The result; the partition, relocation and growth only when there was one."""
+        found = dataclasses.asdict(self)
+        return {key: value for key, value in found.items()
+                if key not in _OPTIONAL or value not in (None, False)}
+
+
+_OPTIONAL = ("partition", "relocated", "grown_size")
 
 
 def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,

@@ -86,7 +86,11 @@ class VerifyResult:
         return all(check.result != DIRTY for check in self.filesystems)
 
     def as_dict(self) -> dict:
-        return dict(dataclasses.asdict(self), ok=self.ok)
+        """The result; "filesystems" only after a restore drill."""
+        found = dict(dataclasses.asdict(self), ok=self.ok)
+        if self.filesystems is None:
+            del found["filesystems"]
+        return found
 
     def record(self) -> dict:
         """What verify.json holds."""

@@ -14,7 +14,7 @@ import pytest
 from engine import MiB, imaging, one_error_line, write_random
 from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
-from support.fuse import image_mounts, unmount_new_image_mounts
+from support.fuse import unmount_own_image_mounts
 
 from imaging.backup import backup
 from imaging.errors import ImagingError
@@ -24,10 +24,9 @@ CHUNK = 1 * MiB
 
 
 @pytest.fixture(autouse=True)
-def no_mount_left_behind():
-    before = image_mounts()
+def no_mount_left_behind(tmp_path):
     yield
-    leftovers = unmount_new_image_mounts(before)
+    leftovers = unmount_own_image_mounts(tmp_path)
     assert not leftovers, f"left mounted: {leftovers}"
 
 
@@ -289,6 +288,15 @@ def test_extracting_a_file_reads_only_the_chunks_that_hold_it(tmp_path):
             (root / "folder").mkdir()
             write_random(root / "folder" / "big.bin", 32 * MiB, seed=2)
             wanted = hashlib.sha256((root / "folder" / "big.bin").read_bytes()).hexdigest()
+            with open(root / "folder" / "sparse.bin", "wb") as sparse:
+                sparse.write(b"start")
+                sparse.seek(5 * MiB)
+                sparse.write(b"middle")
+                sparse.truncate(9 * MiB)  # ends in a hole
+            subprocess.run(["fallocate", "-l", str(MiB), root / "folder" / "allocated.bin"],
+                           check=True)  # an unwritten extent: reads as zeros
+            (root / "folder" / "empty.bin").touch()
+            expected = snapshot(root / "folder")
     image = backup(str(disk.path), tmp_path / "store", disk_id="big").image  # 4 MiB chunks
     started = time.monotonic()
     result = extract(image, 1, ["/folder/big.bin"], tmp_path / "out")
@@ -299,3 +307,38 @@ def test_extracting_a_file_reads_only_the_chunks_that_hold_it(tmp_path):
     assert result.chunk_bytes_read <= 2 * 32 * MiB, result.chunk_bytes_read
     print(f"extracting 32 MiB read {result.chunk_bytes_read / MiB:.0f} MiB of chunks "
           f"in {seconds:.2f} s")
+    whole = extract(image, 1, ["/folder"], tmp_path / "whole")
+    assert whole.skipped == [] and snapshot(tmp_path / "whole" / "folder") == expected
+    assert os.stat(tmp_path / "whole" / "folder" / "sparse.bin").st_blocks * 512 < MiB
+
+
+def test_ntfs_lists_and_extracts_with_ntfs_3g_tools(tmp_path):
+    requires_root_loop_fuse()
+    disk = build_disk(tmp_path / "disk.img", 24 * MiB, "dos", [PartSpec(20 * MiB, "empty")])
+    part = disk.partitions[0]
+    source = tmp_path / "source"
+    (source / "Docs" / "Sub").mkdir(parents=True)
+    (source / "Docs" / "read me.txt").write_bytes(b"hello ntfs\n")
+    write_random(source / "Docs" / "Sub" / "blob.bin", 3 * MiB, seed=4)
+    os.utime(source / "Docs" / "read me.txt", (1_700_000_000, 1_714_979_289))
+    with loop_device(disk.path, part.start, part.size) as device:
+        run("mkntfs", "-q", "-f", "-F", device)
+        (tmp_path / "mnt").mkdir()
+        run("ntfs-3g", device, tmp_path / "mnt")  # the test's own filesystem: trusted
+        try:
+            subprocess.run(["cp", "-a", source / "Docs", tmp_path / "mnt"], check=True)
+        finally:
+            run("umount", tmp_path / "mnt")
+    image = backup(str(disk.path), tmp_path / "store", disk_id="ntfs", chunk_size=CHUNK).image
+    listing = list_files(image, 1, "/Docs")
+    assert listing.filesystem == "ntfs"
+    assert [(entry.name, entry.type, entry.size) for entry in listing.entries] == [
+        ("Sub", "directory", 0), ("read me.txt", "file", 11)]
+    assert listing.entries[1].mtime == "2024-05-06T07:08:09Z"
+    result = extract(image, 1, ["/Docs"], tmp_path / "out")
+    assert (result.files, result.directories, result.skipped) == (2, 2, [])
+    out = tmp_path / "out" / "Docs"
+    assert (out / "read me.txt").read_bytes() == b"hello ntfs\n"
+    assert (out / "read me.txt").stat().st_mtime == 1_714_979_289
+    blob = source / "Docs" / "Sub" / "blob.bin"
+    assert (out / "Sub" / "blob.bin").read_bytes() == blob.read_bytes()

@@ -8,10 +8,10 @@ import signal
 import subprocess
 
 import pytest
-from engine import MiB, sha256_of
+from engine import MiB, imaging, one_error_line, sha256_of
 from support.devices import requires_root_loop_fuse
 from support.disks import PartSpec, build_disk
-from support.fuse import image_mounts, mount_process, unmount_new_image_mounts
+from support.fuse import mount_process, unmount_own_image_mounts
 
 from imaging.backup import backup
 from imaging.errors import ImageError
@@ -24,10 +24,9 @@ CHUNK = 1 * MiB
 
 
 @pytest.fixture(autouse=True)
-def no_mount_left_behind():
-    before = image_mounts()
+def no_mount_left_behind(tmp_path):
     yield
-    leftovers = unmount_new_image_mounts(before)
+    leftovers = unmount_own_image_mounts(tmp_path)
     assert not leftovers, f"left mounted: {leftovers}"
 
 
@@ -139,7 +138,6 @@ def test_prune_defers_a_mounted_image(tmp_path):
 
 def test_an_existing_mount_point_or_a_missing_directory_is_one_clear_line(imaged, tmp_path):
     image_dir, _ = imaged
-    from engine import imaging, one_error_line
     missing = tmp_path / "absent"
     line = one_error_line(imaging("mount", image_dir, missing, check=False))
     assert line == f"imaging: error: cannot mount at {missing}: not a directory"

@@ -178,7 +178,8 @@ def test_a_dos_disk_needs_no_relocation_and_grows_too(dos, tmp_path):
     assert sha256_of(target, disk.size) == sha256_of(disk.path)
     assert "No errors detected" in verify_table(target).stdout
     grown = restore(str(image_dir), str(target), grow=True)
-    assert not grown.relocated and grown.grown_size == disk.size + 8 * MiB - disk.partitions[-1].start
+    last = disk.partitions[-1]
+    assert not grown.relocated and grown.grown_size == disk.size + 8 * MiB - last.start
 
 
 def test_grow_is_refused_before_writing_when_the_last_partition_is_not_ext(gpt, tmp_path):

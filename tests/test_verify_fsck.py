@@ -9,7 +9,7 @@ import pytest
 from engine import MiB, imaging
 from support.devices import loop_device, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
-from support.fuse import image_mounts, unmount_new_image_mounts
+from support.fuse import unmount_own_image_mounts
 
 from imaging.backup import backup
 from imaging.catalog import list_images
@@ -20,10 +20,9 @@ CHUNK = 1 * MiB
 
 
 @pytest.fixture(autouse=True)
-def no_mount_left_behind():
-    before = image_mounts()
+def no_mount_left_behind(tmp_path):
     yield
-    leftovers = unmount_new_image_mounts(before)
+    leftovers = unmount_own_image_mounts(tmp_path)
     assert not leftovers, f"left mounted: {leftovers}"
 
 

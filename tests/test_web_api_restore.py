@@ -76,7 +76,7 @@ class RestoreApiTestCase(BaseTestCase):
     def test_it_refuses_a_disk_smaller_than_the_image(self):
         big = self.make_image(self.d2)  # 20 GiB onto d1's 10 GiB
         self.assert_refused({"target_disk": self.d1.pk, "confirm": self.d1.stable_id},
-                            "smaller", self.d1.stable_id, image=big)
+                            "too small", self.d1.stable_id, image=big)
 
     def test_it_refuses_a_confirm_that_is_not_the_targets_id(self):
         for confirm in (self.d1.stable_id, "yes", self.d2.stable_id.upper(),

@@ -277,6 +277,14 @@ class DiskPageTests(PageTestCase):
         self.assertIn("data-job-state>failed<", html)
         self.assertIn("data-job-error>/dev/sdb: input/output error</p>", html)
 
+    def test_a_disk_without_a_model_is_named_after_its_file(self):
+        loop = Disk.objects.create(host=self.h1, stable_id="loop-h1-system.img", kind="loop",
+                                   path="/dev/loop7", size=GiB)
+        vm = Disk.objects.create(host=self.h1, stable_id="file-h1-vm.img", kind="file",
+                                 path="/srv/vms/vm.img", size=GiB)
+        self.assertIn("<h1>system.img <span", self.page(f"/disks/{loop.pk}/"))
+        self.assertIn("<h1>vm.img <span", self.page(f"/disks/{vm.pk}/"))
+
     def test_the_partitions_on_the_disk_now_are_listed(self):
         Disk.objects.filter(pk=self.d1.pk).update(partitions=[
             {"name": "sdb1", "start": MiB, "size": 512 * MiB, "fstype": "vfat", "label": "EFI"},

@@ -148,8 +148,8 @@ class RefusalTests(ServiceTestCase):
         image = self.make_image(disk=self.d2, size=20 * GiB)
         message = self.refused(services.start_restore, image, self.d1.pk, self.d1.stable_id,
                                self.alice)
-        self.assertEqual(message, f"target disk {self.d1.stable_id} (10.0 GiB) is smaller than "
-                                  "the image (20.0 GiB)")
+        self.assertEqual(message, f"target disk {self.d1.stable_id} is too small: 10.0 GiB, "
+                                  "the image is 20.0 GiB")
 
     def test_a_confirmation_that_is_not_the_targets_stable_id_is_refused(self):
         for confirm in ("", "yes", self.d1.stable_id, None, self.d2.pk):

@@ -206,6 +206,21 @@ class Disk(models.Model):
             return Protection.DUE
         return Protection.FRESH
 
+    def restore_problem(self, image: "Image") -> Optional[str]:
+        """Why this disk cannot take `image` now, or None. Whether another job holds it is
+        decided where the job is created, under a lock (services)."""
+        from .templatetags.human import size
+
+        if not self.present:
+            return f"gone: host {self.host.name} no longer reports it"
+        if self.read_only:
+            return "read-only"
+        if self.size < image.size:
+            return f"too small: {size(self.size)}, the image is {size(image.size)}"
+        if self.mounted:
+            return f"mounted at {', '.join(self.mountpoints) or 'a partition'}: unmount it first"
+        return None
+
     def going_bad_after(self) -> Optional[dt.datetime]:
         """When, without a new backup, protection next turns overdue (None: never by itself)."""
         schedule = self.backup_schedule()

@@ -92,7 +92,14 @@ def disk_status(disk: Disk, now: Optional[dt.datetime] = None) -> DiskStatus:
 
 
 def disk_title(disk: Disk) -> str:
-    return disk.model or PurePath(disk.path).name or disk.stable_id
+    """What a person calls the disk: its model, else the file it is (a loop device's own
+    name changes with every attach; the inventory names it after its file)."""
+    if disk.model:
+        return disk.model
+    loop_prefix = f"loop-{disk.host.name}-"
+    if disk.kind == "loop" and disk.stable_id.startswith(loop_prefix):
+        return disk.stable_id[len(loop_prefix):]
+    return PurePath(disk.path).name or disk.stable_id
 
 
 # --- the dashboard ------------------------------------------------------------------------
@@ -405,24 +412,13 @@ def restore_targets(image: Image, now: Optional[dt.datetime] = None) -> list[Res
                 busy.setdefault(disk_id, job)
     targets = []
     for disk in Disk.objects.select_related("host").order_by("host__name", "path", "stable_id"):
-        targets.append(RestoreTarget(disk, _restore_problem(image, disk, busy.get(disk.pk)),
-                                     disk.pk == image.disk_id, disk.host.is_online(now)))
+        job = busy.get(disk.pk)
+        problem = disk.restore_problem(image) or (
+            f"busy: {job.kind} job #{job.pk} is {job.state}" if job is not None else None)
+        targets.append(RestoreTarget(disk, problem, disk.pk == image.disk_id,
+                                     disk.host.is_online(now)))
     targets.sort(key=lambda target: (not target.original, not target.suitable))
     return targets
-
-
-def _restore_problem(image: Image, disk: Disk, busy: Optional[Job]) -> Optional[str]:
-    if not disk.present:
-        return f"gone: host {disk.host.name} no longer reports it"
-    if disk.read_only:
-        return "read-only"
-    if disk.size < image.size:
-        return f"too small: {size(disk.size)}, the image is {size(image.size)}"
-    if busy is not None:
-        return f"busy: {busy.kind} job #{busy.pk} is {busy.state}"
-    if disk.mounted:
-        return f"mounted at {', '.join(disk.mountpoints) or 'a partition'}"
-    return None
 
 
 PARTITION_TYPES = {

@@ -2,8 +2,9 @@
 
 Every mount a test makes, and every private mount the engine makes for files,
 extract or verify --fsck, is a "fuse.imaging" entry of the mount table. A test
-that fails half-way may leave one: `unmount_new_image_mounts` undoes those a
-test added (fusermount3 -u, then a lazy unmount if it is busy).
+that fails half-way may leave one: `unmount_own_image_mounts` undoes those of
+this test (fusermount3 -u, then a lazy unmount if it is busy), and only those:
+other test runs on the same machine have theirs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from imaging.mount import PRIVATE_MOUNT_PREFIX
 
 from .devices import requires_root_loop_fuse
 
@@ -32,6 +35,14 @@ def image_mounts() -> set[str]:
     return found
 
 
+def own_image_mounts(test_dir: str | os.PathLike) -> set[str]:
+    """Image mounts under `test_dir`, and the engine's private mounts made by this process."""
+    private = f"{PRIVATE_MOUNT_PREFIX}{os.getpid()}-"
+    return {mountpoint for mountpoint in image_mounts()
+            if Path(mountpoint).is_relative_to(test_dir)
+            or Path(mountpoint).name.startswith(private)}
+
+
 def unmount(mountpoint: str | os.PathLike) -> None:
     """Unmount, falling back to a lazy unmount if something still holds it busy."""
     if subprocess.run(["fusermount3", "-u", os.fspath(mountpoint)],
@@ -39,9 +50,9 @@ def unmount(mountpoint: str | os.PathLike) -> None:
         subprocess.run(["fusermount3", "-u", "-z", os.fspath(mountpoint)], capture_output=True)
 
 
-def unmount_new_image_mounts(before: set[str]) -> list[str]:
-    """Unmount the image mounts that are not in `before`; returns them."""
-    leftovers = sorted(image_mounts() - before)
+def unmount_own_image_mounts(test_dir: str | os.PathLike) -> list[str]:
+    """Unmount what `own_image_mounts` finds; returns those mount points."""
+    leftovers = sorted(own_image_mounts(test_dir))
     for mountpoint in leftovers:
         unmount(mountpoint)
     return leftovers
@@ -50,7 +61,7 @@ def unmount_new_image_mounts(before: set[str]) -> list[str]:
 @contextlib.contextmanager
 def mount_process(image_dir: str | os.PathLike, mountpoint: str | os.PathLike,
                   timeout: float = 30.0) -> Iterator[subprocess.Popen]:
-    """Run `python -m imaging mount IMAGE DIR` until the block ends; yields the process once mounted.
+    """`python -m imaging mount IMAGE DIR` while the block runs; yields the process once mounted.
 
     Whatever happens in the block, the mount is undone and the process reaped.
     """

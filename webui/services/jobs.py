@@ -47,17 +47,12 @@ def start_restore(image: Image | int, target_disk: Disk | int | str, confirm: An
     """Write an image onto an inventoried disk of some host, once confirmed by its stable id."""
     image = _image(image)
     target = _inventoried(target_disk, "target disk")
-    if target.read_only:
-        raise Refused(f"target disk {target.stable_id} is read-only")
-    if target.size < image.size:
-        raise Refused(f"target disk {target.stable_id} ({_size(target.size)}) is smaller than "
-                      f"the image ({_size(image.size)})")
+    problem = target.restore_problem(image)
+    if problem is not None:
+        raise Refused(f"target disk {target.stable_id} is {problem}")
     if confirm != target.stable_id:
         raise Refused(f"to overwrite disk {target.stable_id}, confirm with its id "
                       f"{target.stable_id!r}")
-    if target.mounted:
-        raise Refused(f"target disk {target.stable_id} is mounted "
-                      f"({', '.join(target.mountpoints) or 'a partition'}): unmount it first")
     return _create_job(Job.Kind.RESTORE, target.host, user, disk=image.disk, image=image,
                        target_disk=target, datastore=image.datastore, params={"verify": True},
                        holds=[target])
@@ -252,15 +247,6 @@ def _datastore_host(datastore: Datastore, preferred: Optional[Host] = None) -> H
     if preferred is not None:
         return preferred
     return candidates[0] if candidates else _local_host()
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{count} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def announce(job: Job) -> None:
