@@ -1,33 +1,17 @@
 """Who may call what: anonymous nothing, a viewer reads, staff changes; tokens; lockouts."""
-import contextlib
 import io
-from unittest import mock
 
-from celery.app.task import Task
 from django.conf import settings
 from django.core.cache import cache
 from django.core.management import call_command
 from django.test import Client, override_settings
 from rest_framework.authtoken.models import Token
-from support.web import PASSWORD, BaseTestCase
+from support.web import MEMORY_LAYER, PASSWORD, BaseTestCase, enqueued
 
 from webui.models import Disk, Job, Schedule
 
-MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 # Logins are what these tests do most; a slow hash adds nothing to them.
 FAST_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@contextlib.contextmanager
-def enqueued():
-    """Stands in for Celery's apply_async: yields the (task, args, queue) of each job sent."""
-    sent = []
-
-    def record(task, args=None, kwargs=None, queue=None, **options):
-        sent.append((task.name, args, queue))
-
-    with mock.patch.object(Task, "apply_async", autospec=True, side_effect=record):
-        yield sent
 
 
 @override_settings(CHANNEL_LAYERS=MEMORY_LAYER, PASSWORD_HASHERS=FAST_HASHERS)

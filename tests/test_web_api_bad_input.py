@@ -3,11 +3,10 @@ import json
 
 from django.conf import settings
 from django.test import override_settings
-from support.web import BaseTestCase
+from support.web import MEMORY_LAYER, BaseTestCase
 
 from webui.models import Job, Schedule
 
-MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 MiB = 1024 * 1024
 
 

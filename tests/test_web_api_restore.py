@@ -1,27 +1,11 @@
 """POST /api/images/<id>/restore/ and verify/: a target is an inventoried disk's id, confirmed."""
-import contextlib
-from unittest import mock
 
-from celery.app.task import Task
 from django.test import override_settings
 from django.utils import timezone
-from support.web import GiB, BaseTestCase
+from support.web import MEMORY_LAYER, BaseTestCase, GiB, enqueued
 
 from webui.models import Disk, Host, Job
 
-MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-
-
-@contextlib.contextmanager
-def enqueued():
-    """Stands in for Celery's apply_async: yields the (task, args, queue) of each job sent."""
-    sent = []
-
-    def record(task, args=None, kwargs=None, queue=None, **options):
-        sent.append((task.name, args, queue))
-
-    with mock.patch.object(Task, "apply_async", autospec=True, side_effect=record):
-        yield sent
 
 
 @override_settings(CHANNEL_LAYERS=MEMORY_LAYER)

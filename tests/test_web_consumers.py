@@ -7,13 +7,13 @@ from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.test import Client
 from imaging.progress import ProgressEvent
+from support.web import MEMORY_LAYER
 
 from webui.asgi import application
 from webui.models import Host, Job
 from webui.progress import ProgressSender, send_job_state
 
 ORIGIN = (b"origin", b"http://localhost")
-MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True)]
 

@@ -8,6 +8,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from imaging.progress import ProgressEvent
 from support.services import free_port
+from support.web import MEMORY_LAYER
 
 from webui.api.serializers import JobSerializer
 from webui.models import Host, Job
@@ -15,7 +16,6 @@ from webui.progress import ProgressSender, send_job_state
 
 PROGRESS_KEYS = {"phase", "unit", "done", "total", "rate", "eta", "bad_bytes", "stored_bytes",
                  "new_bytes", "sent_at"}
-MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 pytestmark = pytest.mark.django_db
 

@@ -10,9 +10,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
+from unittest import mock
 
+from celery.app.task import Task
 from django.contrib.auth.models import User
 from django.test import TestCase
 from django.utils import timezone
@@ -24,7 +27,22 @@ UTC = dt.timezone.utc
 PASSWORD = "correct horse battery staple"
 SCHEDULE_CREATED = dt.datetime(2026, 1, 1, 0, 0, tzinfo=UTC)
 
+# For tests that only look at what a sender would put on the channel layer.
+MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
 _stamps = itertools.count()
+
+
+@contextlib.contextmanager
+def enqueued():
+    """Stands in for Celery's apply_async: yields the (task, args, queue) of each job sent."""
+    sent = []
+
+    def record(task, args=None, kwargs=None, queue=None, **options):
+        sent.append((task.name, args, queue))
+
+    with mock.patch.object(Task, "apply_async", autospec=True, side_effect=record):
+        yield sent
 
 
 class LabMixin:
