@@ -125,7 +125,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"{args.image} mounted read-only at {args.dir}: {', '.join(names)} "
               f"(umount {args.dir} or Ctrl-C ends it)", flush=True)
 
-    result = mount(args.image, args.dir, on_mounted=mounted)
+    def failed(error: ImagingError) -> None:
+        print(f"imaging: error: {error} (the reading program got an I/O error)",
+              file=sys.stderr, flush=True)
+
+    result = mount(args.image, args.dir, on_mounted=mounted, on_error=failed)
     print(f"unmounted {result.mountpoint} after {result.seconds:.0f} s; read "
           f"{human_bytes(result.chunk_bytes_read)} of chunks")
     return 0

@@ -5,7 +5,9 @@ one may crash or worse. The partition is exposed read-only through a private
 FUSE mount (mount.exposed) and read by the filesystem's own user-space tools:
 e2fsprogs' debugfs (catastrophic mode: no bitmaps read) for ext2/3/4, mtools
 for FAT, ntfs-3g's ntfsls, ntfsinfo and ntfscat for NTFS. Other filesystems
-get one clear error.
+get one clear error. An ext4 file's data is copied from where debugfs's extent
+map puts it, straight from the image's chunks; everything else goes through
+the tools.
 
 Extracting writes only under the target directory, whatever the image holds:
 every name is a single path component checked here (never empty, ".", ".."

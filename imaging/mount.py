@@ -28,7 +28,6 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -187,7 +186,8 @@ class _ImageFiles:
     use_ns = True  # times in nanoseconds (mfusepy)
 
     def __init__(self, reader: ImageReader, parts: list[Partition],
-                 on_ready: Callable[[], None]) -> None:
+                 on_ready: Callable[[], None],
+                 on_error: Optional[Callable[[ImagingError], None]] = None) -> None:
         self._reader = reader
         self._files = {"/disk": (0, reader.size)}
         self._files.update({f"/{part.name}": (part.start, part.size) for part in parts})
@@ -195,7 +195,8 @@ class _ImageFiles:
         created = parse_stamp(reader.image.stamp).timestamp()
         times = {key: int(created) * 10**9 for key in ("st_atime", "st_mtime", "st_ctime")}
         self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid(), **times}
-        self._reported = False
+        self._on_error = on_error
+        self.failure: Optional[ImagingError] = None  # the first read that failed, and why
 
     def init(self, path: str) -> None:
         self._on_ready()
@@ -228,9 +229,10 @@ class _ImageFiles:
             return self._reader.pread(start + offset, min(size, length - offset))
         except ImagingError as exc:
             # The reading tool sees EIO; whoever mounted it learns why, once.
-            if not self._reported:
-                self._reported = True
-                print(f"imaging: error: {exc}", file=sys.stderr, flush=True)
+            if self.failure is None:
+                self.failure = exc
+                if self._on_error is not None:
+                    self._on_error(exc)
             raise _fuse().FuseOSError(errno.EIO) from None
 
     def statfs(self, path: str) -> dict:
@@ -259,13 +261,12 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise ImagingError(f"cannot mount at {mountpoint}: something is already mounted there")
 
 
-def _serve(reader: ImageReader, parts: list[Partition], mountpoint: Path,
-           on_ready: Callable[[], None]) -> None:
-    """Serve the image at `mountpoint` until it is unmounted (in this thread)."""
+def _serve(files: _ImageFiles, image: Image, mountpoint: Path) -> None:
+    """Serve the image's files at `mountpoint` until it is unmounted (in this thread)."""
     fuse = _fuse()
-    disk = f"{reader.image.disk_id}/{reader.image.stamp}"
+    disk = f"{image.disk_id}/{image.stamp}"
     try:
-        fuse.FUSE(_ImageFiles(reader, parts, on_ready), str(mountpoint), foreground=True,
+        fuse.FUSE(files, str(mountpoint), foreground=True,
                   ro=True, default_permissions=True, kernel_cache=True,
                   fsname=f"imaging:{disk}", subtype="imaging")
     except RuntimeError as exc:
@@ -301,8 +302,12 @@ class MountResult:
 
 def mount(image_dir: os.PathLike | str, mountpoint: os.PathLike | str, *,
           on_mounted: Optional[Callable[[list[str]], None]] = None,
+          on_error: Optional[Callable[[ImagingError], None]] = None,
           progress: Optional[Progress] = None) -> MountResult:
-    """Expose the image at `mountpoint` until it is unmounted; `on_mounted` hears the file names.
+    """Expose the image at `mountpoint` until it is unmounted.
+
+    `on_mounted` hears the file names once it is mounted; `on_error`, the
+    first read that failed (the reading program got EIO).
 
     In the main thread, SIGINT, SIGTERM and SIGHUP unmount it: libfuse's own
     handlers take them (Python's could not run while libfuse holds the thread).
@@ -334,7 +339,9 @@ def mount(image_dir: os.PathLike | str, mountpoint: os.PathLike | str, *,
         watcher.start()
         with _default_signals():
             try:
-                _serve(reader, parts, mountpoint, lambda: on_mounted and on_mounted(names))
+                files = _ImageFiles(reader, parts, lambda: on_mounted and on_mounted(names),
+                                    on_error)
+                _serve(files, image, mountpoint)
             finally:
                 stopped.set()
                 watcher.join()
@@ -381,7 +388,9 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
     """The image mounted read-only in a private temporary directory while the block runs.
 
     The caller registers itself as the image's reader. The mount is always
-    undone, also when the block fails or is interrupted.
+    undone, also when the block fails or is interrupted. A read that failed
+    (a missing or corrupt chunk: the tool saw EIO) fails the block with its
+    reason, whatever the tool made of it.
     """
     reader = reader or ImageReader(image)
     parts = partitions(image)
@@ -390,9 +399,11 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
     ready = threading.Event()
     failure: list[BaseException] = []
 
+    files = _ImageFiles(reader, parts, ready.set)
+
     def serve() -> None:
         try:
-            _serve(reader, parts, root, ready.set)
+            _serve(files, image, root)
         except BaseException as exc:  # reported to the waiting thread
             failure.append(exc)
 
@@ -407,7 +418,14 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
                     raise failure[0]
                 raise ImagingError(f"cannot mount {image.path} at {root}: "
                                    f"{failure[0] if failure else 'libfuse did not answer'}")
-        yield Exposure(root, parts, reader)
+        try:
+            yield Exposure(root, parts, reader)
+        except ImagingError:
+            if files.failure is not None:
+                raise files.failure from None  # the cause behind the tool's complaint
+            raise
+        if files.failure is not None:
+            raise files.failure
     finally:
         try:
             unmount(root)

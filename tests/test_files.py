@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -19,6 +20,7 @@ from support.fuse import unmount_own_image_mounts
 from imaging.backup import backup
 from imaging.errors import ImagingError
 from imaging.files import extract, list_files
+from imaging.image import Image
 
 CHUNK = 1 * MiB
 
@@ -342,3 +344,17 @@ def test_ntfs_lists_and_extracts_with_ntfs_3g_tools(tmp_path):
     assert (out / "read me.txt").stat().st_mtime == 1_714_979_289
     blob = source / "Docs" / "Sub" / "blob.bin"
     assert (out / "Sub" / "blob.bin").read_bytes() == blob.read_bytes()
+
+
+def test_a_corrupt_chunk_under_the_filesystem_is_named(standard, tmp_path):
+    image_dir, disk = standard
+    copy = tmp_path / "store"
+    shutil.copytree(image_dir.parent.parent.parent, copy)
+    image_dir = copy / "images" / "disk" / image_dir.name
+    image = Image.open(image_dir)
+    superblock = (disk.partitions[0].start + 1024) // CHUNK
+    digest = image.index()[superblock]
+    image.store.chunk_path(digest).write_bytes(b"not zstd")
+    line = one_error_line(imaging("files", image_dir, 1, check=False))
+    assert line.startswith(f"imaging: error: chunk {digest} is corrupt: undecodable zstd frame")
+    assert list_files(image_dir, 2).filesystem == "vfat"  # the other partition still reads

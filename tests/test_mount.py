@@ -181,3 +181,15 @@ def test_reader_names_a_corrupt_chunk(imaged, tmp_path):
     with pytest.raises(ImageError, match=f"chunk {digest} is corrupt"):
         reader.pread(21 * CHUNK, 10)
     assert reader.pread(0, 10)  # the others still read
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with mount_process(image.path, mountpoint) as process:
+        with open(mountpoint / "disk", "rb") as disk:
+            disk.seek(21 * CHUNK)
+            with pytest.raises(OSError) as failed:
+                disk.read(10)
+            assert failed.value.errno == errno.EIO
+        subprocess.run(["fusermount3", "-u", mountpoint], check=True)
+        _, err = process.communicate(timeout=30)
+    assert err.startswith(f"imaging: error: chunk {digest} is corrupt: undecodable zstd frame")
+    assert err.strip().endswith("(the reading program got an I/O error)")

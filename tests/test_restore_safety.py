@@ -167,7 +167,8 @@ def one_error_line_of(call) -> str:
 
 def test_no_argument_switches_a_check_off():
     assert list(inspect.signature(restore).parameters) == [
-        "image_dir", "target", "verify", "progress", "allowed_targets", "workers"]
+        "image_dir", "target", "verify", "progress", "allowed_targets", "workers", "partition",
+        "grow"]
 
 
 def test_targets_inside_a_datastore_are_refused(image, tmp_path):
