@@ -3,15 +3,18 @@ worker for this host and real Redis, with loop-device disks.
 
 Logging in, live backup progress, the image in the history, the guarded restore
 onto another disk byte for byte, a failed job's error, a viewer without job
-buttons, every main page at a phone's width, and screenshots in light and dark
-(into docs/screenshots/ with SCREENSHOTS=1, for the README).
+buttons, every main page at a phone's width, screenshots in light and dark
+(into docs/screenshots/ with SCREENSHOTS=1, for the README), and a file of an image
+downloaded through the file browser byte for byte.
 """
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from playwright.sync_api import expect
 from engine import MiB, sha256_of
+from support.devices import loop_device, mounted
 from support.disks import PartSpec
 
 from webui import services
@@ -283,3 +286,32 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
     assert lab.finished(running.pk).state == Job.State.CANCELLED
     assert too_wide == {}, too_wide
     assert phone.script_errors == []
+
+
+def test_a_file_of_an_image_downloads_through_the_browser_byte_for_byte(lab, alice_page, tmp_path):
+    device = lab.loop_disk("files.img", 40 * MiB, partitions=(PartSpec(24 * MiB, "ext4"),))
+    known = bytes(range(256)) * (8 * 1024) + b"the end"
+    with loop_device(device, MiB, 24 * MiB) as part, mounted(part, tmp_path / "mnt") as root:
+        (root / "keep").mkdir()
+        (root / "keep" / "photo.raw").write_bytes(known)
+    lab.start_worker()
+    disk = lab.disk(device)
+    backup = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="used",
+                                            datastore=lab.datastore).pk)
+    assert backup.state == Job.State.SUCCEEDED, backup.error
+    image = Image.objects.get(disk=disk)
+    page = alice_page.page
+
+    alice_page.open(f"/disks/{disk.pk}/")
+    page.locator(f'tr[data-image-id="{image.pk}"]').get_by_role("link", name="Browse files").click()
+    assert alice_page.body_page() == "files"
+    page.get_by_role("link", name="Partition 1", exact=True).click()
+    page.get_by_role("link", name="keep/", exact=True).click()
+    row = page.locator("tr", has_text="photo.raw")
+    expect(row).to_contain_text("2.0 MiB")
+    with page.expect_download() as waiting:
+        row.get_by_role("link", name="Download", exact=True).click()
+    download = waiting.value
+    assert download.suggested_filename == "photo.raw"
+    assert Path(download.path()).read_bytes() == known
+    assert alice_page.script_errors == []

@@ -206,17 +206,21 @@ class Disk(models.Model):
             return Protection.DUE
         return Protection.FRESH
 
-    def restore_problem(self, image: "Image") -> Optional[str]:
-        """Why this disk cannot take `image` now, or None. Whether another job holds it is
-        decided where the job is created, under a lock (services)."""
+    def restore_problem(self, image: "Image", partition=None) -> Optional[str]:
+        """Why this disk cannot take `image` (or only `partition` of it, anything with a
+        number and a size) now, or None. Whether another job holds it is decided where
+        the job is created, under a lock (services)."""
         from .templatetags.human import size
 
         if not self.present:
             return f"gone: host {self.host.name} no longer reports it"
         if self.read_only:
             return "read-only"
-        if self.size < image.size:
+        if partition is None and self.size < image.size:
             return f"too small: {size(self.size)}, the image is {size(image.size)}"
+        if partition is not None and self.size < partition.size:
+            return (f"too small: {size(self.size)}, partition {partition.number} is "
+                    f"{size(partition.size)}")
         if self.mounted:
             return f"mounted at {', '.join(self.mountpoints) or 'a partition'}: unmount it first"
         return None

@@ -57,7 +57,8 @@ def run_restore(self, job_id: int) -> None:
     def restore(job: Job, progress: Progress):
         target, allowed = services.restore_target(job)
         return imaging.restore.restore(job.image.path, target, verify=job.params.get("verify", True),
-                                       progress=progress, allowed_targets=allowed)
+                                       progress=progress, allowed_targets=allowed,
+                                       partition=job.params.get("partition"))
 
     _run_job(self, job_id, restore)
 

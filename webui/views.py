@@ -13,9 +13,11 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import (FileResponse, HttpRequest, HttpResponse, HttpResponseBadRequest,
+                         JsonResponse, StreamingHttpResponse)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET, require_POST
 
 from . import pages, services
@@ -63,6 +65,63 @@ def image_restore(request: HttpRequest, pk: int) -> HttpResponse:
     chosen = next((target for target in targets if target.suitable), None)
     template = "webui/_restore_form.html" if "fragment" in request.GET else "webui/restore.html"
     return render(request, template, {"image": image, "targets": targets, "chosen": chosen})
+
+
+@staff_required
+@require_GET
+def image_restore_partition(request: HttpRequest, pk: int) -> HttpResponse:
+    """The guarded restore of one partition, as a fragment for the disk page's dialog."""
+    image = get_object_or_404(Image.objects.select_related("disk__host", "datastore"), pk=pk)
+    partitions = services.files.partitions(image)
+    if not partitions:
+        return HttpResponseBadRequest("the image holds no partition table: restore it whole",
+                                      content_type="text/plain; charset=utf-8")
+    # Each disk with why it cannot be a target but for its size: the page checks that
+    # against the partition chosen, the service again when the restore is asked for.
+    targets = pages.restore_targets(Image(disk=image.disk, size=0))
+    return render(request, "webui/_restore_partition_form.html",
+                  {"image": image, "partitions": partitions, "targets": targets})
+
+
+@login_required
+@require_GET
+def image_files(request: HttpRequest, pk: int, partition: str | None = None) -> HttpResponse:
+    """The file browser: the image's partitions, or one folder of one of them."""
+    image = get_object_or_404(Image.objects.select_related("disk__host", "datastore"), pk=pk)
+    context = {"image": image, "partitions": services.files.partitions(image)}
+    if partition is None:
+        return render(request, "webui/files.html", context)
+    try:
+        folder = services.files.browse(image, partition, _one_value(request, "path"))
+    except services.files.BadPath as bad:
+        return HttpResponseBadRequest(str(bad), content_type="text/plain; charset=utf-8")
+    except services.Refused as refused:
+        return render(request, "webui/files.html", {**context, "problem": str(refused)},
+                      status=404)
+    return render(request, "webui/files.html", {**context, "folder": folder})
+
+
+@staff_required
+@require_GET
+def image_file_download(request: HttpRequest, pk: int, partition: str) -> HttpResponse:
+    """A file as itself, a folder as a tar archive streamed as it is written."""
+    image = get_object_or_404(Image.objects.select_related("datastore"), pk=pk)
+    try:
+        download = services.files.download(image, partition, _one_value(request, "path"))
+    except services.files.BadPath as bad:
+        return HttpResponseBadRequest(str(bad), content_type="text/plain; charset=utf-8")
+    except services.Refused as refused:
+        return HttpResponse(str(refused), status=404, content_type="text/plain; charset=utf-8")
+    if download.file is not None:
+        return FileResponse(download.file, as_attachment=True, filename=download.name)
+    return StreamingHttpResponse(download.tar, content_type="application/x-tar", headers={
+        "Content-Disposition": content_disposition_header(True, download.name)})
+
+
+def _one_value(request: HttpRequest, name: str):
+    """A query parameter given at most once (a list otherwise, which the check refuses)."""
+    values = request.GET.getlist(name)
+    return values[0] if len(values) == 1 else ("" if not values else values)
 
 
 @staff_required

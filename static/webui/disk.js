@@ -99,6 +99,7 @@ document.addEventListener("click", (event) => {
       startJob(button);
       break;
     case "restore":
+    case "restore-partition":
       openRestore(button);
       break;
     case "export":

@@ -191,12 +191,28 @@ class DiskIdField(serializers.IntegerField):
         return data
 
 
+class PartitionNumberField(serializers.IntegerField):
+    """A partition's number in the image's layout, as a JSON number."""
+
+    default_error_messages = {
+        "invalid": "a partition is named by its number (1, 2, ...), not {kind}",
+    }
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid", kind=f"a {type(data).__name__}")
+        return super().to_internal_value(data)
+
+
 class RestoreSerializer(StrictSerializer):
-    """The disk to overwrite, by its id, and its stable_id typed again to confirm."""
+    """The disk to overwrite, by its id, and its stable_id typed again to confirm; with
+    `partition`, only that partition of the image is written."""
 
     target_disk = DiskIdField(help_text="the id of the disk to overwrite")
     confirm = serializers.CharField(max_length=200, trim_whitespace=False,
                                     help_text="the target disk's stable_id, typed to confirm")
+    partition = PartitionNumberField(required=False, min_value=1, max_value=999_999,
+                                     help_text="write only this partition of the image")
 
 
 class NoParametersSerializer(StrictSerializer):

@@ -93,7 +93,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet)
         image = self.get_object()
         wanted = parse(RestoreSerializer, request.data)
         job = services.start_restore(image, wanted["target_disk"], wanted["confirm"],
-                                     request.user)
+                                     request.user, partition=wanted.get("partition"))
         return accepted(request, job)
 
     @extend_schema(request=NoParametersSerializer, responses=STARTED,

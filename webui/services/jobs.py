@@ -21,6 +21,7 @@ from imaging.errors import ImagingError
 from ..models import Datastore, Disk, Host, Image, Job, Schedule
 from .catalog import default_datastore
 from .errors import Refused
+from .files import partitions
 
 BACKUP_MODES = ("raw", "used")
 PRUNE_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
@@ -43,19 +44,33 @@ def start_backup(disk: Disk, user=None, *, mode: Optional[str] = None, level: Op
                        holds=[disk])
 
 
-def start_restore(image: Image | int, target_disk: Disk | int | str, confirm: Any, user=None) -> Job:
-    """Write an image onto an inventoried disk of some host, once confirmed by its stable id."""
+def start_restore(image: Image | int, target_disk: Disk | int | str, confirm: Any, user=None, *,
+                  partition: Any = None) -> Job:
+    """Write an image (or only its partition number `partition`) onto an inventoried disk of
+    some host, once confirmed by its stable id."""
     image = _image(image)
     target = _inventoried(target_disk, "target disk")
-    problem = target.restore_problem(image)
+    part = None if partition is None else _image_partition(image, partition)
+    problem = target.restore_problem(image, part)
     if problem is not None:
         raise Refused(f"target disk {target.stable_id} is {problem}")
     if confirm != target.stable_id:
         raise Refused(f"to overwrite disk {target.stable_id}, confirm with its id "
                       f"{target.stable_id!r}")
+    params = {"verify": True} if partition is None else {"verify": True, "partition": partition}
     return _create_job(Job.Kind.RESTORE, target.host, user, disk=image.disk, image=image,
-                       target_disk=target, datastore=image.datastore, params={"verify": True},
+                       target_disk=target, datastore=image.datastore, params=params,
                        holds=[target])
+
+
+def _image_partition(image: Image, number: Any):
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise Refused(f"a partition is named by its number, not {number!r}")
+    found = next((part for part in partitions(image) if part.number == number), None)
+    if found is None:
+        have = ", ".join(str(part.number) for part in partitions(image)) or "none"
+        raise Refused(f"the image has no partition {number} (its partitions: {have})")
+    return found
 
 
 def start_verify(image: Image | int, user=None, schedule: Optional[Schedule] = None) -> Job:

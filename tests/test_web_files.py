@@ -1,0 +1,290 @@
+"""The file browser and downloads of an image, and restoring one partition, on a real
+backup of a real disk whose ext4 holds known files.
+
+Listing works for every user; downloading needs staff. A file downloads as itself, a
+folder as a tar archive; forged partitions and paths are refused with 400, unknown ids
+and paths are 404. A partition restore through the service and the task writes the
+partition's bytes and nothing else.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+from django.http import StreamingHttpResponse
+from django.test import TransactionTestCase, override_settings
+from engine import MiB
+from support.devices import loop_device, mounted, requires_root_loop_fuse, run
+from support.disks import PartSpec, build_disk
+from support.fuse import unmount_own_image_mounts
+from support.web import BaseTestCase, LabMixin, enqueued
+
+import imaging.backup
+from webui import services, tasks
+from webui.models import Disk, Image, Job
+
+PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+EXT4_START, EXT4_SIZE = MiB, 24 * MiB
+HELLO_MTIME = dt.datetime(2024, 5, 6, 12, 8, 9, tzinfo=dt.timezone.utc)
+
+
+def known_files() -> dict[str, bytes]:
+    rng = random.Random(12)
+    return {
+        "hello.txt": b"hello from the image\n",
+        "docs/report.bin": rng.randbytes(3 * MiB + 123),
+        "docs/deep/notes.txt": "über alles, ümlauts & <tags>\n".encode(),
+        "docs/empty": b"",
+    }
+
+
+def build_known_disk(folder: Path) -> Path:
+    """A dos disk: partition 1 a fresh ext4 holding known_files() and a symlink, then swap."""
+    path = folder / "lab.img"
+    build_disk(path, 40 * MiB, "dos", [PartSpec(EXT4_SIZE, "raw-noise"), PartSpec(8 * MiB, "swap")])
+    with loop_device(path, EXT4_START, EXT4_SIZE) as device:
+        run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+            device)
+        with mounted(device, folder / "mnt") as root:
+            for name, data in known_files().items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(data)
+            (root / "link").symlink_to("hello.txt")
+            stamp = HELLO_MTIME.timestamp()
+            os.utime(root / "hello.txt", (stamp, stamp))
+    return path
+
+
+def body(response) -> bytes:
+    return b"".join(response.streaming_content) if response.streaming else response.content
+
+
+@override_settings(STORAGES=PLAIN_STATIC)
+class FileBrowserTests(BaseTestCase):
+    @classmethod
+    def setUpClass(cls):
+        requires_root_loop_fuse()
+        cls.folder = Path(tempfile.mkdtemp(prefix="web-files-"))
+        cls.source = build_known_disk(cls.folder)
+        cls.store = cls.folder / "store"
+        imaging.backup.backup(str(cls.source), cls.store, disk_id="lab", mode="used")
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    @classmethod
+    def setUpTestData(cls):
+        super().setUpTestData()
+        services.rescan(cls.store)
+        cls.image = Image.objects.get()
+
+    def tearDown(self):
+        self.assertEqual(unmount_own_image_mounts(self.folder), [])
+
+    def folder_url(self, partition="1") -> str:
+        return f"/images/{self.image.pk}/files/{partition}/"
+
+    def download_url(self, partition="1") -> str:
+        return f"/images/{self.image.pk}/files/{partition}/download/"
+
+    def test_the_disk_page_links_each_image_to_its_files_and_they_list_its_partitions(self):
+        self.client.force_login(self.bob)
+        page = self.client.get(f"/disks/{self.image.disk_id}/").content.decode()
+        self.assertIn(f'href="/images/{self.image.pk}/files/"', page)
+        self.assertNotIn("Restore partition", page)
+        index = self.client.get(f"/images/{self.image.pk}/files/")
+        self.assertEqual(index.status_code, 200)
+        self.assertEqual([(p.number, p.fstype, p.readable) for p in index.context["partitions"]],
+                         [(1, "ext4", True), (2, "swap", False)])
+        html = index.content.decode()
+        self.assertIn(f'href="{self.folder_url()}"', html)
+        self.assertNotIn(f'href="{self.folder_url("2")}"', html)
+        self.assertIn("holds swap: files can be read from ext2, ext3, ext4", html)
+
+    def test_a_viewer_lists_folders_with_names_types_sizes_and_dates(self):
+        self.client.force_login(self.bob)
+        root = self.client.get(self.folder_url())
+        self.assertEqual(root.status_code, 200)
+        entries = {entry.name: entry for entry in root.context["folder"].entries}
+        self.assertEqual({name: (entry.type, entry.size) for name, entry in entries.items()
+                          if name != "lost+found"},
+                         {"docs": ("directory", entries["docs"].size),
+                          "hello.txt": ("file", 21), "link": ("symlink", 9)})
+        self.assertEqual(entries["hello.txt"].mtime, HELLO_MTIME)
+        self.assertEqual(entries["link"].target, "hello.txt")
+        html = root.content.decode()
+        self.assertIn(f'href="{self.folder_url()}?path=docs"', html)
+        self.assertIn('<span title="21 bytes">21 bytes</span>', html)
+        self.assertNotIn("/download/", html)  # a viewer gets no download links
+
+        deep = self.client.get(self.folder_url(), {"path": "docs/deep"})
+        self.assertEqual([(e.name, e.size) for e in deep.context["folder"].entries],
+                         [("notes.txt", len(known_files()["docs/deep/notes.txt"]))])
+        crumbs = deep.content.decode().split('aria-label="Breadcrumb"', 1)[1].split("</nav>")[0]
+        self.assertIn(f'href="{self.folder_url()}?path=docs">docs</a>', crumbs)
+        self.assertIn('<span aria-current="page">deep</span>', crumbs)
+        docs = self.client.get(self.folder_url(), {"path": "docs"}).context["folder"].entries
+        self.assertEqual([(e.name, e.type) for e in docs],
+                         [("deep", "directory"), ("empty", "file"), ("report.bin", "file")])
+        self.assertEqual([e.size for e in docs[1:]], [0, 3 * MiB + 123])
+
+    def test_a_viewer_may_not_download(self):
+        self.client.force_login(self.bob)
+        for path in ("hello.txt", "docs", ""):
+            self.assertEqual(self.client.get(self.download_url(), {"path": path}).status_code, 403)
+
+    def test_staff_download_a_file_as_its_own_bytes(self):
+        self.client.force_login(self.alice)
+        listing = self.client.get(self.folder_url(), {"path": "docs"}).content.decode()
+        self.assertIn(f'href="{self.download_url()}?path=docs/report.bin"', listing)
+        for path, data in known_files().items():
+            response = self.client.get(self.download_url(), {"path": path})
+            self.assertEqual(response.status_code, 200, path)
+            self.assertTrue(response.streaming, path)
+            self.assertEqual(body(response), data, path)
+            self.assertIn("attachment", response.headers["Content-Disposition"])
+            self.assertIn(Path(path).name, response.headers["Content-Disposition"])
+
+    def test_staff_download_a_folder_as_a_streamed_tar_of_its_files(self):
+        self.client.force_login(self.alice)
+        response = self.client.get(self.download_url(), {"path": "docs"})
+        self.assertEqual(response.status_code, 200)
+        self.assertIsInstance(response, StreamingHttpResponse)
+        self.assertEqual(response.headers["Content-Type"], "application/x-tar")
+        self.assertIn('filename="docs.tar"', response.headers["Content-Disposition"])
+        with tarfile.open(fileobj=io.BytesIO(body(response)), mode="r:") as archive:
+            members = {member.name: member for member in archive.getmembers()}
+            self.assertEqual(set(members), {"docs", "docs/deep", "docs/deep/notes.txt",
+                                            "docs/report.bin", "docs/empty"})
+            self.assertTrue(members["docs/deep"].isdir())
+            for path, data in known_files().items():
+                if path.startswith("docs/"):
+                    self.assertEqual(archive.extractfile(members[path]).read(), data, path)
+        whole = self.client.get(self.download_url(), {"path": ""})
+        with tarfile.open(fileobj=io.BytesIO(body(whole)), mode="r:") as archive:
+            members = {member.name: member for member in archive.getmembers()}
+            self.assertEqual(archive.extractfile(members["partition-1/hello.txt"]).read(),
+                             known_files()["hello.txt"])
+            self.assertEqual(members["partition-1/link"].linkname, "hello.txt")
+
+    def test_forged_partitions_and_paths_are_refused_with_400(self):
+        self.client.force_login(self.alice)
+        forged = ["../etc", "/etc", "docs/../..", "docs/..", "./docs", "docs//deep", "a\0b",
+                  "hello.txt" + "/x" * 3000]
+        for url in (self.folder_url(), self.download_url()):
+            for path in forged:
+                self.assertEqual(self.client.get(url, {"path": path}).status_code, 400, (url, path))
+            self.assertEqual(self.client.get(url, {"path": ["docs", "hello.txt"]}).status_code,
+                             400, url)
+        for partition in ("9", "0", "2", "abc", "1.0", "-1", "99999999999"):
+            for url in (self.folder_url(partition), self.download_url(partition)):
+                self.assertEqual(self.client.get(url, {"path": ""}).status_code, 400,
+                                 (url, partition))
+        self.assertEqual(self.client.get(self.folder_url(), {"path": "hello.txt"}).status_code,
+                         400)
+
+    def test_unknown_images_and_paths_are_404(self):
+        self.client.force_login(self.alice)
+        unknown = f"/images/{self.image.pk + 100}/files"
+        for url in (f"{unknown}/", f"{unknown}/1/", f"{unknown}/1/download/?path=hello.txt"):
+            self.assertEqual(self.client.get(url).status_code, 404, url)
+        missing = self.client.get(self.folder_url(), {"path": "no-such-folder"})
+        self.assertEqual(missing.status_code, 404)
+        self.assertIn("no such file or directory", missing.content.decode())
+        self.assertEqual(self.client.get(self.download_url(), {"path": "docs/nope"}).status_code,
+                         404)
+
+    def test_staff_see_restore_partition_beside_restore_and_its_form(self):
+        self.client.force_login(self.alice)
+        page = self.client.get(f"/disks/{self.image.disk_id}/").content.decode()
+        row = page.split(f'data-image-id="{self.image.pk}"', 1)[1].split("</tr>", 1)[0]
+        self.assertLess(row.index('data-action="restore"'),
+                        row.index('data-action="restore-partition"'))
+        form = self.client.get(f"/images/{self.image.pk}/restore-partition/?fragment=1")
+        self.assertEqual(form.status_code, 200)
+        html = form.content.decode()
+        self.assertIn(f'<option value="1" data-size="{EXT4_SIZE}">', html)
+        self.assertIn('name="target_disk"', html)
+        self.client.force_login(self.bob)
+        self.assertEqual(self.client.get(f"/images/{self.image.pk}/restore-partition/").status_code,
+                         403)
+
+
+class PartitionRestoreTests(LabMixin, TransactionTestCase):
+    """Committed rows: a job's heartbeat and cancel watcher read them from their own thread."""
+
+    def setUp(self):
+        requires_root_loop_fuse()
+        self.create_lab()
+        self.folder = Path(self.enterContext(tempfile.TemporaryDirectory()))
+        self.source = build_known_disk(self.folder)
+        self.store = self.folder / "store"
+        imaging.backup.backup(str(self.source), self.store, disk_id="lab", mode="raw")
+        services.rescan(self.store)
+        self.image = Image.objects.get()
+
+    def file_disk(self, path: Path) -> Disk:
+        return Disk.objects.create(host=self.h1, stable_id=f"file-h1-{path.name}", path=str(path),
+                                   kind="file", size=path.stat().st_size)
+
+    def test_a_partition_restore_writes_that_partition_onto_the_target(self):
+        target_file = self.folder / "target.img"
+        target_file.write_bytes(b"\xee" * (EXT4_SIZE + MiB))
+        target = self.file_disk(target_file)
+        with enqueued() as sent, override_settings(HOST_NAME="h1"), \
+                mock.patch.dict(os.environ, HOST_NAME="h1", IMAGING_DISK_FILES=str(target_file)):
+            job = services.start_restore(self.image, target.pk, target.stable_id, self.alice,
+                                         partition=1)
+            self.assertEqual(job.params, {"verify": True, "partition": 1})
+            self.assertEqual(sent, [("webui.tasks.run_restore", [job.pk], "host.h1")])
+            tasks.run_restore.apply(args=[job.pk])
+        job.refresh_from_db()
+        self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
+        written = target_file.read_bytes()
+        with open(self.source, "rb") as source:
+            source.seek(EXT4_START)
+            self.assertEqual(written[:EXT4_SIZE], source.read(EXT4_SIZE))
+        self.assertEqual(written[EXT4_SIZE:], bytes(MiB))  # a file target is emptied first
+
+    def test_a_target_smaller_than_the_partition_or_a_forged_partition_is_refused(self):
+        small_file = self.folder / "small.img"
+        small_file.write_bytes(bytes(EXT4_SIZE - MiB))
+        small = self.file_disk(small_file)
+        with enqueued() as sent:
+            with self.assertRaisesRegex(services.Refused,
+                                        "too small: 23.0 MiB, partition 1 is 24.0 MiB"):
+                services.start_restore(self.image, small.pk, small.stable_id, partition=1)
+            for forged, message in ((7, "no partition 7 .its partitions: 1, 2."),
+                                    ("1", "named by its number"), (True, "named by its number")):
+                with self.assertRaisesRegex(services.Refused, message):
+                    services.start_restore(self.image, self.d2.pk, self.d2.stable_id,
+                                           partition=forged)
+            # The swap partition is 8 MiB: the small disk takes it.
+            job = services.start_restore(self.image, small.pk, small.stable_id, partition=2)
+        self.assertEqual(job.params["partition"], 2)
+        self.assertEqual(len(sent), 1)
+
+    def test_the_api_takes_an_optional_partition(self):
+        self.client.force_login(self.alice)
+        url = f"/api/images/{self.image.pk}/restore/"
+        with enqueued():
+            bad = self.client.post(url, {"target_disk": self.d2.pk, "confirm": self.d2.stable_id,
+                                         "partition": "1"}, content_type="application/json")
+            self.assertEqual(bad.status_code, 400)
+            started = self.client.post(url, {"target_disk": self.d2.pk,
+                                             "confirm": self.d2.stable_id, "partition": 1},
+                                       content_type="application/json")
+        self.assertEqual(started.status_code, 202, started.content)
+        self.assertEqual(Job.objects.get(kind=Job.Kind.RESTORE).params,
+                         {"verify": True, "partition": 1})
