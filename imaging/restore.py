@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Collection, Optional
+from typing import Callable, Collection, Optional
 
 
 from . import codec, fit, mount
@@ -183,35 +183,9 @@ def _write_pieces(fd: int, image: Image, index: list[str], part: mount.Partition
 def _compare_pieces(target: str, part: mount.Partition, pieces: list[tuple[int, int]],
                     digests: list[str], progress: Progress, workers: Optional[int]) -> None:
     """Re-read the partition from the target, not the page cache, and compare piece hashes."""
-    try:
-        read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise TargetError(f"cannot read back {target} to verify it: {describe(exc)}") from None
-
-    def digest_of(number: int) -> str:
-        offset, length = pieces[number]
-        try:
-            return codec.digest(os.pread(read_fd, length, offset - part.start))
-        except OSError as exc:
-            raise TargetError(f"cannot read back {target} at byte {offset - part.start} to "
-                              f"verify it: {describe(exc)}") from None
-
-    try:
-        with contextlib.suppress(OSError):  # a hint; without it the comparison still holds
-            os.posix_fadvise(read_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        read_back = ordered_map(digest_of, range(len(pieces)), workers=workers,
-                                cancelled=progress.cancelled, name="compare")
-        with contextlib.closing(read_back):
-            for number, digest in read_back:
-                offset, length = pieces[number]
-                if digest != digests[number]:
-                    start = offset - part.start
-                    raise TargetError(f"verification failed: {target} differs from partition "
-                                      f"{part.number} of the image (bytes {start}-"
-                                      f"{start + length - 1})")
-                progress.advance(length)
-    finally:
-        os.close(read_fd)
+    spans = [(offset - part.start, length) for offset, length in pieces]
+    read_back(target, spans, digests, progress, workers,
+              lambda start, end: f"partition {part.number} of the image (bytes {start}-{end})")
 
 
 def _open_target(target: Target) -> int:
@@ -266,15 +240,26 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 def compare_target(target: str, image: Image, index: list[str],
                    progress: Progress, workers: Optional[int]) -> None:
     """Re-read the target from the device, not the page cache, and compare chunk hashes."""
+    spans = [(position * image.chunk_size, image.chunk_length(position))
+             for position in range(len(index))]
+    read_back(target, spans, index, progress, workers,
+              lambda start, end: f"the image in chunk {start // image.chunk_size} "
+                                 f"(bytes {start}-{end})")
+
+
+def read_back(target: str, spans: list[tuple[int, int]], expected: list[str], progress: Progress,
+              workers: Optional[int], differs_from: Callable[[int, int], str]) -> None:
+    """Hash each (offset, length) span of the target as the device returns it and compare
+    with `expected`; a mismatch names what the span should hold, `differs_from(first, last)`."""
     try:
         read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise TargetError(f"cannot read back {target} to verify it: {describe(exc)}") from None
 
-    def digest_at(position: int) -> str:
-        offset = position * image.chunk_size
+    def digest_of(number: int) -> str:
+        offset, length = spans[number]
         try:
-            return codec.digest(os.pread(read_fd, image.chunk_length(position), offset))
+            return codec.digest(os.pread(read_fd, length, offset))
         except OSError as exc:
             raise TargetError(f"cannot read back {target} at byte {offset} to verify it: "
                               f"{describe(exc)}") from None
@@ -282,15 +267,14 @@ def compare_target(target: str, image: Image, index: list[str],
     try:
         with contextlib.suppress(OSError):  # a hint; without it the comparison still holds
             os.posix_fadvise(read_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        digests = ordered_map(digest_at, range(len(index)), workers=workers,
+        digests = ordered_map(digest_of, range(len(spans)), workers=workers,
                               cancelled=progress.cancelled, name="compare")
         with contextlib.closing(digests):
-            for position, digest in digests:
-                length = image.chunk_length(position)
-                if digest != index[position]:
-                    start = position * image.chunk_size
-                    raise TargetError(f"verification failed: {target} differs from the image "
-                                      f"in chunk {position} (bytes {start}-{start + length - 1})")
+            for number, digest in digests:
+                offset, length = spans[number]
+                if digest != expected[number]:
+                    raise TargetError(f"verification failed: {target} differs from "
+                                      f"{differs_from(offset, offset + length - 1)}")
                 progress.advance(length)
     finally:
         os.close(read_fd)
