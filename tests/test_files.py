@@ -15,7 +15,7 @@ import pytest
 from engine import MiB, imaging, one_error_line, write_random
 from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
-from support.fuse import unmount_own_image_mounts
+from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 
 from imaging.backup import backup
 from imaging.errors import ImagingError
@@ -23,13 +23,6 @@ from imaging.files import extract, list_files
 from imaging.image import Image
 
 CHUNK = 1 * MiB
-
-
-@pytest.fixture(autouse=True)
-def no_mount_left_behind(tmp_path):
-    yield
-    leftovers = unmount_own_image_mounts(tmp_path)
-    assert not leftovers, f"left mounted: {leftovers}"
 
 
 @pytest.fixture(scope="module")

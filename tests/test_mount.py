@@ -11,7 +11,8 @@ import pytest
 from engine import MiB, imaging, one_error_line, sha256_of
 from support.devices import requires_root_loop_fuse
 from support.disks import PartSpec, build_disk
-from support.fuse import mount_process, unmount_own_image_mounts
+from support.fuse import mount_process
+from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 
 from imaging.backup import backup
 from imaging.errors import ImageError
@@ -21,13 +22,6 @@ from imaging.prune import Retention, prune
 from imaging.store import Datastore
 
 CHUNK = 1 * MiB
-
-
-@pytest.fixture(autouse=True)
-def no_mount_left_behind(tmp_path):
-    yield
-    leftovers = unmount_own_image_mounts(tmp_path)
-    assert not leftovers, f"left mounted: {leftovers}"
 
 
 @pytest.fixture(scope="module")

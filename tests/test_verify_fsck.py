@@ -9,7 +9,7 @@ import pytest
 from engine import MiB, imaging
 from support.devices import loop_device, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
-from support.fuse import unmount_own_image_mounts
+from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 
 from imaging.backup import backup
 from imaging.catalog import list_images
@@ -17,13 +17,6 @@ from imaging.image import Image
 from imaging.verify import verify
 
 CHUNK = 1 * MiB
-
-
-@pytest.fixture(autouse=True)
-def no_mount_left_behind(tmp_path):
-    yield
-    leftovers = unmount_own_image_mounts(tmp_path)
-    assert not leftovers, f"left mounted: {leftovers}"
 
 
 def drill_disk(path, damage_ext4: bool):

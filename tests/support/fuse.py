@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from imaging.mount import PRIVATE_MOUNT_PREFIX
 
 from .devices import requires_root_loop_fuse
@@ -88,3 +90,11 @@ def mount_process(image_dir: str | os.PathLike, mountpoint: str | os.PathLike,
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(autouse=True)
+def no_mount_left_behind(tmp_path):
+    """Autouse where imported: fails a test that leaves an image mounted, after undoing it."""
+    yield
+    leftovers = unmount_own_image_mounts(tmp_path)
+    assert not leftovers, f"left mounted: {leftovers}"
