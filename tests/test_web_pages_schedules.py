@@ -9,7 +9,7 @@ from unittest import mock
 import apprise
 from django.test import override_settings
 from django_celery_beat.models import PeriodicTask
-from support.web import BaseTestCase
+from support.web import BaseTestCase, Outbox
 
 from webui.models import Disk, Schedule
 from webui.pages import describe_cron
@@ -26,30 +26,6 @@ def form_data(**changes) -> dict:
             "enabled": "on"}
     data.update(changes)
     return {name: value for name, value in data.items() if value is not None}
-
-
-class Outbox:
-    """Stands in for Apprise: what would have been sent, to which URLs."""
-
-    def __init__(self):
-        self.sent = []
-
-    def __call__(self):
-        outbox, urls = self, []
-
-        class Channels:
-            def add(self, url):
-                urls.append(url)
-                return True
-
-            def __bool__(self):
-                return bool(urls)
-
-            def notify(self, title, body):
-                outbox.sent.append((tuple(urls), title))
-                return True
-
-        return Channels()
 
 
 @override_settings(STORAGES=PLAIN_STATIC)
@@ -129,8 +105,9 @@ class ScheduleFormTests(BaseTestCase):
                 disk=self.d1.pk, cron="0 9 * * *", send_test="1",
                 notify_urls="ntfy://ntfy.sh/lab\njson://127.0.0.1:9/hook"))
         self.assertContains(response, "Sent a test notification to 2 URL(s).")
-        self.assertEqual(outbox.sent, [(("ntfy://ntfy.sh/lab", "json://127.0.0.1:9/hook"),
-                                        "Test from Disk imaging")])
+        self.assertEqual([(urls, title) for urls, title, _ in outbox.sent],
+                         [(("ntfy://ntfy.sh/lab", "json://127.0.0.1:9/hook"),
+                           "Test from Disk imaging")])
         self.assertContains(response, "ntfy://ntfy.sh/lab")  # the form keeps what was typed
         self.schedule.refresh_from_db()
         self.assertEqual(self.schedule.cron, "0 3 * * *")

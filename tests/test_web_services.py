@@ -21,7 +21,7 @@ from django.db import connection
 from django.test import TransactionTestCase, override_settings
 from django.utils import timezone
 from engine import MiB, write_random
-from support.web import GiB, UTC, BaseTestCase, LabMixin
+from support.web import UTC, BaseTestCase, GiB, LabMixin, Outbox
 
 import imaging.backup
 import imaging.inventory
@@ -30,30 +30,6 @@ from webui import services, tasks
 from webui.models import Datastore, Disk, Host, Image, Job, Protection, Schedule, StatusChange
 
 NOTIFY = ["json://127.0.0.1:9/notify"]
-
-
-class Outbox:
-    """Stands in for Apprise: keeps what would have been sent, to which URLs."""
-
-    def __init__(self):
-        self.sent: list[tuple[tuple[str, ...], str, str]] = []
-
-    def __call__(self):
-        outbox, urls = self, []
-
-        class Channels:
-            def add(self, url):
-                urls.append(url)
-                return True
-
-            def __bool__(self):
-                return bool(urls)
-
-            def notify(self, title, body):
-                outbox.sent.append((tuple(urls), title, body))
-                return True
-
-        return Channels()
 
 
 def disk_file(folder: Path, name: str = "disk.img", size: int = 12 * MiB) -> Path:

@@ -45,6 +45,30 @@ def enqueued():
         yield sent
 
 
+class Outbox:
+    """Stands in for Apprise: keeps what would have been sent, to which URLs."""
+
+    def __init__(self):
+        self.sent: list[tuple[tuple[str, ...], str, str]] = []
+
+    def __call__(self):
+        outbox, urls = self, []
+
+        class Channels:
+            def add(self, url):
+                urls.append(url)
+                return True
+
+            def __bool__(self):
+                return bool(urls)
+
+            def notify(self, title, body):
+                outbox.sent.append((tuple(urls), title, body))
+                return True
+
+        return Channels()
+
+
 class LabMixin:
     """The lab's rows and helpers, for TestCase and TransactionTestCase alike."""
 
