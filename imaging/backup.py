@@ -7,6 +7,7 @@ memory stays flat whatever the disk size.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -14,12 +15,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from . import badmap, codec, layout, recipe, usedmap
+from .chunks import base_bytes, stored_base
 from .device import Range, Source
-from .errors import ImagingError, SourceError, SourceInUse, StoreError, describe
-from .image import ImageWriter
+from .errors import ImageError, ImagingError, SourceError, SourceInUse, StoreError, describe
+from .image import Image, ImageWriter, IndexEntry
 from .inventory import identify
 from .manifest import MODES, STATUS_COMPLETE, STATUS_READ_ERRORS, Manifest, utc_text
 from .pipeline import ordered_map
@@ -47,37 +49,120 @@ class BackupResult:
         return dict(dataclasses.asdict(self), image=str(self.image))
 
 
-class _ChunkSink:
-    """Stores chunks; runs in worker threads."""
+# A delta over half its base's size is mostly new data: stored whole instead
+# unless that is this much larger, so the nights after have a closer base.
+REANCHOR_RATIO = 1.25
 
-    def __init__(self, store: Datastore, level: int) -> None:
+
+class _ChunkSink:
+    """Stores chunks; runs in worker threads.
+
+    Given the disk's previous image, a chunk that changed is stored as a delta
+    against the chunk at its place there (or against that chunk's own base, as
+    a base always stands alone), or whole when it is mostly new (see
+    REANCHOR_RATIO); a whole chunk becomes the base of the nights after.
+    """
+
+    def __init__(self, store: Datastore, level: int, previous: Sequence[IndexEntry] = ()) -> None:
         self.store = store
         self.level = level
         self.batch = store.chunk_batch()
-        self._seen: set[str] = set()
+        self._previous = previous
+        self._known_bases = {entry.digest: entry.base for entry in previous}
+        self._claimed: dict[str, concurrent.futures.Future] = {}
+        self._counted: set[str] = set()
         self._lock = threading.Lock()
 
-    def put(self, buf: bytearray) -> tuple[str, int, int]:
-        """Return (digest, stored bytes if first use in this image, new bytes)."""
+    def put(self, position: int, buf: bytearray) -> tuple[IndexEntry, int, int]:
+        """Return (index entry, stored bytes if first use in this image, new bytes)."""
         digest = codec.digest(buf)
         with self._lock:
-            if digest in self._seen:
-                return digest, 0, 0
-            self._seen.add(digest)
+            claim = self._claimed.get(digest)
+            first = claim is None
+            if first:
+                claim = self._claimed[digest] = concurrent.futures.Future()
+        if not first:
+            # Every worker that runs was dequeued after the first one with this digest.
+            return IndexEntry(digest, claim.result()), 0, 0
+        try:
+            entry, stored, new = self._store(position, digest, buf)
+        except BaseException as exc:
+            claim.set_exception(exc)
+            raise
+        claim.set_result(entry.base)
+        return entry, stored, new
+
+    def _store(self, position: int, digest: str, buf: bytearray) -> tuple[IndexEntry, int, int]:
         # Size first, then touch: garbage collection may move an unreferenced
         # chunk aside at any moment and honours only a touch that landed
-        # before; a chunk found gone is simply stored again.
+        # before; a chunk found gone is simply stored again. A delta is reused
+        # only with its base, touched the same way.
+        size = self._kept_size(digest)
+        if size is not None:
+            try:
+                base = (self._known_bases[digest] if digest in self._known_bases
+                        else stored_base(self.store, digest))
+            except ImageError:
+                base = digest  # gone since the touch: stored again below
+            if base is None:
+                return IndexEntry(digest), self._count(digest, size), 0
+            base_size = self._kept_size(base) if base != digest else None
+            if base_size is not None:
+                return (IndexEntry(digest, base),
+                        self._count(digest, size) + self._count(base, base_size), 0)
+        entry, frame, base_size = self._encode(position, digest, buf)
+        self.batch.add(digest, frame)
+        stored = self._count(digest, len(frame)) + (self._count(entry.base, base_size)
+                                                    if entry.base else 0)
+        return entry, stored, len(frame)
+
+    def _encode(self, position: int, digest: str, buf: bytearray) -> tuple[IndexEntry, bytes, int]:
+        """The entry and frame of a chunk to store, and its base's stored size (0 if none)."""
+        base = self._base_for(position, digest, len(buf))
+        base_size = self._kept_size(base) if base else None
+        if base_size is not None:
+            try:
+                base_data = base_bytes(self.store, base, digest)
+            except ImagingError:
+                base_data = None  # a damaged base: the chunk is stored whole, verify names it
+            if base_data is not None and len(base_data) == len(buf):  # else the disk was resized
+                delta = codec.compress_delta(buf, base_data, base, self.level)
+                if len(delta) * 2 <= base_size:
+                    return IndexEntry(digest, base), delta, base_size
+                whole = codec.compress(buf, self.level)
+                if len(whole) > len(delta) * REANCHOR_RATIO:
+                    return IndexEntry(digest, base), delta, base_size
+                return IndexEntry(digest), whole, 0
+        return IndexEntry(digest), codec.compress(buf, self.level), 0
+
+    def _kept_size(self, digest: str) -> Optional[int]:
+        """The stored size of a chunk this image will need, touched; None if gone."""
+        size = self._stored_size(digest)
+        return size if size is not None and self.store.touch_chunk(digest) else None
+
+    def _base_for(self, position: int, digest: str, length: int) -> Optional[str]:
+        """The base for a changed chunk: none for zeros, which `zstd -dc` alone must restore."""
+        if position >= len(self._previous) or digest == codec.zero_digest(length):
+            return None
+        before = self._previous[position]
+        base = before.base or before.digest
+        return None if base == codec.zero_digest(length) else base
+
+    def _stored_size(self, digest: str) -> Optional[int]:
         try:
-            size = self.store.chunk_path(digest).stat().st_size
+            return self.store.chunk_path(digest).stat().st_size
         except FileNotFoundError:
-            size = None
+            return None
         except OSError as exc:
             raise StoreError(f"cannot look up chunk {digest}: {describe(exc)}") from None
-        if size is not None and self.store.touch_chunk(digest):
-            return digest, size, 0
-        frame = codec.compress(buf, self.level)
-        self.batch.add(digest, frame)
-        return digest, len(frame), len(frame)
+
+    def _count(self, digest: str, size: int) -> int:
+        """`size` the first time this image uses `digest`, else 0."""
+        with self._lock:
+            if digest in self._counted:
+                return 0
+            self._counted.add(digest)
+            return size
 
 
 def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[str] = None,
@@ -117,7 +202,8 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
             # Registered until the image is published: garbage collection must
             # never see this backup's chunks as neither a writer's nor an image's.
             with store.register("backup", f"backup {disk_id}", progress=progress):
-                index, whole, bad = _copy_chunks(source, store, level, read_plan, progress, workers)
+                index, whole, bad = _copy_chunks(source, store, level, read_plan, progress, workers,
+                                                 previous_entries(store, disk_id))
                 identity["id"] = disk_id
                 result = publish_image(
                     writer, identity=identity, size=source.size, sector_size=source.sector_size,
@@ -143,7 +229,7 @@ def _mount_notes(source_path: str, force: bool) -> dict:
 
 
 def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size: int, level: int,
-                  mode: str, index: list[str], sha256: str, bad: list[Range], mbr: bytes,
+                  mode: str, index: list[IndexEntry], sha256: str, bad: list[Range], mbr: bytes,
                   table: Optional[str], progress: Progress, started: float,
                   notes: Optional[dict] = None) -> BackupResult:
     """Write an image's files and manifest and publish it; the caller discards on failure.
@@ -153,7 +239,7 @@ def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size
     """
     store = writer.store
     notes = notes or {}
-    index_text = "".join(f"{d}\n" for d in index)
+    index_text = "".join(entry.line() for entry in index)
     manifest = Manifest(
         disk=identity, size=size, chunk_size=store.chunk_size, sector_size=sector_size,
         sha256=sha256, created=utc_text(writer.created),
@@ -177,36 +263,53 @@ def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size
                         manifest.mounted_rw)
 
 
+def previous_entries(store: Datastore, disk_id: str) -> list[IndexEntry]:
+    """The index of the disk's newest readable image, what its changed chunks are deltas
+    against; nothing in a format 1 datastore, which older engines must still read."""
+    if not store.deltas:
+        return []
+    for path in reversed(store.image_dirs(disk_id)):
+        try:
+            return Image.open(path, store).entries()
+        except ImageError:
+            continue  # a damaged image is no base; verify reports it
+    return []
+
+
 def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Optional[ReadPlan],
-                 progress: Progress, workers: Optional[int]) -> tuple[list[str], str, list[Range]]:
+                 progress: Progress, workers: Optional[int],
+                 previous: Sequence[IndexEntry]) -> tuple[list[IndexEntry], str, list[Range]]:
     def reads():
         for offset in range(0, source.size, store.chunk_size):
             length = min(store.chunk_size, source.size - offset)
             wanted = read_plan(offset, length) if read_plan else None
             yield source.read(offset, length, wanted, progress.cancelled)
 
-    return store_chunks(reads(), store, level, progress, workers)
+    return store_chunks(reads(), store, level, progress, workers, previous)
 
 
 def store_chunks(chunks: Iterable[tuple[bytearray, list[Range]]], store: Datastore, level: int,
-                 progress: Progress, workers: Optional[int]) -> tuple[list[str], str, list[Range]]:
+                 progress: Progress, workers: Optional[int],
+                 previous: Sequence[IndexEntry] = ()) -> tuple[list[IndexEntry], str, list[Range]]:
     """Store a disk given as its chunks in order, each with its unreadable ranges.
 
-    Returns the index, the whole disk's SHA-256 and the unreadable ranges.
+    `previous`: the index of the disk's previous image, which changed chunks
+    are stored as deltas against. Returns the index, the whole disk's SHA-256
+    and the unreadable ranges.
     """
-    sink = _ChunkSink(store, level)
+    sink = _ChunkSink(store, level, previous)
     whole = hashlib.sha256()
-    index: list[str] = []
+    index: list[IndexEntry] = []
     bad: list[Range] = []
-    stored = ordered_map(lambda chunk: sink.put(chunk[0]), chunks, workers=workers,
-                         cancelled=progress.cancelled, name="chunk")
+    stored = ordered_map(lambda item: sink.put(item[0], item[1][0]), enumerate(chunks),
+                         workers=workers, cancelled=progress.cancelled, name="chunk")
     try:
         with contextlib.closing(stored):
-            for (buf, chunk_bad), (digest, stored_bytes, new_bytes) in stored:
+            for (_, (buf, chunk_bad)), (entry, stored_bytes, new_bytes) in stored:
                 if sink.batch.due():
                     sink.batch.flush()
                 whole.update(buf)
-                index.append(digest)
+                index.append(entry)
                 bad.extend(chunk_bad)
                 progress.advance(len(buf), bad=sum(n for _, n in chunk_bad),
                                  stored=stored_bytes, new=new_bytes)

@@ -3,19 +3,58 @@
 Whatever re-encodes chunks (recompress, export) checks each one first, so a
 corrupt chunk is never given a fresh, valid-looking frame or shipped inside
 an archive.
+
+A delta chunk's frame names its base (see codec); the base always stands
+alone, so reading any chunk takes at most two frames.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from . import codec
-from .errors import ImageError
+from .errors import ImageError, StoreError, describe
 from .store import Datastore
+
+
+def base_bytes(store: Datastore, base: str, digest: str) -> bytes:
+    """The raw bytes of `base`, checked, that delta chunk `digest` is compressed against."""
+    try:
+        frame = store.read_frame(base)
+    except ImageError:
+        raise ImageError(f"chunk {digest} needs chunk {base}, which is missing from "
+                         f"{store.root}") from None
+    if codec.delta_base(frame) is not None:
+        raise ImageError(f"chunk {digest} is corrupt: its base {base} is itself a delta")
+    data = codec.decompress(frame, base)
+    if codec.digest(data) != base:
+        raise ImageError(f"chunk {base} is corrupt (content does not match its name)")
+    return data
+
+
+def decode(store: Datastore, digest: str, frame: bytes) -> bytes:
+    """The raw bytes of the stored `frame` of chunk `digest`, unchecked but for zstd's checksum."""
+    base = codec.delta_base(frame)
+    return codec.decompress(frame, digest,
+                            None if base is None else base_bytes(store, base, digest))
 
 
 def read_chunk(store: Datastore, digest: str, length: int) -> bytes:
     """The `length` raw bytes named `digest`; ImageError if missing or corrupt."""
     if digest == codec.zero_digest(length):
         return codec.zeros(length)
-    data = codec.decompress(store.read_frame(digest), digest)
+    data = decode(store, digest, store.read_frame(digest))
     if len(data) != length or codec.digest(data) != digest:
         raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
     return data
+
+
+def stored_base(store: Datastore, digest: str) -> Optional[str]:
+    """The base stored chunk `digest` is a delta against, or None; read from its first bytes."""
+    path = store.chunk_path(digest)
+    try:
+        with open(path, "rb") as handle:
+            return codec.delta_base(handle.read(codec.DELTA_HEADER_SIZE))
+    except FileNotFoundError:
+        raise ImageError(f"chunk {digest} is missing from {store.root}") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read chunk {digest}: {describe(exc)}") from None

@@ -35,7 +35,7 @@ import zstandard
 from . import codec
 from .chunks import read_chunk
 from .errors import TargetError, translated
-from .image import Image
+from .image import Image, IndexEntry
 from .pipeline import ordered_map
 from .progress import Progress
 from .splitnames import suffixes
@@ -159,22 +159,23 @@ class _Frame:
     noise: bool
 
 
-def _is_noise(image: Image, digest: str, length: int) -> bool:
-    if digest == codec.zero_digest(length):
+def _is_noise(image: Image, entry: IndexEntry, length: int) -> bool:
+    """Whether the chunk hardly compresses, judged by its stored size (a delta's by its base's)."""
+    if entry.digest == codec.zero_digest(length):
         return False
     try:
-        stored = image.store.chunk_path(digest).stat().st_size
+        stored = image.store.chunk_path(entry.base or entry.digest).stat().st_size
     except OSError:
         return False  # reading it will say what is wrong with it
     return stored >= length * INCOMPRESSIBLE_RATIO
 
 
-def _plan_frames(image: Image, index: list[str]) -> list[_Frame]:
+def _plan_frames(image: Image) -> list[_Frame]:
     """Consecutive chunks grouped into frames: long runs of noise apart, the rest together."""
     runs: list[_Frame] = []
-    for position, digest in enumerate(index):
+    for position, entry in enumerate(image.entries()):
         length = image.chunk_length(position)
-        noise = _is_noise(image, digest, length)
+        noise = _is_noise(image, entry, length)
         if runs and runs[-1].noise == noise:
             runs[-1].chunks += 1
             runs[-1].size += length
@@ -264,7 +265,7 @@ def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
     index = image.index()
     out = Path(out)
     _check_free(out)
-    frames = _plan_frames(image, index)
+    frames = _plan_frames(image)
     progress = progress or Progress("export", image.size)
     progress.start_phase("export", image.size)
     parts = _Parts(out, split_size)

@@ -83,7 +83,8 @@ def referenced_chunks(store: Datastore) -> tuple[set[str], set[str]]:
     images, digests = set(), set()
     for path in store.image_dirs():
         try:
-            digests.update(Image.open(path, store).index())
+            for entry in Image.open(path, store).entries():
+                digests.update(name for name in entry if name)  # a delta's base too
         except ImageError as exc:
             if not path.exists():
                 continue  # deleted meanwhile: its chunks are garbage anyway

@@ -11,9 +11,9 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, NamedTuple, Optional
 
 from .errors import ImageError, StoreError, translated
 from .manifest import NAME as MANIFEST_NAME
@@ -31,11 +31,20 @@ def parse_stamp(stamp: str) -> dt.datetime:
     return dt.datetime.strptime(stamp, STAMP_FORMAT).replace(tzinfo=dt.timezone.utc)
 
 
+class IndexEntry(NamedTuple):
+    digest: str
+    base: Optional[str] = None  # the chunk a delta chunk is compressed against
+
+    def line(self) -> str:
+        return f"{self.digest} {self.base}\n" if self.base else f"{self.digest}\n"
+
+
 @dataclass
 class Image:
     path: Path
     manifest: Manifest
     store: Datastore
+    _entries: Optional[list[IndexEntry]] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: os.PathLike | str, store: Optional[Datastore] = None) -> "Image":
@@ -68,23 +77,45 @@ class Image:
 
     def index(self) -> list[str]:
         """The chunk digests in disk order, validated against the image size."""
+        return [entry.digest for entry in self.entries()]
+
+    def entries(self) -> list["IndexEntry"]:
+        """Each chunk in disk order with the base it is a delta against, if any.
+
+        Each line of `index` is a digest, then, for a delta chunk, a space and
+        its base's digest (datastore format 2).
+        """
+        if self._entries is None:
+            self._entries = self._read_index()
+        return self._entries
+
+    def _read_index(self) -> list["IndexEntry"]:
         index_path = self.path / "index"
         try:
             text = index_path.read_text()
-            lines = text.split()
         except FileNotFoundError:
             raise ImageError(f"{index_path}: missing index") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ImageError(f"{index_path}: unreadable index ({exc})") from None
+        lines = text.splitlines()
         if len(lines) != self.manifest.chunks:
             raise ImageError(f"{index_path}: corrupt or truncated index "
                              f"({len(lines)} chunks listed, {self.manifest.chunks} expected)")
+        entries = []
         for number, line in enumerate(lines, 1):
-            if not DIGEST_RE.match(line):
-                raise ImageError(f"{index_path}: corrupt index (line {number} is not a SHA-256)")
+            digest, _, base = line.partition(" ")
+            if not DIGEST_RE.match(digest) or not (base == "" or DIGEST_RE.match(base)):
+                raise ImageError(f"{index_path}: corrupt index (line {number} is not a SHA-256, "
+                                 "or one and its base's)")
+            entries.append(IndexEntry(digest, base or None))
         if hashlib.sha256(text.encode()).hexdigest() != self.manifest.index_sha256:
             raise ImageError(f"{index_path}: corrupt index (its checksum does not match the manifest)")
-        return lines
+        return entries
+
+    def missing_chunks(self, entries: Iterable[IndexEntry]) -> list[str]:
+        """The chunks, bases included, that `entries` need and the datastore lacks."""
+        needed = {name for entry in entries for name in entry if name}
+        return sorted(name for name in needed if not self.store.chunk_path(name).exists())
 
     def chunk_length(self, position: int) -> int:
         return min(self.chunk_size, self.size - position * self.chunk_size)

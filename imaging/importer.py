@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from . import codec
-from .backup import BackupResult, publish_image, store_chunks
+from .backup import BackupResult, previous_entries, publish_image, store_chunks
 from .errors import ImagingError, SourceError, running, translated
 from .image import ImageWriter
 from .inventory import host_name
@@ -426,7 +426,8 @@ def import_archive(files: Sequence[os.PathLike | str], store_dir: os.PathLike | 
         writer = ImageWriter(store, disk_id, taken)
         try:
             with store.register("import", f"import {disk_id}", progress=progress):
-                index, whole, bad = store_chunks(reader, store, level, progress, workers)
+                index, whole, bad = store_chunks(reader, store, level, progress, workers,
+                                                 previous_entries(store, disk_id))
                 identity = {
                     "id": disk_id, "source": "import", "archive_format": fmt.name,
                     "files": [str(p.resolve()) for p in parts],

@@ -15,17 +15,25 @@ TEMPLATE = """\
 #
 # It reads each chunk named in `index` from the datastore three folders up
 # (chunks/<first two hex digits>/<sha256>.zst) and writes it at its place.
+# A line naming a second chunk is a delta: that base chunk, decompressed, is
+# the zstd dictionary it needs (zstd -dc -D BASE CHUNK).
 # The partition table and boot sector are part of the data; nothing else is
 # needed. To check the result afterwards:  head -c {size} /dev/sdX | sha256sum
 set -eu
 target="${{1:?usage: sh RESTORE.txt TARGET}}"
 image=$(cd "$(dirname "$0")" && pwd)
 chunks="$image/../../../chunks"
+base_raw=$(mktemp)
+trap 'rm -f "$base_raw"' EXIT
+chunk() {{ rest=${{1#??}}; echo "$chunks/${{1%"$rest"}}/$1.zst"; }}
 n=0
-while read -r name; do
-    rest=${{name#??}}
-    zstd -dcq "$chunks/${{name%"$rest"}}/$name.zst" |
-        dd of="$target" bs={chunk_size} seek=$n conv=notrunc status=none
+while read -r name base; do
+    if [ -n "$base" ]; then
+        zstd -dcq "$(chunk "$base")" > "$base_raw"
+        zstd -dcq -D "$base_raw" "$(chunk "$name")"
+    else
+        zstd -dcq "$(chunk "$name")"
+    fi | dd of="$target" bs={chunk_size} seek=$n conv=notrunc status=none
     n=$((n + 1))
 done < "$image/index"
 echo "restored $n chunks to $target"

@@ -17,7 +17,7 @@ import time
 from typing import Optional
 
 from . import codec
-from .chunks import read_chunk
+from .chunks import base_bytes, read_chunk, stored_base
 from .errors import ImageError, StoreError, describe, translated
 from .image import Image
 from .manifest import NAME as MANIFEST_NAME
@@ -40,14 +40,18 @@ class RecompressResult:
 
 
 def _recompress_chunk(image: Image, digest: str, length: int, level: int) -> tuple[int, int]:
-    """(stored bytes before, after) for one chunk, rewritten in place."""
+    """(stored bytes before, after) for one chunk, rewritten in place; a delta stays one,
+    against the same base, which other images' indexes name too."""
     try:
         before = image.store.chunk_path(digest).stat().st_size
     except FileNotFoundError:
         raise ImageError(f"chunk {digest} is missing from {image.store.root}: run verify") from None
     except OSError as exc:
         raise StoreError(f"cannot look up chunk {digest}: {describe(exc)}") from None
-    frame = codec.compress(read_chunk(image.store, digest, length), level)
+    data = read_chunk(image.store, digest, length)
+    base = stored_base(image.store, digest)
+    frame = (codec.compress(data, level) if base is None else
+             codec.compress_delta(data, base_bytes(image.store, base, digest), base, level))
     image.store.write_chunk(digest, frame)
     return before, len(frame)
 
@@ -61,6 +65,9 @@ def recompress(image_dir: os.PathLike | str, level: int, *, progress: Optional[P
     lengths: dict[str, int] = {}
     for position, digest in enumerate(image.index()):
         lengths.setdefault(digest, image.chunk_length(position))
+    for position, (_, base) in enumerate(image.entries()):
+        if base:
+            lengths.setdefault(base, image.chunk_length(position))  # a delta's length is its base's
     progress = progress or Progress("recompress", 0)
     progress.start_phase("recompress", sum(lengths.values()))
     before = after = 0

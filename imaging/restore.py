@@ -21,6 +21,7 @@ from typing import Callable, Collection, Optional
 
 
 from . import codec, fit, mount
+from .chunks import decode
 from .errors import ImageError, ImagingError, TargetError, describe
 from .image import Image
 from .pipeline import ordered_map
@@ -72,7 +73,7 @@ def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
                                   allowed_targets, workers, started)
     with reading(image_dir, "restore", progress, f" to {target}") as image:
         index = image.index()
-        missing = sorted({d for d in index if not image.store.chunk_path(d).exists()})
+        missing = image.missing_chunks(image.entries())
         if missing:
             raise ImageError(f"cannot restore {image.path}: {len(missing)} chunk(s) missing, "
                              f"first {missing[0]}")
@@ -112,8 +113,8 @@ def _restore_partition(image_dir: os.PathLike | str, target: str, number: int, v
         part = mount.partition(image, number)
         index = image.index()
         pieces = _pieces(image, part)
-        needed = {index[offset // image.chunk_size] for offset, _ in pieces}
-        missing = sorted(digest for digest in needed if not image.store.chunk_path(digest).exists())
+        entries = image.entries()
+        missing = image.missing_chunks(entries[offset // image.chunk_size] for offset, _ in pieces)
         if missing:
             raise ImageError(f"cannot restore partition {number} of {image.path}: "
                              f"{len(missing)} chunk(s) missing, first {missing[0]}")
@@ -161,7 +162,7 @@ def _write_pieces(fd: int, image: Image, index: list[str], part: mount.Partition
             data = codec.zeros(length)
         else:
             within = offset - position * image.chunk_size
-            chunk = codec.decompress(image.store.read_frame(digest), digest)
+            chunk = decode(image.store, digest, image.store.read_frame(digest))
             if len(chunk) != image.chunk_length(position):
                 raise ImageError(f"chunk {digest} holds {len(chunk)} bytes, "
                                  f"{image.chunk_length(position)} expected: run verify")
@@ -212,7 +213,7 @@ def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
         digest, length = index[position], image.chunk_length(position)
         if codec.zero_digest(length) == digest and not is_block:
             return  # a hole
-        data = codec.decompress(image.store.read_frame(digest), digest)
+        data = decode(image.store, digest, image.store.read_frame(digest))
         if len(data) != length:
             raise ImageError(f"chunk {digest} holds {len(data)} bytes, {length} expected: "
                              "run verify")

@@ -28,7 +28,10 @@ from .syscalls import start_writeback, syncfs
 if TYPE_CHECKING:
     from .image import Image
 
-FORMAT = 1
+# Format 2: an index line may name the base of a delta chunk (see codec).
+# Format 1 datastores are read, and written without deltas.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CHUNK_SUFFIX = ".zst"
 BAD_SUFFIX = ".bad"
@@ -90,9 +93,10 @@ def check_disk_id(disk_id: str) -> str:
 
 
 class Datastore:
-    def __init__(self, root: Path, chunk_size: int) -> None:
+    def __init__(self, root: Path, chunk_size: int, format: int = FORMAT) -> None:
         self.root = root
         self.chunk_size = chunk_size
+        self.format = format
         self.chunks_dir = root / "chunks"
         self.images_dir = root / "images"
         self.jobs_dir = root / "jobs"
@@ -108,12 +112,13 @@ class Datastore:
             raise StoreError(f"{root}: not a datastore (no {CONFIG_NAME})") from None
         except (OSError, ValueError) as exc:
             raise StoreError(f"{config}: unreadable datastore settings ({exc})") from None
-        if settings.get("format") != FORMAT:
-            raise StoreError(f"{config}: unsupported datastore format {settings.get('format')!r}")
+        store_format = settings.get("format")
+        if store_format not in READABLE_FORMATS:
+            raise StoreError(f"{config}: unsupported datastore format {store_format!r}")
         chunk_size = settings.get("chunk_size")
         if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 4096:
             raise StoreError(f"{config}: invalid chunk_size {chunk_size!r}")
-        return cls(root, chunk_size)
+        return cls(root, chunk_size, store_format)
 
     @classmethod
     def open_or_create(cls, root: os.PathLike | str,
@@ -131,6 +136,11 @@ class Datastore:
                              json.dumps({"format": FORMAT, "chunk_size": chunk_size}).encode() + b"\n")
             fsync_dir(root)
         return cls(root, chunk_size)
+
+    @property
+    def deltas(self) -> bool:
+        """Whether changed chunks may be stored as deltas against a previous image's."""
+        return self.format >= 2
 
     # -- chunks ----------------------------------------------------------
     def chunk_path(self, digest: str) -> Path:

@@ -22,6 +22,7 @@ from typing import Optional
 import zstandard
 
 from . import codec, errors
+from .chunks import decode
 from .errors import ImageError, StoreError, translated
 from .image import Image
 from .manifest import TIME_FORMAT, utc_text
@@ -137,16 +138,26 @@ def _well_formed(result: VerifyResult) -> bool:
                     and isinstance(p.reason, str) for p in result.problems))
 
 
-def check_chunk(image: Image, digest: str) -> Optional[str]:
-    """Why the stored chunk is unusable, or None if it is intact."""
+def check_chunk(image: Image, digest: str, base: Optional[str] = None) -> Optional[str]:
+    """Why the stored chunk is unusable, or None if it is intact.
+
+    `base`: the base the index names for it; a delta chunk whose frame names
+    another one is corrupt (a bad base surfaces as its own problem).
+    """
     try:
         frame = image.store.read_frame(digest)
     except ImageError:
         return "missing"
+    if codec.delta_base(frame) != base:
+        return (f"corrupt (it needs base {codec.delta_base(frame)}, the index says {base})"
+                if codec.delta_base(frame) else
+                f"corrupt (it stands alone, the index says it is a delta against {base})")
     try:
-        data = codec.decompress(frame)
+        data = decode(image.store, digest, frame)
     except zstandard.ZstdError as exc:
         return f"corrupt ({exc})"
+    except ImageError as exc:
+        return f"corrupt (its base cannot be read: {exc})"
     if hashlib.sha256(data).hexdigest() != digest:
         return "corrupt (content does not match its name)"
     return None
@@ -157,15 +168,19 @@ def verify(image_dir: str, *, fsck: bool = False, progress: Optional[Progress] =
            workers: Optional[int] = None) -> VerifyResult:
     """Re-hash every chunk the image needs; with `fsck`, then check its filesystems too."""
     image = Image.open(image_dir)
-    index = image.index()
     lengths: dict[str, int] = {}
-    for position, digest in enumerate(index):
+    bases: dict[str, Optional[str]] = {}
+    for position, (digest, base) in enumerate(image.entries()):
         lengths[digest] = lengths.get(digest, 0) + image.chunk_length(position)
+        bases[digest] = base
+    for base in set(bases.values()) - {None}:
+        lengths.setdefault(base, 0)  # stored for the deltas' sake: no disk bytes of its own
+        bases.setdefault(base, None)
     progress = progress or Progress("verify", image.size)
     progress.start_phase("verify", image.size)
     problems: list[ChunkProblem] = []
-    checked = ordered_map(lambda digest: check_chunk(image, digest), lengths, workers=workers,
-                          cancelled=progress.cancelled, name="verify")
+    checked = ordered_map(lambda digest: check_chunk(image, digest, bases[digest]), lengths,
+                          workers=workers, cancelled=progress.cancelled, name="verify")
     with contextlib.closing(checked):
         for digest, reason in checked:
             if reason:
