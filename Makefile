@@ -12,10 +12,10 @@ RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip 
 	fuse3 mtools dosfstools ntfs-3g
 # The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
-# tests; docker-compose: checking docker-compose.yml; borg, time: the
+# tests; docker-compose: checking docker-compose.yml; borg, restic, time: the
 # benchmark's peers.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
-	docker-compose curl libfuse3-dev pkg-config gcc gddrescue borgbackup time
+	docker-compose curl libfuse3-dev pkg-config gcc gddrescue borgbackup restic time
 
 .PHONY: install system-packages services run test bench clean
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import catalog, export_peers, files, used_peers, web
+from bench import catalog, export_peers, files, history, used_peers, web
 from bench.disk import build_disk, change_files, change_footprint, describe
 from bench.peers import PEERS as TOOL_PEERS
 from bench.peers import Bench, Peer, Run, median, merge_rounds
@@ -254,6 +254,9 @@ def main() -> None:
         catalog_line = catalog.report_line(workdir / "catalog")
         _progress("listing and extracting files from an image of the disk")
         catalog_line = "\n\n".join([catalog_line, *files.report_lines(pristine, workdir / "files")])
+        _progress(f"{history.NIGHTS} nights of changes, backed up by every tool each night")
+        catalog_line = "\n\n".join([catalog_line, *history.report_lines(
+            pristine, workdir / "history", progress=_progress)])
         web_section = web.section(pristine, workdir / "web",
                                   web.Scale(rounds=min(args.rounds, web.ROUNDS)),
                                   idle_wait=args.wait_idle, progress=_progress)

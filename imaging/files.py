@@ -23,6 +23,7 @@ renamed over it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -48,9 +49,12 @@ FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
 COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"
 # Directories listed, and files copied, per run of a tool.
 BATCH = 128
-# The largest read from the image at once when copying a file's extents.
-COPY_STEP = 4 * 1024 * 1024
 _TYPES = {stat.S_IFREG: FILE, stat.S_IFDIR: DIRECTORY, stat.S_IFLNK: SYMLINK}
+# Chunks read at once for a file's extents: at least 4, so that reading chunk
+# files from a cold page cache overlaps decompressing and checking others.
+COPY_WORKERS = max(4, os.cpu_count() or 1)
+# How far into a partition blkid's probes read (its doubling LUKS2 header offsets).
+BLKID_PROBE_REACH = 4 * 1024 * 1024
 # Permission bits a copy gets: set-user-ID and set-group-ID stay behind.
 COPIED_MODE_BITS = 0o1777
 
@@ -163,7 +167,7 @@ def _run(tool: str, package: str, arguments: list[str], *, input: Optional[bytes
                               env=env, stdin=None if input is not None else subprocess.DEVNULL)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -181,6 +185,8 @@ class _Ext(_Tool):
     name = "ext"
     _block: Optional[int] = None
     ROOT_INODE = 2
+    # Where the superblock keeps the block size, and the largest libext2fs opens (64 KiB).
+    _SUPERBLOCK, _LOG_BLOCK_SIZE, _LARGEST_LOG_BLOCK_SIZE = 1024, 24, 6
     _STAT_TIME = {key: re.compile(rb"\b" + key + rb": 0x([0-9a-f]{1,8})(?::([0-9a-f]{1,8}))?")
                   for key in (b"mtime", b"atime")}
     _STAT_SIZE = re.compile(rb"\bSize: (\d+)")
@@ -309,12 +315,14 @@ class _Ext(_Tool):
         return self._checked_copy(jobs, problems)
 
     def _block_size(self) -> int:
+        """1024 << s_log_block_size, from the superblock debugfs opened: no run of its own."""
         if self._block is None:
-            output, _ = self._debugfs(["stats -h"])
-            found = re.search(rb"^Block size:\s+(\d+)", output, re.MULTILINE)
-            if found is None:
-                raise ImagingError("debugfs did not say the filesystem's block size")
-            self._block = int(found.group(1))
+            field = self.reader.pread(self.part.start + self._SUPERBLOCK + self._LOG_BLOCK_SIZE, 4)
+            log = int.from_bytes(field, "little")
+            if log > self._LARGEST_LOG_BLOCK_SIZE:
+                raise ImagingError(f"the superblock gives an impossible block size "
+                                   f"(1 KiB << {log})")
+            self._block = 1024 << log
         return self._block
 
     def _extents(self, inodes: list[int]) -> dict[int, list[tuple[int, int, int, bool]]]:
@@ -343,25 +351,39 @@ class _Ext(_Tool):
         return maps
 
     def _copy_extents(self, node: Node, fd: int, extents) -> Optional[str]:
-        """Copy the written extents; chunks are read (decompressed, checked) by a thread pool."""
+        """Copy the written extents, each chunk they touch read (decompressed, checked) once.
+
+        The extents are cut at chunk boundaries: a thread pool reads the chunks
+        in the order the file needs them, no two threads waiting on the same
+        one, and each piece goes into the file straight from its chunk's bytes.
+        """
         block = self._block_size()
-        steps = []  # (offset in the partition, offset in the file, length)
+        # (chunk position, [(offset within the chunk, offset in the file, length)])
+        runs: list[tuple[int, list[tuple[int, int, int]]]] = []
         for logical, physical, length, written in extents:
             offset = logical * block
             if not written or offset >= node.size:
                 continue
             count = min(length * block, node.size - offset)
-            source = physical * block
-            if source + count > self.part.size:
+            if physical * block + count > self.part.size:
                 return "its data lies outside the partition (a damaged or crafted filesystem)"
-            steps += [(source + step, offset + step, min(COPY_STEP, count - step))
-                      for step in range(0, count, COPY_STEP)]
+            source = self.part.start + physical * block
+            end = source + count
+            while source < end:
+                position, within = divmod(source, self.reader.chunk_size)
+                piece = min(end - source, self.reader.chunk_size - within)
+                if not runs or runs[-1][0] != position:
+                    runs.append((position, []))
+                runs[-1][1].append((within, offset, piece))
+                source, offset = source + piece, offset + piece
         os.ftruncate(fd, node.size)  # holes and unwritten extents read as zeros
-        read = ordered_map(lambda step: self.reader.pread(self.part.start + step[0], step[2]),
-                           steps, name="extract")
+        read = ordered_map(lambda run: self.reader.chunk(run[0]), runs, workers=COPY_WORKERS,
+                           name="extract")
         with contextlib.closing(read):
-            for (_, offset, _), data in read:
-                _pwrite_all(fd, data, offset)
+            for (_, pieces), chunk in read:
+                view = memoryview(chunk)
+                for within, offset, length in pieces:
+                    _pwrite_all(fd, view[within:within + length], offset)
         return None
 
     def link_target(self, node: Node) -> bytes:
@@ -501,6 +523,25 @@ def _parsed_time(text: str, form: str, zone: Optional[dt.tzinfo]) -> Optional[in
 _TOOLS = {**{kind: _Ext for kind in EXT}, "vfat": _Fat, "ntfs": _Ntfs}
 
 
+@contextlib.contextmanager
+def _warming(reader: ImageReader, part: mount.Partition) -> Iterator[None]:
+    """The chunks blkid reads first load in the background while the block runs.
+
+    blkid probes the partition's first 2 MiB (superblocks), offsets up to
+    BLKID_PROBE_REACH (LUKS2's secondary headers) and its end (RAID
+    signatures); the filesystems' tools start at the beginning too. Loaded in
+    parallel while the private mount comes up, they are not decompressed one
+    after the other while a tool waits on each. A load that fails is left for
+    the tool's read of the same chunk, which fails the same way and says why.
+    """
+    offsets = (part.start, part.start + min(BLKID_PROBE_REACH, part.size - 1), part.end - 1)
+    positions = dict.fromkeys(offset // reader.chunk_size for offset in offsets)
+    with concurrent.futures.ThreadPoolExecutor(len(positions), thread_name_prefix="warm") as pool:
+        for position in positions:
+            pool.submit(reader.chunk, position)
+        yield
+
+
 def _tool_for(exposure: mount.Exposure, part: mount.Partition) -> tuple[str, _Tool]:
     device = exposure.path(part)
     kind = identify(device)
@@ -573,7 +614,7 @@ def list_files(image_dir: os.PathLike | str, number: int, path: str = "/", *,
     with reading(image_dir, "mount", progress, f" to list partition {number}") as image:
         part = mount.partition(image, number)
         reader = ImageReader(image)
-        with exposed(image, reader) as exposure:
+        with _warming(reader, part), exposed(image, reader) as exposure:
             kind, tool = _tool_for(exposure, part)
             node = _lookup(tool, names, number)
             nodes = tool.list_dirs([node])[0] if node.kind == DIRECTORY else [node]
@@ -730,7 +771,14 @@ class _Extraction:
         if not pending:
             return
         try:
-            problems = self.tool.copy([(job.node, job.fd) for job in pending])
+            try:
+                problems = self.tool.copy([(job.node, job.fd) for job in pending])
+            except BaseException:
+                # Made by this extraction and not all whole: none stays to pass for a copy.
+                for job in pending:
+                    with contextlib.suppress(OSError):
+                        os.unlink(job.temporary or job.name, dir_fd=job.dir_fd)
+                raise
             for number, job in enumerate(pending):
                 if number in problems:
                     os.unlink(job.temporary or job.name, dir_fd=job.dir_fd)
@@ -803,7 +851,7 @@ def extract(image_dir: os.PathLike | str, number: int, paths: Sequence[str],
     with reading(image_dir, "mount", progress, f" to extract from partition {number}") as image:
         part = mount.partition(image, number)
         reader = ImageReader(image)
-        with exposed(image, reader) as exposure:
+        with _warming(reader, part), exposed(image, reader) as exposure:
             kind, tool = _tool_for(exposure, part)
             nodes = [_lookup(tool, names, number) for names in wanted]
             progress.start_phase("extract", 0)

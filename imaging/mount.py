@@ -126,9 +126,9 @@ class ImageReader:
         self.image = image
         self.size = image.size
         self.chunk_size = image.chunk_size
-        self.chunks_read = 0  # chunks decompressed from the datastore
+        self.chunks_read = 0  # chunks decompressed from the datastore, a delta's base included
         self.chunk_bytes_read = 0  # their raw bytes
-        self._index = image.index()
+        self._entries = image.entries()
         self._cache_chunks = max(cache_chunks, 1)
         self._cache: collections.OrderedDict[int, concurrent.futures.Future] = \
             collections.OrderedDict()
@@ -151,7 +151,7 @@ class ImageReader:
 
     def chunk(self, position: int) -> bytes:
         """The raw bytes of chunk `position`, from the cache or the datastore."""
-        digest, length = self._index[position], self.image.chunk_length(position)
+        (digest, base), length = self._entries[position], self.image.chunk_length(position)
         if digest == codec.zero_digest(length):
             return codec.zeros(length)
         with self._lock:
@@ -174,8 +174,9 @@ class ImageReader:
             loading.set_exception(exc)
             raise
         with self._lock:
-            self.chunks_read += 1
-            self.chunk_bytes_read += length
+            frames = 2 if base else 1
+            self.chunks_read += frames
+            self.chunk_bytes_read += frames * length
         loading.set_result(data)
         return data
 

@@ -17,6 +17,7 @@ from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
 from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 
+from imaging import codec
 from imaging.backup import backup
 from imaging.errors import ImagingError
 from imaging.files import extract, list_files
@@ -351,3 +352,29 @@ def test_a_corrupt_chunk_under_the_filesystem_is_named(standard, tmp_path):
     line = one_error_line(imaging("files", image_dir, 1, check=False))
     assert line.startswith(f"imaging: error: chunk {digest} is corrupt: undecodable zstd frame")
     assert list_files(image_dir, 2).filesystem == "vfat"  # the other partition still reads
+
+
+def test_a_data_chunk_that_is_not_what_its_name_says_fails_the_extract(tmp_path):
+    """1 KiB blocks, so the block size the copy uses is not the usual 4 KiB."""
+    requires_root_loop_fuse()
+    disk = build_disk(tmp_path / "disk.img", 32 * MiB, "dos", [PartSpec(24 * MiB, "empty")])
+    part = disk.partitions[0]
+    with loop_device(disk.path, part.start, part.size) as device:
+        run("mkfs.ext4", "-q", "-F", "-b", "1024", device)
+        with mounted(device, tmp_path / "mnt") as root:
+            write_random(root / "data.bin", 6 * MiB, seed=5)
+            wanted = hashlib.sha256((root / "data.bin").read_bytes()).hexdigest()
+        # Where the file's fourth MiB lies: debugfs's bmap gives its first block.
+        block = int(run("debugfs", "-R", f"bmap /data.bin {3 * 1024}", device).split()[-1])
+    image = backup(str(disk.path), tmp_path / "store", disk_id="k1", chunk_size=CHUNK).image
+    result = extract(image, 1, ["/data.bin"], tmp_path / "out")
+    assert hashlib.sha256((tmp_path / "out" / "data.bin").read_bytes()).hexdigest() == wanted
+    assert result.chunk_bytes_read <= 2 * 6 * MiB, result.chunk_bytes_read
+
+    opened = Image.open(image)
+    digest = opened.index()[(part.start + block * 1024) // CHUNK]
+    # A well-formed frame (zstd's own checksum holds) of other bytes of the same length.
+    opened.store.chunk_path(digest).write_bytes(codec.compress(os.urandom(CHUNK)))
+    with pytest.raises(ImagingError, match=f"chunk {digest} is corrupt"):
+        extract(image, 1, ["/data.bin"], tmp_path / "again")
+    assert os.listdir(tmp_path / "again") == []  # no partial copy passes for the file
