@@ -63,10 +63,14 @@ class _ChunkSink:
     REANCHOR_RATIO); a whole chunk becomes the base of the nights after.
     """
 
-    def __init__(self, store: Datastore, level: int, previous: Sequence[IndexEntry] = ()) -> None:
+    def __init__(self, store: Datastore, level: int, previous: Optional[Sequence[IndexEntry]] = (),
+                 ) -> None:
+        """`previous` None: store every chunk whole, a stored delta too (stored again)."""
         self.store = store
         self.level = level
         self.batch = store.chunk_batch()
+        self._whole = previous is None
+        previous = previous or ()
         self._previous = previous
         self._known_bases = {entry.digest: entry.base for entry in previous}
         self._claimed: dict[str, concurrent.futures.Future] = {}
@@ -106,7 +110,7 @@ class _ChunkSink:
                 base = digest  # gone since the touch: stored again below
             if base is None:
                 return IndexEntry(digest), self._count(digest, size), 0
-            base_size = self._kept_size(base) if base != digest else None
+            base_size = self._kept_size(base) if base != digest and not self._whole else None
             if base_size is not None:
                 return (IndexEntry(digest, base),
                         self._count(digest, size) + self._count(base, base_size), 0)
@@ -168,8 +172,15 @@ class _ChunkSink:
 def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[str] = None,
            level: int = codec.DEFAULT_LEVEL, mode: str = "raw", read_plan: Optional[ReadPlan] = None,
            progress: Optional[Progress] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-           workers: Optional[int] = None, force: bool = False) -> BackupResult:
+           workers: Optional[int] = None, force: bool = False,
+           deltas: bool = True) -> BackupResult:
     """Image a disk into the datastore.
+
+    `deltas`: store changed chunks as deltas against the disk's previous
+    image (see _ChunkSink). Their bases outlive the images that had them while
+    a newer image needs them, so bytes a newer image no longer holds (deleted
+    files' old blocks, in used mode) stay in the datastore until no delta
+    refers to them; without deltas, pruning an image lets gc remove all of it.
 
     A disk with a partition mounted read-write is refused unless `force`: files
     change while it is read, so the image holds each part of the disk as it was
@@ -202,8 +213,9 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
             # Registered until the image is published: garbage collection must
             # never see this backup's chunks as neither a writer's nor an image's.
             with store.register("backup", f"backup {disk_id}", progress=progress):
+                previous = previous_entries(store, disk_id) if deltas else None
                 index, whole, bad = _copy_chunks(source, store, level, read_plan, progress, workers,
-                                                 previous_entries(store, disk_id))
+                                                 previous)
                 identity["id"] = disk_id
                 result = publish_image(
                     writer, identity=identity, size=source.size, sector_size=source.sector_size,
@@ -278,7 +290,7 @@ def previous_entries(store: Datastore, disk_id: str) -> list[IndexEntry]:
 
 def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Optional[ReadPlan],
                  progress: Progress, workers: Optional[int],
-                 previous: Sequence[IndexEntry]) -> tuple[list[IndexEntry], str, list[Range]]:
+                 previous: Optional[Sequence[IndexEntry]]) -> tuple[list[IndexEntry], str, list[Range]]:
     def reads():
         for offset in range(0, source.size, store.chunk_size):
             length = min(store.chunk_size, source.size - offset)
@@ -290,12 +302,13 @@ def _copy_chunks(source: Source, store: Datastore, level: int, read_plan: Option
 
 def store_chunks(chunks: Iterable[tuple[bytearray, list[Range]]], store: Datastore, level: int,
                  progress: Progress, workers: Optional[int],
-                 previous: Sequence[IndexEntry] = ()) -> tuple[list[IndexEntry], str, list[Range]]:
+                 previous: Optional[Sequence[IndexEntry]] = (),
+                 ) -> tuple[list[IndexEntry], str, list[Range]]:
     """Store a disk given as its chunks in order, each with its unreadable ranges.
 
     `previous`: the index of the disk's previous image, which changed chunks
-    are stored as deltas against. Returns the index, the whole disk's SHA-256
-    and the unreadable ranges.
+    are stored as deltas against; None: no deltas at all (see _ChunkSink).
+    Returns the index, the whole disk's SHA-256 and the unreadable ranges.
     """
     sink = _ChunkSink(store, level, previous)
     whole = hashlib.sha256()

@@ -62,7 +62,8 @@ def cmd_layout(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     result = backup(args.source, args.store, disk_id=args.disk, level=args.level,
-                    mode=args.mode, force=args.force, progress=_progress(args, "backup"))
+                    mode=args.mode, force=args.force, deltas=not args.no_deltas,
+                    progress=_progress(args, "backup"))
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -296,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true",
                      help="image the disk even while a partition of it is mounted read-write "
                           "(the image may mix moments and is marked mounted_rw)")
+    sub.add_argument("--no-deltas", action="store_true",
+                     help="store changed chunks whole, not as deltas against the previous "
+                          "image's: the image then needs no bytes it does not hold, so once "
+                          "older images are pruned, gc removes what only they held (the old "
+                          "blocks of deleted files included)")
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 

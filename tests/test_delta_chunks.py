@@ -209,3 +209,24 @@ def test_a_format_1_datastore_is_read_and_gets_no_deltas(tmp_path):
 def test_a_new_datastore_is_format_2(tmp_path):
     Datastore.open_or_create(tmp_path / "store")
     assert json.loads((tmp_path / "store" / CONFIG_NAME).read_text())["format"] == 2
+
+
+def test_without_deltas_an_image_needs_nothing_older_images_held(history, tmp_path):
+    disk, first, second, data = history
+    bases = {base for _, base in entries(second.image) if base}
+    whole = imaging("backup", disk, "--store", tmp_path / "store", "--disk", "d", "--no-deltas",
+                    "--json", "-q")
+    third = Path(json.loads(whole.stdout.splitlines()[-1])["image"])
+    assert [base for _, base in entries(third)] == [None] * 4
+    store = Datastore.open(tmp_path / "store")
+    assert all(codec.delta_base(store.read_frame(digest)) is None for digest, _ in entries(third))
+    # The deltas were stored whole again: the second image still reads and verifies.
+    assert verify(str(second.image)).ok
+    shutil.rmtree(first.image)
+    shutil.rmtree(second.image)
+    removed = collect(tmp_path / "store", safety_margin=0).removed
+    assert removed == len(bases) == 3
+    assert all(not store.chunk_path(base).exists() for base in bases)
+    restored = tmp_path / "restored.img"
+    restore(str(third), str(restored))
+    assert sha256_of(restored) == hashlib.sha256(data).hexdigest()
