@@ -55,7 +55,6 @@ import os
 import random
 import shutil
 import statistics
-import string
 import sys
 import tempfile
 import time

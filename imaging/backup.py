@@ -70,9 +70,7 @@ class _ChunkSink:
         self.level = level
         self.batch = store.chunk_batch()
         self._whole = previous is None
-        previous = previous or ()
-        self._previous = previous
-        self._known_bases = {entry.digest: entry.base for entry in previous}
+        self._previous = previous or ()
         self._claimed: dict[str, concurrent.futures.Future] = {}
         self._counted: set[str] = set()
         self._lock = threading.Lock()
@@ -86,7 +84,7 @@ class _ChunkSink:
             if first:
                 claim = self._claimed[digest] = concurrent.futures.Future()
         if not first:
-            # Every worker that runs was dequeued after the first one with this digest.
+            # The first claimant is already running (it took the lock first): waiting is safe.
             return IndexEntry(digest, claim.result()), 0, 0
         try:
             entry, stored, new = self._store(position, digest, buf)
@@ -100,22 +98,27 @@ class _ChunkSink:
         # Size first, then touch: garbage collection may move an unreferenced
         # chunk aside at any moment and honours only a touch that landed
         # before; a chunk found gone is simply stored again. A delta is reused
-        # only with its base, touched the same way.
+        # only with its base, touched the same way. The file, not an index,
+        # says what it needs: another backup may have stored it since.
         size = self._kept_size(digest)
+        stored_delta = False
         if size is not None:
             try:
-                base = (self._known_bases[digest] if digest in self._known_bases
-                        else stored_base(self.store, digest))
+                base = stored_base(self.store, digest)
             except ImageError:
-                base = digest  # gone since the touch: stored again below
-            if base is None:
+                base = None
+                size = None  # gone since the touch: stored again below
+            if size is not None and base is None:
                 return IndexEntry(digest), self._count(digest, size), 0
-            base_size = self._kept_size(base) if base != digest and not self._whole else None
+            stored_delta = size is not None
+            base_size = self._kept_size(base) if stored_delta and not self._whole else None
             if base_size is not None:
                 return (IndexEntry(digest, base),
                         self._count(digest, size) + self._count(base, base_size), 0)
         entry, frame, base_size = self._encode(position, digest, buf)
-        self.batch.add(digest, frame)
+        # A delta is nobody's base, so storing it again (whole, or against a base
+        # that is there) may replace it; any other chunk file, once there, stays.
+        self.batch.add(digest, frame, replace=stored_delta)
         stored = self._count(digest, len(frame)) + (self._count(entry.base, base_size)
                                                     if entry.base else 0)
         return entry, stored, len(frame)
@@ -123,13 +126,14 @@ class _ChunkSink:
     def _encode(self, position: int, digest: str, buf: bytearray) -> tuple[IndexEntry, bytes, int]:
         """The entry and frame of a chunk to store, and its base's stored size (0 if none)."""
         base = self._base_for(position, digest, len(buf))
-        base_size = self._kept_size(base) if base else None
+        # A chunk set aside as corrupt may be some delta's base: stored again whole.
+        base_size = self._kept_size(base) if base and not self.store.quarantined(digest) else None
         if base_size is not None:
             try:
                 base_data = base_bytes(self.store, base, digest)
             except ImagingError:
                 base_data = None  # a damaged base: the chunk is stored whole, verify names it
-            if base_data is not None and len(base_data) == len(buf):  # else the disk was resized
+            if base_data is not None and codec.usable_as_base(base_data, len(buf)):
                 delta = codec.compress_delta(buf, base_data, base, self.level)
                 if len(delta) * 2 <= base_size:
                     return IndexEntry(digest, base), delta, base_size

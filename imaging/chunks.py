@@ -9,10 +9,12 @@ alone, so reading any chunk takes at most two frames.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterable, Optional
 
 from . import codec
 from .errors import ImageError, StoreError, describe
+from .pipeline import ordered_map
 from .store import Datastore
 
 
@@ -58,3 +60,28 @@ def stored_base(store: Datastore, digest: str) -> Optional[str]:
         raise ImageError(f"chunk {digest} is missing from {store.root}") from None
     except OSError as exc:
         raise StoreError(f"cannot read chunk {digest}: {describe(exc)}") from None
+
+
+def bases_named_by_files(store: Datastore, digests: Iterable[str]) -> set[str]:
+    """The bases that the stored files of `digests` need (the missing ones need none).
+
+    An index records how a chunk was stored when its image was taken; another
+    backup may have stored the same chunk since, as a delta, and landed first,
+    so the files have the last word.
+    """
+    def needs(digest: str) -> Optional[str]:
+        try:
+            return stored_base(store, digest)
+        except ImageError:
+            return None  # missing: reported by whoever needs it
+
+    named = ordered_map(needs, sorted(set(digests)), name="bases")
+    with contextlib.closing(named):
+        return {base for _, base in named if base}
+
+
+def missing_chunks(store: Datastore, digests: Iterable[str]) -> list[str]:
+    """The chunks among `digests`, and the bases their files need, that are not stored."""
+    digests = set(digests)
+    needed = digests | bases_named_by_files(store, digests)
+    return sorted(name for name in needed if not store.chunk_path(name).exists())

@@ -34,6 +34,10 @@ DELTA_HEADER_SIZE = len(DELTA_MAGIC) + 32
 # unchanged runs again after each changed block: on a night's changes to the
 # benchmark disk, 10.6 MiB stored instead of 21.9 MiB, for 12 ms a chunk.
 DELTA_TABLE_LOG = 20
+# `zstd -D` refuses dictionaries over 32 MiB; datastores with larger chunks get no deltas.
+MAX_BASE_SIZE = 32 * 1024 * 1024
+# `zstd -D` takes a file starting with this as a trained dictionary, not raw content.
+DICTIONARY_MAGIC = b"\x37\xa4\x30\xec"
 
 
 @functools.lru_cache(maxsize=8)
@@ -78,6 +82,11 @@ def compress_delta(buf, base: bytes, base_digest: str, level: int = DEFAULT_LEVE
     dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     compressor = zstandard.ZstdCompressor(compression_params=params, dict_data=dictionary)
     return DELTA_MAGIC + bytes.fromhex(base_digest) + compressor.compress(buf)
+
+
+def usable_as_base(base: bytes, length: int) -> bool:
+    """Whether stock `zstd -dc -D` restores a delta of `length` bytes against `base`."""
+    return len(base) == length <= MAX_BASE_SIZE and base[:4] != DICTIONARY_MAGIC
 
 
 def delta_base(frame: bytes) -> Optional[str]:

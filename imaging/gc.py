@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import Cancelled, ImageError, ImagingError, StoreError, translated
+from .chunks import bases_named_by_files
 from .image import Image
 from .progress import UNIT_CHUNKS, Progress
 from .prune import DELETING_SUFFIX
@@ -90,7 +91,8 @@ def referenced_chunks(store: Datastore) -> tuple[set[str], set[str]]:
                 continue  # deleted meanwhile: its chunks are garbage anyway
             raise StoreError(f"garbage collection stopped, nothing deleted: {exc}") from None
         images.add(f"{path.parent.name}/{path.name}")
-    return images, digests
+    return images, digests | bases_named_by_files(store, digests)
+
 
 
 def sweep_chunk(path: Path, cutoff: float) -> int:

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from .errors import ImageError, StoreError, translated
 from .manifest import NAME as MANIFEST_NAME
@@ -111,11 +111,6 @@ class Image:
         if hashlib.sha256(text.encode()).hexdigest() != self.manifest.index_sha256:
             raise ImageError(f"{index_path}: corrupt index (its checksum does not match the manifest)")
         return entries
-
-    def missing_chunks(self, entries: Iterable[IndexEntry]) -> list[str]:
-        """The chunks, bases included, that `entries` need and the datastore lacks."""
-        needed = {name for entry in entries for name in entry if name}
-        return sorted(name for name in needed if not self.store.chunk_path(name).exists())
 
     def chunk_length(self, position: int) -> int:
         return min(self.chunk_size, self.size - position * self.chunk_size)

@@ -21,7 +21,7 @@ from typing import Callable, Collection, Optional
 
 
 from . import codec, fit, mount
-from .chunks import decode
+from .chunks import decode, missing_chunks
 from .errors import ImageError, ImagingError, TargetError, describe
 from .image import Image
 from .pipeline import ordered_map
@@ -73,7 +73,7 @@ def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
                                   allowed_targets, workers, started)
     with reading(image_dir, "restore", progress, f" to {target}") as image:
         index = image.index()
-        missing = image.missing_chunks(image.entries())
+        missing = missing_chunks(image.store, index)
         if missing:
             raise ImageError(f"cannot restore {image.path}: {len(missing)} chunk(s) missing, "
                              f"first {missing[0]}")
@@ -113,8 +113,8 @@ def _restore_partition(image_dir: os.PathLike | str, target: str, number: int, v
         part = mount.partition(image, number)
         index = image.index()
         pieces = _pieces(image, part)
-        entries = image.entries()
-        missing = image.missing_chunks(entries[offset // image.chunk_size] for offset, _ in pieces)
+        missing = missing_chunks(image.store, (index[offset // image.chunk_size]
+                                               for offset, _ in pieces))
         if missing:
             raise ImageError(f"cannot restore partition {number} of {image.path}: "
                              f"{len(missing)} chunk(s) missing, first {missing[0]}")

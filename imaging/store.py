@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
+from .codec import MAX_BASE_SIZE
 from .errors import ImageError, StoreError, describe, reason, translated
 from .inventory import host_name, safe_id
 from .progress import Progress
@@ -140,7 +141,7 @@ class Datastore:
     @property
     def deltas(self) -> bool:
         """Whether changed chunks may be stored as deltas against a previous image's."""
-        return self.format >= 2
+        return self.format >= 2 and self.chunk_size <= MAX_BASE_SIZE
 
     # -- chunks ----------------------------------------------------------
     def chunk_path(self, digest: str) -> Path:
@@ -188,6 +189,10 @@ class Datastore:
         with translated(StoreError, f"cannot set aside corrupt chunk {digest}"):
             os.replace(path, bad)
         return bad
+
+    def quarantined(self, digest: str) -> bool:
+        path = self.chunk_path(digest)
+        return path.with_name(path.name + BAD_SUFFIX).exists()
 
     def chunk_dirs(self) -> list[Path]:
         with translated(StoreError, f"cannot list the chunk folders of {self.root}"):
@@ -460,11 +465,17 @@ class ChunkBatch:
     def __init__(self, store: Datastore, flush_bytes: int = 256 * 1024 * 1024) -> None:
         self.store = store
         self.flush_bytes = flush_bytes
-        self._pending: list[tuple[Path, Path]] = []
+        self._pending: list[tuple[Path, Path, bool]] = []
         self._pending_bytes = 0
         self._lock = threading.Lock()
 
-    def add(self, digest: str, frame: bytes) -> None:
+    def add(self, digest: str, frame: bytes, *, replace: bool = False) -> None:
+        """Queue a chunk; unless `replace`, a file that lands under its name first is kept.
+
+        Two backups may store the same new chunk at once, each its own way (whole,
+        or as a delta); whichever lands first stays, so a chunk file that an
+        image may already use as a base is never swapped for a delta.
+        """
         path = self.store.chunk_path(digest)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         with translated(StoreError, f"cannot write chunk {digest[:16]}"):
@@ -480,7 +491,7 @@ class ChunkBatch:
                     tmp.unlink()
                 raise
         with self._lock:
-            self._pending.append((tmp, path))
+            self._pending.append((tmp, path, replace))
             self._pending_bytes += len(frame)
 
     def due(self) -> bool:
@@ -493,14 +504,17 @@ class ChunkBatch:
             return
         with translated(StoreError, "cannot store chunks"):
             syncfs(self.store.chunks_dir)
-            for tmp, path in batch:
-                os.replace(tmp, path)
-            for folder in {path.parent for _, path in batch}:
+            for tmp, path, replace in batch:
+                if replace or not path.exists():
+                    os.replace(tmp, path)
+                else:
+                    os.unlink(tmp)
+            for folder in {path.parent for _, path, _ in batch}:
                 fsync_dir(folder)
 
     def discard(self) -> None:
         with self._lock:
             batch, self._pending, self._pending_bytes = self._pending, [], 0
-        for tmp, _ in batch:
+        for tmp, _, _ in batch:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -22,7 +22,7 @@ from typing import Optional
 import zstandard
 
 from . import codec, errors
-from .chunks import decode
+from .chunks import base_bytes, bases_named_by_files
 from .errors import ImageError, StoreError, translated
 from .image import Image
 from .manifest import TIME_FORMAT, utc_text
@@ -138,26 +138,28 @@ def _well_formed(result: VerifyResult) -> bool:
                     and isinstance(p.reason, str) for p in result.problems))
 
 
-def check_chunk(image: Image, digest: str, base: Optional[str] = None) -> Optional[str]:
+BASE_PROBLEM = "unreadable: its base"
+
+
+def check_chunk(image: Image, digest: str) -> Optional[str]:
     """Why the stored chunk is unusable, or None if it is intact.
 
-    `base`: the base the index names for it; a delta whose frame needs another
-    one is corrupt (a bad base surfaces as its own problem).
+    A delta whose base is missing or corrupt is reported as such, the base
+    being the chunk to set aside (its own check says so).
     """
     try:
         frame = image.store.read_frame(digest)
     except ImageError:
         return "missing"
     needs = codec.delta_base(frame)
-    # A delta stored whole again (backup --no-deltas) still reads with the base named.
-    if needs is not None and needs != base:
-        return f"corrupt (it needs base {needs}, the index says {base})"
     try:
-        data = decode(image.store, digest, frame)
+        base = None if needs is None else base_bytes(image.store, needs, digest)
+    except ImageError as exc:
+        return f"{BASE_PROBLEM} {needs} is missing or corrupt ({exc})"
+    try:
+        data = codec.decompress(frame, digest, base)
     except zstandard.ZstdError as exc:
         return f"corrupt ({exc})"
-    except ImageError as exc:
-        return f"corrupt (its base cannot be read: {exc})"
     if hashlib.sha256(data).hexdigest() != digest:
         return "corrupt (content does not match its name)"
     return None
@@ -169,22 +171,19 @@ def verify(image_dir: str, *, fsck: bool = False, progress: Optional[Progress] =
     """Re-hash every chunk the image needs; with `fsck`, then check its filesystems too."""
     image = Image.open(image_dir)
     lengths: dict[str, int] = {}
-    bases: dict[str, Optional[str]] = {}
-    for position, (digest, base) in enumerate(image.entries()):
+    for position, digest in enumerate(image.index()):
         lengths[digest] = lengths.get(digest, 0) + image.chunk_length(position)
-        bases[digest] = base
-    for base in set(bases.values()) - {None}:
+    for base in bases_named_by_files(image.store, set(lengths)):
         lengths.setdefault(base, 0)  # stored for the deltas' sake: no disk bytes of its own
-        bases.setdefault(base, None)
     progress = progress or Progress("verify", image.size)
     progress.start_phase("verify", image.size)
     problems: list[ChunkProblem] = []
-    checked = ordered_map(lambda digest: check_chunk(image, digest, bases[digest]), lengths,
+    checked = ordered_map(lambda digest: check_chunk(image, digest), lengths,
                           workers=workers, cancelled=progress.cancelled, name="verify")
     with contextlib.closing(checked):
         for digest, reason in checked:
             if reason:
-                if reason != "missing":
+                if reason != "missing" and not reason.startswith(BASE_PROBLEM):
                     image.store.quarantine(digest)
                 problems.append(ChunkProblem(digest, reason))
             progress.advance(lengths[digest])

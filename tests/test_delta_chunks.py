@@ -154,25 +154,86 @@ def test_another_disk_reusing_a_delta_names_its_base(history, tmp_path):
     assert entries(twin.image) == entries(second.image)
 
 
-def test_verify_names_a_missing_base_and_a_delta_against_another_base(history, tmp_path):
-    _, first, second, _ = history
+def test_verify_names_a_missing_base_and_sets_aside_only_the_corrupt(history, tmp_path):
+    _, _, second, _ = history
     store = Datastore.open(tmp_path / "store")
-    (digest0, base0), (digest1, base1) = entries(second.image)[:2]
-    # Chunk 1's file replaced by a delta against chunk 0's base: valid zstd, wrong base.
-    raw = read_chunk(store, digest1, CHUNK)
-    base_raw = read_chunk(store, base0, CHUNK)
-    store.write_chunk(digest1, codec.compress_delta(raw, base_raw, base0))
+    (digest0, base0), (digest1, base1), _, (digest3, base3) = entries(second.image)
     store.chunk_path(base0).unlink()
+    frame = bytearray(store.read_frame(base1))
+    frame[len(frame) // 2] ^= 0xFF
+    store.chunk_path(base1).write_bytes(bytes(frame))
     result = verify(str(second.image))
     problems = {problem.digest: problem.reason for problem in result.problems}
+    assert set(problems) == {base0, digest0, base1, digest1}
     assert problems[base0] == "missing"
-    assert problems[digest0].startswith("corrupt (its base cannot be read")
-    assert problems[digest1] == f"corrupt (it needs base {base0}, the index says {base1})"
-    # Verify set both deltas aside; with the missing base, restore refuses before writing.
+    assert problems[base1].startswith("corrupt")
+    for delta, base in ((digest0, base0), (digest1, base1)):
+        assert problems[delta].startswith(f"unreadable: its base {base} is missing or corrupt")
+        assert store.chunk_path(delta).exists()  # intact: only its base is set aside
+    assert not store.chunk_path(base1).exists() and store.quarantined(base1)
     failed = imaging("restore", second.image, tmp_path / "out.img", check=False)
     assert failed.returncode == 1
-    assert "3 chunk(s) missing" in failed.stderr
+    assert "2 chunk(s) missing" in failed.stderr
     assert not (tmp_path / "out.img").exists()
+    recipe = subprocess.run(["sh", second.image / "RESTORE.txt", tmp_path / "by-recipe.img"],
+                            capture_output=True, text=True)
+    assert recipe.returncode != 0 and "restored" not in recipe.stdout
+
+
+def test_a_base_set_aside_as_corrupt_is_stored_again_whole(history, tmp_path):
+    disk, first, second, data = history
+    store = Datastore.open(tmp_path / "store")
+    digest, base = entries(second.image)[0]
+    store.quarantine(digest)
+    again = backup(str(disk), tmp_path / "store", disk_id="d")
+    assert entries(again.image)[0] == (digest, None)
+    assert codec.delta_base(store.read_frame(digest)) is None
+
+
+def test_the_file_names_the_base_gc_keeps_and_restore_reads(history, tmp_path):
+    """Another backup stored a chunk as a delta first; an index that says "whole" is outdated."""
+    disk, first, second, data = history
+    clone = backup(str(disk), tmp_path / "clone-store", disk_id="clone")
+    store = Datastore.open(tmp_path / "store")
+    digest, base = entries(second.image)[0]
+    # The clone's chunk 0 is whole in its own store; copy that store's index
+    # into the first store as if its backup had raced the delta's and lost.
+    image_dir = store.images_dir / "clone" / clone.image.name
+    shutil.copytree(clone.image, image_dir)
+    assert entries(image_dir)[0] == (digest, None)
+    shutil.rmtree(first.image)
+    shutil.rmtree(second.image)
+    collect(tmp_path / "store", safety_margin=0)
+    assert store.chunk_path(base).exists()
+    restored = tmp_path / "restored.img"
+    restore(str(image_dir), str(restored))
+    assert sha256_of(restored) == hashlib.sha256(data).hexdigest()
+    recipe = subprocess.run(["sh", image_dir / "RESTORE.txt", tmp_path / "by-recipe.img"],
+                            capture_output=True, text=True)
+    assert recipe.returncode == 0, recipe.stderr
+    assert sha256_of(tmp_path / "by-recipe.img") == hashlib.sha256(data).hexdigest()
+
+
+def test_a_chunk_file_that_landed_first_stays(tmp_path):
+    store = Datastore.open_or_create(tmp_path / "store")
+    data = bytes(text_like(CHUNK, seed=1))
+    digest = codec.digest(data)
+    store.write_chunk(digest, codec.compress(data, 1))
+    first = store.read_frame(digest)
+    batch = store.chunk_batch()
+    batch.add(digest, codec.compress(data, 19))
+    batch.flush()
+    assert store.read_frame(digest) == first
+    batch.add(digest, codec.compress(data, 19), replace=True)
+    batch.flush()
+    assert store.read_frame(digest) != first
+    assert read_chunk(store, digest, CHUNK) == data
+    assert not list(store.chunk_path(digest).parent.glob(".*.tmp"))
+
+
+def test_chunks_too_large_for_a_zstd_dictionary_get_no_deltas(tmp_path):
+    assert Datastore.open_or_create(tmp_path / "small", 32 * MiB).deltas
+    assert not Datastore.open_or_create(tmp_path / "large", 64 * MiB).deltas
 
 
 def test_recompress_keeps_deltas_against_their_bases(history, tmp_path):
