@@ -92,6 +92,8 @@ BACKUP_TIMEOUT = 900
 WATCHERS_TIMEOUT = 30
 # Concurrent WebSocket handshakes while the watchers connect.
 HANDSHAKES = 20
+# What a run measures, in this order; `--parts` picks some.
+PARTS = ("backups", "catalog", "pages")
 KINDS = {"cli": "web: backup by the CLI, fresh store",
          "api": "web: backup through the API, run by the worker",
          "watched": "web: API backup, {watchers} more WebSocket clients watching"}
@@ -133,22 +135,29 @@ def _say(message: str) -> None:
 
 
 def section(disk: Path, workdir: Path, scale: Scale | None = None, idle_wait: float = 0.0,
-            progress: Callable[[str], None] = _say) -> Section:
+            progress: Callable[[str], None] = _say, parts: tuple[str, ...] = PARTS) -> Section:
     """Measure on `disk` (read only), working in `workdir` (made, left for the caller to remove).
 
     Configures Django in this process, on the run's own database: call it once per process.
+    `parts` picks some of PARTS; the rows of the others say they were not measured.
     """
     scale = scale or Scale()
     workdir.mkdir(parents=True, exist_ok=True)
     figures = Figures()
+    figures.missing.update((part, "not measured in this run") for part in PARTS
+                           if part not in parts)
     try:
         with _Lab(disk, workdir, progress) as lab:
-            _part(figures, "backups", progress,
-                  lambda: _backups(lab, figures, scale, idle_wait, progress))
-            _part(figures, "catalog", progress, lambda: _catalog(lab, figures, scale, progress))
-            _part(figures, "pages", progress, lambda: _pages(figures, scale, progress))
+            measures = {
+                "backups": lambda: _backups(lab, figures, scale, idle_wait, progress),
+                "catalog": lambda: _catalog(lab, figures, scale, progress),
+                "pages": lambda: _pages(figures, scale, progress),
+            }
+            for part in PARTS:
+                if part in parts:
+                    _part(figures, part, progress, measures[part])
     except Exception as failure:  # as in _part: the report must still be written
-        for part in ("backups", "catalog", "pages"):
+        for part in PARTS:
             figures.missing.setdefault(part, _reason(failure))
         progress(f"web section: {type(failure).__name__}: {failure}")
     results = Results(figures.runs, disk.stat().st_size)
@@ -463,13 +472,28 @@ async def _watched_backup(lab: _Lab, store: Path, label: str, datastore_id: int,
 
 
 def _cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds the processes (and their children that exited) have used so far."""
+    """CPU seconds the processes, their live descendants (uvicorn's worker processes) and
+    their children that exited have used so far."""
     ticks = 0
-    for pid in pids:
-        # After the command name: state is field 3 of proc(5), utime..cstime are 14-17.
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    for pid in _with_descendants(pids):
+        try:
+            # After the command name: state is field 3 of proc(5), utime..cstime are 14-17.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a descendant gone meanwhile: its parent has its time
+            continue
         ticks += sum(int(field) for field in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    found, pending = [], list(pids)
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(FileNotFoundError):
+                pending += [int(child) for child in children.read_text().split()]
+    return found
 
 
 def _peak_rss(pid: int) -> int:
@@ -809,6 +833,15 @@ def _notes(scale: Scale) -> list[str]:
 
 # --- python -m bench.web --------------------------------------------------------
 
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'none'}: use some of "
+                                         f"{', '.join(PARTS)}")
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -824,6 +857,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=REQUESTS,
                         help="timed GETs per client and endpoint")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS")
+    parser.add_argument("--parts", type=_parts, default=PARTS, metavar="PART,...",
+                        help=f"measure only these of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     if min(args.rounds, args.clients, args.requests) < 1 or args.watchers < 0:
@@ -839,7 +874,8 @@ def main() -> None:
             build_disk(disk, args.size)
         disk_size = disk.stat().st_size
         result = section(disk, workdir / "web", Scale(args.rounds, args.watchers, args.clients,
-                                                      args.requests), idle_wait=args.wait_idle)
+                                                      args.requests), idle_wait=args.wait_idle,
+                         parts=args.parts)
     finally:
         if args.keep:
             _say(f"kept {workdir}")

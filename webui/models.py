@@ -18,6 +18,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import OuterRef, Prefetch, Subquery
+from django.dispatch import Signal
 from django.utils import timezone
 
 HOST_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -43,10 +44,32 @@ def validate_timezone(name: str) -> None:
         raise ValidationError(f"unknown time zone {name!r}") from None
 
 
+# Sent (sender: the model) after a queryset update or a bulk_create changed rows: what
+# post_save tells of one instance, for the writes that bypass it (a queryset delete still
+# sends post_delete per row to whoever listens).
+rows_changed = Signal()
+
+
+class ChangeSignallingQuerySet(models.QuerySet):
+    def update(self, **kwargs) -> int:
+        rows = super().update(**kwargs)
+        if rows:
+            rows_changed.send(sender=self.model)
+        return rows
+
+    def bulk_create(self, objs, *args, **kwargs):
+        created = super().bulk_create(objs, *args, **kwargs)
+        if created:
+            rows_changed.send(sender=self.model)
+        return created
+
+
 class Host(models.Model):
     name = models.CharField(max_length=63, unique=True, validators=[validate_host_name])
     worker = models.CharField(max_length=255, blank=True, help_text="Celery node that last reported")
     last_seen = models.DateTimeField(null=True, blank=True)
+
+    objects = ChangeSignallingQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
@@ -78,6 +101,8 @@ class Datastore(models.Model):
     last_gc = models.DateTimeField(null=True, blank=True)
     last_verify = models.DateTimeField(null=True, blank=True)
 
+    objects = ChangeSignallingQuerySet.as_manager()
+
     class Meta:
         ordering = ["path"]
 
@@ -106,7 +131,7 @@ class Protection(enum.StrEnum):
         return self in (Protection.FRESH, Protection.DUE)
 
 
-class DiskQuerySet(models.QuerySet):
+class DiskQuerySet(ChangeSignallingQuerySet):
     def with_protection_facts(self) -> "DiskQuerySet":
         """Disks with what protection() reads fetched in bulk: a list costs two queries."""
         newest_image = Image.objects.filter(disk=OuterRef("pk")).order_by("-created")
@@ -257,6 +282,8 @@ class Image(models.Model):
     bad_ranges = models.JSONField(default=list, blank=True,
                                   help_text="where its read errors are: [[offset, length]], bytes")
 
+    objects = ChangeSignallingQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created"]
         indexes = [models.Index(fields=["disk", "-created"])]
@@ -330,6 +357,8 @@ class Job(models.Model):
     note = models.CharField(max_length=500, blank=True,
                             help_text="why a queued job waits (its host is offline, ...)")
 
+    objects = ChangeSignallingQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created"]
         indexes = [models.Index(fields=["state", "heartbeat_at"])]
@@ -392,6 +421,8 @@ class Schedule(models.Model):
     periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True,
                                          on_delete=models.SET_NULL, related_name="+")
     created = models.DateTimeField(default=timezone.now)
+
+    objects = ChangeSignallingQuerySet.as_manager()
 
     class Meta:
         ordering = ["created"]

@@ -71,6 +71,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: it answers locked-out logins itself.
     "axes.middleware.AxesMiddleware",
+    # Below all the others, only passing the request on: see its docstring.
+    "webui.api.middleware.OneThreadMiddleware",
 ]
 
 AUTHENTICATION_BACKENDS = [
@@ -211,11 +213,30 @@ elif CHANNEL_LAYER == "memory":
 else:
     raise ImproperlyConfigured(f"CHANNEL_LAYER={CHANNEL_LAYER!r}: use redis or memory")
 
+# The API's cached reads (lists, API tokens' users: webui.services.readcache), in the Redis
+# every web process and worker share, since workers' writes make them stale; a list may lag
+# the clock (a disk turning overdue) by API_CACHE_SECONDS, 0 for no caching. "memory" keeps
+# the cache per process: for a single process only.
+API_CACHE_SECONDS = env_float("API_CACHE_SECONDS", 10.0, minimum=0.0)
+CACHE = env_str("CACHE", "redis")
+if CACHE == "redis":
+    CACHES = {"default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL, "KEY_PREFIX": "webui",
+        # A Redis that hangs must cost a request a moment, not the request.
+        "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+    }}
+elif CACHE == "memory":
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+else:
+    raise ImproperlyConfigured(f"CACHE={CACHE!r}: use redis or memory")
+
 # --- API ----------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        # DRF's token authentication, its reads cached (webui.services.readcache).
+        "webui.api.authentication.ReadCachedTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # JSON only: a form field is always a string, and the API's ids are numbers.

@@ -1,4 +1,5 @@
-"""Signal handlers: how a worker joins, and what a deleted schedule leaves behind.
+"""Signal handlers: how a worker joins, what a deleted schedule leaves behind, and which
+writes make the API's cached reads stale.
 
 A worker consumes its host's queue and the control queue whatever its command
 line says; when it is ready it fails the jobs its previous life left running
@@ -14,12 +15,14 @@ import time
 
 from celery.signals import celeryd_after_setup, worker_ready
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import connection
-from django.db.models.signals import post_delete
+from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
+from rest_framework.authtoken.models import Token
 
 from . import services
-from .models import Host, Schedule
+from .models import Datastore, Disk, Host, Image, Job, Schedule, rows_changed
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,21 @@ def _report_inventory(worker: str) -> None:
 @receiver(post_delete, sender=Schedule)
 def unschedule(sender, instance: Schedule, **kwargs) -> None:
     services.unschedule(instance)
+
+
+# What the API's lists are made of; connected per model, so other models keep their fast
+# deletes (Django fetches rows before a delete only for models someone listens to).
+LISTED_MODELS = (Host, Disk, Datastore, Image, Job, Schedule)
+
+
+def rows_written(sender, **kwargs) -> None:
+    services.readcache.changed(sender)
+
+
+for model in LISTED_MODELS:
+    for signal in (post_save, post_delete, rows_changed):
+        signal.connect(rows_written, sender=model, dispatch_uid=f"readcache.{model.__name__}")
+# Who a token belongs to, as the API's reads remember it.
+for model in (Token, get_user_model()):
+    for signal in (post_save, post_delete):
+        signal.connect(rows_written, sender=model, dispatch_uid=f"readcache.{model.__name__}")

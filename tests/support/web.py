@@ -20,6 +20,7 @@ from django.contrib.auth.models import User
 from django.test import TestCase
 from django.utils import timezone
 
+from webui import services, signals
 from webui.models import Datastore, Disk, Host, Image, Job, Schedule
 
 GiB = 1024 ** 3
@@ -119,3 +120,9 @@ class BaseTestCase(LabMixin, TestCase):
     @classmethod
     def setUpTestData(cls) -> None:
         cls.create_lab()
+
+    def setUp(self) -> None:
+        super().setUp()
+        # TestCase rolls each test's rows back without a signal: no list cached by one
+        # test may answer the next.
+        services.readcache.forget_all(signals.LISTED_MODELS)

@@ -6,7 +6,7 @@ services.Refused; the exception handler answers it with 400 {"detail": ...}.
 from __future__ import annotations
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Model, Q
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
@@ -20,9 +20,10 @@ from rest_framework.throttling import ScopedRateThrottle
 from .. import services
 from ..models import Datastore, Disk, Host, Image, Job, Schedule
 from .permissions import IsStaffOrReadOnly
-from .serializers import (BackupSerializer, DatastoreSerializer, DiskSerializer, HostSerializer,
-                          ImageSerializer, JobSerializer, JobStartedSerializer,
-                          NoParametersSerializer, RestoreSerializer, ScheduleSerializer)
+from .serializers import (IMAGE_COLUMNS, BackupSerializer, DatastoreSerializer, DiskSerializer,
+                          HostSerializer, ImageSerializer, JobSerializer, JobStartedSerializer,
+                          NoParametersSerializer, RestoreSerializer, ScheduleSerializer,
+                          image_listing)
 
 # The largest id a database column holds: a bigger number in a filter names no row, and
 # SQLite would not even take it.
@@ -48,13 +49,32 @@ class ApiViewSet(viewsets.GenericViewSet):
     lookup_value_regex = r"[0-9]+"
 
 
+class CachedListMixin(mixins.ListModelMixin):
+    """The list (a page of it) from the cache while the models it is made of are unchanged.
+
+    Keyed by the absolute URL: the query, and the host the page links carry. Not by the
+    user: every user who may read a list reads the same one.
+    """
+
+    listed_from: tuple[type[Model], ...] = ()
+
+    def list(self, request: Request, *args, **kwargs) -> Response:
+        return Response(services.readcache.cached(
+            request.build_absolute_uri(), self.listed_from, lambda: self.listing(request)))
+
+    def listing(self, request: Request):
+        """The page's data, when the cache has none."""
+        return super().list(request).data
+
+
 class HostViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
     queryset = Host.objects.all()
     serializer_class = HostSerializer
 
 
-class DiskViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+class DiskViewSet(CachedListMixin, mixins.RetrieveModelMixin, ApiViewSet):
     serializer_class = DiskSerializer
+    listed_from = (Host, Disk, Image, Job, Schedule)  # what protection() reads
 
     def get_queryset(self):
         return Disk.objects.with_protection_facts()
@@ -75,8 +95,9 @@ class ImageFilter(serializers.Serializer):
 
 
 @extend_schema(parameters=[ImageFilter])
-class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
+class ImageViewSet(CachedListMixin, mixins.RetrieveModelMixin, ApiViewSet):
     serializer_class = ImageSerializer
+    listed_from = (Image,)
 
     def get_queryset(self):
         if self.action != "list":
@@ -85,6 +106,10 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet)
         if "disk" in wanted:
             return Image.objects.filter(disk_id=wanted["disk"])
         return Image.objects.all()
+
+    def listing(self, request: Request):
+        page = self.paginate_queryset(self.get_queryset().values(*IMAGE_COLUMNS))
+        return self.get_paginated_response(image_listing(page)).data
 
     @extend_schema(request=RestoreSerializer, responses=STARTED,
                    summary="Write the image onto a disk")
