@@ -5,7 +5,7 @@ from django.test import override_settings
 from django.utils import timezone
 from support.web import MEMORY_LAYER, BaseTestCase, GiB, enqueued
 
-from webui.models import Datastore, Disk, Host, Job
+from webui.models import Datastore, Disk, Host, Job, Schedule
 
 
 
@@ -35,7 +35,7 @@ class BackupApiTestCase(BaseTestCase):
         self.assertEqual(sent, [("webui.tasks.run_backup", [job.pk], "host.h1")])
         self.assertEqual((job.kind, job.state, job.host, job.disk, job.datastore),
                          ("backup", "queued", self.h1, self.d1, self.datastore))
-        self.assertEqual(job.params, {"mode": "used", "level": 3, "force": False})
+        self.assertEqual(job.params, {"mode": "used", "level": 3, "force": False, "deltas": True})
         self.assertEqual(job.requested_by, self.alice)
 
     def test_the_job_is_followed_at_its_location(self):
@@ -53,6 +53,15 @@ class BackupApiTestCase(BaseTestCase):
         job = Job.objects.get(pk=response.json()["job"])
         self.assertEqual((job.disk, job.datastore), (self.d2, nas))
         self.assertEqual((job.params["mode"], job.params["level"]), ("raw", 19))
+
+    def test_the_body_or_the_schedule_turns_deltas_off(self):
+        response, _ = self.backup(self.d2.pk, {"deltas": False})
+        self.assertEqual(response.status_code, 202, response.content)
+        self.assertIs(Job.objects.get(pk=response.json()["job"]).params["deltas"], False)
+        Job.objects.all().delete()
+        Schedule.objects.filter(disk=self.d1).update(deltas=False)
+        response, _ = self.backup(self.d1.pk)
+        self.assertIs(Job.objects.get(pk=response.json()["job"]).params["deltas"], False)
 
     def test_a_disk_of_another_host_goes_to_that_hosts_queue(self):
         h2 = Host.objects.create(name="h2", last_seen=timezone.now())

@@ -15,6 +15,7 @@ from engine import MiB, write_random
 from support.web import GiB, LabMixin
 
 import imaging.catalog
+import imaging.image
 from webui import services, tasks
 from webui.models import Disk, Image, Job
 
@@ -61,6 +62,23 @@ class RunBackupTests(TaskTestCase):
         self.assertEqual((job.progress["phase"], job.progress["done"], job.progress["total"],
                           job.progress["unit"]), ("backup", 12 * MiB, 12 * MiB, "bytes"))
         self.assertGreater(job.progress["sent_at"], 0)
+
+    def test_changed_chunks_are_stored_as_deltas_unless_the_job_says_not(self):
+        source = self.folder / "disk.img"
+        bases = []
+        for deltas in (True, True, False):
+            job = services.start_backup(self.disk, self.alice, mode="raw",
+                                        datastore=self.datastore, deltas=deltas)
+            tasks.run_backup.apply(args=[job.pk])
+            job.refresh_from_db()
+            self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
+            entries = imaging.image.Image.open(job.image.path).entries()
+            bases.append([entry.base is not None for entry in entries])
+            with open(source, "r+b") as disk:  # a few bytes of the middle chunk, for the next
+                disk.seek(6 * MiB)
+                disk.write(os.urandom(100))
+        self.assertEqual(bases, [[False, False, False], [False, True, False],
+                                 [False, False, False]])
 
     def test_a_duplicate_delivery_of_the_message_runs_nothing(self):
         job = services.start_backup(self.disk, self.alice, mode="raw", datastore=self.datastore)

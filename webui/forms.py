@@ -43,7 +43,7 @@ class ScheduleForm(forms.ModelForm):
 
     class Meta:
         model = Schedule
-        fields = ["kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
+        fields = ["kind", "disk", "datastore", "cron", "time_zone", "mode", "level", "deltas",
                   "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
                   "notify_urls", "notify_on_success", "enabled"]
         field_classes = {"disk": DiskChoiceField}
@@ -53,7 +53,7 @@ class ScheduleForm(forms.ModelForm):
             "keep_last": "Last", "keep_daily": "Daily", "keep_weekly": "Weekly",
             "keep_monthly": "Monthly", "keep_yearly": "Yearly",
             "notify_urls": "Notification URLs", "notify_on_success": "Also notify on success",
-            "enabled": "On",
+            "enabled": "On", "deltas": "Store changes as deltas",
         }
         help_texts = {
             "cron": "minute hour day-of-month month day-of-week, like 0 3 * * * for 03:00 daily",
@@ -61,6 +61,8 @@ class ScheduleForm(forms.ModelForm):
             "notify_urls": "Apprise URLs, one per line (mailto://, ntfy://, gotify://, ...); "
                            "failures, overdue disks and stalls are sent there",
             "level": "3 is fast; 19 packs tighter and takes much longer",
+            "deltas": "a changed chunk costs only its changes; off, pruning an image lets gc "
+                      "free all it held, deleted files' old blocks included",
         }
         widgets = {"notify_urls": forms.Textarea(attrs={"rows": 3, "spellcheck": "false"}),
                    "cron": forms.TextInput(attrs={"spellcheck": "false", "autocomplete": "off"}),

@@ -409,6 +409,9 @@ class Schedule(models.Model):
     mode = models.CharField(max_length=8, default="used",
                             choices=[("raw", "raw"), ("used", "used")])
     level = models.IntegerField(default=3, validators=[MinValueValidator(1), MaxValueValidator(22)])
+    deltas = models.BooleanField(
+        default=True, help_text="Store changed chunks as deltas against the previous image's; "
+                                "off: each image holds nothing only older images held")
     keep_last = models.PositiveIntegerField(default=7)
     keep_daily = models.PositiveIntegerField(default=14)
     keep_weekly = models.PositiveIntegerField(default=8)

@@ -49,7 +49,8 @@ def _run_job(task, job_id: int, work: EngineCall) -> None:
 def run_backup(self, job_id: int) -> None:
     _run_job(self, job_id, lambda job, progress: imaging.backup.backup(
         job.disk.path, job.datastore.path, disk_id=job.disk.stable_id, mode=job.params["mode"],
-        level=job.params["level"], force=job.params.get("force", False), progress=progress))
+        level=job.params["level"], force=job.params.get("force", False),
+        deltas=job.params.get("deltas", True), progress=progress))
 
 
 @shared_task(bind=True)

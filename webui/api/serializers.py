@@ -162,8 +162,9 @@ class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
     class Meta:
         model = Schedule
         fields = ["id", "kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
-                  "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
-                  "enabled", "grace", "notify_urls", "notify_on_success", "created", "next_run"]
+                  "deltas", "keep_last", "keep_daily", "keep_weekly", "keep_monthly",
+                  "keep_yearly", "enabled", "grace", "notify_urls", "notify_on_success",
+                  "created", "next_run"]
         read_only_fields = ["created"]
         extra_kwargs = {"grace": {"min_value": dt.timedelta(0),
                                   "max_value": dt.timedelta(days=365)}}
@@ -190,6 +191,8 @@ class BackupSerializer(StrictSerializer):
     level = serializers.IntegerField(min_value=1, max_value=22, required=False)
     datastore = serializers.PrimaryKeyRelatedField(queryset=Datastore.objects.all(),
                                                    required=False)
+    deltas = serializers.BooleanField(
+        required=False, help_text="store changed chunks as deltas against the previous image's")
 
 
 class DiskIdField(serializers.IntegerField):

@@ -29,18 +29,20 @@ PRUNE_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 def start_backup(disk: Disk, user=None, *, mode: Optional[str] = None, level: Optional[int] = None,
                  datastore: Optional[Datastore] = None, schedule: Optional[Schedule] = None,
-                 force: bool = False) -> Job:
+                 force: bool = False, deltas: Optional[bool] = None) -> Job:
     """Back a disk up now; without a schedule, as the disk's backup schedule would."""
     disk = _inventoried(disk, "disk")
     template = schedule or disk.backup_schedule()
     mode = mode or (template.mode if template else "raw")
     level = level if level is not None else (template.level if template else imaging.codec.DEFAULT_LEVEL)
     datastore = datastore or (template.datastore if template else default_datastore())
+    deltas = deltas if deltas is not None else (template.deltas if template else True)
     if mode not in BACKUP_MODES:
         raise Refused(f"unknown backup mode {mode!r}: use raw or used")
     _check_level(level)
     return _create_job(Job.Kind.BACKUP, disk.host, user, disk=disk, datastore=datastore,
-                       schedule=schedule, params={"mode": mode, "level": level, "force": force},
+                       schedule=schedule,
+                       params={"mode": mode, "level": level, "force": force, "deltas": deltas},
                        holds=[disk])
 
 
