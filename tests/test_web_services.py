@@ -186,7 +186,7 @@ class StartTests(ServiceTestCase):
         self.assertEqual((job.kind, job.state, job.host, job.disk, job.requested_by),
                          (Job.Kind.BACKUP, Job.State.QUEUED, self.h1, self.d1, self.alice))
         # Without a mode, the disk's schedule decides: used mode, level 3, its datastore.
-        self.assertEqual(job.params, {"mode": "used", "level": 3, "force": False})
+        self.assertEqual(job.params, {"mode": "used", "level": 3, "force": False, "deltas": True})
         self.assertEqual(job.datastore, self.datastore)
         self.assertEqual(job.note, "")
 
