@@ -156,7 +156,7 @@ JOB_LOST_SECONDS = env_float("JOB_LOST_SECONDS", 45.0, minimum=1.0)
 # A running job whose progress has not moved for this long is flagged stalled.
 JOB_STALL_SECONDS = env_float("JOB_STALL_SECONDS", 300.0, minimum=1.0)
 # Progress: pushed to browsers at most this often per job, saved to the database this often.
-PROGRESS_SEND_SECONDS = env_float("PROGRESS_SEND_SECONDS", 0.25, minimum=0.01)
+PROGRESS_SEND_SECONDS = env_float("PROGRESS_SEND_SECONDS", 0.33, minimum=0.01)
 PROGRESS_SAVE_SECONDS = env_float("PROGRESS_SAVE_SECONDS", 5.0, minimum=0.1)
 # Longer than any job: an unacknowledged job message is redelivered only after this.
 JOB_VISIBILITY_TIMEOUT = env_int("JOB_VISIBILITY_TIMEOUT", 7 * 24 * 3600, minimum=3600)
