@@ -101,17 +101,15 @@ class _ChunkSink:
         # only with its base, touched the same way. The file, not an index,
         # says what it needs: another backup may have stored it since.
         size = self._kept_size(digest)
-        stored_delta = False
-        if size is not None:
-            try:
-                base = stored_base(self.store, digest)
-            except ImageError:
-                base = None
-                size = None  # gone since the touch: stored again below
-            if size is not None and base is None:
-                return IndexEntry(digest), self._count(digest, size), 0
-            stored_delta = size is not None
-            base_size = self._kept_size(base) if stored_delta and not self._whole else None
+        try:
+            base = None if size is None else stored_base(self.store, digest)
+        except ImageError:
+            size = base = None  # gone since the touch: stored again below
+        if size is not None and base is None:
+            return IndexEntry(digest), self._count(digest, size), 0
+        stored_delta = size is not None
+        if stored_delta and not self._whole:
+            base_size = self._kept_size(base)
             if base_size is not None:
                 return (IndexEntry(digest, base),
                         self._count(digest, size) + self._count(base, base_size), 0)

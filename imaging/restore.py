@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Callable, Collection, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 
 from . import codec, fit, mount
@@ -73,10 +73,7 @@ def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
                                   allowed_targets, workers, started)
     with reading(image_dir, "restore", progress, f" to {target}") as image:
         index = image.index()
-        missing = missing_chunks(image.store, index)
-        if missing:
-            raise ImageError(f"cannot restore {image.path}: {len(missing)} chunk(s) missing, "
-                             f"first {missing[0]}")
+        _refuse_missing_chunks(image, index, str(image.path))
         growth = fit.plan_growth(image) if grow else None
         checked = check_target(target, image.size, allowed_targets)
         progress.start_phase("restore", image.size)
@@ -98,6 +95,14 @@ def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
                          relocated=relocated, grown_size=grown_size)
 
 
+def _refuse_missing_chunks(image: Image, digests: Iterable[str], what: str) -> None:
+    """Refused before the target is opened: a chunk (or a delta's base) is not stored."""
+    missing = missing_chunks(image.store, digests)
+    if missing:
+        raise ImageError(f"cannot restore {what}: {len(missing)} chunk(s) missing, "
+                         f"first {missing[0]}")
+
+
 def _flush(fd: int, target: str) -> None:
     try:
         os.fsync(fd)
@@ -113,11 +118,8 @@ def _restore_partition(image_dir: os.PathLike | str, target: str, number: int, v
         part = mount.partition(image, number)
         index = image.index()
         pieces = _pieces(image, part)
-        missing = missing_chunks(image.store, (index[offset // image.chunk_size]
-                                               for offset, _ in pieces))
-        if missing:
-            raise ImageError(f"cannot restore partition {number} of {image.path}: "
-                             f"{len(missing)} chunk(s) missing, first {missing[0]}")
+        _refuse_missing_chunks(image, (index[offset // image.chunk_size] for offset, _ in pieces),
+                               f"partition {number} of {image.path}")
         checked = check_target(target, part.size, allowed_targets)
         progress.start_phase("restore", part.size)
         fd = _open_target(checked)
