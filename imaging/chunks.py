@@ -10,7 +10,8 @@ alone, so reading any chunk takes at most two frames.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Optional
+import dataclasses
+from typing import Iterable, Optional, Sequence
 
 from . import codec
 from .errors import ImageError, StoreError, describe
@@ -52,6 +53,49 @@ def read_chunk(store: Datastore, digest: str, length: int) -> bytes:
     if len(data) != length or codec.digest(data) != digest:
         raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Contents:
+    """A chunk's bytes as consecutive pieces of memory: one buffer, or its frame's raw blocks."""
+
+    pieces: Sequence[memoryview]
+
+    def span(self, start: int, length: int) -> list[memoryview]:
+        """Views of bytes `start` to `start + length`."""
+        views = []
+        for piece in self.pieces:
+            if length <= 0:
+                break
+            if start < len(piece):
+                views.append(piece[start:start + length])
+                length -= len(views[-1])
+                start = 0
+            else:
+                start -= len(piece)
+        return views
+
+
+def read_chunk_into(store: Datastore, digest: str, frames: bytearray,
+                    contents: memoryview) -> Contents:
+    """Like `read_chunk`, in the caller's buffers: the frame in `frames` if it fits.
+
+    For callers that reuse buffers: fresh ones for each 4 MiB frame and its
+    contents cost the kernel more, mapping and zeroing their pages, than zstd
+    takes to decode them. A frame of raw blocks only (incompressible data)
+    is not decoded: its blocks are the contents. The chunk must not be all
+    zeros (those are not read).
+    """
+    frame = store.read_frame_into(digest, frames)
+    base = codec.delta_base(frame)
+    pieces = codec.raw_blocks(frame) if base is None else None
+    if pieces is None or sum(len(piece) for piece in pieces) != len(contents):
+        codec.decompress_into(frame, contents, digest, None if base is None else
+                              base_bytes(store, base, digest, checked=False))
+        pieces = [contents]
+    if codec.sha256_of(pieces) != digest:
+        raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
+    return Contents(pieces)
 
 
 def stored_base(store: Datastore, digest: str) -> Optional[str]:

@@ -38,6 +38,8 @@ DELTA_TABLE_LOG = 20
 MAX_BASE_SIZE = 32 * 1024 * 1024
 # `zstd -D` takes a file starting with this as a trained dictionary, not raw content.
 DICTIONARY_MAGIC = b"\x37\xa4\x30\xec"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+RAW_BLOCK = 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,6 +98,46 @@ def delta_base(frame: bytes) -> Optional[str]:
     return frame[len(DELTA_MAGIC):DELTA_HEADER_SIZE].hex()
 
 
+def raw_blocks(frame) -> Optional[list[memoryview]]:
+    """The contents of a frame made of raw blocks only, as views into it; None for any other.
+
+    zstd stores a block it cannot shrink as it is, so incompressible data
+    (media, archives, encrypted files) needs copying out, not decoding. Read
+    by the frame format (RFC 8878): magic number, frame header, then blocks of
+    a 3-byte header (last-block bit, type, size) each. The frame's checksum is
+    not checked here: whoever takes the views checks their SHA-256.
+    """
+    view = memoryview(frame)
+    if len(view) < 6 or view[:4].tobytes() != ZSTD_MAGIC:
+        return None
+    descriptor = view[4]
+    if descriptor & 0x0B:  # the reserved bit, or a dictionary's ID
+        return None
+    single_segment = descriptor >> 5 & 1
+    position = 5 + (1 - single_segment) + (single_segment, 2, 4, 8)[descriptor >> 6]
+    blocks = []
+    last = False
+    while not last:
+        if position + 3 > len(view):
+            return None
+        header = int.from_bytes(view[position:position + 3], "little")
+        last, kind, size = bool(header & 1), header >> 1 & 3, header >> 3
+        position += 3
+        if kind != RAW_BLOCK or position + size > len(view):
+            return None
+        blocks.append(view[position:position + size])
+        position += size
+    return blocks if position + 4 * (descriptor >> 2 & 1) == len(view) else None
+
+
+def sha256_of(pieces) -> str:
+    """The SHA-256 of consecutive pieces of memory."""
+    hasher = hashlib.sha256()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
 class CorruptFrame(ImageError, zstandard.ZstdError):
     """A stored chunk zstd cannot decode.
 
@@ -104,24 +146,51 @@ class CorruptFrame(ImageError, zstandard.ZstdError):
     """
 
 
+def _decompressor(base: Optional[bytes]) -> zstandard.ZstdDecompressor:
+    if base is not None:
+        dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return zstandard.ZstdDecompressor(dict_data=dictionary)
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
+def _corrupt(digest: Optional[str], problem: str) -> CorruptFrame:
+    return CorruptFrame(f"chunk {digest} is corrupt: {problem}" if digest else problem)
+
+
 def decompress(frame: bytes, digest: Optional[str] = None, base: Optional[bytes] = None) -> bytes:
     """The raw bytes of one stored frame; CorruptFrame, naming chunk `digest`, if undecodable.
 
     `base`: the raw bytes of the base a delta frame names (see `delta_base`).
     """
     try:
-        if base is not None:
-            dictionary = zstandard.ZstdCompressionDict(
-                base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            return zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
-                memoryview(frame)[DELTA_HEADER_SIZE:])
-        decompressor = getattr(_local, "decompressor", None)
-        if decompressor is None:
-            decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-        return decompressor.decompress(frame)
+        return _decompressor(base).decompress(
+            frame if base is None else memoryview(frame)[DELTA_HEADER_SIZE:])
     except zstandard.ZstdError as exc:
-        problem = f"undecodable zstd frame ({exc})"
-        raise CorruptFrame(f"chunk {digest} is corrupt: {problem}" if digest else problem) from None
+        raise _corrupt(digest, f"undecodable zstd frame ({exc})") from None
+
+
+def decompress_into(frame, out: memoryview, digest: Optional[str] = None,
+                    base: Optional[bytes] = None) -> None:
+    """Decode one stored frame into `out`, which its contents must fill exactly.
+
+    Like `decompress`, without a fresh buffer for the contents. zstd checks
+    the frame's checksum on reaching its end; CorruptFrame if undecodable or
+    of another length.
+    """
+    source = memoryview(frame)[0 if base is None else DELTA_HEADER_SIZE:]
+    filled = 0
+    try:
+        reader = _decompressor(base).stream_reader(source, read_across_frames=False)
+        while filled < len(out) and (count := reader.readinto(out[filled:])):
+            filled += count
+        surplus = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(digest, f"undecodable zstd frame ({exc})") from None
+    if filled != len(out) or surplus:
+        raise _corrupt(digest, f"its frame does not hold {len(out)} bytes")
 
 
 LEVELS = range(1, 23)

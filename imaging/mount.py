@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from . import catalog, codec
-from .chunks import read_chunk
+from .chunks import Contents, read_chunk, read_chunk_into
 from .errors import ImageError, ImagingError, describe, running
 from .image import Image, parse_stamp
 from .progress import Progress
@@ -43,6 +43,8 @@ from .store import reading
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).
 CACHE_CHUNKS = 8
+# Buffers for chunks lent to copies (ImageReader.lent): one for each thread that copies.
+LOANS = 8
 # How long a private mount may take to come up before it counts as failed.
 MOUNT_TIMEOUT = 30.0
 # How often a mount looks at its registration's heartbeat and at cancel.
@@ -115,6 +117,19 @@ def partition(image: Image, number: int) -> Partition:
     raise ImageError(f"{image.path} has no partition {number} (its partitions: {have})")
 
 
+@dataclasses.dataclass(eq=False)
+class _Loan:
+    """A frame buffer and a contents buffer: chunk `position` is in them once `ready`."""
+
+    frames: bytearray
+    contents: bytearray
+    position: Optional[int] = None
+    held: Contents = Contents(())  # views into the two buffers
+    users: int = 0
+    ready: concurrent.futures.Future = dataclasses.field(
+        default_factory=concurrent.futures.Future)
+
+
 class ImageReader:
     """Any byte range of an image, decompressing only the chunks it touches.
 
@@ -122,7 +137,8 @@ class ImageReader:
     All-zero chunks are served without reading anything.
     """
 
-    def __init__(self, image: Image, cache_chunks: int = CACHE_CHUNKS) -> None:
+    def __init__(self, image: Image, cache_chunks: int = CACHE_CHUNKS, loans: int = LOANS,
+                 ) -> None:
         self.image = image
         self.size = image.size
         self.chunk_size = image.chunk_size
@@ -133,6 +149,11 @@ class ImageReader:
         self._cache: collections.OrderedDict[int, concurrent.futures.Future] = \
             collections.OrderedDict()
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
+        self._most_loans = max(loans, 1)
+        self._loan_count = 0
+        self._loans: collections.OrderedDict[int, _Loan] = collections.OrderedDict()
+        self._spare_loans: list[_Loan] = []
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes from `offset`; fewer only at the end of the image."""
@@ -148,6 +169,83 @@ class ImageReader:
             pieces.append(piece)
             offset += len(piece)
         return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+
+    def holds_zeros(self, position: int) -> bool:
+        return self._entries[position][0] == codec.zero_digest(self.image.chunk_length(position))
+
+    @contextlib.contextmanager
+    def lent(self, position: int) -> Iterator[Contents]:
+        """Chunk `position` in one of a few reused buffers, for a caller that copies it out.
+
+        Quicker than `chunk` when each chunk is wanted briefly (see
+        chunks.read_chunk_into). A chunk given back stays decoded until its
+        buffer is wanted for another, so the next file in the same chunk finds
+        it there. All-zero and cached chunks are lent from where they are.
+        """
+        (digest, base), length = self._entries[position], self.image.chunk_length(position)
+        if digest == codec.zero_digest(length):
+            yield Contents([memoryview(codec.zeros(length))])
+            return
+        with self._lock:
+            cached = self._cache.get(position)
+        if cached is not None:
+            yield Contents([memoryview(cached.result())])
+            return
+        loan, loading = self._borrow(position)
+        try:
+            if loading:
+                try:
+                    loan.held = read_chunk_into(self.image.store, digest, loan.frames,
+                                                memoryview(loan.contents)[:length])
+                except BaseException as exc:
+                    with self._lock:
+                        del self._loans[position]
+                        loan.position = None  # its buffers go back to the spares
+                    loan.ready.set_exception(exc)
+                    raise
+                self._count(2 if base else 1, length)
+                loan.ready.set_result(None)
+            else:
+                loan.ready.result()
+            yield loan.held
+        finally:
+            with self._returned:
+                loan.users -= 1
+                if not loan.users and loan.position is None:
+                    self._spare_loans.append(loan)
+                self._returned.notify()
+
+    def _borrow(self, position: int) -> tuple[_Loan, bool]:
+        """The loan holding chunk `position`, and whether the caller is to load it."""
+        with self._returned:
+            loan = self._loans.get(position)
+            if loan is not None:
+                loan.users += 1
+                self._loans.move_to_end(position)
+                return loan, False
+            while True:
+                if self._spare_loans:
+                    loan = self._spare_loans.pop()
+                    break
+                # The least recently lent chunk nobody holds gives up its buffers.
+                loan = next((held for held in self._loans.values() if not held.users), None)
+                if loan is not None:
+                    del self._loans[loan.position]
+                    break
+                if self._loan_count < self._most_loans:
+                    self._loan_count += 1
+                    loan = _Loan(bytearray(self.chunk_size + self.chunk_size // 128 + 4096),
+                                 bytearray(self.chunk_size))
+                    break
+                self._returned.wait()
+            loan.position, loan.users, loan.ready = position, 1, concurrent.futures.Future()
+            self._loans[position] = loan
+            return loan, True
+
+    def _count(self, frames: int, length: int) -> None:
+        with self._lock:
+            self.chunks_read += frames
+            self.chunk_bytes_read += frames * length
 
     def chunk(self, position: int) -> bytes:
         """The raw bytes of chunk `position`, from the cache or the datastore."""
@@ -173,10 +271,7 @@ class ImageReader:
                     del self._cache[position]  # the next read tries again
             loading.set_exception(exc)
             raise
-        with self._lock:
-            frames = 2 if base else 1
-            self.chunks_read += frames
-            self.chunk_bytes_read += frames * length
+        self._count(2 if base else 1, length)
         loading.set_result(data)
         return data
 

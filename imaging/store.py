@@ -182,6 +182,22 @@ class Datastore:
         except OSError as exc:
             raise StoreError(f"cannot read chunk {digest}: {exc.strerror}") from None
 
+    def read_frame_into(self, digest: str, buffer: bytearray) -> memoryview:
+        """The stored frame of `digest`, read into `buffer` if it fits (a fresh one if not)."""
+        path = self.chunk_path(digest)
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                target = memoryview(buffer if len(buffer) >= size else bytearray(size))[:size]
+                filled = 0
+                while filled < size and (count := handle.readinto(target[filled:])):
+                    filled += count
+        except FileNotFoundError:
+            raise ImageError(f"chunk {digest} is missing from {self.root}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read chunk {digest}: {exc.strerror}") from None
+        return target[:filled]
+
     def quarantine(self, digest: str) -> Path:
         """Set a corrupt chunk aside so the next backup of that data stores it afresh."""
         path = self.chunk_path(digest)
