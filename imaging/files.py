@@ -605,9 +605,8 @@ def _opened(exposure: mount.Exposure, part: mount.Partition, wanted: Sequence[li
     """The partition's filesystem, its tool, and the node each path in `wanted` names.
 
     blkid's verdict picks the tool. While it probes, debugfs already looks the
-    paths up if the superblock carries ext's magic (the common case, and what
-    blkid's own probes take longest to rule out); that work is dropped if blkid
-    finds anything else, two signatures included.
+    paths up if the superblock carries ext's magic (the common case); that
+    work is dropped if blkid finds anything else, two signatures included.
     """
     device = exposure.path(part)
     guess: Optional[_Ext] = None
