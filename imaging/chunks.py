@@ -45,6 +45,13 @@ def decode(store: Datastore, digest: str, frame: bytes) -> bytes:
                             base_bytes(store, base, digest, checked=False))
 
 
+def decode_into(store: Datastore, digest: str, frame: bytes, out: memoryview) -> None:
+    """`decode` into `out`, which the chunk's contents must fill exactly."""
+    base = codec.delta_base(frame)
+    codec.decompress_into(frame, out, digest, None if base is None else
+                          base_bytes(store, base, digest, checked=False))
+
+
 def read_chunk(store: Datastore, digest: str, length: int) -> bytes:
     """The `length` raw bytes named `digest`; ImageError if missing or corrupt."""
     if digest == codec.zero_digest(length):

@@ -53,7 +53,8 @@ def zero_digest(length: int) -> str:
 
 
 def is_zero(buf) -> bool:
-    return buf == zeros(len(buf))
+    # A memcmp for any buffer: bytes == memoryview compares item by item, 80 times slower.
+    return zeros(len(buf)).startswith(buf)
 
 
 def digest(buf) -> str:

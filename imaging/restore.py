@@ -3,7 +3,10 @@
 Safety checks decide before the target is opened for writing; block devices
 are then opened with O_EXCL, which the kernel refuses while anything has them
 mounted. Chunks are decompressed by a thread pool and written in place; a
-regular-file target gets holes where the image has zero chunks. The restore
+regular-file target gets holes where the image has zero chunks. Whole chunks
+are written, and read back for the verification, with O_DIRECT where the
+target takes it: a restore passes over each byte once, so the page cache only
+costs it, and the read-back then comes from the device itself. The restore
 is registered in the datastore as a reader of its image for its whole run, so
 prune defers that image and garbage collection keeps its chunks.
 
@@ -15,20 +18,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import mmap
 import os
+import queue
 import time
-from typing import Callable, Collection, Iterable, Optional
-
+from typing import Callable, Collection, Iterable, Iterator, Optional
 
 from . import codec, fit, mount
-from .chunks import decode, missing_chunks
+from .chunks import decode, decode_into, missing_chunks
 from .errors import ImageError, ImagingError, TargetError, describe
 from .image import Image
 from .pipeline import ordered_map
 from .progress import Progress
 from .safety import Target, check_target
-from .store import reading
+from .store import Datastore, reading
 from .syscalls import start_writeback
+
+# Direct writes need buffers, offsets and lengths aligned to the target's
+# logical block size: 4096 covers 512-byte and 4 KiB-sector disks alike.
+DIRECT_ALIGNMENT = 4096
 
 
 @dataclasses.dataclass
@@ -211,25 +220,156 @@ def _empty_file(fd: int, target: Target, image_size: int) -> None:
 def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
                   progress: Progress, workers: Optional[int]) -> None:
     """Decompress and write chunks in parallel; pwrite lets each worker write its own place."""
+    direct = _DirectWriter.open(fd, image.chunk_size)
+
     def restore_chunk(position: int) -> None:
         digest, length = index[position], image.chunk_length(position)
         if codec.zero_digest(length) == digest and not is_block:
             return  # a hole
-        data = decode(image.store, digest, image.store.read_frame(digest))
+        offset = position * image.chunk_size
+        frame = image.store.read_frame(digest)
+        if direct is not None and direct.write(image.store, digest, frame, offset, length, fd):
+            return
+        data = decode(image.store, digest, frame)
         if len(data) != length:
             raise ImageError(f"chunk {digest} holds {len(data)} bytes, {length} expected: "
                              "run verify")
-        _pwrite_all(fd, data, position * image.chunk_size)
-        start_writeback(fd, position * image.chunk_size, length)
+        _pwrite_all(fd, data, offset)
+        start_writeback(fd, offset, length)
 
     written = ordered_map(restore_chunk, range(len(index)), workers=workers,
                           cancelled=progress.cancelled, name="restore")
-    with contextlib.closing(written):
-        for position, _ in written:
-            progress.advance(image.chunk_length(position))
+    try:
+        with contextlib.closing(written):
+            for position, _ in written:
+                progress.advance(image.chunk_length(position))
+    finally:
+        if direct is not None:
+            direct.close()
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+class _AlignedBuffers:
+    """Page-aligned buffers (direct I/O needs them), reused from one chunk to the next."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._spare: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+
+    @contextlib.contextmanager
+    def lent(self) -> Iterator[mmap.mmap]:
+        try:
+            buffer = self._spare.get_nowait()
+        except queue.Empty:
+            buffer = mmap.mmap(-1, self._size)  # freed with the last view of it
+        try:
+            yield buffer
+        finally:
+            self._spare.put(buffer)
+
+
+def _reopened_direct(fd: int, flags: int) -> Optional[int]:
+    """The file open as `fd` opened again with O_DIRECT, or None if it takes no direct I/O.
+
+    Reopened through /proc, so it is the very file the safety checks passed,
+    whatever its path names by now.
+    """
+    try:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+class _DirectWriter:
+    """Whole chunks written with O_DIRECT, past the page cache.
+
+    A restore writes each byte once, and its verification reads the target
+    back from the device anyway: caching what it writes only costs. On a
+    2-core VM, restoring 1 GiB into a fresh file took 0.8-3.2 s buffered (up
+    to 3.6 s of it in the kernel, copying into new page-cache pages while the
+    other thread spun on the file's lock), 0.8-1.2 s direct. Where the target
+    refuses direct writes (tmpfs, some FUSE and network filesystems), or for
+    a length or offset it cannot align, the caller writes buffered.
+    """
+
+    def __init__(self, fd: int, chunk_size: int) -> None:
+        self.fd = fd
+        self._buffers = _AlignedBuffers(chunk_size)
+        self._refused = False
+
+    @classmethod
+    def open(cls, fd: int, chunk_size: int) -> Optional["_DirectWriter"]:
+        """A writer to the file open as `fd`, or None if it takes no direct writes."""
+        direct_fd = None if chunk_size % DIRECT_ALIGNMENT else _reopened_direct(fd, os.O_WRONLY)
+        return None if direct_fd is None else cls(direct_fd, chunk_size)
+
+    def write(self, store: Datastore, digest: str, frame: bytes, offset: int, length: int,
+              buffered_fd: int) -> bool:
+        """Decode one chunk and write it; False if the caller is to write it buffered."""
+        if self._refused or length % DIRECT_ALIGNMENT or offset % DIRECT_ALIGNMENT:
+            return False
+        with self._buffers.lent() as buffer:
+            contents = memoryview(buffer)[:length]
+            decode_into(store, digest, frame, contents)
+            try:
+                written = os.pwrite(self.fd, contents, offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise TargetError(f"cannot write the target at byte {offset}: "
+                                      f"{describe(exc)}") from None
+                self._refused = True
+                return False
+            if written < length:
+                _pwrite_all(buffered_fd, contents[written:], offset + written)
+            return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _DirectReader:
+    """The target read back with O_DIRECT: from the device itself, into reused buffers.
+
+    Reading a freshly written gigabyte through the page cache filled new
+    pages with it (1.1-2.2 s of kernel time on the VM above); dropping the
+    cache first was only a hint besides.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffers: dict[int, _AlignedBuffers] = {}
+        self._refused = False
+
+    @classmethod
+    def open(cls, fd: int) -> Optional["_DirectReader"]:
+        direct_fd = _reopened_direct(fd, os.O_RDONLY)
+        return None if direct_fd is None else cls(direct_fd)
+
+    def digest(self, offset: int, length: int) -> Optional[str]:
+        """The digest of `length` bytes at `offset`; None if the caller is to read them itself."""
+        if self._refused or length % DIRECT_ALIGNMENT or offset % DIRECT_ALIGNMENT:
+            return None
+        buffers = self._buffers.setdefault(length, _AlignedBuffers(length))
+        with buffers.lent() as buffer:
+            view = memoryview(buffer)
+            filled = 0
+            while filled < length:
+                try:
+                    count = os.preadv(self.fd, [view[filled:]], offset + filled)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or filled:
+                        raise
+                    self._refused = True
+                    return None
+                if not count:
+                    break  # the target ends here: the digest then differs
+                filled += count
+            return codec.digest(view[:filled])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -258,10 +398,13 @@ def read_back(target: str, spans: list[tuple[int, int]], expected: list[str], pr
         read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise TargetError(f"cannot read back {target} to verify it: {describe(exc)}") from None
+    direct = _DirectReader.open(read_fd)
 
     def digest_of(number: int) -> str:
         offset, length = spans[number]
         try:
+            if direct is not None and (found := direct.digest(offset, length)) is not None:
+                return found
             return codec.digest(os.pread(read_fd, length, offset))
         except OSError as exc:
             raise TargetError(f"cannot read back {target} at byte {offset} to verify it: "
@@ -281,3 +424,5 @@ def read_back(target: str, spans: list[tuple[int, int]], expected: list[str], pr
                 progress.advance(length)
     finally:
         os.close(read_fd)
+        if direct is not None:
+            direct.close()
