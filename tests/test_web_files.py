@@ -112,6 +112,23 @@ class FileBrowserTests(BaseTestCase):
         self.assertNotIn(f'href="{self.folder_url("2")}"', html)
         self.assertIn("holds swap: files can be read from ext2, ext3, ext4", html)
 
+    def test_a_raw_image_notes_no_filesystems_and_the_engine_probes_them_when_opened(self):
+        store = self.folder / "raw-store"
+        imaging.backup.backup(str(self.source), store, disk_id="lab-raw")
+        services.rescan(store)
+        image = Image.objects.get(disk__stable_id="lab-raw")
+        self.client.force_login(self.bob)
+        index = self.client.get(f"/images/{image.pk}/files/")
+        self.assertEqual([(p.number, p.fstype, p.readable) for p in index.context["partitions"]],
+                         [(1, None, True), (2, None, True)])
+        listing = self.client.get(f"/images/{image.pk}/files/1/")
+        self.assertEqual(listing.status_code, 200)
+        self.assertIn("hello.txt", [entry.name for entry in listing.context["folder"].entries])
+        swap = self.client.get(f"/images/{image.pk}/files/2/")
+        self.assertEqual(swap.status_code, 404)
+        self.assertIn("partition 2 holds swap: files and extract read ext2, ext3, ext4",
+                      swap.content.decode())
+
     def test_a_viewer_lists_folders_with_names_types_sizes_and_dates(self):
         self.client.force_login(self.bob)
         root = self.client.get(self.folder_url())

@@ -107,10 +107,10 @@ def partitions(image: Image) -> list[BrowsablePartition]:
         if number is None:
             continue
         fstype = part.get("fstype")
-        problem = None if fstype in READABLE_FILESYSTEMS else (
-            f"holds {fstype}" if fstype else "holds no filesystem the backup recognised")
-        if problem:
-            problem += f": files can be read from {imaging.files.COVERED}"
+        # Only a used-mode backup notes its filesystems: an unknown one is probed by the
+        # engine when the partition is opened, which names one it cannot read.
+        problem = None if fstype is None or fstype in READABLE_FILESYSTEMS else (
+            f"holds {fstype}: files can be read from {imaging.files.COVERED}")
         found.append(BrowsablePartition(int(number.group(1)), part.get("size") or 0, fstype,
                                         part.get("label"), problem))
     return sorted(found, key=lambda part: part.number)
