@@ -9,11 +9,11 @@ WORKDIR /app
 
 # The engine's Debian packages (the Makefile's RUNTIME_PACKAGES) and the
 # virtualenv, in layers of their own: they change less often than the code.
-COPY Makefile requirements.txt ./
+COPY Makefile requirements.txt requirements-test.txt ./
 RUN apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends make python3 >/dev/null \
     && make system-packages APT_PACKAGES='$(RUNTIME_PACKAGES)' \
-    && make .venv/.installed \
+    && make .venv/.installed .venv/wheels/.built REQUIREMENTS=requirements.txt \
     && rm -rf /var/lib/apt/lists/* /root/.cache
 
 COPY . .

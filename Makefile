@@ -17,9 +17,12 @@ RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip 
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
 	docker-compose curl libfuse3-dev pkg-config gcc gddrescue borgbackup restic time
 
-.PHONY: install system-packages services run test bench clean
+# What the virtualenv gets: everything for a developer; the Docker image takes requirements.txt.
+REQUIREMENTS ?= requirements-test.txt
 
-install: system-packages $(VENV)/.installed
+.PHONY: install system-packages services run test bench install-services clean
+
+install: system-packages $(VENV)/.installed $(VENV)/wheels/.built
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -30,9 +33,16 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r $(REQUIREMENTS)
+	touch $@
+
+# Wheels of what every host runs: a host joining this one installs its worker from them,
+# served with the join command (webui/services/hosts.py), needing no internet.
+$(VENV)/wheels/.built: requirements.txt | $(VENV)/.installed
+	rm -rf $(VENV)/wheels
+	$(PY) -m pip wheel -q --disable-pip-version-check -r requirements.txt -w $(VENV)/wheels
 	touch $@
 
 # Redis, and PostgreSQL for the tests, on loopback when none answers.
@@ -48,6 +58,10 @@ test: install
 
 bench: install
 	$(PY) -m bench
+
+# The services as systemd units (restarted on failure, started at boot), instead of make run.
+install-services: install
+	$(PY) manage.py install_units redis web worker beat
 
 clean:
 	rm -rf $(VENV) data tests/.build

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from pathlib import Path
@@ -126,11 +127,14 @@ class Datastore:
                        chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Datastore":
         root = Path(root)
         if (root / CONFIG_NAME).exists():
-            return cls.open(root)
+            store = cls.open(root)
+            make_private(root)
+            return store
         if chunk_size <= 0 or chunk_size % 4096:
             raise StoreError(f"chunk size must be a positive multiple of 4096, not {chunk_size}")
         with translated(StoreError, f"cannot create datastore {root}"):
-            root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private(root)
             for sub in ("chunks", "images", "jobs"):
                 (root / sub).mkdir(exist_ok=True)
             write_atomically(root / CONFIG_NAME,
@@ -534,3 +538,15 @@ class ChunkBatch:
         for tmp, _, _ in batch:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def make_private(root: Path) -> None:
+    """A datastore holds whole disks (every password hash, every key on them): only the user
+    who writes it may enter it. Best effort: a network filesystem may map modes its own way
+    (NFS with root squashing refuses the change), and then its export decides."""
+    try:
+        mode = stat.S_IMODE(root.stat().st_mode)
+        if mode & 0o077:
+            root.chmod(mode & 0o700)
+    except OSError:
+        pass

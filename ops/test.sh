@@ -2,14 +2,17 @@
 # `make test`: the whole suite on SQLite, then the web tests again on PostgreSQL.
 #
 # Redis and PostgreSQL are started on loopback first when none answers
-# (ops/services.sh). The test process keeps its state in a temporary DATA_DIR,
+# (ops/services.sh); the tests use the REDIS_URL it prints. The test process keeps its state in a temporary DATA_DIR,
 # so a run never touches ./data, the one `make run` uses.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 
-postgres_url=$(ops/services.sh | sed -n 's/^DATABASE_URL=//p')
-[ -n "$postgres_url" ] || { echo "test: the services did not start" >&2; exit 1; }
+services=$(ops/services.sh) || { echo "test: the services did not start" >&2; exit 1; }
+postgres_url=$(sed -n 's/^DATABASE_URL=//p' <<<"$services")
+REDIS_URL=$(sed -n 's/^REDIS_URL=//p' <<<"$services")
+[ -n "$postgres_url" ] && [ -n "$REDIS_URL" ] || { echo "test: the services did not start" >&2; exit 1; }
+export REDIS_URL
 
 DATA_DIR=$(mktemp -d "${TMPDIR:-/tmp}/imaging-test-data.XXXXXX")
 export DATA_DIR

@@ -1,159 +1,26 @@
 """What `make run` runs (ops/run.sh, then manage.py up) on a fresh data directory:
 every service comes up and answers, the admin's printed password logs in and is
-stored nowhere, the demo disk is a disk of this host, and Ctrl-C, or even
-kill -9 of the launcher, leaves no process behind."""
+stored nowhere, the demo disk is a disk of this host, everything it keeps is
+private to root, `manage.py` typed by hand afterwards finds its settings, and
+Ctrl-C, or even kill -9 of the launcher, leaves no process behind."""
 
-import http.cookiejar
 import json
 import os
-import re
-import shutil
 import signal
-import socket
 import subprocess
-import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-from support.requirements import requirement_missing
-from support.services import REPO
+import redis
+from support.launch import STOP_SECONDS, log_in, service_kinds
+from support.launch import launch  # noqa: F401 (a fixture)
 
 MiB = 1024 * 1024
-READY_SECONDS = 240
-STOP_SECONDS = 30
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every live process."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:
-            continue
-        state, parent = stat.rsplit(")", 1)[1].split()[:2]
-        if state != "Z":
-            table[int(entry.name)] = (int(parent), cmdline)
-    return table
-
-
-def descendants(pid: int) -> dict[int, str]:
-    table = process_table()
-    found, frontier = {}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, (child_parent, cmdline) in table.items():
-            if child_parent == parent and child not in found:
-                found[child] = cmdline
-                frontier.append(child)
-    return found
-
-
-def still_running(processes: dict[int, str]) -> dict[int, str]:
-    table = process_table()
-    return {pid: cmdline for pid, cmdline in processes.items()
-            if pid in table and table[pid][1] == cmdline}
-
-
-class Launcher:
-    """ops/run.sh in a session of its own, as a terminal would run it."""
-
-    def __init__(self, env: dict[str, str], output: Path):
-        self.output_path = output
-        with open(output, "wb") as sink:
-            self.process = subprocess.Popen([str(REPO / "ops" / "run.sh")], env=env, cwd=REPO,
-                                            stdin=subprocess.DEVNULL, stdout=sink,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        self.services: dict[int, str] = {}
-
-    def output(self) -> str:
-        return self.output_path.read_text(errors="replace")
-
-    def url(self) -> str:
-        found = re.search(r"The dashboard is up: (http://127\.0\.0\.1:\d+)/", self.output())
-        assert found, self.output()
-        return found.group(1)
-
-    def wait_until_up(self) -> None:
-        deadline = time.monotonic() + READY_SECONDS
-        while "Ctrl-C stops them all." not in self.output():
-            assert self.process.poll() is None, f"make run exited early:\n{self.output()}"
-            assert time.monotonic() < deadline, f"make run not up in {READY_SECONDS} s:\n{self.output()}"
-            time.sleep(0.5)
-        self.services = descendants(self.process.pid)
-
-    def wait_until_gone(self, processes: dict[int, str]) -> dict[int, str]:
-        deadline = time.monotonic() + STOP_SECONDS
-        while still_running(processes) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return still_running(processes)
-
-    def kill_everything(self) -> None:
-        for pid in [self.process.pid, *still_running(self.services)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.wait()
-
-
-@pytest.fixture
-def launch(tmp_path):
-    if os.geteuid() != 0:
-        requirement_missing("make run needs root: the demo disk and the worker use loop devices and disks")
-    if shutil.which("redis-server") is None:
-        requirement_missing("redis-server is not installed (make install)")
-    launchers = []
-
-    def start(data_dir: Path, **env) -> Launcher:
-        # A Redis port where none answers: the launcher starts its own.
-        base = {name: value for name, value in os.environ.items()
-                if not name.startswith(("SECRET_KEY", "DATABASE_URL", "IMAGING_", "ADMIN_", "PYTEST_"))}
-        launcher = Launcher(dict(base, DATA_DIR=str(data_dir), PORT=str(free_port()),
-                                 REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-                                 HOST_NAME="maketest", **env),
-                            tmp_path / f"make-run-{len(launchers)}.out")
-        launchers.append(launcher)
-        return launcher
-
-    try:
-        yield start
-    finally:
-        for launcher in launchers:
-            launcher.kill_everything()
-
-
-def log_in(base_url: str, username: str, password: str) -> urllib.request.OpenerDirector:
-    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-    login_url = f"{base_url}/admin/login/?next=/admin/"
-    page = browser.open(login_url, timeout=10).read().decode()
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-    form = urllib.parse.urlencode({"username": username, "password": password,
-                                   "csrfmiddlewaretoken": token, "next": "/admin/"}).encode()
-    response = browser.open(urllib.request.Request(login_url, data=form), timeout=10)
-    assert urllib.parse.urlsplit(response.url).path == "/admin/", "the login was refused"
-    return browser
-
-
-def service_kinds(services: dict[int, str]) -> set[str]:
-    kinds = set()
-    for cmdline in services.values():
-        for kind, mark in (("redis", "redis-server"), ("web", "uvicorn webui.asgi:application"),
-                           ("worker", "celery -A webui worker"), ("beat", "celery -A webui beat")):
-            if mark in cmdline:
-                kinds.add(kind)
-    return kinds
+def as_nobody(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", "nobody", "--", *command], capture_output=True,
+                          text=True, timeout=30)
 
 
 def test_first_run_serves_the_demo_disk_and_ctrl_c_stops_every_process(launch, tmp_path):
@@ -161,7 +28,7 @@ def test_first_run_serves_the_demo_disk_and_ctrl_c_stops_every_process(launch, t
     launcher = launch(data_dir)
     launcher.wait_until_up()
     output = launcher.output()
-    password = re.search(r"log in as admin, password (\S+)", output).group(1)
+    password = output.split("log in as admin, password ", 1)[1].split()[0]
     assert service_kinds(launcher.services) == {"redis", "web", "worker", "beat"}
 
     base_url = launcher.url()
@@ -172,16 +39,58 @@ def test_first_run_serves_the_demo_disk_and_ctrl_c_stops_every_process(launch, t
     assert [(disk["host"], disk["size"]) for disk in disks if disk["path"] == str(demo_disk)] \
         == [("maketest", 512 * MiB)]
 
-    # Only Django's hash of the password is kept; the secret key is root's alone.
+    # Only Django's hash of the password is kept.
     for path in data_dir.rglob("*"):
         if path.is_file() and path != demo_disk:
             assert password.encode() not in path.read_bytes(), path
-    assert (data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
 
     os.killpg(launcher.process.pid, signal.SIGINT)
     assert launcher.process.wait(STOP_SECONDS) == 0
     assert launcher.output().rstrip().endswith("stopped.")
     assert launcher.wait_until_gone(launcher.services) == {}
+
+
+def test_what_it_keeps_is_roots_alone_and_redis_wants_its_password(launch, tmp_path):
+    data_dir = tmp_path / "data"
+    tmp_path.chmod(0o755)  # so that only DATA_DIR's own modes stand in another user's way
+    launcher = launch(data_dir, "--no-demo-disk", REDIS_URL=None)
+    launcher.wait_until_up()
+    open_paths = [f"{path} {oct(path.stat().st_mode & 0o777)}" for path in [data_dir, *data_dir.rglob("*")]
+                  if path.stat().st_mode & 0o077]
+    assert open_paths == []
+    for kept in ("db.sqlite3", "db.sqlite3-wal", "secret_key", "redis_password", "logs/web.log",
+                 "redis/redis.conf", "redis/appendonlydir"):
+        assert (data_dir / kept).exists(), kept
+    assert "Permission denied" in as_nobody("ls", str(data_dir)).stderr
+    assert "Permission denied" in as_nobody("cat", str(data_dir / "db.sqlite3")).stderr
+
+    # Redis, on its own port: nothing without the password, which is nowhere another user can
+    # read it (not in a command line either).
+    refused = as_nobody("redis-cli", "-p", "6380", "set", "webui:planted", "x")
+    assert "NOAUTH" in refused.stdout + refused.stderr
+    password = (data_dir / "redis_password").read_text().strip()
+    for pid in launcher.services:
+        assert password not in Path(f"/proc/{pid}/cmdline").read_text(), pid
+    client = redis.Redis.from_url(f"redis://:{password}@127.0.0.1:6380/0")
+    assert client.get("webui:planted") is None
+    client.close()
+
+
+def test_manage_py_typed_by_hand_finds_what_make_run_made(launch, tmp_path):
+    data_dir = tmp_path / "data"
+    launcher = launch(data_dir, "--no-demo-disk", ADMIN_PASSWORD="first-Admin-pass-1")
+    launcher.wait_until_up()
+    # The README's commands, in a shell that sets nothing but DATA_DIR (./data by default).
+    token = launcher.api_token("admin")
+    request = urllib.request.Request(f"{launcher.url()}/api/hosts/",
+                                     headers={"Authorization": f"Token {token}"})
+    hosts = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    assert [host["name"] for host in hosts["results"]] == ["maketest"]
+    changed = launcher.manage("changepassword", "admin",
+                              input="second-Admin-pass-2\nsecond-Admin-pass-2\n")
+    assert changed.returncode == 0, changed.stderr
+    assert "Password changed successfully for user 'admin'" in changed.stdout
+    log_in(launcher.url(), "admin", "second-Admin-pass-2")
 
 
 def test_kill_9_of_the_launcher_leaves_no_service_running(launch, tmp_path):

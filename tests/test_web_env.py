@@ -68,19 +68,57 @@ def test_env_secret_prefers_the_file_named_by_NAME_FILE(tmp_path):
         env_secret("SECRET_KEY", None, {"SECRET_KEY_FILE": str(tmp_path / "missing")})
 
 
-def _load_settings(tmp_path, **variables) -> subprocess.CompletedProcess:
+def _load_settings(tmp_path, extra: str = "", **variables) -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items()
-           if name not in ("SECRET_KEY", "SECRET_KEY_FILE", "DEBUG")}
+           if name not in ("SECRET_KEY", "SECRET_KEY_FILE", "DEBUG", "REDIS_URL", "DATABASE_URL")}
     env.update(DJANGO_SETTINGS_MODULE="webui.settings", DATA_DIR=str(tmp_path), **variables)
     return subprocess.run([sys.executable, "-c", "import django; django.setup(); "
-                           "from django.conf import settings; print(settings.DEBUG)"],
+                           "from django.conf import settings; print(settings.DEBUG); " + extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_settings_refuse_a_missing_secret_key_when_debug_is_off(tmp_path):
-    result = _load_settings(tmp_path)
+def test_without_a_key_settings_make_one_in_the_data_dir_that_every_process_reads(tmp_path):
+    tmp_path.chmod(0o755)
+    loads = [_load_settings(tmp_path, extra="print(settings.SECRET_KEY, settings.REDIS_URL)")
+             for _ in range(2)]
+    assert [load.returncode for load in loads] == [0, 0], loads[0].stderr
+    assert loads[0].stdout == loads[1].stdout
+    key = (tmp_path / "secret_key").read_text().strip()
+    password = (tmp_path / "redis_password").read_text().strip()
+    assert len(key) >= 50 and len(password) >= 50
+    assert loads[0].stdout.split()[-2:] == [key, f"redis://:{password}@127.0.0.1:6380/0"]
+    for path in (tmp_path / "secret_key", tmp_path / "redis_password"):
+        assert path.stat().st_mode & 0o777 == 0o600
+    # The state directory itself is the owner's alone, even if it was made open before.
+    assert tmp_path.stat().st_mode & 0o777 == 0o700
+
+
+def test_processes_starting_at_once_agree_on_one_key(tmp_path):
+    starts = [subprocess.Popen([sys.executable, "-c", "from pathlib import Path; "
+                                "from webui.env import stored_secret; "
+                                f"print(stored_secret(Path({str(tmp_path / 'key')!r})))"],
+                               cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    keys = {start.communicate(timeout=60)[0].strip() for start in starts}
+    assert keys == {(tmp_path / "key").read_text().strip()}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["key"]
+
+
+def test_a_given_redis_url_is_used_as_it_is(tmp_path):
+    load = _load_settings(tmp_path, REDIS_URL="redis://:given@nas.lan:6379/2",
+                          extra="print(settings.REDIS_URL)")
+    assert load.stdout.split()[-1] == "redis://:given@nas.lan:6379/2", load.stderr
+    assert not (tmp_path / "redis_password").exists()
+
+
+@pytest.mark.parametrize("name, value, said", [
+    ("SECRET_KEY", "replace-me-with-something", "SECRET_KEY"),
+    ("REDIS_URL", "redis://:replace-me-too@redis:6379/0", "the password in REDIS_URL"),
+    ("DATABASE_URL", "postgres://imaging:replace-me@db:5432/imaging", "the password in DATABASE_URL"),
+])
+def test_settings_refuse_the_placeholders_of_env_example(tmp_path, name, value, said):
+    result = _load_settings(tmp_path, **{name: value})
     assert result.returncode != 0
-    assert "ImproperlyConfigured: SECRET_KEY is missing" in result.stderr
+    assert f"ImproperlyConfigured: {said} is still the placeholder of .env.example" in result.stderr
 
 
 def test_settings_load_with_a_key_or_with_debug_on(tmp_path):

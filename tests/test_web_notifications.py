@@ -2,42 +2,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import http.server
-import json
-import threading
 
 from django.test import override_settings
 from support.web import UTC, BaseTestCase
+from support.webhook import Webhook
 
 from webui import services
 from webui.models import Disk, Job, Schedule
-
-
-class Webhook:
-    """An HTTP server on a free loopback port that keeps every JSON body POSTed to it."""
-
-    def __init__(self):
-        self.received: list[dict] = []
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                hook.received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class WebhookTests(BaseTestCase):

@@ -92,17 +92,6 @@ class BeatTests(LabMixin, TransactionTestCase):
         services.sync_schedule(self.schedule)
         self.assertEqual(beat.schedule[name].schedule._orig_minute, "*/7")
 
-    def test_beat_installs_the_sweepers_with_expiry_once(self):
-        DatabaseScheduler(app=app)
-        DatabaseScheduler(app=app)
-        sweepers = {task.name: task for task in PeriodicTask.objects.exclude(name__startswith="schedule ")}
-        self.assertEqual(sweepers["check jobs"].task, "webui.tasks.check_jobs")
-        self.assertEqual((sweepers["check jobs"].interval.every, sweepers["check jobs"].interval.period,
-                          sweepers["check jobs"].expire_seconds), (15, "seconds", 15))
-        self.assertEqual((sweepers["check protection"].interval.every,
-                          sweepers["check protection"].expire_seconds), (60, 60))
-        self.assertEqual(PeriodicTask.objects.filter(name="check jobs").count(), 1)
-
 
 class RunScheduleTests(BaseTestCase):
     def setUp(self):

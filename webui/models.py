@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import functools
+import hashlib
+import re
 import zoneinfo
 from typing import Optional
 
@@ -86,6 +88,55 @@ class Host(models.Model):
             return False
         now = now or timezone.now()
         return now - self.last_seen < dt.timedelta(seconds=settings.HOST_OFFLINE_SECONDS)
+
+
+class HostAccess(models.Model):
+    """What lets another host's worker in: a join command until it is used (only its hash is
+    kept), then the host's own Redis user and database role, whose passwords only the host
+    holds. Revoked, both are gone."""
+
+    host = models.OneToOneField(Host, on_delete=models.CASCADE, related_name="access")
+    join_digest = models.CharField(max_length=64, blank=True, db_index=True,
+                                   help_text="SHA-256 of the join command's token")
+    join_expires = models.DateTimeField(null=True, blank=True)
+    joined_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    redis_password_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="what Redis keeps of the host's password, to give "
+                                             "the host its user again after Redis restarts")
+    created = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
+                                   on_delete=models.SET_NULL, related_name="+")
+
+    class State(models.TextChoices):
+        INVITED = "invited"
+        EXPIRED = "expired"
+        JOINED = "joined"
+        REVOKED = "revoked"
+
+    def __str__(self) -> str:
+        return f"access of {self.host.name} ({self.state()})"
+
+    def state(self, now: Optional[dt.datetime] = None) -> "HostAccess.State":
+        if self.revoked_at is not None:
+            return self.State.REVOKED
+        if self.joined_at is not None:
+            return self.State.JOINED
+        now = now or timezone.now()
+        if self.join_expires is None or now >= self.join_expires:
+            return self.State.EXPIRED
+        return self.State.INVITED
+
+    @property
+    def redis_user(self) -> str:
+        return f"host-{self.host.name}"
+
+    @property
+    def database_role(self) -> str:
+        """A PostgreSQL role name of the host's own: its name's safe letters, and a hash of the
+        whole name so that "a.b" and "a_b" never share one."""
+        safe = re.sub(r"[^a-z0-9_]", "_", self.host.name.lower())[:40]
+        return f"imaging_host_{safe}_{hashlib.sha256(self.host.name.encode()).hexdigest()[:6]}"
 
 
 class Datastore(models.Model):

@@ -161,11 +161,15 @@ def datastores() -> list[Datastore]:
 
 
 def hosts_with_disks() -> list[Host]:
-    """Every host, each given `.disk_rows`: its disks with their status."""
-    hosts = list(Host.objects.all())
+    """Every host, each given `.disk_rows`: its disks with their status, and `.access_state`:
+    how a host that joined with a join command stands ("" for the others)."""
+    hosts = list(Host.objects.select_related("access"))
     disks = disks_with_status(with_last_image(Disk.objects.all()))
+    now = timezone.now()
     for host in hosts:
         host.disk_rows = [disk for disk in disks if disk.host_id == host.pk]
+        access = getattr(host, "access", None)
+        host.access_state = access.state(now).value if access is not None else ""
     return hosts
 
 

@@ -4,31 +4,40 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import env_bool, env_float, env_int, env_list, env_path, env_secret, env_str
+from .env import (env_bool, env_float, env_int, env_list, env_path, env_secret, env_str,
+                  private_directory, refuse_placeholder, stored_secret)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# Everything this system writes (database, logs, Redis' files, secrets, exports, datastore) is
+# its user's alone: another local user must not read a disk's image or the tokens that rule it.
+os.umask(0o077)
+
 DEBUG = env_bool("DEBUG", False)
-DATA_DIR = env_path("DATA_DIR", BASE_DIR / "data")
+# Private to the service's user: the database (API tokens, sessions), logs, Redis' data and the
+# secrets below live here.
+DATA_DIR = private_directory(env_path("DATA_DIR", BASE_DIR / "data"))
 try:
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
     (DATA_DIR / "static").mkdir(exist_ok=True)
 except OSError as exc:
-    raise ImproperlyConfigured(f"DATA_DIR={str(DATA_DIR)!r}: cannot create it ({exc.strerror})") from None
-SECRET_KEY = env_secret("SECRET_KEY")
-if not SECRET_KEY:
-    if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY is missing: set SECRET_KEY (or SECRET_KEY_FILE), "
-                                   "or DEBUG=true for development")
-    SECRET_KEY = "development-only-key-never-used-with-debug-off-0123456789abcdefghijklmn"
+    raise ImproperlyConfigured(f"DATA_DIR={str(DATA_DIR)!r}: cannot create static/ in it "
+                               f"({exc.strerror})") from None
+# Made on first use when not given, so that every process reading this DATA_DIR (web, worker,
+# beat, `manage.py` typed by hand) signs with the same key.
+SECRET_KEY = env_secret("SECRET_KEY") or stored_secret(DATA_DIR / "secret_key")
+refuse_placeholder("SECRET_KEY", SECRET_KEY)
 
 HOST_NAME = env_str("HOST_NAME", socket.gethostname())
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", f"localhost 127.0.0.1 [::1] {HOST_NAME}")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+# Addresses of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; from
+# anyone else these headers are ignored (they would let a client choose its address).
+TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", "")
 # Behind TLS (a reverse proxy or not): secure cookies, HSTS, redirects.
 HTTPS = env_bool("HTTPS", False)
 if HTTPS:
@@ -97,6 +106,7 @@ TEMPLATES = [{
 
 DATABASES = {"default": dj_database_url.parse(
     env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"), conn_max_age=60)}
+refuse_placeholder("the password in DATABASE_URL", DATABASES["default"].get("PASSWORD"))
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and a worker write at once: WAL lets readers go on, IMMEDIATE
     # transactions queue writers instead of failing them with "database is locked".
@@ -125,6 +135,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"  # made above, filled by collectstatic
+# Django's storages set these modes themselves, whatever the umask: private like the rest.
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -162,7 +175,8 @@ PROGRESS_SAVE_SECONDS = env_float("PROGRESS_SAVE_SECONDS", 5.0, minimum=0.1)
 JOB_VISIBILITY_TIMEOUT = env_int("JOB_VISIBILITY_TIMEOUT", 7 * 24 * 3600, minimum=3600)
 # A running job looks for a cancel request this often (the engine stops within a chunk).
 JOB_CANCEL_POLL_SECONDS = env_float("JOB_CANCEL_POLL_SECONDS", 0.25, minimum=0.05)
-# How often beat sweeps for lost and stalled jobs, and for disks whose protection changed.
+# How often beat sweeps (in its own process) for lost and stalled jobs, and for disks whose
+# protection changed.
 CHECK_JOBS_SECONDS = env_float("CHECK_JOBS_SECONDS", 15.0, minimum=1.0)
 CHECK_PROTECTION_SECONDS = env_float("CHECK_PROTECTION_SECONDS", 60.0, minimum=1.0)
 # Export writes, and import reads, only below these folders of the host that runs the job:
@@ -171,7 +185,14 @@ EXPORT_DIR = env_path("EXPORT_DIR", DATA_DIR / "exports")
 IMPORT_DIR = env_path("IMPORT_DIR", DATA_DIR / "imports")
 
 # --- Redis: Celery broker and the Channels layer ----------------------------------
-REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Given, it is used as it is (with its password, on another host). Not given: this
+# installation's own Redis (`make run` starts it), on a port of its own rather than a shared
+# Redis's 6379, with a password made on first use; a local user without it can read or write
+# nothing there.
+LOCAL_REDIS_PORT = 6380
+REDIS_URL = env_str("REDIS_URL") or \
+    f"redis://:{stored_secret(DATA_DIR / 'redis_password')}@127.0.0.1:{LOCAL_REDIS_PORT}/0"
+refuse_placeholder("the password in REDIS_URL", urlsplit(REDIS_URL).password)
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": JOB_VISIBILITY_TIMEOUT}
@@ -183,7 +204,8 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's, running the sweeps in beat's own process too.
+CELERY_BEAT_SCHEDULER = "webui.beat:Scheduler"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = False
 # Threads: a job, its heartbeat and its cancel watcher share one process, so killing the
@@ -191,17 +213,6 @@ CELERY_WORKER_SEND_TASK_EVENTS = False
 # declared lost), and the engine's work (hashing, zstd, I/O) releases the GIL anyway.
 CELERY_WORKER_POOL = "threads"
 CELERY_WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 4, minimum=1)
-# Installed into django-celery-beat's table by its DatabaseScheduler at every beat start
-# (update or create by name): the intervals live here, next to their settings, and only
-# beat, which runs once per installation, writes them.
-CELERY_BEAT_SCHEDULE = {
-    "check jobs": {"task": "webui.tasks.check_jobs", "schedule": CHECK_JOBS_SECONDS,
-                   "options": {"expire_seconds": int(CHECK_JOBS_SECONDS)}},
-    "check protection": {"task": "webui.tasks.check_protection",
-                         "schedule": CHECK_PROTECTION_SECONDS,
-                         "options": {"expire_seconds": int(CHECK_PROTECTION_SECONDS)}},
-}
-
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "redis")
 if CHANNEL_LAYER == "redis":
     CHANNEL_LAYERS = {"default": {

@@ -116,16 +116,6 @@ def run_schedule(schedule_id: int) -> None:
     services.run_schedule(schedule_id)
 
 
-@shared_task
-def check_protection() -> None:
-    services.check_protection()
-
-
-@shared_task
-def check_jobs() -> None:
-    services.check_jobs()
-
-
 @shared_task(bind=True)
 def report_inventory(self) -> None:
     services.report_local_inventory(self.request.hostname or settings.HOST_NAME)

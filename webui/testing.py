@@ -1,35 +1,32 @@
-"""The system's services as real subprocesses on loopback: Redis, the ASGI server, Celery workers.
+"""The system's services on loopback for the wiring tests and the web benchmark.
 
-What the wiring tests (tests/support/services.py) and the web benchmark
-(bench/web.py) start, the same way `make run` does: `uvicorn
-webui.asgi:application` and `celery -A webui worker -Q host.<name>`, each in
-the environment it is given, its output in a log file. Each subprocess leads
-its own process group, and stopping it kills the group, so no pool process or
-reloader outlives it. A process that dies or does not become ready in time
-raises ServiceFailed with the tail of its log.
+What tests/support/services.py and bench/web.py start: a private Redis (with a
+password, as every Redis of this system has), uvicorn serving webui.asgi and
+Celery workers, each with the command line webui.launcher defines for `make run`,
+in the environment it is given, its output in a log file. Each leads its own
+process group, and stopping it kills the group, so no pool process or reloader
+outlives it. A process that dies or does not become ready in time raises
+ServiceFailed with the tail of its log.
 
 Nothing here reads Django's settings: callers configure Django (or not) as they need.
 """
 from __future__ import annotations
 
-import http.client
 import os
-import signal
+import secrets
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-REPO = Path(__file__).resolve().parents[1]
+from . import launcher
+from .launcher import REPO, ServiceFailed, ServiceProcess
+
+__all__ = ["REPO", "CeleryWorker", "LiveServer", "RedisServer", "ServiceFailed",
+           "database_url", "free_port", "redis_problem"]
+
 STARTUP_SECONDS = 60
-STOP_SECONDS = 10
-
-
-class ServiceFailed(Exception):
-    """A service exited, or was not ready in time; the message holds its log's tail."""
+redis_problem = launcher.redis_problem
 
 
 def database_url(settings_dict: dict) -> str:
@@ -47,137 +44,57 @@ def database_url(settings_dict: dict) -> str:
     raise RuntimeError(f"no DATABASE_URL for a subprocess on {engine}")
 
 
-def redis_answers(url: str) -> str | None:
-    """None if Redis at url answers a PING, else why not."""
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            client.ping()
-        finally:
-            client.close()
-    except redis.RedisError as error:
-        return f"no Redis answers at {url} ({error}); `make services` starts one"
-    return None
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-class ServiceProcess:
-    """A subprocess leading its own process group, its output kept in a log file."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path):
-        self.name = name
-        self.command = command
-        self.env = env
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = STARTUP_SECONDS) -> None:
-        """Poll ready() until it is true; stop the process and raise ServiceFailed with
-        its log if it dies or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if not self.alive():
-                self.stop()
-                raise ServiceFailed(f"{self.name} exited {self.process.returncode} before {what}:\n"
-                                    f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServiceFailed(f"{self.name}: no sign of {what} after {timeout:.0f} s:\n"
-                                    f"{self.log_tail()}")
-            time.sleep(0.1)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL for whatever of its group is left after a grace time."""
-        if self.alive():
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill_hard()
-
-    def kill_hard(self) -> None:
-        """SIGKILL to every process of the group, at once, as a power cut would."""
-        self._signal_group(signal.SIGKILL)
-        self.process.wait()
-
-
 class RedisServer(ServiceProcess):
-    """A private redis-server on a free loopback port: broker and channel layer, nothing kept."""
+    """A private redis-server on a free loopback port with a password of its own: broker and
+    channel layer; `persistent` keeps an append-only file in `workdir`, so that what was
+    queued survives a restart (`restart()`), as with `make run`'s Redis."""
 
-    def __init__(self, workdir: Path, log_path: Path):
+    def __init__(self, workdir: Path, log_path: Path, persistent: bool = False):
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        super().__init__("redis-server", [
-            "redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-            "--appendonly", "no", "--dir", str(workdir),
-        ], dict(os.environ), log_path)
-        self.wait_until(lambda: redis_answers(self.url) is None, f"a PONG at {self.url}")
+        self.url = f"redis://:{secrets.token_hex(16)}@127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.persistent = persistent
+        self._start(log_path)
+
+    def _start(self, log_path: Path) -> None:
+        config = launcher.write_redis_config(self.url, self.workdir, persistent=self.persistent)
+        super().__init__("redis-server", launcher.redis_command(config), dict(os.environ),
+                         log_path)
+        self.wait_until(lambda: redis_problem(self.url) is None, f"a PONG at 127.0.0.1:{self.port}",
+                        STARTUP_SECONDS)
+
+    def restart(self) -> None:
+        """Stopped (its data saved if persistent) and started again on the same port."""
+        self.stop()
+        self._start(self.log_path)
 
 
 class LiveServer(ServiceProcess):
     """uvicorn as `make run` starts it; `workers` processes (WEB_WORKERS there)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1):
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1,
+                 trusted_proxies: Iterable[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__("uvicorn", [
-            sys.executable, "-m", "uvicorn", "webui.asgi:application",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-            "--lifespan", "off",
-        ], env, log_path)
-        self.wait_until(self._answers, f"an HTTP answer at {self.url}")
-
-    def _answers(self) -> bool:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            connection.request("HEAD", "/")
-            connection.getresponse()
-        except OSError:
-            return False
-        finally:
-            connection.close()
-        return True
+        super().__init__("uvicorn", launcher.web_command(
+            bind="127.0.0.1", port=self.port, workers=workers, trusted_proxies=trusted_proxies),
+            env, log_path)
+        self.wait_until(lambda: launcher.http_answers("127.0.0.1", self.port),
+                        f"an HTTP answer at {self.url}", STARTUP_SECONDS)
 
 
 class CeleryWorker(ServiceProcess):
     def __init__(self, host_name: str, queues: Iterable[str], env: dict[str, str],
                  log_path: Path, concurrency: int | None = None):
         self.host_name = host_name
-        self.node_name = f"{host_name}@{socket.gethostname()}"
-        command = [sys.executable, "-m", "celery", "-A", "webui", "worker",
-                   "--queues", ",".join(queues), "--hostname", self.node_name,
-                   "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
-        if concurrency is not None:
-            command += ["--concurrency", str(concurrency)]
-        super().__init__(f"worker {host_name}", command, env, log_path)
-        self.wait_until(lambda: f"{self.node_name} ready." in self.log(), "being ready")
+        self.node_name = launcher.node_name(host_name)
+        super().__init__(f"worker {host_name}", launcher.worker_command(
+            host_name, queues=queues, concurrency=concurrency, quiet=True), env, log_path)
+        self.wait_until(lambda: launcher.worker_ready_line(host_name) in self.log(), "being ready",
+                        STARTUP_SECONDS)

@@ -7,7 +7,9 @@ a datastore, schedules) are forms posted here. Only staff may change anything.
 from __future__ import annotations
 
 import functools
+import tempfile
 import zoneinfo
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib import messages
@@ -18,12 +20,13 @@ from django.http import (FileResponse, HttpRequest, HttpResponse, HttpResponseBa
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.http import content_disposition_header
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from . import pages, services
 from .api.serializers import JobSerializer
 from .forms import ExportForm, ScheduleForm
-from .models import Datastore, Disk, Image, Job, Schedule, validate_cron, validate_timezone
+from .models import Datastore, Disk, Host, Image, Job, Schedule, validate_cron, validate_timezone
 
 
 def staff_required(view):
@@ -294,3 +297,76 @@ def datastore_verify(request: HttpRequest, pk: int) -> HttpResponse:
 @require_GET
 def hosts(request: HttpRequest) -> HttpResponse:
     return render(request, "webui/hosts.html", {"hosts": pages.hosts_with_disks()})
+
+
+@staff_required
+@require_POST
+def host_invite(request: HttpRequest) -> HttpResponse:
+    """A join command for another host, shown once on the Hosts page."""
+    try:
+        invitation = services.hosts.invite(request.POST.get("name", "").strip(), request.user)
+    except services.Refused as refused:
+        messages.error(request, f"No join command: {refused}")
+        return redirect("hosts")
+    return render(request, "webui/hosts.html", {
+        "hosts": pages.hosts_with_disks(), "invitation": invitation,
+        "join_command": invitation.command(services.hosts.server_url(request))})
+
+
+@staff_required
+@require_POST
+def host_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+    host = get_object_or_404(Host, pk=pk)
+    try:
+        services.hosts.revoke(host)
+    except services.Refused as refused:
+        messages.error(request, f"Not revoked: {refused}")
+    else:
+        messages.success(request, f"Host {host.name} can no longer reach Redis or the catalog; "
+                                  "its queued jobs are cancelled.")
+    return redirect("hosts")
+
+
+# --- what a joining host fetches: its join token is its only credential ---------------
+
+@require_GET
+def join_script(request: HttpRequest, token: str) -> HttpResponse:
+    """The script `curl ... | sudo sh` runs; a token that opens nothing gets a script that
+    says why and exits 1 (a 404 all the same)."""
+    try:
+        access = services.hosts.invitation(token)
+    except services.Refused as refused:
+        return _shell(services.hosts.refusal_script(str(refused)), status=404)
+    return _shell(services.hosts.join_script(access, services.hosts.server_url(request), token))
+
+
+@require_GET
+def join_bundle(request: HttpRequest, token: str) -> HttpResponse:
+    try:
+        services.hosts.invitation(token)
+    except services.Refused as refused:
+        return _plain(f"{refused}\n", status=404)
+    bundle = tempfile.TemporaryFile(dir=settings.DATA_DIR)
+    services.hosts.write_bundle(bundle)
+    bundle.seek(0)
+    return FileResponse(bundle, as_attachment=True, filename="imaging-worker.tar")
+
+
+@csrf_exempt  # no session or cookie here: the token in the path is the credential
+@require_POST
+def join_settings(request: HttpRequest, token: str) -> HttpResponse:
+    address = urlsplit(f"//{request.get_host()}").hostname or ""
+    try:
+        return _plain(services.hosts.claim(token, address))
+    except services.Refused as refused:
+        return _plain(f"{refused}\n", status=403)
+
+
+def _shell(script: str, status: int = 200) -> HttpResponse:
+    return HttpResponse(script, status=status, content_type="text/x-shellscript; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+def _plain(text: str, status: int = 200) -> HttpResponse:
+    return HttpResponse(text, status=status, content_type="text/plain; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})

@@ -50,7 +50,7 @@ from pathlib import Path
 import pytest
 
 from webui.testing import (REPO, CeleryWorker, LiveServer, ServiceFailed, database_url,
-                           free_port, redis_answers)
+                           free_port, redis_problem)
 
 from .requirements import requirement_missing
 
@@ -97,10 +97,12 @@ def pytest_sessionfinish(session):
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     settings = _django_settings()
-    url = settings.REDIS_URL if settings else os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    reason = redis_answers(url)
+    url = settings.REDIS_URL if settings else os.environ.get("REDIS_URL")
+    if not url:
+        requirement_missing("no REDIS_URL: `ops/services.sh redis` starts a Redis and prints it")
+    reason = redis_problem(url)
     if reason:
-        requirement_missing(reason)
+        requirement_missing(f"{reason}; `ops/services.sh redis` starts one")
     return url
 
 

@@ -4,7 +4,7 @@ With tasks.py, the only code that calls the engine, and the only code that
 enqueues work. Views, tasks, consumers, admin and commands call these
 functions (`from webui import services`) and nothing below them.
 """
-from . import files, readcache
+from . import files, hosts, readcache
 from .catalog import (CatalogChange, datastore_at, default_datastore, delete_image,
                       report_inventory, report_local_inventory, rescan)
 from .errors import Refused
@@ -20,7 +20,7 @@ from .schedules import run_schedule, sync_schedule, sync_schedules, unschedule
 __all__ = [
     "CatalogChange", "Refused", "WORKER_LOST", "cancel_job", "check_jobs", "check_protection",
     "claim_job", "datastore_at", "default_datastore", "delete_image", "export_destination",
-    "fail_job", "fail_jobs_left_running", "files", "finish_job", "import_files", "job_control",
+    "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "import_files", "job_control",
     "job_snapshot", "notify", "readcache", "report_inventory", "report_local_inventory", "rescan",
     "restore_target", "run_schedule", "start_backup", "start_export", "start_gc", "start_import",
     "start_prune", "start_recompress", "start_restore", "start_verify", "start_verify_latest",

@@ -18,7 +18,7 @@ import imaging.codec
 import imaging.store
 from imaging.errors import ImagingError
 
-from ..models import Datastore, Disk, Host, Image, Job, Schedule
+from ..models import Datastore, Disk, Host, HostAccess, Image, Job, Schedule
 from .catalog import default_datastore
 from .errors import Refused
 from .files import partitions
@@ -171,6 +171,9 @@ def _create_job(kind: str, host: Host, user, *, holds: Iterable[Disk] = (), **fi
     serialize writers), so of two requests for one disk only one can win.
     """
     holds = list(holds)
+    if HostAccess.objects.filter(host=host, revoked_at__isnull=False).exists():
+        raise Refused(f"host {host.name}'s access was revoked: it runs no jobs until it joins "
+                      "again")
     with transaction.atomic():
         list(Disk.objects.select_for_update().filter(pk__in=[disk.pk for disk in holds]))
         busy = (Job.objects.filter(state__in=Job.ACTIVE_STATES)
