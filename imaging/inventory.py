@@ -100,6 +100,29 @@ def host_local_id(host: str, name: str, model: Optional[str], serial: Optional[s
     return safe_id(f"dev-{host}-{name}")
 
 
+# An older engine's id of a disk with nothing but a kernel name (which holds no "-").
+_HOST_LESS_DEVICE_ID = re.compile(r"^dev-([^-]+)$")
+
+
+def host_less(disk_id: str, model: Optional[str] = None) -> bool:
+    """Whether `disk_id` is how an older engine named a disk, of `model` if known, that
+    host_local_id now names with its host."""
+    return bool(_HOST_LESS_DEVICE_ID.match(disk_id)) or (
+        _emulated_by_qemu(model, disk_id) and not disk_id.startswith(("qemu-", "dev-")))
+
+
+def rehomed_id(disk_id: str, identity: dict) -> Optional[str]:
+    """The id this engine gives a disk an older one named `disk_id` without its host, by
+    what an image's manifest (or the catalog) records of it: `identity` with its host,
+    model, serial and path. None if `disk_id` is no such id, or the host is unknown."""
+    host, model, serial = identity.get("host"), identity.get("model"), identity.get("serial")
+    if not host or not host_less(disk_id, model):
+        return None
+    device = _HOST_LESS_DEVICE_ID.match(disk_id)
+    name = device[1] if device else Path(identity.get("path") or "").name
+    return host_local_id(host, name, model, serial) if serial or name else None
+
+
 def _block_disk(device: dict) -> dict:
     wwn = (device.get("wwn") or "").strip() or None
     serial = (device.get("serial") or "").strip() or None
