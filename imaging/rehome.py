@@ -50,10 +50,12 @@ def rehome(store_dir: os.PathLike | str) -> RehomeResult:
     result = RehomeResult([], [], [])
     with store.rehoming():
         for disk_id in store.disk_ids():
+            moved = len(result.moved)
             for path in store.image_dirs(disk_id):
                 _rehome_image(store, path, result)
-            with contextlib.suppress(OSError):  # left not empty: a writer is busy in it
-                (store.images_dir / disk_id).rmdir()
+            if len(result.moved) > moved:
+                with contextlib.suppress(OSError):  # not empty: an image stays, or a writer is busy
+                    (store.images_dir / disk_id).rmdir()
     return result
 
 
@@ -66,6 +68,9 @@ def _rehome_image(store: Datastore, path: Path, result: RehomeResult) -> None:
             result.left.append(f"{path}: {exc}")
         return
     if not host_less(old_id, manifest.disk.get("model")):
+        return
+    if manifest.disk.get("source") == "import":
+        result.left.append(f"{path}: its id was given to the import that made it")
         return
     new_id = rehomed_id(old_id, manifest.disk)
     if new_id is None:
@@ -91,8 +96,8 @@ def _rehome_image(store: Datastore, path: Path, result: RehomeResult) -> None:
 def _move(store: Datastore, path: Path, manifest: Manifest, target: Path) -> Optional[Job]:
     """Move the image; the job found reading it, which then keeps it where it was."""
     new_id = target.parent.name
-    disk = {**manifest.disk, "id": new_id}
-    write_atomically(path / MANIFEST_NAME, dataclasses.replace(manifest, disk=disk).as_json().encode())
+    renamed = dataclasses.replace(manifest, disk={**manifest.disk, "id": new_id})
+    write_atomically(path / MANIFEST_NAME, renamed.as_json().encode())
     write_atomically(path / RECIPE_NAME, recipe.render(
         disk_id=new_id, created=manifest.created, size=manifest.size,
         chunk_size=manifest.chunk_size, sha256=manifest.sha256, image_dir=str(target)).encode())

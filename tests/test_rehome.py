@@ -38,8 +38,8 @@ def old_datastore(folder: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
     taken = {}
     disks = {host: folder / f"{host}-vda.img" for host in ("vm-a", "vm-b")}
     for night in range(3):
-        for host, path in disks.items():
-            write_random(path, DISK_SIZE, seed=hash((host, night)) % 1000)
+        for number, (host, path) in enumerate(disks.items()):
+            write_random(path, DISK_SIZE, seed=10 * night + number)
             taken[_backup(path, store, host, "dev-vda")] = (host, _sha256(path))
     sata = folder / "vm-a-sata.img"
     write_random(sata, DISK_SIZE, seed=99)
@@ -101,7 +101,8 @@ def test_rehome_files_each_image_under_its_hosts_disk_and_keeps_it_restorable(tm
     assert sorted(path.name for path in (store / "images").iterdir()) == \
         ["QEMU_HARDDISK_QM00001", "dev-vda"]
     moved = run_imaging("rehome", "--store", store).stdout
-    assert moved.splitlines()[-1] == "7 images moved, 0 to move on a later run, 0 left where they are"
+    assert moved.splitlines()[-1] == \
+        "7 images moved, 0 to move on a later run, 0 left where they are"
     assert_rehomed(store, taken, tmp_path)
     assert run_imaging("rehome", "--store", store).stdout.splitlines() == \
         ["0 images moved, 0 to move on a later run, 0 left where they are"]
@@ -198,7 +199,8 @@ class CatalogRehomeTests(BaseTestCase):
         self.assertFalse(Disk.objects.get(pk=old.pk).present)
         self.report("vm-a", "dev-vm-a-vda")
         self.report("vm-b", "dev-vm-b-vda")
-        disk_a, disk_b = (Disk.objects.get(stable_id=f"dev-{host}-vda") for host in ("vm-a", "vm-b"))
+        disk_a, disk_b = (Disk.objects.get(stable_id=f"dev-{host}-vda")
+                          for host in ("vm-a", "vm-b"))
 
         # The datastore is not mounted: nothing moves, nothing is lost, the rest is handed over.
         store.rename(self.folder / "unmounted")
@@ -241,3 +243,16 @@ class CatalogRehomeTests(BaseTestCase):
                              sorted(sha for path, (owner, sha) in taken.items()
                                     if owner == host and "dev-vda" in path))
         assert_rehomed(store, taken, self.folder)
+
+
+def test_an_imported_image_keeps_the_id_it_was_given(tmp_path):
+    store, taken = old_datastore(tmp_path)
+    classic = tmp_path / "sdb.img"
+    write_random(classic, DISK_SIZE, seed=42)
+    run_imaging("import", classic, "--store", store, "--disk", "dev-sdb")
+    (imported,) = (store / "images" / "dev-sdb").iterdir()
+    result = imaging.rehome.rehome(store)
+    assert (len(result.moved), result.deferred) == (len(taken), [])
+    assert result.left == [f"{imported}: its id was given to the import that made it"]
+    assert Manifest.load(imported).disk["id"] == "dev-sdb"
+    assert restored_sha256(imported, tmp_path) == _sha256(classic)

@@ -71,7 +71,8 @@ def _waiting(datastore: Datastore, rows: list[Disk]) -> set[int]:
 def host_less_disks() -> list[Disk]:
     """The Disk rows an older engine named without their host."""
     maybe = Disk.objects.select_related("host").filter(
-        Q(stable_id__startswith="dev-") | Q(stable_id__contains="QEMU") | Q(model__startswith="QEMU"))
+        Q(stable_id__startswith="dev-") | Q(stable_id__contains="QEMU")
+        | Q(model__startswith="QEMU"))
     return [disk for disk in maybe if imaging.inventory.host_less(disk.stable_id, disk.model)]
 
 
@@ -95,12 +96,9 @@ def _successor(disk: Disk, host: Host) -> Optional[Disk]:
 def _hand_over(disk: Disk, now: dt.datetime) -> None:
     # Another host's worker may be handing it over too: one at a time, the second finds it done.
     disk = Disk.objects.select_for_update().select_related("host").filter(pk=disk.pk).first()
-    if disk is None:
+    if disk is None or _successor_id(disk, disk.host) is None:
         return
-    home = _successor(disk, disk.host)
-    if home is None:
-        return
-    touched = {home}
+    touched = set()
     for job in Job.objects.filter(disk=disk).select_related("host", "image"):
         if job.image_id is None:
             job.disk = _successor(disk, job.host)
@@ -113,20 +111,24 @@ def _hand_over(disk: Disk, now: dt.datetime) -> None:
     for job in Job.objects.filter(target_disk=disk).select_related("host"):
         job.target_disk = _successor(disk, job.host)
         job.save(update_fields=["target_disk"])
-    others = list(Disk.objects.select_related("host").filter(stable_id__in=[
-        _successor_id(disk, host) for host in Host.objects.exclude(pk=disk.host_id)]))
-    touched.update(others)
-    for schedule in Schedule.objects.filter(disk=disk):
-        for other in others:
-            copy = Schedule.objects.get(pk=schedule.pk)
-            copy.pk, copy.disk, copy.periodic_task = None, other, None
-            copy.save()
-            sync_schedule(copy)
-            log.warning("%s copied from %s for %s", copy, disk.stable_id, other.host.name)
-        schedule.disk = home
-        schedule.save(update_fields=["disk"])
-        sync_schedule(schedule)
-    StatusChange.objects.filter(disk=disk).update(disk=home)
+    schedules = list(Schedule.objects.filter(disk=disk))
+    flips = StatusChange.objects.filter(disk=disk)
+    if schedules or flips.exists():
+        home = _successor(disk, disk.host)
+        others = list(Disk.objects.select_related("host").filter(stable_id__in=[
+            _successor_id(disk, host) for host in Host.objects.exclude(pk=disk.host_id)]))
+        touched.update([home, *others])
+        for schedule in schedules:
+            for other in others:
+                copy = Schedule.objects.get(pk=schedule.pk)
+                copy.pk, copy.disk, copy.periodic_task = None, other, None
+                copy.save()
+                sync_schedule(copy)
+                log.warning("%s copied from %s for %s", copy, disk.stable_id, other.host.name)
+            schedule.disk = home
+            schedule.save(update_fields=["disk"])
+            sync_schedule(schedule)
+        flips.update(disk=home)
     if not (disk.images.exists() or disk.jobs.exists() or disk.restore_jobs.exists()):
         disk.delete()
     for successor in touched:
