@@ -175,8 +175,13 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
            level: int = codec.DEFAULT_LEVEL, mode: str = "raw", read_plan: Optional[ReadPlan] = None,
            progress: Optional[Progress] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
            workers: Optional[int] = None, force: bool = False,
-           deltas: bool = True) -> BackupResult:
+           deltas: bool = True, expected_id: Optional[str] = None) -> BackupResult:
     """Image a disk into the datastore.
+
+    `disk_id` files the image under that disk (default: the disk's own id).
+    `expected_id`: the disk the caller believes is at `source_path`; another
+    one found there (a disk plugged in where one was unplugged) is refused
+    before anything is read or written.
 
     `deltas`: store changed chunks as deltas against the disk's previous
     image (see _ChunkSink). Their bases outlive the images that had them while
@@ -193,6 +198,9 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
         raise ImagingError(f"unknown backup mode {mode!r}: use one of {', '.join(MODES)}")
     started = time.monotonic()
     identity = identify(source_path)
+    if expected_id is not None and identity["id"] != expected_id:
+        raise SourceError(f"{source_path} is disk {identity['id']} now, not the expected "
+                          f"{expected_id}: nothing was read")
     disk_id = check_disk_id(disk_id or identity["id"])
     store = Datastore.open_or_create(store_dir, chunk_size)
     with Source.open(source_path) as source:

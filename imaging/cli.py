@@ -26,6 +26,7 @@ from .mount import mount
 from .progress import Progress
 from .prune import Retention, prune
 from .recompress import recompress
+from .rehome import rehome
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
 from .splitnames import parse_size
@@ -260,6 +261,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rehome(args: argparse.Namespace) -> int:
+    result = rehome(args.store)
+    for old, new in result.moved:
+        print(f"moved {old} to {new}")
+    for problem in result.deferred:
+        print(f"not yet: {problem}")
+    for problem in result.left:
+        print(f"left: {problem}")
+    print(f"{len(result.moved)} images moved, {len(result.deferred)} to move on a later run, "
+          f"{len(result.left)} left where they are")
+    return 0
+
+
 def _level(text: str) -> int:
     try:
         return codec.check_level(int(text))
@@ -392,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"or import started, for clock skew between hosts (default "
                           f"{DEFAULT_SAFETY_MARGIN:.0f}, not negative)")
     with_progress(sub)
+
+    sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
+              "their host (dev-vda, QEMU's serials) to their host's disk id")
+    sub.add_argument("--store", required=True)
     return parser
 
 

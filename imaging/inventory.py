@@ -1,7 +1,10 @@
 """This host's disks: block devices from `lsblk --json`, plus configured disk-image files.
 
 A disk's id must survive reboots and cabling changes, so it comes from the WWN,
-the serial number or a /dev/disk/by-id name, never from /dev/sdX alone.
+the serial number or a /dev/disk/by-id name, never from /dev/sdX alone. It must
+also differ from every other host's disks, which share one datastore and one
+catalog: a disk with none of those, or with QEMU's, which repeat on every VM, is
+named with its host (see host_local_id), as disk files and loop devices are.
 """
 from __future__ import annotations
 
@@ -80,21 +83,64 @@ def _loop_backing_file(kname: str) -> Optional[str]:
         return None
 
 
+def _emulated_by_qemu(model: Optional[str], by_id: Optional[str] = None) -> bool:
+    """Whether a disk is one QEMU emulates (IDE, SATA, SCSI, NVMe): its identities repeat
+    across machines. QEMU gives every VM the same default serials ("QM00001" on the
+    first IDE or SATA disk; Proxmox's virtio-scsi disks show the drive's name,
+    "drive-scsi0"), and a cloned VM copies whatever serial or WWN its config sets."""
+    return (model or "").startswith("QEMU") or "QEMU" in (by_id or "")
+
+
+def host_local_id(host: str, name: str, model: Optional[str], serial: Optional[str]) -> str:
+    """The id of a disk whose identity is unique on its host only, `name` its kernel name:
+    QEMU's serial where it has one (it names the drive's slot, steadier than sdX),
+    else the kernel name; both under the host's name, like file and loop disks."""
+    if serial and _emulated_by_qemu(model):
+        return safe_id(f"qemu-{host}-{serial}")
+    return safe_id(f"dev-{host}-{name}")
+
+
+# An older engine's id of a disk with nothing but a kernel name (which holds no "-").
+_HOST_LESS_DEVICE_ID = re.compile(r"^dev-([^-]+)$")
+
+
+def host_less(disk_id: str, model: Optional[str] = None) -> bool:
+    """Whether `disk_id` is how an older engine named a disk, of `model` if known, that
+    host_local_id now names with its host."""
+    return bool(_HOST_LESS_DEVICE_ID.match(disk_id)) or (
+        _emulated_by_qemu(model, disk_id) and not disk_id.startswith(("qemu-", "dev-")))
+
+
+def rehomed_id(disk_id: str, identity: dict) -> Optional[str]:
+    """The id this engine gives a disk an older one named `disk_id` without its host, by
+    what an image's manifest (or the catalog) records of it: `identity` with its host,
+    model, serial and path. None if `disk_id` is no such id, or the host is unknown."""
+    host, model, serial = identity.get("host"), identity.get("model"), identity.get("serial")
+    if not host or not host_less(disk_id, model):
+        return None
+    device = _HOST_LESS_DEVICE_ID.match(disk_id)
+    name = device[1] if device else Path(identity.get("path") or "").name
+    return host_local_id(host, name, model, serial) if serial or name else None
+
+
 def _block_disk(device: dict) -> dict:
     wwn = (device.get("wwn") or "").strip() or None
     serial = (device.get("serial") or "").strip() or None
     model = (device.get("model") or "").strip() or None
     backing = _loop_backing_file(device.get("kname") or device["name"])
-    if wwn:
+    if _emulated_by_qemu(model):
+        disk_id = host_local_id(host_name(), device["name"], model, serial)
+    elif wwn:
         disk_id = safe_id(f"wwn-{wwn}")
     elif serial:
         disk_id = safe_id(f"{model or 'disk'}_{serial}")
-    elif (by_id := _by_id_name(device["path"])):
+    elif (by_id := _by_id_name(device["path"])) and not _emulated_by_qemu(None, by_id):
         disk_id = safe_id(by_id)
     elif backing:
         disk_id = safe_id(f"loop-{host_name()}-{Path(backing).name}")
     else:
-        disk_id = safe_id(f"dev-{device['name']}")
+        # Nothing but the kernel's name: every VM has a /dev/vda.
+        disk_id = host_local_id(host_name(), device["name"], model, serial)
     points = _mountpoints(device)
     return {
         "id": disk_id, "path": device["path"], "type": device.get("type"),

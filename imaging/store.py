@@ -62,6 +62,8 @@ GC_LOCK = ".gc.lock"
 # Shared by running prunes; garbage collection takes it whole, so it never
 # sees an image that a prune has hidden but may put back.
 PRUNE_LOCK = ".prune.lock"
+# Held by the one run moving images to their disk's new id (see rehome).
+REHOME_LOCK = ".rehome.lock"
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
 
@@ -293,6 +295,14 @@ class Datastore:
         """A prune's hold on the store: other prunes may run, garbage collection may not."""
         with self._lock(PRUNE_LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB,
                         f"garbage collection is running on {self.root}: prune once it is done"):
+            yield
+
+    @contextlib.contextmanager
+    def rehoming(self) -> Iterator[None]:
+        """Moving images between disk folders: alone, as a prune (no garbage collection,
+        which must never list an image in neither folder)."""
+        with self._lock(REHOME_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB,
+                        f"images of {self.root} are being moved by another run"), self.pruning():
             yield
 
     @contextlib.contextmanager

@@ -27,6 +27,8 @@ class TaskTestCase(LabMixin, TransactionTestCase):
         self.create_lab()
         self.enqueued = {kind: mock.patch.object(task, "apply_async").start()
                          for kind, task in tasks.JOB_TASKS.items()}
+        # The lab's host: a backup checks that the engine names the disk as the catalog does.
+        mock.patch.dict(os.environ, HOST_NAME="h1").start()
         self.addCleanup(mock.patch.stopall)
         self.folder = Path(self.enterContext(tempfile.TemporaryDirectory()))
         self.store = self.folder / "store"
@@ -43,7 +45,7 @@ class RunBackupTests(TaskTestCase):
         source = self.folder / "disk.img"
         write_random(source, 12 * MiB)
         self.source_sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
-        self.disk = self.file_disk("file-disk.img", source)
+        self.disk = self.file_disk("file-h1-disk.img", source)
 
     def test_a_backup_job_runs_the_engine_and_records_state_image_and_progress(self):
         job = services.start_backup(self.disk, self.alice, mode="raw", datastore=self.datastore)
@@ -90,7 +92,7 @@ class RunBackupTests(TaskTestCase):
         again = Job.objects.get(pk=job.pk)
         self.assertEqual((again.state, again.started, again.finished, again.worker),
                          (job.state, job.started, job.finished, job.worker))
-        self.assertEqual(len(os.listdir(self.store / "images" / "file-disk.img")), 1)
+        self.assertEqual(len(os.listdir(self.store / "images" / "file-h1-disk.img")), 1)
 
     def test_an_engine_failure_fails_the_job_with_its_one_line_reason(self):
         os.unlink(self.disk.path)
@@ -107,7 +109,7 @@ class CancelTests(TaskTestCase):
         source = self.folder / "big.img"
         with open(source, "wb") as handle:
             handle.truncate(64 * GiB)  # sparse: long to read, no room taken
-        disk = self.file_disk("file-big.img", source)
+        disk = self.file_disk("file-h1-big.img", source)
         job = services.start_backup(disk, self.alice, mode="raw", datastore=self.datastore)
         runner = threading.Thread(target=self._run, args=(tasks.run_backup, job.pk))
         runner.start()

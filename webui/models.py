@@ -201,7 +201,8 @@ class DiskQuerySet(ChangeSignallingQuerySet):
 class Disk(models.Model):
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="disks")
     stable_id = models.CharField(max_length=200, unique=True,
-                                 help_text="from WWN, serial or by-id: survives reboots and recabling")
+                                 help_text="from WWN, serial or by-id: survives reboots and "
+                                           "recabling; with its host's name when only unique there")
     model = models.CharField(max_length=255, blank=True)
     serial = models.CharField(max_length=255, blank=True)
     wwn = models.CharField(max_length=255, blank=True)

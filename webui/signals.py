@@ -5,7 +5,8 @@ A worker consumes its host's queue and the control queue whatever its command
 line says; when it is ready it fails the jobs its previous life left running
 (nothing runs yet in a worker that has just started), reports this host's
 disks, and keeps reporting them every INVENTORY_INTERVAL_SECONDS, which is
-what keeps the host online.
+what keeps the host online; after each report it hands what disks named
+without their host still hold to each host's own (services.rehoming).
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def _report_inventory(worker: str) -> None:
     except Exception:
         # A failing lsblk or database must not stop the worker; the host shows offline.
         log.exception("%s: inventory not reported", worker)
+    try:
+        services.rehome_host_less_disks()
+    except Exception:
+        log.exception("%s: disks named without their host not rehomed", worker)
 
 
 @receiver(post_delete, sender=Schedule)

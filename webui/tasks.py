@@ -48,8 +48,8 @@ def _run_job(task, job_id: int, work: EngineCall) -> None:
 @shared_task(bind=True)
 def run_backup(self, job_id: int) -> None:
     _run_job(self, job_id, lambda job, progress: imaging.backup.backup(
-        job.disk.path, job.datastore.path, disk_id=job.disk.stable_id, mode=job.params["mode"],
-        level=job.params["level"], force=job.params.get("force", False),
+        job.disk.path, job.datastore.path, expected_id=job.disk.stable_id,
+        mode=job.params["mode"], level=job.params["level"], force=job.params.get("force", False),
         deltas=job.params.get("deltas", True), progress=progress))
 
 

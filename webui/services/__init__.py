@@ -12,6 +12,7 @@ from .jobs import (start_backup, start_export, start_gc, start_import, start_pru
                    start_recompress, start_restore, start_verify, start_verify_latest)
 from .notifications import notify
 from .protection import check_protection
+from .rehoming import rehome_host_less_disks
 from .running import (WORKER_LOST, cancel_job, check_jobs, claim_job, export_destination,
                       fail_job, fail_jobs_left_running, finish_job, import_files, job_control,
                       job_snapshot, restore_target)
@@ -20,9 +21,10 @@ from .schedules import run_schedule, sync_schedule, sync_schedules, unschedule
 __all__ = [
     "CatalogChange", "Refused", "WORKER_LOST", "cancel_job", "check_jobs", "check_protection",
     "claim_job", "datastore_at", "default_datastore", "delete_image", "export_destination",
-    "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "import_files", "job_control",
-    "job_snapshot", "notify", "readcache", "report_inventory", "report_local_inventory", "rescan",
-    "restore_target", "run_schedule", "start_backup", "start_export", "start_gc", "start_import",
+    "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "import_files",
+    "job_control", "job_snapshot", "notify", "readcache", "rehome_host_less_disks",
+    "report_inventory", "report_local_inventory", "rescan", "restore_target", "run_schedule",
+    "start_backup", "start_export", "start_gc", "start_import",
     "start_prune", "start_recompress", "start_restore", "start_verify", "start_verify_latest",
     "sync_schedule", "sync_schedules", "unschedule",
 ]

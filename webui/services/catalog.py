@@ -148,9 +148,15 @@ def store_catalog(datastore: Datastore, records: Optional[list], usage: Any,
     if disk_id is not None:
         existing = existing.filter(disk__stable_id=disk_id)
     existing = {image.path: image for image in existing}
+    moved = _moved_rows(datastore, [record for record in readable if record.path not in existing])
+    for image in moved.values():
+        existing.pop(image.path, None)
+    touched = {image.disk_id for image in moved.values()}
     fresh, changed = [], []
     for record in readable:
-        image = existing.pop(record.path, None) or Image(datastore=datastore, path=record.path)
+        image = (existing.pop(record.path, None) or moved.get(record.path)
+                 or Image(datastore=datastore, path=record.path))
+        image.path = record.path
         _copy_record(image, record, disks[record.disk_id])
         (changed if image.pk else fresh).append(image)
     Image.objects.bulk_create(fresh, batch_size=500)
@@ -158,7 +164,7 @@ def store_catalog(datastore: Datastore, records: Optional[list], usage: Any,
     gone = [image.pk for image in existing.values()]
     for start in range(0, len(gone), 500):
         Image.objects.filter(pk__in=gone[start:start + 500]).delete()
-    touched = {disks[record.disk_id].pk for record in readable}
+    touched |= {disks[record.disk_id].pk for record in readable}
     touched |= {image.disk_id for image in existing.values()}
     for disk in Disk.objects.filter(pk__in=touched):
         update_alert(disk, now)
@@ -166,7 +172,20 @@ def store_catalog(datastore: Datastore, records: Optional[list], usage: Any,
                          [f"{record.path}: {record.error}" for record in records if record.error])
 
 
-IMAGE_FIELDS = ["disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
+def _moved_rows(datastore: Datastore, records: list) -> dict:
+    """The rows of images moved to another disk's folder (imaging.rehome), by new path: same
+    stamp and content, old folder gone. Kept, with the jobs that name them."""
+    stamps = sorted({record.stamp for record in records})
+    gone = {}
+    for start in range(0, len(stamps), 500):
+        for image in Image.objects.filter(datastore=datastore, stamp__in=stamps[start:start + 500]):
+            if not os.path.exists(image.path):
+                gone[(image.stamp, image.sha256)] = image
+    return {record.path: image for record in records
+            if (image := gone.pop((record.stamp, record.sha256), None)) is not None}
+
+
+IMAGE_FIELDS = ["path", "disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
                 "bad_bytes", "sha256", "level", "created", "seconds", "mounted_rw",
                 "verified_at", "verify_ok", "partitions", "bad_ranges"]
 

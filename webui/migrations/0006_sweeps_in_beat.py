@@ -11,7 +11,7 @@ def remove_sweep_tasks(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("webui", "0004_schedule_deltas"),
+        ("webui", "0005_host_local_disk_ids"),
         ("django_celery_beat", "0019_alter_periodictasks_options"),
     ]
 

@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('webui', '0005_sweeps_in_beat'),
+        ('webui', '0006_sweeps_in_beat'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
