@@ -300,12 +300,13 @@ def _staff_credentials() -> tuple[str, str]:
     """(API token, session cookie) of a staff user, as a script and a browser hold them."""
     from django.contrib.auth.models import User
     from django.test import Client
-    from rest_framework.authtoken.models import Token
+
+    from webui.api.authentication import new_token
 
     user = User.objects.create_user(USER_NAME, password=secrets.token_urlsafe(16), is_staff=True)
     browser = Client()
     browser.force_login(user, backend="django.contrib.auth.backends.ModelBackend")
-    return Token.objects.create(user=user).key, f"sessionid={browser.cookies['sessionid'].value}"
+    return new_token(user), f"sessionid={browser.cookies['sessionid'].value}"
 
 
 # --- backups: CLI, API, API watched by many -------------------------------------

@@ -1,13 +1,15 @@
 """Who may call what: anonymous nothing, a viewer reads, staff changes; tokens; lockouts."""
 import io
+import re
 
 from django.conf import settings
 from django.core.cache import cache
 from django.core.management import call_command
 from django.test import Client, override_settings
-from rest_framework.authtoken.models import Token
+from knox.models import AuthToken
 from support.web import MEMORY_LAYER, PASSWORD, BaseTestCase, enqueued
 
+from webui.api.authentication import new_token
 from webui.models import Disk, Job, Schedule
 
 # Logins are what these tests do most; a slow hash adds nothing to them.
@@ -107,8 +109,7 @@ class ApiAuthTestCase(BaseTestCase):
     def test_a_token_authenticates_without_a_session_or_csrf(self):
         out = io.StringIO()
         call_command("drf_create_token", "alice", stdout=out)
-        key = Token.objects.get(user=self.alice).key
-        self.assertIn(key, out.getvalue())
+        key = re.fullmatch(r"Generated token ([0-9a-f]{64}) for user alice\n", out.getvalue())[1]
         client = Client(enforce_csrf_checks=True)
         with enqueued() as sent, self.captureOnCommitCallbacks(execute=True):
             response = self.call(client, "post", f"/api/disks/{self.d2.pk}/backup/", {},
@@ -118,7 +119,7 @@ class ApiAuthTestCase(BaseTestCase):
         self.assertEqual(len(sent), 1)
 
     def test_a_viewer_token_reads_but_cannot_start(self):
-        key = Token.objects.create(user=self.bob).key
+        key = new_token(self.bob)
         auth = {"HTTP_AUTHORIZATION": f"Token {key}"}
         self.assertEqual(self.client.get("/api/disks/", **auth).status_code, 200)
         response = self.call(self.client, "post", f"/api/disks/{self.d2.pk}/backup/", {}, **auth)
@@ -129,11 +130,19 @@ class ApiAuthTestCase(BaseTestCase):
         self.assertIn(response.status_code, (401, 403))
         self.assertEqual(response.json()["detail"], "Invalid token.")
 
-    def test_the_token_endpoint_trades_a_password_for_the_token(self):
-        response = self.call(self.client, "post", "/api/auth/token/",
-                             {"username": "alice", "password": PASSWORD})
-        self.assertEqual(response.status_code, 200)
-        self.assertEqual(response.json(), {"token": Token.objects.get(user=self.alice).key})
+    def test_the_token_endpoint_trades_a_password_for_a_new_token(self):
+        tokens = []
+        for _ in range(2):
+            response = self.call(self.client, "post", "/api/auth/token/",
+                                 {"username": "alice", "password": PASSWORD})
+            self.assertEqual(response.status_code, 200)
+            self.assertEqual(list(response.json()), ["token"])
+            tokens.append(response.json()["token"])
+        self.assertNotEqual(tokens[0], tokens[1])
+        for token in tokens:  # the first still works
+            answer = self.client.get("/api/disks/", HTTP_AUTHORIZATION=f"Token {token}")
+            self.assertEqual(answer.status_code, 200)
+        self.assertEqual(AuthToken.objects.filter(user=self.alice).count(), 2)
         response = self.call(self.client, "post", "/api/auth/token/",
                              {"username": "alice", "password": "wrong"})
         self.assertEqual(response.status_code, 400)
@@ -148,7 +157,7 @@ class ApiAuthTestCase(BaseTestCase):
                           {"username": "alice", "password": PASSWORD})
         self.assertEqual(right.status_code, 429, "the right password must not open a lockout")
         self.assertIn("locked", right.content.decode())
-        self.assertFalse(Token.objects.filter(user=self.alice).exists())
+        self.assertFalse(AuthToken.objects.filter(user=self.alice).exists())
         # Others (another user from the same address) are not locked out with alice.
         other = self.call(self.client, "post", "/api/auth/token/",
                           {"username": "bob", "password": PASSWORD})

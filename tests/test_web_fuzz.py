@@ -14,10 +14,10 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from rest_framework.authtoken.models import Token
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 
+from webui.api.authentication import new_token
 from webui.models import Datastore, Disk, Host, Image, Job, Schedule
 
 EXAMPLES_PER_OPERATION = 10  # about 20 operations: some 200 requests
@@ -48,7 +48,7 @@ def lab():
 @pytest.fixture
 def staff_token():
     alice = User.objects.create_user("alice", password="fuzz-password-1", is_staff=True)
-    return Token.objects.create(user=alice).key
+    return new_token(alice)
 
 
 @pytest.fixture

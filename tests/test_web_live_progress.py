@@ -8,9 +8,9 @@ import pytest
 import requests
 from django.contrib.auth.models import User
 from django.test import Client
-from rest_framework.authtoken.models import Token
 from websockets.sync.client import connect
 
+from webui.api.authentication import new_token
 from webui.models import Disk, Job
 
 GiB = 1024 ** 3
@@ -52,7 +52,7 @@ def test_a_websocket_client_sees_a_backup_progress_then_its_final_state(
 
     server = live_server_process
     started = requests.post(f"{server.url}/api/disks/{disk.pk}/backup/", json={"mode": "raw"},
-                            headers={"Authorization": f"Token {Token.objects.create(user=alice)}"},
+                            headers={"Authorization": f"Token {new_token(alice)}"},
                             timeout=30)
     assert started.status_code == 202, started.text
     job_id = started.json()["job"]

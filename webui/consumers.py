@@ -26,8 +26,10 @@ class WatchingConsumer(AsyncJsonWebsocketConsumer):
         # the server's work per event.
         if message["type"] in FORWARDED:
             await self.send_json(message["data"])
-        else:
+        elif message["type"].startswith("websocket."):
             await super().dispatch(message)
+        # Anything else came through the channel layer, where any writer to Redis can
+        # publish (channel_layer.UNREADABLE among others): dropped, the socket stays open.
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         """Ignored unparsed: a frame that is not JSON must not end the stream."""

@@ -51,6 +51,8 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
+# Django's database sessions, each row under a hash of its key (the cookie).
+SESSION_ENGINE = "webui.sessions"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -60,7 +62,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
     "drf_spectacular",
     "django_celery_beat",
     "axes",
@@ -198,7 +200,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": JOB_VISIBILITY_TIMEOUT}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
-CELERY_ACCEPT_CONTENT = ["json"]
+# JSON both ways, for tasks, remote control, events and results: never a pickle from Redis.
+CELERY_ACCEPT_CONTENT = CELERY_RESULT_ACCEPT_CONTENT = ["json"]
+CELERY_EVENT_SERIALIZER = "json"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -216,8 +220,9 @@ CELERY_WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 4, minimum=1)
 CHANNEL_LAYER = env_str("CHANNEL_LAYER", "redis")
 if CHANNEL_LAYER == "redis":
     CHANNEL_LAYERS = {"default": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 2000, "expiry": 15},
+        "BACKEND": "webui.channel_layer.PubSubChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 2000, "expiry": 15,
+                   "serializer_format": "json"},
     }}
 elif CHANNEL_LAYER == "memory":
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -234,8 +239,10 @@ if CACHE == "redis":
     CACHES = {"default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL, "KEY_PREFIX": "webui",
-        # A Redis that hangs must cost a request a moment, not the request.
-        "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
+        # A Redis that hangs must cost a request a moment, not the request. JSON, never
+        # pickles: whoever can write to Redis must not run code in the web server.
+        "OPTIONS": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0,
+                    "serializer": "webui.cache.JSONSerializer"},
     }}
 elif CACHE == "memory":
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
@@ -246,7 +253,7 @@ else:
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        # DRF's token authentication, its reads cached (webui.services.readcache).
+        # Tokens kept hashed (django-rest-knox), their reads cached (webui.services.readcache).
         "webui.api.authentication.ReadCachedTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -258,6 +265,8 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {"login": env_str("LOGIN_THROTTLE_RATE", "10/min")},
     "EXCEPTION_HANDLER": "webui.api.exceptions.exception_handler",
 }
+# API tokens do not expire (an admin deletes them on the admin pages); the header is DRF's.
+REST_KNOX = {"TOKEN_TTL": None, "AUTH_HEADER_PREFIX": "Token"}
 SPECTACULAR_SETTINGS = {
     "TITLE": "Disk imaging dashboard API",
     "DESCRIPTION": "Hosts, disks, images, jobs, schedules and datastores of a home lab.",

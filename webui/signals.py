@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
-from rest_framework.authtoken.models import Token
+from knox.models import AuthToken
 
 from . import services
 from .models import Datastore, Disk, Host, Image, Job, Schedule, rows_changed
@@ -86,6 +86,6 @@ for model in LISTED_MODELS:
     for signal in (post_save, post_delete, rows_changed):
         signal.connect(rows_written, sender=model, dispatch_uid=f"readcache.{model.__name__}")
 # Who a token belongs to, as the API's reads remember it.
-for model in (Token, get_user_model()):
+for model in (AuthToken, get_user_model()):
     for signal in (post_save, post_delete):
         signal.connect(rows_written, sender=model, dispatch_uid=f"readcache.{model.__name__}")

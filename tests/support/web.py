@@ -7,6 +7,8 @@
 - `self.client` logged in as nobody (an anonymous client); log in with
   `self.client.force_login(self.alice)`.
 `make_image` and `make_job` add rows with sensible defaults, keyword arguments win.
+`logged_in` and `token_through_the_api` hold a live server's credentials as a browser and
+a script get them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import datetime as dt
 import itertools
 from unittest import mock
 
+import requests
 from celery.app.task import Task
 from django.contrib.auth.models import User
 from django.test import TestCase
@@ -44,6 +47,25 @@ def enqueued():
 
     with mock.patch.object(Task, "apply_async", autospec=True, side_effect=record):
         yield sent
+
+
+def logged_in(base_url: str, username: str, password: str) -> requests.Session:
+    """A browser logged in through the login page: its session cookie, as the server made it."""
+    browser = requests.Session()
+    browser.get(f"{base_url}/accounts/login/", timeout=30).raise_for_status()
+    answer = browser.post(f"{base_url}/accounts/login/", allow_redirects=False, timeout=30, data={
+        "username": username, "password": password,
+        "csrfmiddlewaretoken": browser.cookies["csrftoken"]})
+    assert answer.status_code == 302 and "sessionid" in browser.cookies, answer.text[:2000]
+    return browser
+
+
+def token_through_the_api(base_url: str, username: str, password: str) -> str:
+    """An API token as a script gets it: POST /api/auth/token/ with the user's password."""
+    answer = requests.post(f"{base_url}/api/auth/token/", timeout=30,
+                           json={"username": username, "password": password})
+    assert answer.status_code == 200, answer.text[:2000]
+    return answer.json()["token"]
 
 
 class Outbox:

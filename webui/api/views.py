@@ -10,22 +10,25 @@ from django.db.models import Model, Q
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
-from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.serializers import Serializer
-from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
 
 from .. import services
 from ..models import Datastore, Disk, Host, Image, Job, Schedule
+from .authentication import new_token
 from .permissions import IsStaffOrReadOnly
 from .serializers import (IMAGE_COLUMNS, BackupSerializer, DatastoreSerializer, DiskSerializer,
                           HostSerializer, ImageSerializer, JobSerializer, JobStartedSerializer,
                           NoParametersSerializer, RestoreSerializer, ScheduleSerializer,
                           image_listing)
+from .throttling import LoginThrottle
 
 # The largest id a database column holds: a bigger number in a filter names no row, and
 # SQLite would not even take it.
@@ -66,7 +69,7 @@ class CachedListMixin(mixins.ListModelMixin):
         # The JSON itself is cached: a hit then costs no decoding of rows and no rendering.
         body = services.readcache.cached(
             request.build_absolute_uri(), self.listed_from,
-            lambda: request.accepted_renderer.render(self.listing(request)))
+            lambda: request.accepted_renderer.render(self.listing(request)).decode())
         return HttpResponse(body, content_type=request.accepted_renderer.media_type)
 
     def listing(self, request: Request):
@@ -187,13 +190,25 @@ class DatastoreViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiView
     serializer_class = DatastoreSerializer
 
 
-class ObtainTokenView(ObtainAuthToken):
-    """A user's API token for a username and password (throttled; django-axes locks out)."""
+class ObtainTokenView(APIView):
+    """A new API token for a username and password (throttled; django-axes locks out).
 
-    throttle_classes = [ScopedRateThrottle]
+    Each call makes another token, and the ones made before keep working: only their
+    hashes are stored, so none can be shown again.
+    """
+
+    permission_classes = ()
+    throttle_classes = [LoginThrottle]
     throttle_scope = "login"
+    parser_classes = [FormParser, MultiPartParser, JSONParser]
+    renderer_classes = [JSONRenderer]
 
-    def get_serializer_context(self):
+    @extend_schema(request=AuthTokenSerializer, responses=AuthTokenSerializer,
+                   summary="Make an API token with a username and password")
+    def post(self, request: Request) -> Response:
         # django-axes flags a locked-out attempt on Django's request, where its middleware
         # looks to answer 429; DRF's wrapper would keep the flag to itself.
-        return {**super().get_serializer_context(), "request": self.request._request}
+        credentials = AuthTokenSerializer(data=request.data,
+                                          context={"request": request._request})
+        credentials.is_valid(raise_exception=True)
+        return Response({"token": new_token(credentials.validated_data["user"])})

@@ -8,6 +8,14 @@ web process and worker share; an entry is stored with the versions it was
 computed at, and answers only while they are still the current ones, so the
 first read after a write computes the answer afresh.
 
+Whoever can write to Redis can put anything there. The cache holds JSON only
+(webui.cache), and each entry is signed with a key derived from SECRET_KEY, bound
+to the key it is stored under and stamped with when it was made: an entry
+forged, altered, copied from another key or older than API_CACHE_SECONDS is not
+believed but computed afresh. Versions are data compared for equality: a forged
+one makes entries miss, or at most lets an entry younger than API_CACHE_SECONDS
+answer again, as a write that bypasses the signals would.
+
 A write bumps at once and again once its transaction commits: a reader in
 between may store what it read before the commit with the first bump's
 versions, and the second bump makes that entry answer nobody.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -31,6 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from django.conf import settings
+from django.core import signing
 from django.core.cache import BaseCache, caches
 from django.core.signals import setting_changed
 from django.db import connection, models, transaction
@@ -63,7 +73,7 @@ def _settings_changed(setting, **kwargs) -> None:
 def cached(name: str, made_of: Iterable[type[models.Model]], compute: Callable[[], T]) -> T:
     """The answer `name` (what identifies it: a list's URL...) as compute() last returned it
     with the rows of `made_of` as they are now; compute() is called on a miss (what it
-    raises is not cached)."""
+    raises is not cached) and returns what JSON holds."""
     if not settings.API_CACHE_SECONDS:
         return compute()
     key = _entry_key(name)
@@ -76,14 +86,15 @@ def cached(name: str, made_of: Iterable[type[models.Model]], compute: Callable[[
     except RedisError as exc:
         _failed(exc)
         return compute()
-    stored = found.get(key)
+    stored = _verified(key, found.get(key))
     if stored is not None and stored[0] == versions:
         return stored[1]
     value = compute()
     try:
         # Under the versions read before computing: if a write came in between, the entry
         # answers nobody, and the next read computes the list again.
-        _cache().set(key, (versions, value), settings.API_CACHE_SECONDS)
+        _cache().set(key, _signer(key).sign(json.dumps([versions, value])),
+                     settings.API_CACHE_SECONDS)
     except RedisError as exc:
         _failed(exc)
     else:
@@ -105,12 +116,33 @@ def forget_all(made_of: Iterable[type[models.Model]]) -> None:
         _bump(model._meta.label_lower)
 
 
+def _verified(key: str, stored) -> list | None:
+    """[versions, value] of the entry stored under `key`, if this deployment signed it there
+    less than API_CACHE_SECONDS ago (the signature's clock counts whole seconds)."""
+    if not isinstance(stored, str):
+        return None
+    try:
+        return json.loads(_signer(key).unsign(stored, max_age=settings.API_CACHE_SECONDS + 1))
+    except signing.BadSignature:
+        return None
+
+
+def _signer(key: str) -> signing.TimestampSigner:
+    # The JSON is signed as it is: signing.dumps would also base64 it, which doubled the
+    # time a 10 KB list's hit spends decoding.
+    return signing.TimestampSigner(salt=f"webui.services.readcache:{key}")
+
+
 def _new_version(version_key: str) -> str:
-    # Never written, or evicted: a new random version, so that no entry stored under an
-    # earlier one can answer.
+    # Never written, evicted, or holding what is not JSON: a new random version, so that no
+    # entry stored under an earlier one can answer.
     cache = _cache()
     cache.add(version_key, secrets.token_hex(8), timeout=None)
-    return cache.get(version_key)
+    version = cache.get(version_key)
+    if version is None:
+        version = secrets.token_hex(8)
+        cache.set(version_key, version, timeout=None)
+    return version
 
 
 def _bump(label: str) -> None:
