@@ -36,7 +36,7 @@ from webui.testing import database_url
 SESSION_KEYS = (rb"[0-9a-z]{32,}", (32,))
 TOKENS = (rb"[0-9a-f]{40,}", (40, 64))
 # The last migration before tokens and sessions were stored hashed.
-BEFORE_HASHING = ("webui", "0004_schedule_deltas")
+BEFORE_HASHING = ("webui", "0007_host_access")
 # Where DRF's authtoken kept tokens in the clear, and the migrations that made it.
 DRF_TOKENS = "authtoken_token"
 DRF_TOKEN_MIGRATIONS = ("0001_initial", "0002_auto_20160226_1747", "0003_tokenproxy",

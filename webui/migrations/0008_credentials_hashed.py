@@ -52,7 +52,7 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ("webui", "0004_schedule_deltas"),
+        ("webui", "0007_host_access"),
         ("knox", "0009_extend_authtoken_field"),
         ("sessions", "0001_initial"),
     ]
