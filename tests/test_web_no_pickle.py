@@ -215,7 +215,7 @@ def test_a_live_worker_refuses_pickled_tasks_and_control_commands(celery_worker,
     writer.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     honest = Celery("honest", broker=private_redis.url, set_as_current=False)
     try:
-        writer.send_task("webui.tasks.check_jobs", args=(Planted(markers.folder / "task"),),
+        writer.send_task("webui.tasks.report_inventory", args=(Planted(markers.folder / "task"),),
                          queue=queue)
         markers.planted["task"] = f"a pickled task on {queue}"
         writer.control.broadcast("ping", arguments={"x": Planted(markers.folder / "control")},
@@ -224,8 +224,8 @@ def test_a_live_worker_refuses_pickled_tasks_and_control_commands(celery_worker,
         wait_for(lambda: store.llen(queue) == 0, "the pickled task taken", 30, worker)
 
         # The worker goes on with what is JSON: a task, a ping.
-        sent = honest.send_task("webui.tasks.check_jobs", queue=queue)
-        wait_for(lambda: f"Task webui.tasks.check_jobs[{sent.id}] succeeded" in worker.log(),
+        sent = honest.send_task("webui.tasks.report_inventory", queue=queue)
+        wait_for(lambda: f"Task webui.tasks.report_inventory[{sent.id}] succeeded" in worker.log(),
                  "the JSON task done", 30, worker)
         replies = honest.control.ping(destination=[worker.node_name], timeout=10)
         assert replies == [{worker.node_name: {"ok": "pong"}}], replies
