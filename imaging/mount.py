@@ -40,6 +40,7 @@ from .errors import ImageError, ImagingError, describe, running
 from .image import Image, parse_stamp
 from .progress import Progress
 from .store import reading
+from .syscalls import ignore_signal
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).
 CACHE_CHUNKS = 8
@@ -368,6 +369,11 @@ def _serve(files: _ImageFiles, image: Image, mountpoint: Path) -> None:
     except RuntimeError as exc:
         # libfuse has printed its reason on stderr already.
         raise ImagingError(f"cannot mount {disk} at {mountpoint}: libfuse failed ({exc})") from None
+    finally:
+        # fuse_main ends by setting an ignored SIGPIPE (as Python has it) back to its default,
+        # death: the process serving the mount in a thread (the web server, a worker) would
+        # die at its next write to a socket or pipe its peer closed.
+        ignore_signal(signal.SIGPIPE)
 
 
 def unmount(mountpoint: Path) -> None:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.signal.restype = ctypes.c_void_p
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -30,3 +33,8 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     Only a hint: where the call is not supported, the final fsync does the work.
     """
     _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def ignore_signal(number: int) -> None:
+    """Ignore signal `number`, from any thread (Python's signal.signal: the main thread only)."""
+    _libc.signal(number, int(signal.SIG_IGN))

@@ -6,9 +6,10 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
-from engine import MiB, imaging, one_error_line, sha256_of
+from engine import REPO, MiB, imaging, one_error_line, sha256_of
 from support.devices import requires_root_loop_fuse
 from support.disks import PartSpec, build_disk
 from support.fuse import mount_process
@@ -111,6 +112,23 @@ def test_it_ends_cleanly_and_leaves_no_registration(imaged, tmp_path, ending):
         assert out.splitlines()[-1].startswith(f"unmounted {mountpoint} after ")
         assert not os.path.ismount(mountpoint)
     assert store.running_jobs() == []
+
+
+def test_a_process_that_mounted_privately_still_ignores_sigpipe(imaged):
+    """libfuse, when it stops serving, sets an ignored SIGPIPE back to death: a process that
+    mounts in a thread (the web server, a worker) must outlive a write its peer hung up on."""
+    image_dir, _ = imaged
+    script = ("import os, sys, imaging.files\n"
+              "imaging.files.list_files(sys.argv[1], 1, '/')\n"
+              "reader, writer = os.pipe()\n"
+              "os.close(reader)\n"
+              "try:\n"
+              "    os.write(writer, b'x')\n"
+              "except BrokenPipeError:\n"
+              "    print('the write failed with EPIPE')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(image_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "the write failed with EPIPE\n"), done.stderr
 
 
 def test_prune_defers_a_mounted_image(tmp_path):

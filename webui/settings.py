@@ -185,6 +185,10 @@ CHECK_PROTECTION_SECONDS = env_float("CHECK_PROTECTION_SECONDS", 60.0, minimum=1
 # a request names a file in them, never a path elsewhere on a machine where workers are root.
 EXPORT_DIR = env_path("EXPORT_DIR", DATA_DIR / "exports")
 IMPORT_DIR = env_path("IMPORT_DIR", DATA_DIR / "imports")
+# File sessions (a folder listed, a file or a folder downloaded from an image: each mounts
+# the image and runs a filesystem's tools) the web server runs at once, in all and per user.
+FILE_SESSIONS = env_int("FILE_SESSIONS", 2 * (os.cpu_count() or 1), minimum=1)
+FILE_SESSIONS_PER_USER = env_int("FILE_SESSIONS_PER_USER", 2, minimum=1)
 
 # --- Redis: Celery broker and the Channels layer ----------------------------------
 # Given, it is used as it is (with its password, on another host). Not given: this

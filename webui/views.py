@@ -15,8 +15,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import (FileResponse, HttpRequest, HttpResponse, HttpResponseBadRequest,
-                         JsonResponse, StreamingHttpResponse)
+from django.http import (HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse,
+                         StreamingHttpResponse)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.http import content_disposition_header
@@ -95,9 +95,15 @@ def image_files(request: HttpRequest, pk: int, partition: str | None = None) -> 
     if partition is None:
         return render(request, "webui/files.html", context)
     try:
-        folder = services.files.browse(image, partition, _one_value(request, "path"))
+        folder = services.files.browse(image, partition, _one_value(request, "path"),
+                                       request.user.pk)
     except services.files.BadPath as bad:
         return HttpResponseBadRequest(str(bad), content_type="text/plain; charset=utf-8")
+    except services.files.TooMany as busy:
+        wait = ("Wait for one of them to finish, then reload this page." if busy.for_user
+                else f"Reload this page in {busy.retry_after} seconds.")
+        return _too_many(busy, render(request, "webui/files.html",
+                                      {**context, "problem": f"{busy} {wait}"}))
     except services.Refused as refused:
         return render(request, "webui/files.html", {**context, "problem": str(refused)},
                       status=404)
@@ -110,15 +116,28 @@ def image_file_download(request: HttpRequest, pk: int, partition: str) -> HttpRe
     """A file as itself, a folder as a tar archive streamed as it is written."""
     image = get_object_or_404(Image.objects.select_related("datastore"), pk=pk)
     try:
-        download = services.files.download(image, partition, _one_value(request, "path"))
+        download = services.files.download(image, partition, _one_value(request, "path"),
+                                           request.user.pk)
     except services.files.BadPath as bad:
         return HttpResponseBadRequest(str(bad), content_type="text/plain; charset=utf-8")
+    except services.files.TooMany as busy:
+        wait = ("Try again once one of them has finished." if busy.for_user
+                else f"Try again in {busy.retry_after} seconds.")
+        return _too_many(busy, HttpResponse(f"{busy} {wait}",
+                                            content_type="text/plain; charset=utf-8"))
     except services.Refused as refused:
         return HttpResponse(str(refused), status=404, content_type="text/plain; charset=utf-8")
-    if download.file is not None:
-        return FileResponse(download.file, as_attachment=True, filename=download.name)
-    return StreamingHttpResponse(download.tar, content_type="application/x-tar", headers={
-        "Content-Disposition": content_disposition_header(True, download.name)})
+    headers = {"Content-Disposition": content_disposition_header(True, download.name)}
+    if download.size is not None:
+        headers["Content-Length"] = str(download.size)
+    return StreamingHttpResponse(download, content_type=download.content_type, headers=headers)
+
+
+def _too_many(busy: services.files.TooMany, response: HttpResponse) -> HttpResponse:
+    """429 with how long to wait: never a 5xx, and never a request left waiting for a slot."""
+    response.status_code = 429
+    response.headers["Retry-After"] = str(busy.retry_after)
+    return response
 
 
 def _one_value(request: HttpRequest, name: str):

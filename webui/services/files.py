@@ -6,6 +6,9 @@ extracts into a directory, so a download extracts one file at a time into a
 private temporary folder, streams it, and deletes it: a folder's tar is
 written as its members arrive, never whole in memory or on disk.
 
+Each listing and each download is a file session (filesessions): admitted or
+refused before the engine runs, and held by a download until its response ends.
+
 Every path a request names is relative to the partition's root and checked
 here first: one that is absolute, holds "..", "." or an empty component, a
 NUL or a name that is not text is refused before the engine sees it.
@@ -20,8 +23,9 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, AsyncIterator, BinaryIO, Iterator, Optional
 
+from asgiref.sync import sync_to_async
 from django.utils.dateparse import parse_datetime
 
 import imaging.files
@@ -29,11 +33,14 @@ from imaging.errors import ImagingError
 from imaging.filesystems import EXT
 
 from ..models import Image
+from . import filesessions
 from .errors import Refused
+from .filesessions import TooMany  # noqa: F401  (raised by browse and download)
 
 READABLE_FILESYSTEMS = (*EXT, "vfat", "ntfs")
 MAX_PATH = 4096
 STREAM_STEP = 1024 * 1024
+TAR_CONTENT_TYPE, FILE_CONTENT_TYPE = "application/x-tar", "application/octet-stream"
 COPIED_MODE_BITS = imaging.files.COPIED_MODE_BITS
 _NUMBER = re.compile(r"(\d+)$")
 
@@ -92,11 +99,38 @@ class Folder:
         return [(name, "/".join(names[:depth + 1])) for depth, name in enumerate(names)]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Download:
+    """A file's contents, or a folder's as a tar archive, made piece by piece as an ASGI
+    server asks for the next (Django gathers a synchronous iterator whole before it sends
+    a byte): each in the request's own thread, as the engine blocks, where close() runs
+    too, after the piece in hand. The file session ends with close(), which Django calls
+    when the response ends: sent whole, or its client gone.
+    """
+
     name: str  # to save it under
-    file: Optional[BinaryIO] = None  # a file's contents, from its start
-    tar: Optional[Iterator[bytes]] = None  # or a folder's, as a tar archive's pieces
+    content_type: str
+    pieces: Iterator[bytes]
+    session: filesessions.Session
+    size: Optional[int] = None  # a file's; a tar's is known only once written
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._sent()
+
+    async def _sent(self) -> AsyncIterator[bytes]:
+        made = sync_to_async(next)
+        try:
+            while (piece := await made(self.pieces, None)) is not None:
+                yield piece
+        except Exception:
+            self.close()  # the pieces failed, so are done; Django leaves a failed response open
+            raise
+
+    def close(self) -> None:
+        try:
+            self.pieces.close()  # the extracted copy being sent, deleted already, is closed
+        finally:
+            self.session.end()
 
 
 def partitions(image: Image) -> list[BrowsablePartition]:
@@ -144,11 +178,13 @@ def checked_path(path: Any) -> str:
     return path
 
 
-def browse(image: Image, partition: Any, path: Any) -> Folder:
-    """The folder `path` of partition `partition`, both as a request gives them."""
+def browse(image: Image, partition: Any, path: Any, user_id: int) -> Folder:
+    """The folder `path` of partition `partition`, both as a request gives them, listed in
+    a file session of user `user_id` (TooMany if they, or all, have as many as allowed)."""
     part = browsable_partition(image, partition)
     path = checked_path(path)
-    return Folder(part, path, _folder_entries(image, part, path))
+    with filesessions.begin(user_id):
+        return Folder(part, path, _folder_entries(image, part, path))
 
 
 def _folder_entries(image: Image, part: BrowsablePartition, path: str) -> list[FileEntry]:
@@ -177,19 +213,34 @@ def _entry(image: Image, part: BrowsablePartition, path: str) -> FileEntry:
     raise Missing(f"/{path}: no such file or folder in partition {part.number}")
 
 
-def download(image: Image, partition: Any, path: Any) -> Download:
+def download(image: Image, partition: Any, path: Any, user_id: int) -> Download:
     """A file of the partition, or a folder as a tar archive ("" is the whole filesystem);
-    the partition and path as a request gives them."""
+    the partition and path as a request gives them. It holds a file session of user
+    `user_id` until it is closed (TooMany if they, or all, have as many as allowed)."""
     part = browsable_partition(image, partition)
     path = checked_path(path)
+    session = filesessions.begin(user_id)
+    try:
+        return _download(image, part, path, session)
+    except BaseException:
+        session.end()
+        raise
+
+
+def _download(image: Image, part: BrowsablePartition, path: str,
+              session: filesessions.Session) -> Download:
     if not path:
-        return Download(f"partition-{part.number}.tar", tar=_tar_stream(image, part, ""))
+        return Download(f"partition-{part.number}.tar", TAR_CONTENT_TYPE,
+                        _tar_stream(image, part, ""), session)
     entry = _entry(image, part, path)
     if entry.is_directory:
-        return Download(f"{entry.shown}.tar", tar=_tar_stream(image, part, path))
+        return Download(f"{entry.shown}.tar", TAR_CONTENT_TYPE, _tar_stream(image, part, path),
+                        session)
     if entry.type != imaging.files.FILE:
         raise BadPath(f"/{path} is a {entry.type}: only files and folders download")
-    return Download(entry.shown, file=_extracted(image, part, path, entry.name))
+    data = _extracted(image, part, path, entry.name)
+    size = os.fstat(data.fileno()).st_size
+    return Download(entry.shown, FILE_CONTENT_TYPE, _contents(data, size, path), session, size)
 
 
 def _extracted(image: Image, part: BrowsablePartition, path: str, name: str) -> BinaryIO:
@@ -241,16 +292,22 @@ def _tar_member(image: Image, part: BrowsablePartition, source: str, entry: File
     with _extracted(image, part, source, entry.name) as data:
         size = os.fstat(data.fileno()).st_size
         yield _header(member, tarfile.REGTYPE, size, entry.mode & COPIED_MODE_BITS, entry.mtime)
+        yield from _contents(data, size, source)
+    remainder = size % tarfile.BLOCKSIZE
+    if remainder:
+        yield tarfile.NUL * (tarfile.BLOCKSIZE - remainder)
+
+
+def _contents(data: BinaryIO, size: int, path: str) -> Iterator[bytes]:
+    """The `size` bytes of the extracted copy of `path`, in steps; the copy is closed after."""
+    with data:
         sent = 0
         while sent < size:
             piece = data.read(min(STREAM_STEP, size - sent))
             if not piece:
-                raise Missing(f"/{source} shrank while it was sent")
+                raise Missing(f"/{path} shrank while it was sent")
             sent += len(piece)
             yield piece
-    remainder = size % tarfile.BLOCKSIZE
-    if remainder:
-        yield tarfile.NUL * (tarfile.BLOCKSIZE - remainder)
 
 
 def _header(name: str, kind: bytes, size: int, mode: int, mtime: Optional[dt.datetime],
