@@ -35,7 +35,6 @@ from django.contrib.auth.models import User
 from django.core.asgi import get_asgi_application
 from django.test import Client
 from engine import MiB
-from rest_framework.authtoken.models import Token
 from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
 from support.fuse import image_mounts, own_image_mounts, unmount_own_image_mounts
@@ -43,6 +42,7 @@ from support.services import LiveServer
 
 import imaging.backup
 from webui import services
+from webui.api.authentication import new_token
 from webui.models import Image
 from webui.services.filesessions import SLOTS_FOLDER
 
@@ -214,7 +214,7 @@ def lab(live_environment, image_store, tmp_path) -> Lab:
     try:
         lab = Lab(server, Image.objects.get(), {name: user.pk for name, user in users.items()},
                   {name: session_cookie(user) for name, user in users.items()},
-                  Token.objects.create(user=users["bob"]).key,
+                  new_token(users["bob"]),
                   Path(live_environment["DATA_DIR"]) / SLOTS_FOLDER, server_tmp)
         started = workers(server)
         assert len(started) == 2, started

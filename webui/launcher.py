@@ -213,7 +213,7 @@ class ServiceProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float) -> None:
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         """Poll ready() until it is true; stop the process and raise ServiceFailed with the tail
         of its log if it exits or the time runs out."""
         deadline = time.monotonic() + timeout

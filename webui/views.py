@@ -15,8 +15,8 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import (HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse,
-                         StreamingHttpResponse)
+from django.http import (FileResponse, HttpRequest, HttpResponse, HttpResponseBadRequest,
+                         JsonResponse, StreamingHttpResponse)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.http import content_disposition_header
