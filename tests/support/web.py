@@ -6,7 +6,8 @@
 - a datastore, and a daily backup schedule of d1 at 03:00 UTC created on 2026-01-01;
 - `self.client` logged in as nobody (an anonymous client); log in with
   `self.client.force_login(self.alice)`.
-`make_image` and `make_job` add rows with sensible defaults, keyword arguments win.
+`make_image` and `make_job` add rows with sensible defaults, keyword arguments win;
+`api_token(user)` gives a user an API token.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from celery.app.task import Task
 from django.contrib.auth.models import User
 from django.test import TestCase
 from django.utils import timezone
+from rest_framework.authtoken.models import Token
 
 from webui import services, signals
 from webui.models import Datastore, Disk, Host, Image, Job, Schedule
@@ -44,6 +46,11 @@ def enqueued():
 
     with mock.patch.object(Task, "apply_async", autospec=True, side_effect=record):
         yield sent
+
+
+def api_token(user: User) -> str:
+    """A new API token of the user, for `Authorization: Token <it>`."""
+    return Token.objects.create(user=user).key
 
 
 class Outbox:
