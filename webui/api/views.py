@@ -17,6 +17,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.serializers import Serializer
+from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
 from .. import services
@@ -192,6 +193,8 @@ class ObtainTokenView(ObtainAuthToken):
 
     throttle_classes = [ScopedRateThrottle]
     throttle_scope = "login"
+    # The API's JSON parser (ObtainAuthToken's own take forms, and JSON with DRF's parser).
+    parser_classes = api_settings.DEFAULT_PARSER_CLASSES
 
     def get_serializer_context(self):
         # django-axes flags a locked-out attempt on Django's request, where its middleware
