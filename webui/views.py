@@ -19,6 +19,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_GET, require_POST
+from django.views.defaults import permission_denied
 
 from . import pages, services
 from .api.serializers import JobSerializer
@@ -27,12 +28,15 @@ from .models import Datastore, Disk, Image, Job, Schedule, validate_cron, valida
 
 
 def staff_required(view):
-    """Logged in (else to the login page) and staff (else 403)."""
+    """Logged in (else to the login page) and staff (else 403). The 403 page is answered
+    rather than PermissionDenied raised, which Django logs with a traceback: a viewer
+    following a link is no error of the server's."""
     @login_required
     @functools.wraps(view)
     def checked(request: HttpRequest, *args, **kwargs):
         if not request.user.is_staff:
-            raise PermissionDenied("only staff may start jobs or change schedules")
+            return permission_denied(
+                request, PermissionDenied("only staff may start jobs or change schedules"))
         return view(request, *args, **kwargs)
     return checked
 
