@@ -1,6 +1,7 @@
 """docker-compose.yml with .env.example, as Debian's docker-compose reads them (no daemon needed)."""
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -105,3 +106,18 @@ def test_a_missing_secret_is_refused(tmp_path):
     result = compose("config", "-q", env_file=env_file)
     assert result.returncode != 0
     assert "set SECRET_KEY in .env" in result.stderr
+
+
+
+def test_the_web_server_believes_forwarded_headers_from_trusted_proxies_only(config):
+    """uvicorn is given TRUSTED_PROXIES, comma-separated; empty, it trusts no one."""
+    web = config["services"]["web"]
+    assert web["environment"]["TRUSTED_PROXIES"] == env_example()["TRUSTED_PROXIES"] == ""
+    shell, flag, script = shlex.split(web["command"].replace("$$", "$"))
+    assert (shell, flag) == ("sh", "-c")
+    # The container's shell runs it; uvicorn's arguments are printed instead of run.
+    script = script.replace("python manage.py", "true").replace("exec uvicorn", "printf '%s\\n'")
+    for value, allowed in (("", ""), ("10.0.0.1 172.16.0.0/12", "10.0.0.1,172.16.0.0/12")):
+        run = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ["PATH"], "TRUSTED_PROXIES": value})
+        assert f"--forwarded-allow-ips={allowed}" in run.stdout.splitlines(), run

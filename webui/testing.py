@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote
 
+from webui.env import env_networks
+
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 60
 STOP_SECONDS = 10
@@ -150,10 +152,11 @@ class LiveServer(ServiceProcess):
     def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        trusted_proxies = ",".join(env_networks("TRUSTED_PROXIES", environ=env))
         super().__init__("uvicorn", [
             sys.executable, "-m", "uvicorn", "webui.asgi:application",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-            "--lifespan", "off",
+            "--lifespan", "off", f"--forwarded-allow-ips={trusted_proxies}",
         ], env, log_path)
         self.wait_until(self._answers, f"an HTTP answer at {self.url}")
 

@@ -182,7 +182,8 @@ class Command(BaseCommand):
             commands["redis"] = redis_command
         commands["web"] = [python, "-m", "uvicorn", "webui.asgi:application", "--host", bind,
                            "--port", str(settings.PORT), "--workers", str(settings.WEB_WORKERS),
-                           "--lifespan", "off"]
+                           "--lifespan", "off",
+                           f"--forwarded-allow-ips={','.join(settings.TRUSTED_PROXIES)}"]
         commands["worker"] = [python, "-m", "celery", "-A", "webui", "worker",
                               "--queues", self.host_queue, "--hostname", self.worker_node_name,
                               "--loglevel", "INFO"]
