@@ -170,6 +170,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ApiViewSet):
 
 class ScheduleViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
                       mixins.CreateModelMixin, mixins.UpdateModelMixin, ApiViewSet):
+    # Not a CachedListMixin: its list differs by user (notify_urls for staff only).
     queryset = Schedule.objects.all()
     serializer_class = ScheduleSerializer
     http_method_names = ["get", "post", "patch", "head", "options"]
