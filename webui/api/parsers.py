@@ -29,20 +29,20 @@ class JSONParser(parsers.JSONParser):
 
 def _check(data) -> None:
     """Walks the parsed body without recursing: depth, numbers, strings (keys too)."""
-    pending = [(data, 0)]
+    pending = [([data], 0)]  # (a container, how deep it is nested: the body itself is 1 deep)
     while pending:
-        value, depth = pending.pop()
-        if isinstance(value, dict):
-            pending.extend((key, depth) for key in value)
-        if isinstance(value, (dict, list)):
-            if depth == MAX_DEPTH:
-                raise ParseError(TOO_DEEP)
-            pending.extend((item, depth + 1)
-                           for item in (value.values() if isinstance(value, dict) else value))
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ParseError("JSON parse error - a number out of range")
-        elif isinstance(value, str):
-            try:
-                value.encode()
-            except UnicodeEncodeError:
-                raise ParseError("JSON parse error - a lone UTF-16 surrogate in a string") from None
+        container, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise ParseError(TOO_DEEP)
+        items = container if isinstance(container, list) else [*container, *container.values()]
+        for item in items:
+            if isinstance(item, (dict, list)):
+                pending.append((item, depth + 1))
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise ParseError("JSON parse error - a number out of range")
+            elif isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    raise ParseError("JSON parse error - a lone UTF-16 surrogate in a string") \
+                        from None
