@@ -148,7 +148,7 @@ class ApiAuthTestCase(BaseTestCase):
         self.assertEqual(response.status_code, 400)
         self.assertNotIn("token", response.json())
 
-    def test_axes_locks_a_user_out_after_the_configured_failures(self):
+    def test_axes_locks_the_address_out_after_the_configured_failures(self):
         wrong = {"username": "alice", "password": "guess"}
         statuses = [self.call(self.client, "post", "/api/auth/token/", wrong).status_code
                      for _ in range(settings.AXES_FAILURE_LIMIT)]
@@ -158,11 +158,17 @@ class ApiAuthTestCase(BaseTestCase):
         self.assertEqual(right.status_code, 429, "the right password must not open a lockout")
         self.assertIn("locked", right.content.decode())
         self.assertFalse(AuthToken.objects.filter(user=self.alice).exists())
-        # Others (another user from the same address) are not locked out with alice.
+        # Every username is locked out at that address, so that guesses cannot move on to
+        # the next one; from another address alice logs in.
         other = self.call(self.client, "post", "/api/auth/token/",
                           {"username": "bob", "password": PASSWORD})
-        self.assertEqual(other.status_code, 200)
+        self.assertEqual(other.status_code, 429)
+        elsewhere = self.call(self.client, "post", "/api/auth/token/",
+                              {"username": "alice", "password": PASSWORD},
+                              REMOTE_ADDR="192.0.2.7")
+        self.assertEqual(elsewhere.status_code, 200)
 
+    @override_settings(AXES_FAILURE_LIMIT=100)  # the address's lockout out of the way
     def test_the_token_endpoint_is_throttled_across_usernames(self):
         statuses = [self.call(self.client, "post", "/api/auth/token/",
                               {"username": f"user{n}", "password": "guess"}).status_code

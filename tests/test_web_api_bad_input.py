@@ -1,13 +1,48 @@
 """Whatever a client sends, the API answers 4xx with a JSON reason, never 5xx."""
 import json
+from unittest import mock
 
+import requests
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.test import override_settings
-from support.web import MEMORY_LAYER, BaseTestCase
+from support.web import MEMORY_LAYER, PASSWORD, BaseTestCase
 
+from webui.api.authentication import new_token
+from webui.api.views import ObtainTokenView
 from webui.models import Job, Schedule
 
 MiB = 1024 * 1024
+PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+LOCAL_CACHE = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                           "LOCATION": "hostile-json"}}
+# Bodies no endpoint takes: nested past any use (a RecursionError in Python's parser, once),
+# numbers past what JSON, Python or a column holds, constants JSON does not have, text
+# that is not UTF-8, fields of every endpoint with values of the wrong size or type.
+HOSTILE_BODIES = [
+    b"[" * 100_000,
+    b'{"a": ' * 50_000,
+    b"[" * 5_000 + b"]" * 5_000,
+    b'{"mode": ' + b"[" * 300 + b"]" * 300 + b"}",
+    b'{"username": ' + b'{"a": ' * 300 + b"1" + b"}" * 301,
+    b"9" * 5_000,
+    b"NaN", b'{"level": Infinity}', b'{"level": -Infinity}', b'{"level": 1e999}',
+    b'{"level": -1e999}', b'{"level": ' + b"9" * 4_000 + b"}",
+    b'{"level": 1.5e308, "mode": "raw"}',
+    b'{"target_disk": ' + b"9" * 30 + b', "confirm": "x"}',
+    b'{"target_disk": 1e999, "confirm": "x", "partition": ' + b"9" * 40 + b"}",
+    b'{"datastore": ' + b"9" * 30 + b"}", b'{"datastore": -1e999}',
+    b'{"cron": "0 3 * * *", "grace": "999999999999 00:00:00"}',
+    b'{"grace": "99999999999999999999"}', b'{"grace": 1e999}',
+    b'{"keep_last": ' + b"9" * 30 + b"}", b'{"disk": ' + b"9" * 30 + b"}",
+    b'{"username": ' + b"9" * 4_000 + b', "password": "x"}',
+    b'{"username": "' + b"u" * 10_000 + b'", "password": "x"}',
+    b'{"username": ["alice"], "password": {"p": 1}}', b'{"username": null, "password": 1e999}',
+    b'"\\ud800"', b'{"username": "\\ud800", "password": "x"}', b'{"cron": "\\udc00 3 * * *"}',
+    b'{"target_disk": 2, "confirm": "\\ud800"}', b'{"\\ud800": 1}',
+    b"\xef\xbb\xbf{}", b"\xff\xfe{\x00}\x00", b"{}" * 1000, b"null",
+]
 
 
 @override_settings(CHANNEL_LAYERS=MEMORY_LAYER)
@@ -140,3 +175,126 @@ class BadInputTestCase(BaseTestCase):
                 self.assert_client_error(self.client.generic(
                     method.upper(), path, "{}", content_type="application/json"), 405)
         self.assertTrue(Schedule.objects.filter(pk=self.schedule.pk).exists())
+
+
+@override_settings(CHANNEL_LAYERS=MEMORY_LAYER, CACHES=LOCAL_CACHE, STORAGES=PLAIN_STATIC)
+class HostileJsonTestCase(BaseTestCase):
+    """Every endpoint that reads a JSON body, for anyone: 4xx, a reason, nothing changed."""
+
+    def setUp(self):
+        super().setUp()
+        # Every body reaches the token endpoint's parser, not the throttle's 429 before it.
+        mock.patch.object(ObtainTokenView, "throttle_classes", []).start()
+        self.addCleanup(mock.patch.stopall)
+        self.image = self.make_image(self.d1)
+        self.job = self.make_job(state=Job.State.RUNNING)
+
+    def json_endpoints(self):
+        return [("post", "/api/auth/token/"), ("post", f"/api/disks/{self.d2.pk}/backup/"),
+                ("post", f"/api/images/{self.image.pk}/restore/"),
+                ("post", f"/api/images/{self.image.pk}/verify/"),
+                ("post", f"/api/jobs/{self.job.pk}/cancel/"), ("post", "/api/schedules/"),
+                ("patch", f"/api/schedules/{self.schedule.pk}/")]
+
+    def assert_refused_with_a_reason(self, response):
+        self.assertTrue(400 <= response.status_code < 500, response.content[:300])
+        self.assertEqual(response["Content-Type"], "application/json")
+        reasons = list(strings_in(response.json()))
+        self.assertTrue(reasons, response.content[:300])
+        for reason in reasons:
+            self.assertNotIn("\n", reason)
+
+    def test_no_body_fails_the_server_for_anonymous_viewer_or_staff(self):
+        for user in (None, self.bob, self.alice):
+            self.client.logout()
+            if user is not None:
+                self.client.force_login(user)
+            for method, path in self.json_endpoints():
+                for body in HOSTILE_BODIES:
+                    with self.subTest(user=user, method=method, path=path, body=body[:40]):
+                        response = getattr(self.client, method)(
+                            path, body, content_type="application/json")
+                        self.assert_refused_with_a_reason(response)
+        self.assertEqual(list(Job.objects.values_list("pk", "cancel_requested")),
+                         [(self.job.pk, False)])
+        self.assertEqual(Schedule.objects.get().cron, "0 3 * * *")
+        self.assertFalse(Schedule.objects.exclude(pk=self.schedule.pk).exists())
+
+    def test_the_pages_that_read_a_body_take_any_json_without_failing(self):
+        paths = ["/accounts/login/", "/admin/login/", "/schedules/new/",
+                 f"/schedules/{self.schedule.pk}/", f"/images/{self.image.pk}/export/"]
+        for user in (None, self.bob, self.alice):
+            self.client.logout()
+            if user is not None:
+                self.client.force_login(user)
+            for path in paths:
+                # They read forms, never JSON: a few bodies of each kind tell as much as all.
+                for body in HOSTILE_BODIES[::4]:
+                    with self.subTest(user=user, path=path, body=body[:40]):
+                        response = self.client.post(path, body, content_type="application/json")
+                        self.assertLess(response.status_code, 500)
+        self.assertEqual(Schedule.objects.get().cron, "0 3 * * *")
+        self.assertEqual(list(Job.objects.values_list("pk", flat=True)), [self.job.pk])
+
+    def test_deep_nesting_is_refused_by_name(self):
+        self.client.force_login(self.alice)
+        for body in (b"[" * 100_000, b"[" * 21 + b"]" * 21,
+                     b'{"mode": ' + b"[" * 300 + b"]" * 300 + b"}"):
+            with self.subTest(body=body[:20]):
+                response = self.client.post(f"/api/disks/{self.d2.pk}/backup/", body,
+                                            content_type="application/json")
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(response.json()["detail"],
+                                 "JSON parse error - nested deeper than 20 levels")
+        # Twenty levels parse; the serializer then says what is wrong with them.
+        response = self.client.post(f"/api/disks/{self.d2.pk}/backup/",
+                                    b'{"mode": ' + b"[" * 19 + b"]" * 19 + b"}",
+                                    content_type="application/json")
+        self.assertEqual(response.status_code, 400)
+        self.assertIn("mode", response.json())
+
+    def test_numbers_json_cannot_hold_are_refused_by_name(self):
+        self.client.force_login(self.alice)
+        for body in (b'{"level": 1e999}', b'{"level": -1e400}', b"NaN", b'{"level": Infinity}'):
+            with self.subTest(body=body):
+                response = self.client.post(f"/api/disks/{self.d2.pk}/backup/", body,
+                                            content_type="application/json")
+                self.assertEqual(response.status_code, 400)
+                self.assertIn("JSON parse error", response.json()["detail"])
+        self.assertEqual(list(Job.objects.values_list("pk", flat=True)), [self.job.pk])
+
+
+def strings_in(value):
+    """Every string in a decoded JSON answer."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings_in(item)
+
+
+def test_the_live_server_answers_deep_json_with_400_and_logs_no_traceback(
+        private_redis, live_server_process):
+    server = live_server_process
+    tokens = {None: None,
+              "viewer": new_token(User.objects.create_user("bob", password=PASSWORD)),
+              "staff": new_token(User.objects.create_user("alice", password=PASSWORD,
+                                                          is_staff=True))}
+    deep = b"[" * 100_000
+    calls = [(None, "/api/auth/token/", 400), ("viewer", "/api/auth/token/", 400),
+             ("staff", "/api/auth/token/", 400), ("viewer", "/api/schedules/", 403),
+             ("staff", "/api/schedules/", 400)]
+    for user, path, status in calls:
+        headers = {"Content-Type": "application/json"}
+        if user is not None:
+            headers["Authorization"] = f"Token {tokens[user]}"
+        response = requests.post(f"{server.url}{path}", data=deep, headers=headers, timeout=30)
+        assert response.status_code == status, (user, path, response.text[:300])
+        assert "\n" not in response.json()["detail"]
+    assert server.alive()
+    log = server.log()
+    assert "Traceback" not in log and "RecursionError" not in log, log[-3000:]
+    assert " ERROR " not in log, log[-3000:]

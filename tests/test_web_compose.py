@@ -161,3 +161,9 @@ def test_the_services_start_with_real_passwords_and_make_the_key(tmp_path):
     loaded = _settings_load(environment, tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_web_server_is_told_which_proxies_to_believe(config):
+    """TRUSTED_PROXIES reaches the settings, from which the launcher gives uvicorn its flag."""
+    web = config["services"]["web"]
+    assert web["environment"]["TRUSTED_PROXIES"] == env_example()["TRUSTED_PROXIES"] == ""

@@ -14,6 +14,7 @@ from webui.models import Host, Job
 from webui.progress import ProgressSender, send_job_state
 
 ORIGIN = (b"origin", b"http://localhost")
+HOST = (b"host", b"localhost")  # what a browser sends with that Origin
 
 pytestmark = [pytest.mark.anyio, pytest.mark.django_db(transaction=True)]
 
@@ -24,7 +25,7 @@ class WebsocketCommunicator(ApplicationCommunicator):
 
     def __init__(self, app, path, headers=()):
         super().__init__(app, {"type": "websocket", "path": path, "query_string": b"",
-                               "headers": list(headers), "subprotocols": []})
+                               "headers": [HOST, *headers], "subprotocols": []})
 
     async def connect(self, timeout=2):
         await self.send_input({"type": "websocket.connect"})

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from webui.env import env_bool, env_float, env_int, env_list, env_path, env_secret, env_str
+from webui.env import (env_bool, env_float, env_int, env_list, env_networks, env_path, env_secret,
+                       env_str)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +52,16 @@ def test_env_list_splits_on_white_space_commas_or_the_separator_given():
     assert env_list("IMAGING_DISK_FILES", "", {"IMAGING_DISK_FILES": "/a.img::/b,c.img"},
                     separator=":") == ["/a.img", "/b,c.img"]
     assert env_list("NOTIFY_URLS", "", {}) == []
+
+
+def test_env_networks_takes_addresses_and_networks_and_names_a_bad_one():
+    assert env_networks("TRUSTED_PROXIES", "", {"TRUSTED_PROXIES": "127.0.0.1, ::1 10.0.0.0/8"}) \
+        == ["127.0.0.1", "::1", "10.0.0.0/8"]
+    assert env_networks("TRUSTED_PROXIES", "", {}) == []
+    for bad, reason in (("proxy.lan", "does not appear to be"), ("10.0.0.1/8", "host bits set"),
+                        ("10.0.0.0/33", "does not appear to be")):
+        with pytest.raises(ImproperlyConfigured, match=f"TRUSTED_PROXIES='{bad}'.*{reason}"):
+            env_networks("TRUSTED_PROXIES", "", {"TRUSTED_PROXIES": bad})
 
 
 def test_env_path_is_absolute_and_expands_the_home(tmp_path):

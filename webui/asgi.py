@@ -1,7 +1,8 @@
 """The ASGI entry point: Django for HTTP, Channels for WebSockets.
 
 WebSockets carry the session's user and must come from a page of ours: an
-Origin outside ALLOWED_HOSTS (or none) is refused before any consumer runs.
+Origin other than the server's own (webui.origin) is refused before any
+consumer runs.
 """
 import os
 
@@ -13,11 +14,11 @@ django_application = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from .origin import SameOriginValidator  # noqa: E402
 from .routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter({
     "http": django_application,
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    "websocket": SameOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

@@ -6,6 +6,7 @@ ImproperlyConfigured naming the variable and its value, never a silent guess.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -86,6 +87,18 @@ def env_list(name: str, default: str = "", environ: Mapping[str, str] = os.envir
     if separator is None:
         return [word for word in value.replace(",", " ").split() if word]
     return [word for word in value.split(separator) if word]
+
+
+def env_networks(name: str, default: str = "", environ: Mapping[str, str] = os.environ
+                 ) -> list[str]:
+    """IP addresses and networks (10.0.0.0/8), separated by white space or commas, as given."""
+    words = env_list(name, default, environ)
+    for word in words:
+        try:
+            ipaddress.ip_network(word)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}={environ.get(name)!r}: {exc}") from None
+    return words
 
 
 def env_secret(name: str, default: Optional[str] = None,

@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import (env_bool, env_float, env_int, env_list, env_path, env_secret, env_str,
-                  private_directory, refuse_placeholder, stored_secret)
+from .env import (env_bool, env_float, env_int, env_list, env_networks, env_path, env_secret,
+                  env_str, private_directory, refuse_placeholder, stored_secret)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -35,10 +35,11 @@ refuse_placeholder("SECRET_KEY", SECRET_KEY)
 HOST_NAME = env_str("HOST_NAME", socket.gethostname())
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", f"localhost 127.0.0.1 [::1] {HOST_NAME}")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
-# Addresses of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed; from
-# anyone else these headers are ignored (they would let a client choose its address).
-TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", "")
-# Behind TLS (a reverse proxy or not): secure cookies, HSTS, redirects.
+# The reverse proxies whose X-Forwarded-For and X-Forwarded-Proto the web server believes
+# (uvicorn's --forwarded-allow-ips); anyone else's are ignored. Empty: no one's.
+TRUSTED_PROXIES = env_networks("TRUSTED_PROXIES", "")
+# Behind TLS (a reverse proxy or not): secure cookies, HSTS, redirects. A request came
+# over TLS when uvicorn says so: through a proxy, one of TRUSTED_PROXIES.
 HTTPS = env_bool("HTTPS", False)
 if HTTPS:
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
@@ -46,7 +47,6 @@ if HTTPS:
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
@@ -80,6 +80,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Answers logins past a username's rate (webui.logins).
+    "webui.logins.LoginRateMiddleware",
     # Last, as django-axes asks: it answers locked-out logins itself.
     "axes.middleware.AxesMiddleware",
     # Below all the others, only passing the request on: see its docstring.
@@ -88,6 +90,7 @@ MIDDLEWARE = [
 
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
+    "webui.logins.UsernameRateBackend",
     "django.contrib.auth.backends.ModelBackend",
 ]
 
@@ -262,11 +265,14 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # JSON only: a form field is always a string, and the API's ids are numbers.
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["webui.api.parsers.JSONParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"login": env_str("LOGIN_THROTTLE_RATE", "10/min")},
+    # A client's address is the peer's (REMOTE_ADDR), never a header it sent: uvicorn
+    # rewrites it from X-Forwarded-For for TRUSTED_PROXIES only.
+    "NUM_PROXIES": 0,
     "EXCEPTION_HANDLER": "webui.api.exceptions.exception_handler",
 }
 # API tokens do not expire (an admin deletes them on the admin pages); the header is DRF's.
@@ -280,11 +286,14 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
 }
 
-# Logins: five failures lock that user and address out for an hour.
+# Logins (webui.logins): five failures lock the address out for an hour, whatever the
+# usernames; a username takes LOGIN_THROTTLE_RATE attempts from all addresses together.
 AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5, minimum=1)
 AXES_COOLOFF_TIME = env_float("AXES_COOLOFF_HOURS", 1.0, minimum=0.01)
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
-AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_RESET_ON_SUCCESS = False
+AXES_CLIENT_IP_CALLABLE = "webui.logins.client_address"
+AXES_LOCKOUT_CALLABLE = "webui.logins.lockout_response"
 
 LOGGING = {
     "version": 1,

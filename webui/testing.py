@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import launcher
+from .env import env_networks
 from .launcher import REPO, ServiceFailed, ServiceProcess
 
 __all__ = ["REPO", "CeleryWorker", "LiveServer", "RedisServer", "ServiceFailed",
@@ -78,13 +79,13 @@ class RedisServer(ServiceProcess):
 class LiveServer(ServiceProcess):
     """uvicorn as `make run` starts it; `workers` processes (WEB_WORKERS there)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1,
-                 trusted_proxies: Iterable[str] = ()):
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Whom uvicorn believes, as the server's own settings read TRUSTED_PROXIES from `env`.
         super().__init__("uvicorn", launcher.web_command(
-            bind="127.0.0.1", port=self.port, workers=workers, trusted_proxies=trusted_proxies),
-            env, log_path)
+            bind="127.0.0.1", port=self.port, workers=workers,
+            trusted_proxies=env_networks("TRUSTED_PROXIES", environ=env)), env, log_path)
         self.wait_until(lambda: launcher.http_answers("127.0.0.1", self.port),
                         f"an HTTP answer at {self.url}", STARTUP_SECONDS)
 

@@ -22,6 +22,7 @@ from django.utils import timezone
 from django.utils.http import content_disposition_header
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from django.views.defaults import permission_denied
 
 from . import pages, services
 from .api.serializers import JobSerializer
@@ -30,12 +31,15 @@ from .models import Datastore, Disk, Host, Image, Job, Schedule, validate_cron, 
 
 
 def staff_required(view):
-    """Logged in (else to the login page) and staff (else 403)."""
+    """Logged in (else to the login page) and staff (else 403). The 403 page is answered
+    rather than PermissionDenied raised, which Django logs with a traceback: a viewer
+    following a link is no error of the server's."""
     @login_required
     @functools.wraps(view)
     def checked(request: HttpRequest, *args, **kwargs):
         if not request.user.is_staff:
-            raise PermissionDenied("only staff may start jobs or change schedules")
+            return permission_denied(
+                request, PermissionDenied("only staff may start jobs or change schedules"))
         return view(request, *args, **kwargs)
     return checked
 

@@ -14,6 +14,9 @@ so its fixtures need no import:
   machine died), `.log()`.
 - `live_environment`: the environment those subprocesses get (a dict the test
   may add to before it starts one).
+- `private_redis`: a redis-server of the test's own, made the subprocesses'
+  REDIS_URL, so that what the server counts in its cache (login throttles) is
+  counted for this test alone; name it before `live_server_process`.
 
 The processes are started by webui.testing, the launcher the web benchmark
 uses too. Every subprocess leads its own process group, and the group is
@@ -49,8 +52,8 @@ from pathlib import Path
 
 import pytest
 
-from webui.testing import (REPO, CeleryWorker, LiveServer, ServiceFailed, database_url,
-                           free_port, redis_problem)
+from webui.testing import (REPO, CeleryWorker, LiveServer, RedisServer, ServiceFailed,
+                           database_url, free_port, redis_problem)
 
 from .requirements import requirement_missing
 
@@ -152,6 +155,17 @@ def live_environment(transactional_db, redis_url, collected_static, tmp_path) ->
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@pytest.fixture
+def private_redis(live_environment, tmp_path) -> Iterator[RedisServer]:
+    with _failing_the_test():
+        server = RedisServer(tmp_path, tmp_path / "redis.log")
+    live_environment["REDIS_URL"] = server.url
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

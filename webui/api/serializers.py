@@ -155,19 +155,33 @@ class DatastoreSerializer(serializers.ModelSerializer):
 
 
 class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
-    """When a disk is backed up (or a datastore verified or collected), how, and what is kept."""
+    """When a disk is backed up (or a datastore verified or collected), how, and what is kept.
+
+    `notify_urls` only for staff: Apprise URLs carry bot tokens and mail passwords."""
 
     next_run = serializers.SerializerMethodField()
+    notify_url_count = serializers.SerializerMethodField(
+        help_text="how many notification URLs it has (the URLs, notify_urls, are for staff)")
 
     class Meta:
         model = Schedule
         fields = ["id", "kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
                   "deltas", "keep_last", "keep_daily", "keep_weekly", "keep_monthly",
-                  "keep_yearly", "enabled", "grace", "notify_urls", "notify_on_success",
-                  "created", "next_run"]
+                  "keep_yearly", "enabled", "grace", "notify_urls", "notify_url_count",
+                  "notify_on_success", "created", "next_run"]
         read_only_fields = ["created"]
         extra_kwargs = {"grace": {"min_value": dt.timedelta(0),
                                   "max_value": dt.timedelta(days=365)}}
+
+    def get_fields(self):
+        fields = super().get_fields()
+        user = getattr(self.context.get("request"), "user", None)
+        if not (user and user.is_staff):
+            del fields["notify_urls"]
+        return fields
+
+    def get_notify_url_count(self, schedule: Schedule) -> int:
+        return len(schedule.notification_urls())
 
     def get_next_run(self, schedule: Schedule) -> dt.datetime | None:
         if not schedule.enabled:
