@@ -6,15 +6,13 @@ import requests
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import override_settings
-from support.web import MEMORY_LAYER, PASSWORD, BaseTestCase
+from support.web import MEMORY_LAYER, PASSWORD, PLAIN_STATIC, BaseTestCase
 
 from webui.api.authentication import new_token
 from webui.api.views import ObtainTokenView
 from webui.models import Job, Schedule
 
 MiB = 1024 * 1024
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 LOCAL_CACHE = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
                            "LOCATION": "hostile-json"}}
 # Bodies no endpoint takes: nested past any use (a RecursionError in Python's parser, once),

@@ -25,14 +25,12 @@ from engine import MiB
 from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
 from support.fuse import unmount_own_image_mounts
-from support.web import BaseTestCase, LabMixin, enqueued
+from support.web import PLAIN_STATIC, BaseTestCase, LabMixin, enqueued
 
 import imaging.backup
 from webui import services, tasks
 from webui.models import Disk, Image, Job
 
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 EXT4_START, EXT4_SIZE = MiB, 24 * MiB
 HELLO_MTIME = dt.datetime(2024, 5, 6, 12, 8, 9, tzinfo=dt.timezone.utc)
 

@@ -7,14 +7,12 @@ import json
 from unittest import mock
 
 from django.test import override_settings
-from support.web import MEMORY_LAYER, BaseTestCase
+from support.web import MEMORY_LAYER, PLAIN_STATIC, BaseTestCase
 
 from webui.api.authentication import new_token
 from webui import tasks
 from webui.models import Job
 
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 BOT_TOKEN = "123456789:AAH-secret-bot-token"
 MAIL_PASSWORD = "mail-password-s3cret"
 URLS = f"tgram://{BOT_TOKEN}/987654\nmailto://nas:{MAIL_PASSWORD}@mail.example.org"

@@ -11,15 +11,12 @@ from django.template.loader import render_to_string
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from support.web import GiB, BaseTestCase
+from support.web import PLAIN_STATIC, BaseTestCase, GiB
 
 from webui import pages, tasks
 from webui.models import Datastore, Disk, Host, Image, Job, Schedule
 
 MiB = 1024 ** 2
-# The pages as rendered; the hashed names of collected static files are another matter.
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 
 
 @override_settings(STORAGES=PLAIN_STATIC)

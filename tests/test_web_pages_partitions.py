@@ -13,7 +13,7 @@ from engine import MiB, write_random
 from support.devices import loop_device, requires_loop, requires_root_loop_fuse
 from support.disks import PartSpec, build_disk
 from support.faulty import faulty_disk
-from support.web import BaseTestCase
+from support.web import PLAIN_STATIC, BaseTestCase
 
 import imaging.backup
 import imaging.catalog
@@ -22,8 +22,6 @@ import imaging.store
 from webui import services
 from webui.models import Disk, Image, Job
 
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 TWO_PARTITIONS = [PartSpec(24 * MiB, "ext4"), PartSpec(8 * MiB, "swap")]
 
 

@@ -8,14 +8,12 @@ from unittest import mock
 
 from django.test import override_settings
 from django.utils import timezone
-from support.web import GiB, BaseTestCase
+from support.web import PLAIN_STATIC, BaseTestCase, GiB
 
 from webui import tasks
 from webui.models import Disk, Host, Job
 
 MiB = 1024 ** 2
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 
 
 @override_settings(STORAGES=PLAIN_STATIC)

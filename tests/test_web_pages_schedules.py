@@ -9,13 +9,11 @@ from unittest import mock
 import apprise
 from django.test import override_settings
 from django_celery_beat.models import PeriodicTask
-from support.web import BaseTestCase, Outbox
+from support.web import PLAIN_STATIC, BaseTestCase, Outbox
 
 from webui.models import Disk, Schedule
 from webui.pages import describe_cron
 
-PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
 
 
 def form_data(**changes) -> dict:

@@ -68,6 +68,11 @@ def token_through_the_api(base_url: str, username: str, password: str) -> str:
     return answer.json()["token"]
 
 
+# The pages as rendered, their static files unhashed: no collectstatic manifest needed.
+PLAIN_STATIC = {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+                "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+
+
 class Outbox:
     """Stands in for Apprise: keeps what would have been sent, to which URLs."""
 

@@ -201,10 +201,9 @@ def sync_access() -> None:
 def server_url(request) -> str:
     """The dashboard's address for another host: as the browser reached it, unless that was
     this machine's loopback, which means nothing elsewhere; then by HOST_NAME."""
-    host = urlsplit(f"//{request.get_host()}").hostname or ""
-    if host in LOOPBACK_NAMES:
-        port = request.get_port()
-        return f"{request.scheme}://{settings.HOST_NAME}:{port}"
+    reached = urlsplit(f"//{request.get_host()}")
+    if (reached.hostname or "") in LOOPBACK_NAMES:
+        return f"{request.scheme}://{settings.HOST_NAME}:{reached.port or request.get_port()}"
     return f"{request.scheme}://{request.get_host()}"
 
 
