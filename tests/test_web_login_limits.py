@@ -10,7 +10,7 @@ import requests
 from axes.models import AccessAttempt
 from django.conf import settings
 from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
+from knox.models import AuthToken
 
 PASSWORD = "correct horse battery staple"
 LOCKED = 429
@@ -82,7 +82,7 @@ def test_a_spoofed_x_forwarded_for_neither_escapes_the_lockout_nor_names_the_cli
     assert statuses[:limit - 1] == [400] * (limit - 1), statuses
     assert statuses[limit - 1:] == [LOCKED] * 3, statuses
     assert logins.attempt("alice", PASSWORD, headers[-1]) == LOCKED
-    assert not Token.objects.exists()
+    assert not AuthToken.objects.exists()
     # What the server took for the client's address: the peer's, not the header's.
     assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {"127.0.0.1"}
     log = live_server_process.log()

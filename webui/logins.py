@@ -29,6 +29,7 @@ from rest_framework.exceptions import Throttled
 from rest_framework.throttling import SimpleRateThrottle
 
 from .api.middleware import API_PREFIX
+from .api.throttling import RequestTimes
 
 
 def lockout_response(request: HttpRequest, original_response=None, credentials=None
@@ -55,6 +56,7 @@ class TooManyLogins(Throttled):
 
 class UsernameThrottle(SimpleRateThrottle):
     scope = "login"  # the rate of DEFAULT_THROTTLE_RATES["login"]: LOGIN_THROTTLE_RATE
+    cache = RequestTimes()  # a history in Redis is believed only if it could be one
 
     def __init__(self, username: str):
         super().__init__()
