@@ -1,9 +1,9 @@
 """Beat's scheduler: django-celery-beat's, plus the sweeps, run in beat's own process.
 
-The sweeps (jobs whose worker was lost or whose progress stalled; disks whose
-protection changed; hosts' access to Redis) watch the workers, so they must not
-run on a worker: with the only worker dead, a task sent to it would wait with
-the job it should have failed. Beat runs once per installation and is restarted
+The sweeps (jobs whose worker was lost or whose progress stalled; queued jobs whose
+message Redis lost; disks whose protection changed; hosts' access to Redis) watch
+the workers, so they must not run on a worker: with the only worker dead, a task
+sent to it would wait with the job it should have failed. Beat runs once per installation and is restarted
 when it exits (webui.launcher, systemd, docker-compose), so each sweep runs here,
 every interval, in a thread of its own: a slow notification holds back neither
 the schedules nor the other sweeps.
@@ -40,6 +40,7 @@ def sweeps() -> list[Sweep]:
 
     return [
         Sweep("check jobs", settings.CHECK_JOBS_SECONDS, services.check_jobs),
+        Sweep("resend lost jobs", settings.CHECK_JOBS_SECONDS, services.resend_lost_jobs),
         Sweep("check protection", settings.CHECK_PROTECTION_SECONDS, services.check_protection),
         Sweep("host access", settings.CHECK_JOBS_SECONDS, services.hosts.sync_access),
     ]

@@ -204,7 +204,19 @@ REDIS_URL = env_str("REDIS_URL") or \
 refuse_placeholder("the password in REDIS_URL", urlsplit(REDIS_URL).password)
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": JOB_VISIBILITY_TIMEOUT}
+# A worker waits for Redis however long it is away (Celery gives up after 100 tries).
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+# kombu's Redis transport, whose channels survive a lost connection (webui/broker.py).
+CELERY_BROKER_TRANSPORT = "webui.broker:Transport"
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": JOB_VISIBILITY_TIMEOUT,
+    # A Redis that is down or hangs costs a job start (a 503) or an acknowledgement a few
+    # seconds, not a hung request or worker: kombu's sockets would wait forever.
+    "socket_connect_timeout": 3.0, "socket_timeout": 3.0,
+}
+# A job goes on when Redis goes away (its progress and state go to the database); the
+# message it was started by cannot run it twice (claim_job). Celery 6 would cancel it.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 # JSON both ways, for tasks, remote control, events and results: never a pickle from Redis.

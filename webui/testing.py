@@ -73,6 +73,10 @@ class RedisServer(ServiceProcess):
     def restart(self) -> None:
         """Stopped (its data saved if persistent) and started again on the same port."""
         self.stop()
+        self.start()
+
+    def start(self) -> None:
+        """Started again after stop(): the same port and password, its data if persistent."""
         self._start(self.log_path)
 
 

@@ -1,4 +1,5 @@
-"""Every failure a request can cause becomes a 4xx JSON answer, never a 500 page."""
+"""Every failure a request can cause becomes a 4xx JSON answer (503 while Redis is down),
+never a 500 page."""
 from __future__ import annotations
 
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
@@ -12,7 +13,15 @@ from rest_framework.views import set_rollback
 from .. import services
 
 
+# When to ask again after a 503: Redis restarting is back within seconds.
+RETRY_AFTER_SECONDS = 30
+
+
 def exception_handler(exc, context):
+    if isinstance(exc, services.Unavailable):
+        response = _answer({"detail": str(exc)}, status.HTTP_503_SERVICE_UNAVAILABLE)
+        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
     if isinstance(exc, services.Refused):
         return _answer({"detail": str(exc)}, status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, DjangoValidationError):

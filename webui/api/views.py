@@ -1,7 +1,8 @@
 """The JSON API: each view parses the request and calls one query or one service.
 
 A service that refuses (a busy disk, a target too small...) raises
-services.Refused; the exception handler answers it with 400 {"detail": ...}.
+services.Refused; the exception handler answers it with 400 {"detail": ...},
+or 503 for services.Unavailable (Redis down: the job could not be sent).
 """
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ from .throttling import LoginThrottle
 # SQLite would not even take it.
 MAX_ID = 2 ** 63 - 1
 REFUSED = OpenApiResponse(description="refused, with the reason in `detail`")
+UNAVAILABLE = OpenApiResponse(description="Redis, the job queue, did not take the job: it "
+                                          "failed, its disk is free; ask again later "
+                                          "(Retry-After)")
 STARTED = {202: JobStartedSerializer, 400: REFUSED}
+SENT = {**STARTED, 503: UNAVAILABLE}  # a new job, whose message goes through Redis
 
 
 def parse(serializer_class: type[Serializer], data) -> dict:
@@ -89,7 +94,7 @@ class DiskViewSet(CachedListMixin, mixins.RetrieveModelMixin, ApiViewSet):
     def get_queryset(self):
         return Disk.objects.with_protection_facts()
 
-    @extend_schema(request=BackupSerializer, responses=STARTED,
+    @extend_schema(request=BackupSerializer, responses=SENT,
                    summary="Back the disk up now")
     @action(detail=True, methods=["post"])
     def backup(self, request: Request, pk=None) -> Response:
@@ -121,7 +126,7 @@ class ImageViewSet(CachedListMixin, mixins.RetrieveModelMixin, ApiViewSet):
         page = self.paginate_queryset(self.get_queryset().values(*IMAGE_COLUMNS))
         return self.get_paginated_response(image_listing(page)).data
 
-    @extend_schema(request=RestoreSerializer, responses=STARTED,
+    @extend_schema(request=RestoreSerializer, responses=SENT,
                    summary="Write the image onto a disk")
     @action(detail=True, methods=["post"])
     def restore(self, request: Request, pk=None) -> Response:
@@ -131,7 +136,7 @@ class ImageViewSet(CachedListMixin, mixins.RetrieveModelMixin, ApiViewSet):
                                      request.user, partition=wanted.get("partition"))
         return accepted(request, job)
 
-    @extend_schema(request=NoParametersSerializer, responses=STARTED,
+    @extend_schema(request=NoParametersSerializer, responses=SENT,
                    summary="Re-hash every chunk of the image")
     @action(detail=True, methods=["post"])
     def verify(self, request: Request, pk=None) -> Response:

@@ -7,7 +7,8 @@ functions (`from webui import services`) and nothing below them.
 from . import files, hosts, readcache
 from .catalog import (CatalogChange, datastore_at, default_datastore, delete_image,
                       report_inventory, report_local_inventory, rescan)
-from .errors import Refused
+from .delivery import resend_lost_jobs
+from .errors import Refused, Unavailable
 from .jobs import (start_backup, start_export, start_gc, start_import, start_prune,
                    start_recompress, start_restore, start_verify, start_verify_latest)
 from .notifications import notify
@@ -27,4 +28,5 @@ __all__ = [
     "start_backup", "start_export", "start_gc", "start_import",
     "start_prune", "start_recompress", "start_restore", "start_verify", "start_verify_latest",
     "sync_schedule", "sync_schedules", "unschedule",
+    "Unavailable", "resend_lost_jobs",
 ]

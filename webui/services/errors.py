@@ -1,4 +1,4 @@
-"""The one exception the use cases raise for a request they cannot honour."""
+"""The exceptions the use cases raise for a request they cannot honour."""
 
 
 class Refused(Exception):
@@ -7,3 +7,8 @@ class Refused(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class Unavailable(Refused):
+    """A sound request that a service it needs, down for now, kept from being carried out:
+    worth asking again later (the API's 503)."""

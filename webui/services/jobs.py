@@ -2,7 +2,8 @@
 
 A job goes to the queue of the host whose worker must run it. A disk takes one
 job at a time: the check runs in the transaction that creates the job, with
-the disks locked, so of two requests for one disk only one can win.
+the disks locked, so of two requests for one disk only one can win. A job
+whose message Redis does not take is failed at once (services.delivery).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import imaging.store
 from imaging.errors import ImagingError
 
 from ..models import Datastore, Disk, Host, HostAccess, Image, Job, Schedule
+from . import delivery
 from .catalog import default_datastore
 from .errors import Refused
 from .files import partitions
@@ -165,7 +167,8 @@ def start_gc(datastore: Datastore, user=None, schedule: Optional[Schedule] = Non
 
 
 def _create_job(kind: str, host: Host, user, *, holds: Iterable[Disk] = (), **fields) -> Job:
-    """Create a queued job and enqueue it on commit; refused if a disk it holds is busy.
+    """Create a queued job and enqueue it on commit; refused if a disk it holds is busy,
+    Unavailable (the job failed, its disks free) if Redis does not take its message.
 
     The disks are locked first (select_for_update; SQLite's IMMEDIATE transactions
     serialize writers), so of two requests for one disk only one can win.
@@ -192,11 +195,9 @@ def _create_job(kind: str, host: Host, user, *, holds: Iterable[Disk] = (), **fi
 
 
 def _enqueue(job: Job) -> None:
-    from .. import tasks
-
-    task = tasks.JOB_TASKS[job.kind]
-    queue = job.host.queue
-    transaction.on_commit(lambda: task.apply_async(args=[job.pk], queue=queue))
+    # Once committed, so the worker finds the row; a job that cannot be sent is failed then,
+    # and Unavailable raised where the transaction commits (outside any, for every caller).
+    transaction.on_commit(lambda: delivery.send(job))
     announce(job)
 
 

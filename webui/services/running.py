@@ -144,13 +144,15 @@ def finish_job(job: Job, result: Any, now: Optional[dt.datetime] = None) -> Job:
         elif job.schedule_id and job.schedule.notify_on_success:
             notify_later(f"{job_title(job)} succeeded", job_summary(job),
                          job.schedule.notification_urls())
-        if (job.kind == Job.Kind.BACKUP and state != Job.State.FAILED and job.schedule_id
-                and job.schedule.kind == Schedule.Kind.BACKUP):
-            try:
-                start_prune(job.schedule)
-            except Refused as exc:
-                log.warning("no prune after %s: %s", job, exc)
         announce(job)
+    # Once the backup is committed: a prune that cannot start (its disk busy, Redis gone)
+    # changes nothing of it.
+    if (job.kind == Job.Kind.BACKUP and state != Job.State.FAILED and job.schedule_id
+            and job.schedule.kind == Schedule.Kind.BACKUP):
+        try:
+            start_prune(job.schedule)
+        except Refused as exc:
+            log.warning("no prune after %s: %s", job, exc)
     return job
 
 
