@@ -109,13 +109,20 @@ TEMPLATES = [{
     ]},
 }]
 
+# No persistent connections: under ASGI each request runs in a thread of its own, whose
+# connection would outlive it (Django's documentation says as much).
 DATABASES = {"default": dj_database_url.parse(
-    env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"), conn_max_age=60)}
+    env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'db.sqlite3'}"), conn_max_age=0)}
 refuse_placeholder("the password in DATABASE_URL", DATABASES["default"].get("PASSWORD"))
+# Connections each process keeps to PostgreSQL at most: a flood of requests waits its turn
+# rather than taking every connection the server has (100 by default) and failing the rest.
+DATABASE_POOL_SIZE = env_int("DATABASE_POOL_SIZE", 20, minimum=2)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1, "max_size": DATABASE_POOL_SIZE, "timeout": 30}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web server and a worker write at once: WAL lets readers go on, IMMEDIATE
     # transactions queue writers instead of failing them with "database is locked".
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         "transaction_mode": "IMMEDIATE",

@@ -8,7 +8,9 @@ from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
+from django.contrib.auth import get_user_model
 from rest_framework import serializers
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 
 from ..models import Datastore, Disk, Host, Image, Job, Protection, Schedule
 
@@ -247,6 +249,20 @@ class RestoreSerializer(StrictSerializer):
                                     help_text="the target disk's stable_id, typed to confirm")
     partition = PartitionNumberField(required=False, min_value=1, max_value=999_999,
                                      help_text="write only this partition of the image")
+
+
+class CredentialsSerializer(AuthTokenSerializer):
+    """A username and password; a username longer than any user's is refused before anyone
+    tries it (django-axes would record it, and PostgreSQL refuses its column that long)."""
+
+    username = serializers.CharField(max_length=get_user_model()._meta.get_field(
+        get_user_model().USERNAME_FIELD).max_length, write_only=True)
+
+
+class NewTokenSerializer(serializers.Serializer):
+    """A new API token, shown this once: only its hash is kept."""
+
+    token = serializers.CharField(help_text="send it as `Authorization: Token <token>`")
 
 
 class NoParametersSerializer(StrictSerializer):

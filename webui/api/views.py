@@ -11,7 +11,6 @@ from django.db.models import Model, Q
 from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
-from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.decorators import action
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -25,8 +24,9 @@ from .. import services
 from ..models import Datastore, Disk, Host, Image, Job, Schedule
 from .authentication import new_token
 from .permissions import IsStaffOrReadOnly
-from .serializers import (IMAGE_COLUMNS, BackupSerializer, DatastoreSerializer, DiskSerializer,
-                          HostSerializer, ImageSerializer, JobSerializer, JobStartedSerializer,
+from .serializers import (IMAGE_COLUMNS, BackupSerializer, CredentialsSerializer,
+                          DatastoreSerializer, DiskSerializer, HostSerializer, ImageSerializer,
+                          JobSerializer, JobStartedSerializer, NewTokenSerializer,
                           NoParametersSerializer, RestoreSerializer, ScheduleSerializer,
                           image_listing)
 from .throttling import LoginThrottle
@@ -210,12 +210,12 @@ class ObtainTokenView(APIView):
     parser_classes = api_settings.DEFAULT_PARSER_CLASSES
     renderer_classes = [JSONRenderer]
 
-    @extend_schema(request=AuthTokenSerializer, responses=AuthTokenSerializer,
+    @extend_schema(request=CredentialsSerializer, responses=NewTokenSerializer,
                    summary="Make an API token with a username and password")
     def post(self, request: Request) -> Response:
         # django-axes flags a locked-out attempt on Django's request, where its middleware
         # looks to answer 429; DRF's wrapper would keep the flag to itself.
-        credentials = AuthTokenSerializer(data=request.data,
+        credentials = CredentialsSerializer(data=request.data,
                                           context={"request": request._request})
         credentials.is_valid(raise_exception=True)
         return Response({"token": new_token(credentials.validated_data["user"])})
