@@ -32,6 +32,7 @@ from engine import MiB, write_random
 from support.devices import fuse_unavailable_reason
 from support.faulty import faulty_file
 from support.requirements import requirement_missing
+from support.services import wait_for
 from support.web import MEMORY_LAYER, PLAIN_STATIC, LabMixin
 from test_web_notifications import Webhook
 
@@ -48,16 +49,6 @@ DISK_SIZE = 16 * MiB
 HUNG_BROKER_SECONDS = 10
 HUNG_REDIS_SECONDS = 30
 UNRECOVERABLE = "Unrecoverable error"
-
-
-def wait_for(condition, what, timeout, *processes):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in processes)
-            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs}", pytrace=False)
-        time.sleep(0.2)
-    return value
 
 
 def finished(job_id: int, timeout: float, *processes) -> Job:
@@ -214,19 +205,6 @@ class UnsentJobTests(LabMixin, TransactionTestCase):
 
 
 # --- all real: the live server and workers on a private Redis, stopped or restarted --------
-
-@pytest.fixture
-def private_redis(request, tmp_path, live_environment):
-    """A Redis of this test only, which the live server and workers it starts use; it keeps
-    its data across a restart when the test's parameter says so."""
-    server = RedisServer(tmp_path, tmp_path / "redis.log",
-                         persistent=getattr(request, "param", False))
-    live_environment["REDIS_URL"] = server.url
-    try:
-        yield server
-    finally:
-        server.stop()
-
 
 @pytest.fixture
 def token():

@@ -8,6 +8,7 @@ import pytest
 import requests
 from django.contrib.auth.models import User
 from django.test import Client
+from support.services import wait_for
 from websockets.sync.client import connect
 
 from webui.api.authentication import new_token
@@ -17,16 +18,6 @@ GiB = 1024 ** 3
 # Sparse: long enough to read for several progress events, and it takes no room.
 DISK_SIZE = 1 * GiB
 FINISHED = {state.value for state in Job.FINISHED_STATES}
-
-
-def wait_for(condition, what, timeout, *processes):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in processes)
-            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs}", pytrace=False)
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture

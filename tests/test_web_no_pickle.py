@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from django.contrib.auth.models import User
 from django.core.cache import caches
 from django.test import override_settings
 from knox.models import AuthToken
+from support.services import wait_for
 from support.web import PASSWORD, LabMixin, logged_in, token_through_the_api
 from websockets.sync.client import connect
 
@@ -115,16 +115,6 @@ def lab():
     lab.make_image(lab.d2)
     User.objects.filter(pk=lab.alice.pk).update(is_superuser=True)
     return lab
-
-
-def wait_for(condition, what: str, timeout: float = 30.0, *processes):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in processes)
-            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs}", pytrace=False)
-        time.sleep(0.1)
-    return value
 
 
 def token_entry_key(token: str) -> str:

@@ -15,23 +15,12 @@ import pytest
 import redis
 from engine import MiB, write_random
 from support.devices import loop_device, requires_loop
+from support.services import wait_for
 
 from webui import services, tasks
 from webui.models import Disk, Host, Image, Job
 
 LOST_WITHIN_SECONDS = 90
-
-
-def wait_for(condition, what: str, timeout: float, *workers):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {w.name}\n{w.log()[-3000:]}" for w in workers)
-            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs}", pytrace=False)
-        time.sleep(0.2)
 
 
 def finished(job_id: int, timeout: float, *workers) -> Job:

@@ -34,7 +34,6 @@ import contextlib
 import itertools
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from playwright.sync_api import Page, sync_playwright
 from .devices import loop_device, requires_loop
 from .disks import PartSpec, build_disk
 from .requirements import requirement_missing
-from .services import REPO, CeleryWorker, LiveServer
+from .services import REPO, CeleryWorker, LiveServer, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -85,17 +84,6 @@ def in_own_thread(function: Callable[..., T], *args, **kwargs) -> T:
 
     with ThreadPoolExecutor(max_workers=1) as thread:
         return thread.submit(call).result()
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float, *processes) -> object:
-    """Poll condition() until it is truthy; fail with the processes' log tails if it never is."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.name}\n{p.log()[-3000:]}" for p in processes)
-            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs}", pytrace=False)
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session):
     if _sqlite_test_dir is not None:
         shutil.rmtree(_sqlite_test_dir, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0,
+             *processes) -> object:
+    """Poll condition() until it is truthy; fail with the processes' log tails if it never is."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in processes)
+            pytest.fail(f"no {what} after {timeout:.0f} s\n{logs}", pytrace=False)
+        time.sleep(0.2)
+    return value
 
 
 @pytest.fixture(scope="session")
@@ -158,9 +171,11 @@ def live_environment(transactional_db, redis_url, collected_static, tmp_path) ->
 
 
 @pytest.fixture
-def private_redis(live_environment, tmp_path) -> Iterator[RedisServer]:
+def private_redis(request, live_environment, tmp_path) -> Iterator[RedisServer]:
+    """Parametrized indirectly with True, it keeps its data across a restart."""
     with _failing_the_test():
-        server = RedisServer(tmp_path, tmp_path / "redis.log")
+        server = RedisServer(tmp_path, tmp_path / "redis.log",
+                             persistent=getattr(request, "param", False))
     live_environment["REDIS_URL"] = server.url
     try:
         yield server
