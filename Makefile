@@ -45,7 +45,7 @@ $(VENV)/wheels/.built: requirements.txt | $(VENV)/.installed
 	$(PY) -m pip wheel -q --disable-pip-version-check -r requirements.txt -w $(VENV)/wheels
 	touch $@
 
-# Redis, and PostgreSQL for the tests, on loopback when none answers.
+# PostgreSQL for the tests, on loopback when none answers (each test run starts its own Redis).
 services: install
 	@ops/services.sh
 

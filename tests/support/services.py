@@ -4,7 +4,9 @@ Loaded into every run as a pytest plugin (`-p support.services` in pytest.ini),
 so its fixtures need no import:
 
 - `redis_url`: the Redis the test process itself uses (REDIS_URL), answering
-  a PING; missing, the test is skipped (fails under CI). `make test` starts one.
+  a PING; missing, the test is skipped (fails under CI). Without REDIS_URL in the
+  environment the plugin starts one for the run, with the launcher (webui.launcher)
+  `make run` uses, on a free port with a password.
 - `live_server_process`: `uvicorn webui.asgi:application` on a free loopback
   port, a subprocess with its own DATA_DIR, answering HTTP; `.url`, `.log()`.
 - `celery_worker(host_name, disk_files=...)`: a factory of real
@@ -35,8 +37,6 @@ leave the test code without the ORM on the rows the server and workers write.
 The subprocesses share one datastore directory (IMAGING_DATASTORE), as hosts
 mounting the same NAS do.
 
-At start-up the plugin also gives the test process a SECRET_KEY when none is
-set, so webui.settings loads with DEBUG off, as in production.
 """
 
 from __future__ import annotations
@@ -60,15 +60,29 @@ from .requirements import requirement_missing
 
 __all__ = ["REPO", "CeleryWorker", "LiveServer", "free_port"]
 
-TEST_SECRET_KEY = "tests-only-secret-key-" + "k" * 20 + "-never-used-outside-the-test-run"
-
 _sqlite_test_dir: Path | None = None
+_session_redis: RedisServer | None = None
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args):
-    # Before pytest-django imports webui.settings, which refuses a missing key.
-    os.environ.setdefault("SECRET_KEY", TEST_SECRET_KEY)
+    """Before pytest-django imports webui.settings: without a REDIS_URL, the run's own Redis,
+    started by the launcher `make run` uses (with a password), for this run alone."""
+    global _session_redis
+    if os.environ.get("REDIS_URL") or shutil.which("redis-server") is None:
+        return  # a Redis given, or none to start: the redis_url fixture says which
+    folder = Path(tempfile.mkdtemp(prefix="imaging-test-redis-"))
+    try:
+        _session_redis = RedisServer(folder, folder / "redis.log")
+    except ServiceFailed as failure:
+        raise pytest.UsageError(f"the test run's Redis did not start: {failure}") from None
+    os.environ["REDIS_URL"] = _session_redis.url
+
+
+def pytest_unconfigure(config):
+    if _session_redis is not None:
+        _session_redis.stop()
+        shutil.rmtree(_session_redis.workdir, ignore_errors=True)
 
 
 def _django_settings():
@@ -114,11 +128,10 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0,
 def redis_url() -> str:
     settings = _django_settings()
     url = settings.REDIS_URL if settings else os.environ.get("REDIS_URL")
-    if not url:
-        requirement_missing("no REDIS_URL: `ops/services.sh redis` starts a Redis and prints it")
-    reason = redis_problem(url)
+    reason = redis_problem(url) if url else "no REDIS_URL"
     if reason:
-        requirement_missing(f"{reason}; `ops/services.sh redis` starts one")
+        requirement_missing(f"{reason}; without REDIS_URL the run starts its own Redis, if "
+                            "redis-server is installed (make install)")
     return url
 
 
