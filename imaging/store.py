@@ -1,6 +1,6 @@
 """The datastore: a directory of content-addressed zstd chunks and images.
 
-Layout (see DESIGN.md): datastore.json, chunks/<hh>/<sha256>.zst,
+Layout (docs/architecture.md, The datastore): datastore.json, chunks/<hh>/<sha256>.zst,
 images/<disk-id>/<stamp>/, and jobs/ with a token for each running job.
 Every file lands by write-to-temporary, fsync, rename, so a crash leaves only
 temporary files (names starting with '.').

@@ -1,4 +1,4 @@
-"""The read side of the API: DESIGN.md's shapes, pagination, and a fixed number of queries."""
+"""The read side of the API: its shapes, pagination, and a fixed number of queries."""
 import datetime as dt
 
 from django.db import connection

@@ -1,4 +1,7 @@
-"""Django settings, read from the environment through webui.env (DESIGN.md's table)."""
+"""Django settings, read from the environment through webui.env.
+
+Which process acts on which variable: docs/architecture.md, The environment.
+"""
 from __future__ import annotations
 
 import os

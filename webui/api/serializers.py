@@ -1,4 +1,7 @@
-"""The JSON shapes of DESIGN.md: what the API returns and the WebSocket streams."""
+"""The JSON shapes the API returns and the WebSockets stream.
+
+A job and its progress as both show them: docs/architecture.md, Progress events.
+"""
 from __future__ import annotations
 
 import copy

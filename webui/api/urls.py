@@ -1,4 +1,4 @@
-"""/api/: the resources of DESIGN.md's table, the token endpoint and the OpenAPI schema."""
+"""/api/: the resources of the README's API table, the token endpoint and the OpenAPI schema."""
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.permissions import IsAuthenticated
