@@ -19,4 +19,5 @@ RUN apt-get update -qq \
 COPY . .
 
 EXPOSE 8000
-CMD ["uvicorn", "webui.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "off"]
+# The launcher's command line, as docker-compose.yml, make run and systemd run it.
+CMD ["python", "manage.py", "serve", "--exec", "web"]

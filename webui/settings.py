@@ -250,8 +250,7 @@ CHANNEL_LAYER = env_str("CHANNEL_LAYER", "redis")
 if CHANNEL_LAYER == "redis":
     CHANNEL_LAYERS = {"default": {
         "BACKEND": "webui.channel_layer.PubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 2000, "expiry": 15,
-                   "serializer_format": "json"},
+        "CONFIG": {"hosts": [REDIS_URL], "serializer_format": "json"},
     }}
 elif CHANNEL_LAYER == "memory":
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
