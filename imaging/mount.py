@@ -27,16 +27,15 @@ import os
 import re
 import signal
 import stat
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from . import catalog, codec
+from . import catalog, codec, tools
 from .chunks import Contents, read_chunk, read_chunk_into
-from .errors import ImageError, ImagingError, describe, running
+from .errors import ImageError, ImagingError, describe
 from .image import Image, parse_stamp
 from .progress import Progress
 from .store import reading
@@ -380,14 +379,11 @@ def unmount(mountpoint: Path) -> None:
     """Unmount a FUSE mount, lazily if something still holds it open."""
     if not os.path.ismount(mountpoint):
         return
-    with running("fusermount3", FUSE_PACKAGE, ImagingError):
-        done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
-                              text=True)
-        if done.returncode != 0 and os.path.ismount(mountpoint):
-            done = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
-                                  capture_output=True, text=True)
+    done = tools.run("fusermount3", FUSE_PACKAGE, ["-u", str(mountpoint)], text=True)
     if done.returncode != 0 and os.path.ismount(mountpoint):
-        raise ImagingError(f"cannot unmount {mountpoint}: {done.stderr.strip()}")
+        done = tools.run("fusermount3", FUSE_PACKAGE, ["-u", "-z", str(mountpoint)], text=True)
+    if done.returncode != 0 and os.path.ismount(mountpoint):
+        raise ImagingError(f"cannot unmount {mountpoint}: {tools.complaint(done)}")
 
 
 @dataclasses.dataclass
