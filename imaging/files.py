@@ -629,9 +629,10 @@ def _components(path: str) -> list[bytes]:
     return names
 
 
-def _safe(name: bytes) -> bool:
+def safe_name(name: str | bytes) -> bool:
     """Is `name` one path component that stays where it is put?"""
-    return name not in (b"", b".", b"..") and b"/" not in name and b"\0" not in name
+    name = os.fsdecode(name)  # stored bytes as file names decode, never failing
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def printable(text: str) -> str:
@@ -753,7 +754,7 @@ class _Extraction:
         if self.progress.cancelled():
             raise Cancelled()
         shown = _shown((*parent, name))
-        if not _safe(name):
+        if not safe_name(name):
             return self._skip(shown, "a name that would leave its folder")
         if node.handle is None:
             return self._skip(shown, f"a name the {self.tool.name} tools cannot address")
