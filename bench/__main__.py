@@ -34,7 +34,7 @@ from bench.report import (
     runs_table,
     targets_table,
 )
-from bench.system import GiB, MiB, exit_cleanly_on_signals, parse_size
+from bench.system import GiB, MiB, exit_cleanly_on_signals, size_argument
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # In running order: the used section reuses the partclone peer's run when it
@@ -64,9 +64,14 @@ SECTION_NOTES = {
 }
 
 
+def _sample_size(text: str) -> int:
+    """A size, or 0: the whole disk."""
+    return 0 if text.strip() == "0" else size_argument(text)
+
+
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--size", type=parse_size, default=GiB,
+    parser.add_argument("--size", type=size_argument, default=GiB,
                         help="test disk size, e.g. 256M for a quick try (default 1G)")
     parser.add_argument("--disk", type=Path,
                         help="use a copy of this disk image (from python -m bench.disk) "
@@ -80,7 +85,7 @@ def _arguments() -> argparse.Namespace:
                              "(default: %(default)s; 7za adds ~4 min on 1 GiB, export ~11 min)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="repeat the fast peers this many times, report medians (default 5)")
-    parser.add_argument("--gzip-sample", type=parse_size, default=256 * MiB,
+    parser.add_argument("--gzip-sample", type=_sample_size, default=256 * MiB,
                         help="time dd|gzip -9 on this much of the disk and scale up; "
                              "0 = whole disk (default 256M)")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",

@@ -32,14 +32,14 @@ from bench.system import (
     SWAP_TYPE,
     GiB,
     MiB,
-    attached_loop,
     exit_cleanly_on_signals,
     mounted,
     mounted_partition,
-    parse_size,
     read_partitions,
     run,
+    size_argument,
 )
+from imaging.tools import loop_device
 
 BLOCK = 4096
 ZEROS = bytes(4 * MiB)
@@ -208,9 +208,9 @@ def build_disk(path: Path, size: int = GiB, seed: int = 1) -> None:
     )
     run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)], input=script)
 
-    with attached_loop(path, p2_offset, p2_size) as device:
+    with loop_device(path, p2_offset, p2_size) as device:
         run(["mkswap", "--label", "swap", "--uuid", swap_uuid, device])
-    with attached_loop(path, p1_offset, p1_size) as device:
+    with loop_device(path, p1_offset, p1_size) as device:
         # nodiscard: discarding would punch holes in the image file, and a
         # sparse image is not what a real disk looks like.
         run(["mkfs.ext4", "-q", "-F", "-L", "root", "-U", fs_uuid,
@@ -298,7 +298,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.disk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path)
-    parser.add_argument("--size", type=parse_size, default=GiB, help="e.g. 256M, 1G (default 1G)")
+    parser.add_argument("--size", type=size_argument, default=GiB, help="e.g. 256M, 1G (default 1G)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--change", action="store_true",
                         help="instead of building, apply change_files to an existing disk")

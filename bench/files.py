@@ -29,11 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.system import LINUX_TYPE, MiB, attached_loop, mounted, partition_of_type
+from bench.system import LINUX_TYPE, MiB, mounted, partition_of_type
 from imaging.backup import backup
 from imaging.errors import ImagingError
 from imaging.files import extract
 from imaging.restore import restore
+from imaging.tools import loop_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 5
@@ -65,7 +66,7 @@ def _prepare(pristine: Path, workdir: Path) -> tuple[Path, int, str]:
     shutil.copyfile(pristine, disk)
     part = partition_of_type(disk, LINUX_TYPE)
     digest = hashlib.sha256()
-    with attached_loop(disk, part.offset, part.size) as device, mounted(device) as root:
+    with loop_device(disk, part.offset, part.size) as device, mounted(device) as root:
         with open(root / FILE_NAME, "wb") as handle:
             for _ in range(FILE_SIZE // MiB):
                 block = os.urandom(MiB)
@@ -98,7 +99,7 @@ def measure(pristine: Path, workdir: Path) -> dict:
         if hashlib.sha256((out / FILE_NAME).read_bytes()).hexdigest() != digest:
             raise RuntimeError("the extracted file differs from the original")
         shutil.rmtree(out)
-        with attached_loop(restored, part.offset, part.size, read_only=True) as device, \
+        with loop_device(restored, part.offset, part.size, read_only=True) as device, \
                 mounted(device) as root:
             _drop_caches()
             catting.append(_timed(["sh", "-c", 'cat "$0" > /dev/null', root / FILE_NAME]))

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import CommandFailed, timed, wait_until_idle
-from bench.system import MiB, attached_loop, read_through, run, same_content, tree_bytes
+from bench.system import MiB, read_through, run, same_content, tree_bytes
 from imaging import layout, usedmap
+from imaging.tools import loop_device
 
 
 @dataclass
@@ -358,8 +359,8 @@ def partclone_on_original(bench: Bench) -> None:
             if filesystem == "swap":
                 steps.append(raw_copy(start, SWAP_HEADER, f"p{number}.swap-header.zst"))
             else:
-                device = loops.enter_context(attached_loop(bench.disk, start, size,
-                                                           read_only=True))
+                device = loops.enter_context(loop_device(bench.disk, start, size,
+                                                         read_only=True))
                 devices.append(Path(device))
                 tool = _partclone_tool(filesystem)
                 steps.append(f"partclone.{tool} -c -q -L {shlex.quote(str(log))} -s {device} "

@@ -5,6 +5,7 @@ so every helper that creates one is a context manager that undoes it even
 when the body raises or the run is interrupted.
 """
 
+import argparse
 import contextlib
 import json
 import signal
@@ -13,6 +14,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from imaging.errors import ImagingError
+from imaging.tools import loop_device, parse_size
 
 SECTOR = 512
 MiB = 1 << 20
@@ -31,13 +35,13 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def parse_size(text: str) -> int:
-    """'256M', '1G', '1.5GiB' or a plain byte count."""
-    units = {"K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if cleaned and cleaned[-1] in units:
-        return int(float(cleaned[:-1]) * units[cleaned[-1]])
-    return int(cleaned)
+def size_argument(text: str) -> int:
+    """A size on the command line, as the engine reads it ('256M', '1G', '2GB');
+    argparse shows an ArgumentTypeError's words, and only those."""
+    try:
+        return parse_size(text)
+    except ImagingError as refused:
+        raise argparse.ArgumentTypeError(str(refused)) from None
 
 
 def exit_cleanly_on_signals() -> None:
@@ -71,20 +75,6 @@ def partition_of_type(disk: Path, type_code: str) -> Partition:
 
 
 @contextlib.contextmanager
-def attached_loop(image: Path, offset: int, size: int, read_only: bool = False) -> Iterator[str]:
-    """A loop device exposing image[offset:offset+size]; the kernel here does not
-    create partition nodes, so each partition gets a loop device of its own."""
-    argv = ["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size)]
-    if read_only:
-        argv.append("--read-only")
-    device = run([*argv, str(image)]).stdout.strip()
-    try:
-        yield device
-    finally:
-        run(["losetup", "--detach", device])
-
-
-@contextlib.contextmanager
 def mounted(device: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="bench-mnt-") as mountpoint:
         run(["mount", device, mountpoint])
@@ -97,7 +87,8 @@ def mounted(device: str) -> Iterator[Path]:
 @contextlib.contextmanager
 def mounted_partition(disk: Path, type_code: str) -> Iterator[Path]:
     part = partition_of_type(disk, type_code)
-    with attached_loop(disk, part.offset, part.size) as device, mounted(device) as root:
+    # The kernel here does not create partition nodes: a partition is a loop device of its own.
+    with loop_device(disk, part.offset, part.size) as device, mounted(device) as root:
         yield root
 
 

@@ -62,7 +62,7 @@ from bench.disk import build_disk
 from bench.measure import _machine_busy_seconds, wait_until_idle
 from bench.peers import Bench, Run, merge_rounds, ours_backup
 from bench.report import Comparison, Results, throughput, wall_seconds
-from bench.system import GiB, MiB, exit_cleanly_on_signals, parse_size, read_through, tree_bytes
+from bench.system import GiB, MiB, exit_cleanly_on_signals, read_through, size_argument, tree_bytes
 from webui.testing import CeleryWorker, LiveServer, RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -846,7 +846,7 @@ def _parts(text: str) -> tuple[str, ...]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=parse_size, default=GiB,
+    parser.add_argument("--size", type=size_argument, default=GiB,
                         help="test disk size, e.g. 256M for a quick try (default 1G)")
     parser.add_argument("--disk", type=Path,
                         help="back up this disk image (only read) instead of building one")

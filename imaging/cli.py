@@ -29,7 +29,7 @@ from .recompress import recompress
 from .rehome import rehome
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
-from .splitnames import parse_size
+from .tools import parse_size
 from .verify import verify
 
 
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL, help="zstd level")
     sub.add_argument("--long", action="store_true",
                      help="long-distance matching over a 128 MiB window (plain zstd -d still decodes)")
-    sub.add_argument("--split", metavar="SIZE", help="cut into parts of SIZE (e.g. 2048m, 2G)")
+    sub.add_argument("--split", metavar="SIZE",
+                     help="cut into parts of SIZE: 2G or 2GiB (powers of 1024), 2GB (of 1000)")
     with_progress(sub)
 
     sub = add("recompress", cmd_recompress, "re-encode the chunks an image needs at another level")

@@ -31,13 +31,12 @@ import os
 import re
 import secrets
 import stat
-import subprocess
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from . import mount
-from .errors import Cancelled, ImagingError, TargetError, describe, running
+from . import mount, tools
+from .errors import Cancelled, ImagingError, TargetError, describe
 from .filesystems import EXT, identify
 from .manifest import utc_text
 from .mount import ImageReader, exposed
@@ -173,15 +172,6 @@ class _Tool:
         return problems
 
 
-def _run(tool: str, package: str, arguments: list[str], *, input: Optional[bytes] = None,
-         pass_fds: Iterable[int] = (), env: Optional[dict] = None,
-         stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
-    with running(tool, package, ImagingError):
-        return subprocess.run([tool, *arguments], input=input, stdout=stdout,
-                              stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
-                              env=env, stdin=None if input is not None else subprocess.DEVNULL)
-
-
 def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write the views one after the other from `offset`, however many calls it takes."""
     while views:
@@ -192,11 +182,6 @@ def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
             views = views[1:]
         if views and written:
             views = [views[0][written:], *views[1:]]
-
-
-def _last_line(text: bytes) -> str:
-    lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 class _Ext(_Tool):
@@ -227,11 +212,11 @@ class _Ext(_Tool):
         self._maps: dict[int, Optional[list[tuple[int, int, int, bool]]]] = {}
 
     def _debugfs(self, commands: list[str], pass_fds: Iterable[int] = ()) -> tuple[bytes, bytes]:
-        done = _run("debugfs", "e2fsprogs", ["-c", "-f", "-", str(self.device)],
-                    input=("\n".join(commands) + "\n").encode(), pass_fds=pass_fds)
+        done = tools.run("debugfs", "e2fsprogs", ["-c", "-f", "-", str(self.device)],
+                         input=("\n".join(commands) + "\n").encode(), pass_fds=pass_fds)
         if b"while trying to open" in done.stderr or b"Filesystem not open" in done.stderr:
             problem = next((line for line in done.stderr.decode(errors="replace").splitlines()
-                            if "while trying to open" in line), _last_line(done.stderr))
+                            if "while trying to open" in line), tools.last_line(done.stderr))
             raise ImagingError(f"debugfs cannot open the filesystem: "
                                f"{problem.replace(str(self.device), 'the partition')}")
         return done.stdout, done.stderr
@@ -367,7 +352,7 @@ class _Ext(_Tool):
             batch = [jobs[number] for number in dumped[first:first + BATCH]]
             _, errors = self._debugfs([f"dump <{node.handle}> /dev/fd/{fd}" for node, fd in batch],
                                       pass_fds=[fd for _, fd in batch])
-            found = self._checked_copy(batch, {}, _last_line(errors))
+            found = self._checked_copy(batch, {}, tools.last_line(errors))
             problems.update({dumped[first + number]: problem for number, problem in found.items()})
         return self._checked_copy(jobs, problems)
 
@@ -448,7 +433,8 @@ class _Ext(_Tool):
         if node.target is not None:
             return node.target
         # A long target lives in a data block: the link's contents.
-        done = _run("debugfs", "e2fsprogs", ["-c", "-R", f"cat <{node.handle}>", str(self.device)])
+        done = tools.run("debugfs", "e2fsprogs",
+                         ["-c", "-R", f"cat <{node.handle}>", str(self.device)])
         return done.stdout
 
 
@@ -476,10 +462,10 @@ class _Fat(_Tool):
         return [self._list(d) for d in dirs]
 
     def _list(self, directory: Node) -> list[Node]:
-        done = _run("mdir", "mtools", ["-a", "-i", str(self.device), directory.handle],
-                    env=self._env())
+        done = tools.run("mdir", "mtools", ["-a", "-i", str(self.device), directory.handle],
+                         env=self._env())
         if done.returncode != 0:
-            problem = _last_line(done.stderr).replace(str(self.device), "the partition")
+            problem = tools.last_line(done.stderr).replace(str(self.device), "the partition")
             raise ImagingError(f"mdir cannot list {directory.handle[2:]}: {problem}")
         found = []
         for line in done.stdout.decode(errors="surrogateescape").splitlines():
@@ -503,10 +489,10 @@ class _Fat(_Tool):
     def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
         problems: dict[int, str] = {}
         for number, (node, fd) in enumerate(jobs):
-            done = _run("mcopy", "mtools", ["-n", "-m", "-i", str(self.device), node.handle,
-                                             f"/dev/fd/{fd}"], pass_fds=[fd], env=self._env())
+            done = tools.run("mcopy", "mtools", ["-n", "-m", "-i", str(self.device), node.handle,
+                                                  f"/dev/fd/{fd}"], pass_fds=[fd], env=self._env())
             if done.returncode != 0:
-                problems[number] = f"mcopy failed: {_last_line(done.stderr)}"
+                problems[number] = f"mcopy failed: {tools.last_line(done.stderr)}"
         return self._checked_copy(jobs, problems)
 
 
@@ -529,9 +515,10 @@ class _Ntfs(_Tool):
 
     def _list(self, directory: Node) -> list[Node]:
         record, path = directory.handle
-        done = _run("ntfsls", "ntfs-3g", ["-l", "-i", "-F", "-a", "-p", path, str(self.device)])
+        done = tools.run("ntfsls", "ntfs-3g",
+                         ["-l", "-i", "-F", "-a", "-p", path, str(self.device)])
         if done.returncode != 0:
-            raise ImagingError(f"ntfsls cannot list {path}: {_last_line(done.stderr)}")
+            raise ImagingError(f"ntfsls cannot list {path}: {tools.last_line(done.stderr)}")
         found = []
         for line in done.stdout.split(b"\n"):
             fields = self._LINE.match(line)
@@ -547,7 +534,7 @@ class _Ntfs(_Tool):
         return found
 
     def _times(self, record: int) -> dict[str, int]:
-        done = _run("ntfsinfo", "ntfs-3g", ["-i", str(record), str(self.device)])
+        done = tools.run("ntfsinfo", "ntfs-3g", ["-i", str(record), str(self.device)])
         text = done.stdout.decode(errors="replace")
         times = {}
         for key, pattern in self._TIMES.items():
@@ -561,10 +548,10 @@ class _Ntfs(_Tool):
     def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
         problems: dict[int, str] = {}
         for number, (node, fd) in enumerate(jobs):
-            done = _run("ntfscat", "ntfs-3g", ["-i", str(node.handle[0]), str(self.device)],
-                        stdout=fd)
+            done = tools.run("ntfscat", "ntfs-3g", ["-i", str(node.handle[0]), str(self.device)],
+                             stdout=fd)
             if done.returncode != 0:
-                problems[number] = f"ntfscat failed: {_last_line(done.stderr)}"
+                problems[number] = f"ntfscat failed: {tools.last_line(done.stderr)}"
         return self._checked_copy(jobs, problems)
 
 
@@ -642,9 +629,10 @@ def _components(path: str) -> list[bytes]:
     return names
 
 
-def _safe(name: bytes) -> bool:
+def safe_name(name: str | bytes) -> bool:
     """Is `name` one path component that stays where it is put?"""
-    return name not in (b"", b".", b"..") and b"/" not in name and b"\0" not in name
+    name = os.fsdecode(name)  # stored bytes as file names decode, never failing
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def printable(text: str) -> str:
@@ -766,7 +754,7 @@ class _Extraction:
         if self.progress.cancelled():
             raise Cancelled()
         shown = _shown((*parent, name))
-        if not _safe(name):
+        if not safe_name(name):
             return self._skip(shown, "a name that would leave its folder")
         if node.handle is None:
             return self._skip(shown, f"a name the {self.tool.name} tools cannot address")

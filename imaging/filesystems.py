@@ -7,11 +7,11 @@ FAT, ntfsfix -n for NTFS. Anything else is reported as not checked.
 """
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Optional
 
-from .errors import Cancelled, ImagingError, running
+from . import tools
+from .errors import Cancelled
 from .image import Image
 from .mount import exposed
 from .progress import Progress
@@ -28,9 +28,8 @@ _CHECKERS = {
 
 def identify(device: Path) -> Optional[str]:
     """The filesystem type blkid finds on `device` ("ext4", "vfat", "ntfs", ...), None if none."""
-    with running("blkid", "util-linux", ImagingError):
-        found = subprocess.run(["blkid", "-p", "-s", "TYPE", "-o", "value", str(device)],
-                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    found = tools.run("blkid", "util-linux", ["-p", "-s", "TYPE", "-o", "value", str(device)],
+                      text=True)
     kind = found.stdout.strip()
     return kind if found.returncode == 0 and kind else None
 
@@ -45,14 +44,9 @@ def check(device: Path, number: int, shown_as: str) -> FilesystemCheck:
         return FilesystemCheck(number, kind, NOT_CHECKED,
                                f"no checker for {kind}" if kind else "no filesystem found")
     tool, package, arguments = _CHECKERS[kind]
-    with running(tool, package, ImagingError):
-        done = subprocess.run([tool, *arguments, str(device)], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, errors="replace")
+    done = tools.run(tool, package, [*arguments, str(device)], text=True)
     # The summary is the last line on stdout (e2fsck puts its banner on stderr).
-    lines = [line.strip() for output in (done.stderr, done.stdout)
-             for line in output.splitlines() if line.strip()]
-    detail = (lines[-1] if lines else f"{tool} exited {done.returncode}").replace(str(device),
-                                                                                  shown_as)
+    detail = (tools.last_line(done.stdout) or tools.complaint(done)).replace(str(device), shown_as)
     return FilesystemCheck(number, kind, CLEAN if done.returncode == 0 else DIRTY, detail)
 
 

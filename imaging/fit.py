@@ -10,14 +10,13 @@ not asked to re-read the table, as the restore itself does not.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import subprocess
 import tempfile
-from typing import Iterator, Optional
+from typing import Optional
 
-from .errors import ImagingError, TargetError, running
+from . import tools
+from .errors import ImagingError, TargetError
 from .filesystems import EXT, identify
 from .image import Image
 from .layout import SFDISK_PACKAGE
@@ -62,21 +61,10 @@ def _probe(reader: ImageReader, part: Partition) -> Optional[str]:
         return identify(copy.name)
 
 
-def _tool(tool: str, package: str, arguments: list[str],
-          input: Optional[str] = None) -> subprocess.CompletedProcess:
-    with running(tool, package, TargetError):
-        return subprocess.run([tool, *arguments], capture_output=True, text=True, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def _sfdisk(target: str, *arguments: str, input: Optional[str] = None) -> str:
-    done = _tool("sfdisk", SFDISK_PACKAGE, ["--no-reread", "--no-tell-kernel", *arguments, target],
-                 input)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise TargetError(f"sfdisk {' '.join(arguments)} failed on {target}: "
-                          f"{lines[-1] if lines else 'no reason given'}")
-    return done.stdout
+def _sfdisk(target: str, *arguments: str, input: Optional[bytes] = None) -> str:
+    return tools.run("sfdisk", SFDISK_PACKAGE, ["--no-reread", "--no-tell-kernel", *arguments,
+                                                target], kind=TargetError, text=True, input=input,
+                     failure=f"sfdisk {' '.join(arguments)} failed on {target}").stdout
 
 
 def relocate_backup_header(image: Image, target: str, target_size: int) -> bool:
@@ -90,7 +78,7 @@ def relocate_backup_header(image: Image, target: str, target_size: int) -> bool:
 def grow(growth: Growth, target: str) -> int:
     """Grow the partition to the end of the target and its filesystem with it; its new size."""
     number = growth.partition.number
-    _sfdisk(target, "--force", "-N", str(number), input=", +\n")
+    _sfdisk(target, "--force", "-N", str(number), input=b", +\n")
     table = json.loads(_sfdisk(target, "--json"))["partitiontable"]
     sector = int(table.get("sectorsize", 512))
     entry = next((p for p in table.get("partitions", []) if int(p["start"]) * sector ==
@@ -98,34 +86,13 @@ def grow(growth: Growth, target: str) -> int:
     if entry is None:
         raise TargetError(f"partition {number} is gone from {target} after growing it")
     size = int(entry["size"]) * sector
-    with _loop_device(target, growth.partition.start, size) as device:
-        checked = _tool("e2fsck", "e2fsprogs", ["-f", "-y", device])
+    with tools.loop_device(target, growth.partition.start, size, kind=TargetError) as device:
+        checked = tools.run("e2fsck", "e2fsprogs", ["-f", "-y", device], kind=TargetError,
+                            text=True)
         # 1 and 2: errors corrected; 4 and up: some left, or the check failed.
         if checked.returncode >= 4:
             raise TargetError(f"e2fsck cannot make partition {number} of {target} consistent "
-                              f"before growing it: {_last_line(checked)}")
-        resized = _tool("resize2fs", "e2fsprogs", [device])
-        if resized.returncode != 0:
-            raise TargetError(f"resize2fs cannot grow partition {number} of {target}: "
-                              f"{_last_line(resized)}")
+                              f"before growing it: {tools.complaint(checked)}")
+        tools.run("resize2fs", "e2fsprogs", [device], kind=TargetError,
+                  failure=f"resize2fs cannot grow partition {number} of {target}")
     return size
-
-
-def _last_line(done: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else f"exit status {done.returncode}"
-
-
-@contextlib.contextmanager
-def _loop_device(path: str, offset: int, size: int) -> Iterator[str]:
-    done = _tool("losetup", "util-linux", ["-f", "--show", "-o", str(offset), "--sizelimit",
-                                           str(size), path])
-    if done.returncode != 0:
-        raise TargetError(f"cannot attach a loop device to {path}: {_last_line(done)}")
-    device = done.stdout.strip()
-    try:
-        yield device
-    finally:
-        detached = _tool("losetup", "util-linux", ["-d", device])
-        if detached.returncode != 0:
-            raise TargetError(f"cannot detach {device}: {_last_line(detached)}")

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from . import codec
+from . import codec, tools
 from .backup import BackupResult, previous_entries, publish_image, store_chunks
-from .errors import ImagingError, SourceError, running, translated
+from .errors import ImagingError, SourceError, translated
 from .image import ImageWriter
 from .inventory import host_name
 from .manifest import utc_text
@@ -48,19 +48,21 @@ class Format:
     offset: int = 0
     # A command that decodes stdin to stdout; 7-Zip reads its archive by name instead.
     decoder: tuple[str, ...] = ()
+    package: str = ""  # the Debian package of the decoding tool
 
     def matches(self, header: bytes) -> bool:
         return header[self.offset:self.offset + len(self.magic)] == self.magic
 
 
 RAW = Format("raw", b"")
-GZIP = Format("gzip", b"\x1f\x8b", decoder=("gzip", "-dc"))
-XZ = Format("xz", b"\xfd7zXZ\x00", decoder=("xz", "-dc"))
+GZIP = Format("gzip", b"\x1f\x8b", decoder=("gzip", "-dc"), package="gzip")
+XZ = Format("xz", b"\xfd7zXZ\x00", decoder=("xz", "-dc"), package="xz-utils")
 # --long=31 lifts the decoder's memory limit for archives made with a large window.
-ZSTD = Format("zstd", b"\x28\xb5\x2f\xfd", decoder=("zstd", "-dcq", "--long=31"))
+ZSTD = Format("zstd", b"\x28\xb5\x2f\xfd", decoder=("zstd", "-dcq", "--long=31"),
+              package="zstd")
 # pzstd and some other writers open with a skippable frame instead.
 ZSTD_SKIPPABLE = dataclasses.replace(ZSTD, magic=b"\x2a\x4d\x18", offset=1)
-SEVEN_ZIP = Format("7z", b"7z\xbc\xaf\x27\x1c")
+SEVEN_ZIP = Format("7z", b"7z\xbc\xaf\x27\x1c", package="p7zip-full")
 IMPORTABLE = (GZIP, XZ, ZSTD, ZSTD_SKIPPABLE, SEVEN_ZIP)
 # Recognised so that they are refused by name instead of imported as a raw disk.
 NOT_IMPORTABLE = (
@@ -208,11 +210,6 @@ class _Concatenation:
         """Raw data needs no integrity check beyond being readable."""
 
 
-def _last_line(tool_output: str) -> str:
-    """A tool's last word on what went wrong."""
-    return next((line.strip() for line in reversed(tool_output.splitlines()) if line.strip()), "")
-
-
 class _Decoder:
     """A decoding tool's output; `finish` turns its failure into one clear line."""
 
@@ -223,13 +220,13 @@ class _Decoder:
         with translated(SourceError, f"cannot start {argv[0]}"):
             self._stderr = tempfile.TemporaryFile()
         try:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
+            self.proc = tools.started(
+                argv[0], fmt.package, argv[1:], kind=SourceError,
+                stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0)
-        except FileNotFoundError:
+        except SourceError:
             self._stderr.close()
-            raise SourceError(f"{argv[0]} not found: install it to import {fmt.name} "
-                              "archives") from None
+            raise
         self._feeder = None
         if feed is not None:
             self._feeder = threading.Thread(target=self._feed, name="import-feed", daemon=True)
@@ -269,7 +266,7 @@ class _Decoder:
             raise SourceError(f"cannot feed {self.label} to {self.fmt.name}: {self.feed_error}")
         if status != 0:
             self._stderr.seek(0)
-            complaint = _last_line(self._stderr.read().decode(errors="replace"))
+            complaint = tools.last_line(self._stderr.read())
             raise SourceError(f"{self.label}: truncated or corrupt {self.fmt.name} data "
                               f"({complaint or f'{self.proc.args[0]} exited {status}'})")
 
@@ -285,12 +282,10 @@ class _Decoder:
 
 def _seven_zip_entry(archive: Path, label: str) -> int:
     """The size of the one file a 7z archive must hold; refuse anything else."""
-    with running("7za", "p7zip-full"):
-        listing = subprocess.run(["7za", "l", "-slt", "-bd", str(archive)], capture_output=True,
-                                 text=True, stdin=subprocess.DEVNULL)
+    listing = tools.run("7za", SEVEN_ZIP.package, ["l", "-slt", "-bd", str(archive)],
+                        kind=SourceError, text=True)
     if listing.returncode != 0:
-        complaint = _last_line(listing.stderr) or f"7za exited {listing.returncode}"
-        raise SourceError(f"{label}: truncated or corrupt 7z archive ({complaint})")
+        raise SourceError(f"{label}: truncated or corrupt 7z archive ({tools.complaint(listing)})")
     _, _, files = listing.stdout.partition("\n----------\n")
     entries = [dict(line.split(" = ", 1) for line in block.splitlines() if " = " in line)
                for block in files.split("\n\n") if "Path = " in block]

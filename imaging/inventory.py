@@ -13,12 +13,11 @@ import os
 import re
 import socket
 import stat
-import subprocess
 from pathlib import Path
 from typing import Optional
 
-from . import layout
-from .errors import SourceError, reason, running
+from . import layout, tools
+from .errors import SourceError, reason
 
 LSBLK_COLUMNS = ("NAME,PATH,KNAME,MAJ:MIN,TYPE,SIZE,MODEL,SERIAL,WWN,TRAN,RO,RM,LOG-SEC,"
                  "MOUNTPOINTS,START,FSTYPE,LABEL,PARTLABEL")
@@ -40,13 +39,9 @@ def safe_id(text: str) -> str:
 
 
 def _lsblk(path: Optional[str] = None) -> list[dict]:
-    command = ["lsblk", "--json", "--bytes", "--output", LSBLK_COLUMNS]
-    if path:
-        command.append(path)
-    with running("lsblk", "util-linux"):
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise SourceError(f"lsblk failed: {result.stderr.strip() or result.returncode}")
+    arguments = ["--json", "--bytes", "--output", LSBLK_COLUMNS, *([path] if path else [])]
+    result = tools.run("lsblk", "util-linux", arguments, kind=SourceError, text=True,
+                       failure="lsblk failed")
     try:
         devices = json.loads(result.stdout).get("blockdevices", [])
         if not all(isinstance(device, dict) and "name" in device and "path" in device
@@ -231,10 +226,9 @@ def read_partitions(path: str, size: int) -> list[dict]:
 
 def _probe(path: str, start: int, size: int) -> tuple[Optional[str], Optional[str]]:
     """(TYPE, LABEL) of the filesystem blkid finds at start..start+size, (None, None) if none."""
-    command = ["blkid", "--probe", "--output", "export", "--offset", str(start),
-               "--size", str(size), path]
-    with running("blkid", "util-linux"):
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = tools.run("blkid", "util-linux", ["--probe", "--output", "export", "--offset",
+                                               str(start), "--size", str(size), path],
+                       kind=SourceError, text=True)
     if result.returncode != 0:
         return None, None
     found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)

@@ -5,7 +5,8 @@ import json
 import subprocess
 from typing import Optional
 
-from .errors import SourceError, running
+from . import tools
+from .errors import SourceError
 
 MBR_SIZE = 512
 # Debian's name for the util-linux package that ships sfdisk.
@@ -13,9 +14,7 @@ SFDISK_PACKAGE = "fdisk"
 
 
 def _sfdisk(*arguments: str) -> subprocess.CompletedProcess:
-    with running("sfdisk", SFDISK_PACKAGE):
-        return subprocess.run(["sfdisk", *arguments], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
+    return tools.run("sfdisk", SFDISK_PACKAGE, arguments, kind=SourceError, text=True)
 
 
 def dump(source: str) -> Optional[str]:
@@ -23,11 +22,9 @@ def dump(source: str) -> Optional[str]:
     result = _sfdisk("--dump", source)
     if result.returncode == 0:
         return result.stdout
-    message = result.stderr.strip()
-    if "does not contain a recognized partition table" in message:
+    if "does not contain a recognized partition table" in result.stderr:
         return None
-    raise SourceError(f"cannot read the partition table of {source}: "
-                      f"{message.splitlines()[-1] if message else 'sfdisk failed'}")
+    raise SourceError(f"cannot read the partition table of {source}: {tools.complaint(result)}")
 
 
 def partitions(source: str) -> list[dict]:

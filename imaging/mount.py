@@ -27,16 +27,15 @@ import os
 import re
 import signal
 import stat
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
-from . import catalog, codec
+from . import catalog, codec, tools
 from .chunks import Contents, read_chunk, read_chunk_into
-from .errors import ImageError, ImagingError, describe, running
+from .errors import ImageError, ImagingError, describe
 from .image import Image, parse_stamp
 from .progress import Progress
 from .store import reading
@@ -55,6 +54,7 @@ PRIVATE_MOUNT_PREFIX = "imaging-mount-"
 FUSE_PACKAGE = "fuse3"
 _LABEL_RE = re.compile(r"^label:\s*(\S+)", re.MULTILINE)
 _NUMBER_RE = re.compile(r"(\d+)$")
+Numbered = TypeVar("Numbered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +110,17 @@ def partitions(image: Image) -> list[Partition]:
 
 def partition(image: Image, number: int) -> Partition:
     """Partition `number` of the image; ImageError naming those it has if there is none."""
-    parts = partitions(image)
-    for part in parts:
-        if part.number == number:
-            return part
-    have = ", ".join(str(part.number) for part in parts) or "none"
-    raise ImageError(f"{image.path} has no partition {number} (its partitions: {have})")
+    return numbered(partitions(image), number, str(image.path))
+
+
+def numbered(parts: Sequence[Numbered], number: int, owner: str) -> Numbered:
+    """The one of `parts` (Partitions, or anything else with a .number) numbered `number`;
+    ImageError "OWNER has no partition N (its partitions: ...)" if none is."""
+    found = next((part for part in parts if part.number == number), None)
+    if found is None:
+        have = ", ".join(str(part.number) for part in parts) or "none"
+        raise ImageError(f"{owner} has no partition {number} (its partitions: {have})")
+    return found
 
 
 @dataclasses.dataclass(eq=False)
@@ -380,14 +385,11 @@ def unmount(mountpoint: Path) -> None:
     """Unmount a FUSE mount, lazily if something still holds it open."""
     if not os.path.ismount(mountpoint):
         return
-    with running("fusermount3", FUSE_PACKAGE, ImagingError):
-        done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
-                              text=True)
-        if done.returncode != 0 and os.path.ismount(mountpoint):
-            done = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
-                                  capture_output=True, text=True)
+    done = tools.run("fusermount3", FUSE_PACKAGE, ["-u", str(mountpoint)], text=True)
     if done.returncode != 0 and os.path.ismount(mountpoint):
-        raise ImagingError(f"cannot unmount {mountpoint}: {done.stderr.strip()}")
+        done = tools.run("fusermount3", FUSE_PACKAGE, ["-u", "-z", str(mountpoint)], text=True)
+    if done.returncode != 0 and os.path.ismount(mountpoint):
+        raise ImagingError(f"cannot unmount {mountpoint}: {tools.complaint(done)}")
 
 
 @dataclasses.dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
-import contextlib
 import dataclasses
 import os
 import re
@@ -24,12 +23,12 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
-from . import layout, safety
+from . import layout, safety, tools
 from .badmap import merge
 from .device import Range, Source
-from .errors import Cancelled, SourceError, SourceInUse, describe, translated
+from .errors import ImagingError, SourceError, SourceInUse, translated
 
 # blkid TYPE -> the partclone.<tool> that maps that filesystem.
 PARTCLONE_TOOLS = {
@@ -46,8 +45,6 @@ DOS_EXTENDED_TYPES = {"5", "f", "85"}
 MAX_CONCURRENT_MAPS = 8
 # Tools' messages are parsed, so they must not be translated.
 TOOL_ENV = dict(os.environ, LC_ALL="C")
-# How often a running tool's caller looks at the cancel flag, in seconds.
-CANCEL_POLL = 0.05
 CancelPoll = Callable[[], bool]
 
 METHOD_DUMPE2FS = "dumpe2fs"
@@ -60,7 +57,7 @@ def _never() -> bool:
     return False
 
 
-class Unmappable(Exception):
+class Unmappable(ImagingError):
     """Why a partition is read in full."""
 
 
@@ -228,14 +225,14 @@ def map_partition(source: Source, entry: dict, cancelled: CancelPoll = _never) -
 def probe(path: str, start: int, size: int,
           cancelled: CancelPoll = _never) -> tuple[Optional[str], Optional[str]]:
     """(TYPE, USAGE) that `blkid -p` finds at start..start+size; TYPE None if nothing."""
-    result = _run(["blkid", "--probe", "--output", "export",
-                   "--offset", str(start), "--size", str(size), path], cancelled)
+    result = _run("blkid", "util-linux", ["--probe", "--output", "export", "--offset",
+                                          str(start), "--size", str(size), path], cancelled)
     if result.returncode == 2:
         return None, None
     if result.returncode == 8:
         raise Unmappable("blkid finds signatures of more than one filesystem")
     if result.returncode != 0:
-        raise Unmappable(f"blkid failed: {_last_line(result.stderr)}")
+        raise Unmappable(f"blkid failed: {tools.complaint(result)}")
     found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     if "TYPE" not in found and "PTTYPE" in found:
         raise Unmappable(f"holds a partition table ({found['PTTYPE']})")
@@ -253,12 +250,12 @@ def _free_ranges(source: Source, start: int, size: int, filesystem: Optional[str
     if filesystem == "swsuspend":
         raise Unmappable("swap holding a hibernation image")
     if filesystem in EXT_TYPES:
-        with _partition_device(source.path, start, size) as device:
+        with tools.loop_device(source.path, start, size, read_only=True, kind=Unmappable) as device:
             return ext_free(device, start, size, cancelled), METHOD_DUMPE2FS
     tool = PARTCLONE_TOOLS.get(filesystem)
     if tool is None:
         raise Unmappable(f"partclone cannot map {filesystem}")
-    with _partition_device(source.path, start, size) as device:
+    with tools.loop_device(source.path, start, size, read_only=True, kind=Unmappable) as device:
         return partclone_free(tool, device, start, size, cancelled), METHOD_PARTCLONE
 
 
@@ -276,9 +273,9 @@ def swap_free(source: Source, start: int, size: int) -> list[Range]:
 
 def ext_free(device: str, start: int, size: int, cancelled: CancelPoll = _never) -> list[Range]:
     """Free blocks of an ext2/3/4 filesystem from dumpe2fs's block bitmaps."""
-    result = _run(["dumpe2fs", device], cancelled)
+    result = _run("dumpe2fs", "e2fsprogs", [device], cancelled)
     if result.returncode != 0:
-        raise Unmappable(f"dumpe2fs failed: {_last_line(result.stderr)}")
+        raise Unmappable(f"dumpe2fs failed: {tools.complaint(result)}")
     header, group_marker, groups = result.stdout.partition("\nGroup 0:")
     fields = {}
     for line in header.splitlines():
@@ -326,14 +323,16 @@ def partclone_free(tool: str, device: str, start: int, size: int,
     """The ranges partclone's domain map of the partition does not mark used ('+')."""
     with tempfile.TemporaryDirectory(prefix="imaging-map-") as scratch:
         domain = Path(scratch, "domain.map")
-        result = _run([f"partclone.{tool}", "--domain", "--quiet", "--source", device,
-                       "--output", str(domain), "--logfile", str(Path(scratch, "partclone.log")),
+        result = _run(f"partclone.{tool}", "partclone",
+                      ["--domain", "--quiet", "--source", device, "--output", str(domain),
+                       "--logfile", str(Path(scratch, "partclone.log")),
                        f"--offset_domain={start}"], cancelled)
         if result.returncode != 0:
-            messages = [line for line in result.stderr.splitlines()
-                        if line.strip() and not line.startswith("Partclone")]
+            # Its own lines ("Partclone fail, please check the log") hide the reason.
+            messages = "\n".join(line for line in result.stderr.splitlines()
+                                  if not line.startswith("Partclone"))
             raise Unmappable(f"partclone.{tool} failed: "
-                             f"{messages[-1].strip() if messages else result.returncode}")
+                             f"{tools.last_line(messages) or result.returncode}")
         try:
             text = domain.read_text()
         except (OSError, UnicodeDecodeError) as exc:
@@ -368,55 +367,9 @@ def _clip(ranges: list[Range], start: int, size: int) -> list[Range]:
             for s, n in ranges if s < end and s + n > start]
 
 
-@contextlib.contextmanager
-def _partition_device(path: str, start: int, size: int) -> Iterator[str]:
-    """A read-only loop device over one partition, detached afterwards whatever happens.
-
-    Attaching is never cancelled: a losetup killed after attaching would leave
-    a device nobody knows about.
-    """
-    result = _run(["losetup", "--find", "--show", "--read-only",
-                   "--offset", str(start), "--sizelimit", str(size), path])
-    if result.returncode != 0:
-        raise Unmappable(f"cannot attach a loop device: {_last_line(result.stderr)}")
-    device = result.stdout.strip()
-    try:
-        yield device
-    finally:
-        detached = _run(["losetup", "--detach", device])
-        if detached.returncode != 0:
-            raise SourceError(f"cannot detach {device}: {_last_line(detached.stderr)}")
-
-
-def _run(argv: list[str], cancelled: CancelPoll = _never) -> subprocess.CompletedProcess:
-    """Run a tool to its end, or kill it as soon as `cancelled` says so and raise Cancelled.
-
-    A tool that cannot be started leaves its partition to be read in full.
-    """
-    if cancelled():
-        raise Cancelled()
-    try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   stdin=subprocess.DEVNULL, text=True, env=TOOL_ENV)
-    except FileNotFoundError:
-        raise Unmappable(f"{argv[0]} is not installed") from None
-    except OSError as exc:
-        raise Unmappable(f"cannot run {argv[0]}: {describe(exc)}") from None
-    with process:
-        try:
-            while True:
-                try:
-                    stdout, stderr = process.communicate(timeout=CANCEL_POLL)
-                except subprocess.TimeoutExpired:
-                    if cancelled():
-                        raise Cancelled() from None
-                    continue
-                return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-        except BaseException:
-            process.kill()
-            raise
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no message"
+def _run(tool: str, package: str, arguments: list[str],
+         cancelled: CancelPoll) -> subprocess.CompletedProcess:
+    """Run a mapping tool under the cancel poll; one that cannot start leaves its partition
+    to be read in full."""
+    return tools.run(tool, package, arguments, kind=Unmappable, text=True, env=TOOL_ENV,
+                     cancelled=cancelled)

@@ -11,11 +11,13 @@ import sys
 import threading
 
 import pytest
-from engine import REPO, MiB, imaging, one_error_line, sha256_of, write_random
+from engine import REPO, MiB, imaging, last_line, one_error_line, sha256_of, write_random
 from support.devices import loop_device, mounted, requires_loop, run
+from support.disks import PartSpec
 
 from imaging.backup import backup
 from imaging.errors import Cancelled
+from imaging.image import Image
 from imaging.progress import Progress
 from imaging.store import Datastore
 
@@ -170,6 +172,28 @@ def test_a_missing_tool_is_named(tool, command, source, tmp_path):
     message = one_error_line(imaging(*arguments, check=False, env=env))
     assert message.endswith(f"{tool} not found: install the "
                             f"{'fdisk' if tool == 'sfdisk' else 'util-linux'} package")
+
+
+def test_a_missing_decoder_is_named_and_imports_nothing(source, tmp_path):
+    archive = tmp_path / "disk.img.xz"
+    archive.write_bytes(subprocess.run(["xz", "-0", "-c", source], capture_output=True,
+                                       check=True).stdout)
+    env = dict(os.environ, PATH=_path_without("xz", tmp_path))
+    message = one_error_line(imaging("import", archive, "--store", tmp_path / "s", "--disk", "d",
+                                     check=False, env=env))
+    assert message.endswith("xz not found: install the xz-utils package")
+    assert not list((tmp_path / "s").glob("images/d/*"))
+
+
+def test_a_partition_whose_mapping_tool_is_missing_is_read_whole_naming_the_package(
+        disk_factory, tmp_path):
+    disk = disk_factory("fat.img", 48 * MiB, "dos", [PartSpec(40 * MiB, "fat32")])
+    env = dict(os.environ, PATH=_path_without("partclone.fat", tmp_path))
+    result = imaging("backup", disk.path, "--store", tmp_path / "s", "--mode", "used", "--json",
+                     env=env)
+    manifest = Image.open(json.loads(last_line(result.stdout))["image"]).manifest
+    assert [entry["mapped"] for entry in manifest.partitions] == [
+        "full: partclone.fat not found: install the partclone package"]
 
 
 def test_unexpected_output_of_lsblk_is_one_line(tmp_path):

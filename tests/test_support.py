@@ -13,6 +13,7 @@ import pytest
 from support.devices import (
     detach_leaked_loops,
     loop_device,
+    loops_attached_to,
     mounted,
     requires_loop,
     requires_root_loop_fuse,
@@ -32,10 +33,6 @@ def noise_file(path, size, seed=0):
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
-
-
-def loops_attached_to(path):
-    return run("losetup", "--noheadings", "--output", "NAME", "-j", path).split()
 
 
 def read_device(device):

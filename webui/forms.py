@@ -9,25 +9,13 @@ from django import forms
 from django.db import transaction
 
 import imaging.codec
+import imaging.tools
+from imaging.errors import ImagingError
 
 from . import services
 from .models import Disk, Schedule
 from .pages import disk_title
 from .templatetags.human import size
-
-SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
-
-
-def parse_size(text: str) -> int:
-    """ "2G", "700 MiB", "4096" -> bytes (binary units, as split and zstd count)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise forms.ValidationError(f"{text!r} is not a size like 2G, 700M or 4096")
-    value = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-    if value <= 0:
-        raise forms.ValidationError("a part size must be more than 0 bytes")
-    return value
-
 
 class DiskChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, disk: Disk) -> str:
@@ -121,7 +109,10 @@ class ExportForm(forms.Form):
 
     def clean_split_size(self):
         text = self.cleaned_data["split_size"].strip()
-        return parse_size(text) if text else None
+        try:
+            return imaging.tools.parse_size(text) if text else None
+        except ImagingError as refused:
+            raise forms.ValidationError(str(refused)) from None
 
     def problems(self) -> str:
         return "; ".join(f"{name}: {' '.join(errors)}" if name != "__all__" else " ".join(errors)

@@ -1,8 +1,9 @@
 """Loop devices and mounts for tests, with cleanup that survives failing tests.
 
-Every loop device attached here is remembered together with its backing file,
-so a leaked one can be detached later without ever touching a loop device that
-something else (the engine under test, another process) attached.
+Loop devices are the engine's (imaging.tools); every one attached here is also
+remembered together with its backing file, so a leaked one can be detached
+later without ever touching a loop device that something else (the engine
+under test, another process) attached.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+from imaging.tools import attach_loop, detach_loop
 
 from .requirements import requirement_missing
 
@@ -91,7 +94,7 @@ def _detach(device: str, backing_identity: str) -> bool:
     # After a manual detach the device number may already serve someone else.
     if _backing_identity(device) != backing_identity:
         return False
-    run("losetup", "-d", device)
+    detach_loop(device)
     return True
 
 
@@ -106,18 +109,18 @@ def loop_device(
 
     Yields the device path, e.g. "/dev/loop3"; detaches it on exit, also on error.
     """
-    command = ["losetup", "-f", "--show", "-o", str(offset)]
-    if sizelimit is not None:
-        command += ["--sizelimit", str(sizelimit)]
-    if read_only:
-        command.append("-r")
-    device = run(*command, os.fspath(path)).strip()
+    device = attach_loop(path, offset, sizelimit, read_only=read_only)
     _attached_loops[device] = _backing_identity(device)
     try:
         yield device
     finally:
         if device in _attached_loops:
             _detach(device, _attached_loops[device])
+
+
+def loops_attached_to(path: str | os.PathLike) -> list[str]:
+    """The loop devices serving `path`, whoever attached them."""
+    return run("losetup", "--noheadings", "--output", "NAME", "--associated", path).split()
 
 
 def detach_leaked_loops() -> list[str]:

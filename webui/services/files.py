@@ -29,6 +29,7 @@ from asgiref.sync import sync_to_async
 from django.utils.dateparse import parse_datetime
 
 import imaging.files
+import imaging.mount
 from imaging.errors import ImagingError
 from imaging.filesystems import EXT
 
@@ -154,10 +155,10 @@ def browsable_partition(image: Image, number: Any) -> BrowsablePartition:
     """The readable partition `number` (text of digits, from a URL) names, else BadPath."""
     if not isinstance(number, str) or not re.fullmatch(r"[0-9]{1,6}", number):
         raise BadPath(f"a partition is named by its number, not {number!r}")
-    part = next((part for part in partitions(image) if part.number == int(number)), None)
-    if part is None:
-        have = ", ".join(str(part.number) for part in partitions(image)) or "none"
-        raise BadPath(f"the image has no partition {int(number)} (its partitions: {have})")
+    try:
+        part = imaging.mount.numbered(partitions(image), int(number), "the image")
+    except ImagingError as missing:
+        raise BadPath(str(missing)) from None
     if part.problem:
         raise BadPath(f"partition {part.number} {part.problem}")
     return part
@@ -173,7 +174,7 @@ def checked_path(path: Any) -> str:
         raise BadPath("a path may not hold a NUL character")
     if path.startswith("/"):
         raise BadPath(f"{path!r}: give the path relative to the partition's root")
-    if path and any(name in ("", ".", "..") for name in path.split("/")):
+    if path and not all(imaging.files.safe_name(name) for name in path.split("/")):
         raise BadPath(f"{path!r}: a path may not hold '..', '.' or an empty name")
     return path
 
@@ -274,7 +275,7 @@ def _tar_stream(image: Image, part: BrowsablePartition, path: str) -> Iterator[b
         folder, stored_as, mode, mtime = pending.pop()
         yield _header(stored_as, tarfile.DIRTYPE, 0, mode & COPIED_MODE_BITS, mtime)
         for entry in _listed(image, part, folder):
-            if not _one_name(entry.name):
+            if not imaging.files.safe_name(entry.name):
                 continue  # a crafted name that would leave its folder when unpacked
             member = f"{stored_as}/{entry.name}"
             source = f"{folder}/{entry.name}" if folder else entry.name
@@ -316,10 +317,6 @@ def _header(name: str, kind: bytes, size: int, mode: int, mtime: Optional[dt.dat
     info.type, info.size, info.mode, info.linkname = kind, size, mode, target
     info.mtime = int(mtime.timestamp()) if mtime else 0
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def _one_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 def _file_entry(entry: imaging.files.Entry, parent: str) -> FileEntry:

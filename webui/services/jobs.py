@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.models import Q
 
 import imaging.codec
+import imaging.mount
 import imaging.store
 from imaging.errors import ImagingError
 
@@ -70,11 +71,10 @@ def start_restore(image: Image | int, target_disk: Disk | int | str, confirm: An
 def _image_partition(image: Image, number: Any):
     if isinstance(number, bool) or not isinstance(number, int):
         raise Refused(f"a partition is named by its number, not {number!r}")
-    found = next((part for part in partitions(image) if part.number == number), None)
-    if found is None:
-        have = ", ".join(str(part.number) for part in partitions(image)) or "none"
-        raise Refused(f"the image has no partition {number} (its partitions: {have})")
-    return found
+    try:
+        return imaging.mount.numbered(partitions(image), number, "the image")
+    except ImagingError as missing:
+        raise Refused(str(missing)) from None
 
 
 def start_verify(image: Image | int, user=None, schedule: Optional[Schedule] = None) -> Job:
