@@ -44,6 +44,7 @@ from .mount import ImageReader, exposed
 from .pipeline import ordered_map
 from .progress import Progress
 from .store import reading
+from .syscalls import pwrite_all
 
 FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
 COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"
@@ -180,18 +181,6 @@ def _run(tool: str, package: str, arguments: list[str], *, input: Optional[bytes
         return subprocess.run([tool, *arguments], input=input, stdout=stdout,
                               stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
                               env=env, stdin=None if input is not None else subprocess.DEVNULL)
-
-
-def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write the views one after the other from `offset`, however many calls it takes."""
-    while views:
-        written = os.pwritev(fd, views, offset)
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views = views[1:]
-        if views and written:
-            views = [views[0][written:], *views[1:]]
 
 
 def _last_line(text: bytes) -> str:
@@ -437,7 +426,7 @@ class _Ext(_Tool):
                 return
             with self.reader.lent(position) as chunk:
                 for within, offset, length in pieces:
-                    _pwrite_all(fd, chunk.span(within, length), offset)
+                    pwrite_all(fd, chunk.span(within, length), offset)
 
         copied = ordered_map(copy, runs, workers=COPY_WORKERS, name="extract")
         with contextlib.closing(copied):
