@@ -199,8 +199,9 @@ def _report(results: Results, pristine: Path, build_seconds: float,
         "durability costs the same for tools that fsync (borg) and tools that don't.",
         "- Peak memory is the larger of the biggest single process's max RSS (/usr/bin/time %M) "
         "and the summed PSS of the whole process tree sampled every 50 ms.",
-        "- Restores write a fresh file and are compared byte for byte with the disk afterwards "
-        "(untimed). Ours restores the image taken after the change; zstd restores the original.",
+        "- Restores write a fresh file and are compared byte for byte with the disk (a partition's "
+        "restore with that partition) afterwards (untimed). Ours restores the image taken after "
+        "the change; zstd restores the original.",
         "- borg runs with `--files-cache=disabled`: with a disk *file*, its files cache would skip "
         "the unchanged re-backup on a stat() alone, a shortcut a real block device never offers.",
         "- Ours and the peers' outputs are all sized as the sum of their regular files' sizes "

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure import CommandFailed, timed, wait_until_idle
-from bench.system import MiB, read_through, run, same_content, tree_bytes
+from bench.system import (
+    LINUX_TYPE,
+    MiB,
+    partition_of_type,
+    read_through,
+    run,
+    same_content,
+    tree_bytes,
+)
 from imaging import layout, usedmap
 from imaging.tools import loop_device
 
@@ -46,6 +54,8 @@ class Run:
     spread: tuple[float, float] | None = None
     # How its figures were scaled up from a part of the disk; empty when measured whole.
     extrapolated: str = ""
+    # The bytes it reads or writes when only part of the disk (one partition), else None.
+    size: int | None = None
 
 
 @dataclass
@@ -108,7 +118,7 @@ def merge_rounds(rounds: list[dict[str, Run]]) -> dict[str, Run]:
             new_bytes=median([run.new_bytes for run in runs if run.new_bytes is not None]),
             identical=None if first.identical is None else all(run.identical for run in runs),
             note=middle.note, spread=(by_time[0].seconds, by_time[-1].seconds),
-            extrapolated=first.extrapolated)
+            extrapolated=first.extrapolated, size=first.size)
     return merged
 
 
@@ -157,8 +167,14 @@ def ours_backup(bench: Bench, key: str, label: str, store: Path, *options: str) 
 OURS_BACKUPS = {"ours.first": "ours: first backup",
                 "ours.unchanged": "ours: re-backup, unchanged disk",
                 "ours.changed": "ours: re-backup after 16 MiB change"}
-OURS_RESTORES = {"ours.restore": ("ours: restore --no-verify", ["--no-verify"]),
-                 "ours.restore_verified": ("ours: restore (verified)", [])}
+# key: (label, options, whether the ext4 partition alone is restored)
+OURS_RESTORES = {
+    "ours.restore": ("ours: restore --no-verify", ["--no-verify"], False),
+    "ours.restore_verified": ("ours: restore (verified)", [], False),
+    "ours.restore_partition": ("ours: restore --partition (ext4) --no-verify", ["--no-verify"],
+                               True),
+    "ours.restore_partition_verified": ("ours: restore --partition (ext4, verified)", [], True),
+}
 
 
 def _engine_problem(bench: Bench) -> str | None:
@@ -175,7 +191,7 @@ def _ours_backup(bench: Bench, key: str) -> None:
 
 
 def _fail_ours(bench: Bench, keys: list[str], reason: str) -> None:
-    labels = OURS_BACKUPS | {key: label for key, (label, _) in OURS_RESTORES.items()}
+    labels = OURS_BACKUPS | {key: label for key, (label, *_) in OURS_RESTORES.items()}
     for key in keys:
         bench.fail(key, labels[key], reason)
 
@@ -203,13 +219,21 @@ def ours_on_changed(bench: Bench) -> None:
     if changed.error:
         _fail_ours(bench, list(OURS_RESTORES), "no image to restore")
         return
-    for key, (label, options) in OURS_RESTORES.items():
+    part = partition_of_type(bench.disk, LINUX_TYPE)
+    for key, (label, options, partition_alone) in OURS_RESTORES.items():
         target = _fresh(bench.path("ours-restored.img"))
+        if partition_alone:
+            options = [*options, "--partition", str(part.number)]
         result = bench.measure(
             key, label, imaging_command("restore", str(changed.image), str(target), *options),
             inputs=[bench.path("ours-store")], cwd=bench.repo_root)
         if not result.error:
-            result.identical = same_content(target, bench.disk)
+            if partition_alone:
+                result.size = part.size
+                result.note = f"partition {part.number}, {part.size // MiB} MiB: MiB/s of its bytes"
+                result.identical = same_content(target, bench.disk, part.offset, part.size)
+            else:
+                result.identical = same_content(target, bench.disk)
         target.unlink(missing_ok=True)
 
 

@@ -17,6 +17,8 @@ RAW_OVER_USED_TARGET = 2.5
 EXPORT_SIZE_TARGET = 1.01
 EXPORT_TIME_TARGET = 1.0
 DECOMPRESSION_TARGET = 10.0
+# A partition restore against the whole disk's, in bytes per second.
+PARTITION_RESTORE_TARGET = 0.9
 # Other work worth a quarter of a CPU during a run makes its wall time suspect.
 BUSY_MACHINE_SHARE = 0.25
 
@@ -30,7 +32,7 @@ class Results:
 
 
 def throughput(results: Results, run: Run) -> float:
-    return results.disk_size / MiB / run.seconds
+    return (run.size or results.disk_size) / MiB / run.seconds
 
 
 def stored(results: Results, run: Run) -> float:
@@ -127,6 +129,12 @@ RESTORE_COMPARISONS = [
                throughput, "MiB/s", 1.0),
     Comparison("Verified restore throughput vs zstd -dc | dd", "ours.restore_verified",
                "zstd.restore", throughput, "MiB/s"),
+    Comparison("Partition restore --no-verify throughput vs whole-disk restore",
+               "ours.restore_partition", "ours.restore", throughput, "MiB/s",
+               PARTITION_RESTORE_TARGET),
+    Comparison("Verified partition restore throughput vs verified whole-disk restore",
+               "ours.restore_partition_verified", "ours.restore_verified", throughput, "MiB/s",
+               PARTITION_RESTORE_TARGET),
 ]
 USED_COMPARISONS = [
     Comparison("Used-mode store vs Clonezilla (partclone + zstd -T0 -3)", "used.ours",

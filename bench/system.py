@@ -113,5 +113,10 @@ def read_through(path: Path) -> None:
                 pass
 
 
-def same_content(a: Path, b: Path) -> bool:
-    return subprocess.run(["cmp", "--silent", str(a), str(b)]).returncode == 0
+def same_content(a: Path, b: Path, offset: int = 0, length: int | None = None) -> bool:
+    """Whether `a` holds exactly b's bytes, or the `length` of them from `offset`."""
+    if length is None:
+        return subprocess.run(["cmp", "--silent", str(a), str(b)]).returncode == 0
+    return a.stat().st_size == length and subprocess.run(
+        ["cmp", "--silent", f"--ignore-initial=0:{offset}", f"--bytes={length}", str(a), str(b)]
+    ).returncode == 0

@@ -43,6 +43,7 @@ from .mount import ImageReader, exposed
 from .pipeline import ordered_map
 from .progress import Progress
 from .store import reading
+from .syscalls import pwrite_all
 
 FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
 COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"
@@ -172,16 +173,6 @@ class _Tool:
         return problems
 
 
-def _pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write the views one after the other from `offset`, however many calls it takes."""
-    while views:
-        written = os.pwritev(fd, views, offset)
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views = views[1:]
-        if views and written:
-            views = [views[0][written:], *views[1:]]
 
 
 class _Ext(_Tool):
@@ -422,7 +413,7 @@ class _Ext(_Tool):
                 return
             with self.reader.lent(position) as chunk:
                 for within, offset, length in pieces:
-                    _pwrite_all(fd, chunk.span(within, length), offset)
+                    pwrite_all(fd, chunk.span(within, length), offset)
 
         copied = ordered_map(copy, runs, workers=COPY_WORKERS, name="extract")
         with contextlib.closing(copied):

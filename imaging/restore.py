@@ -1,18 +1,24 @@
-"""Restore: write an image to a disk or a file, then prove it by reading it back.
+"""Restore: write an image, or one partition of it, to a disk or a file, then prove it.
 
 Safety checks decide before the target is opened for writing; block devices
 are then opened with O_EXCL, which the kernel refuses while anything has them
-mounted. Chunks are decompressed by a thread pool and written in place; a
-regular-file target gets holes where the image has zero chunks. Whole chunks
-are written, and read back for the verification, with O_DIRECT where the
-target takes it: a restore passes over each byte once, so the page cache only
-costs it, and the read-back then comes from the device itself. The restore
-is registered in the datastore as a reader of its image for its whole run, so
-prune defers that image and garbage collection keeps its chunks.
+mounted. The restore is registered in the datastore as a reader of its image
+for its whole run, so prune defers that image and garbage collection keeps its
+chunks.
 
-One partition of an image can be restored alone, onto a partition-sized
-target, with the same checks and a read-back comparison of its bytes. A
-whole-disk restore onto a larger target is fitted to it afterwards (fit.py).
+What is restored is a byte range of the disk: all of it, or one partition
+(onto a partition-sized target), which may start and end anywhere inside a
+chunk. One writer serves both: the range is cut where chunks end, and a
+thread pool decompresses each piece's chunk and writes the piece in place.
+Every whole 4096-byte block of the target goes with O_DIRECT where the target
+takes it, since a restore passes over each byte once and the page cache only
+costs it; the blocks a chunk boundary or the target's end cuts, and every
+block of a target that refuses direct I/O, go through the page cache. A
+regular-file target gets holes where the image has zero chunks. The read-back
+hashes each piece as the device returns it (O_DIRECT again) and compares it
+with its chunk's name, or, for part of a chunk, with the hash of that part of
+a chunk whose name was checked when it was written. A whole-disk restore onto
+a larger target is fitted to it afterwards (fit.py).
 """
 from __future__ import annotations
 
@@ -23,19 +29,19 @@ import mmap
 import os
 import queue
 import time
-from typing import Callable, Collection, Iterable, Iterator, Optional
+from typing import Collection, Iterable, Iterator, Optional
 
 from . import codec, fit, mount
-from .chunks import decode, decode_into, missing_chunks
+from .chunks import decode_into, missing_chunks
 from .errors import ImageError, ImagingError, TargetError, describe
 from .image import Image
 from .pipeline import ordered_map
 from .progress import Progress
 from .safety import Target, check_target
 from .store import Datastore, reading
-from .syscalls import start_writeback
+from .syscalls import pwrite_all, start_writeback
 
-# Direct writes need buffers, offsets and lengths aligned to the target's
+# Direct I/O needs buffers, offsets and lengths aligned to the target's
 # logical block size: 4096 covers 512-byte and 4 KiB-sector disks alike.
 DIRECT_ALIGNMENT = 4096
 
@@ -75,33 +81,83 @@ def restore(image_dir: os.PathLike | str, target: str, *, verify: bool = True,
     """
     started = time.monotonic()
     progress = progress or Progress("restore", 0)
-    if partition is not None:
-        if grow:
-            raise ImagingError("growing applies to a whole-disk restore, not to one partition")
-        return _restore_partition(image_dir, target, partition, verify, progress,
-                                  allowed_targets, workers, started)
-    with reading(image_dir, "restore", progress, f" to {target}") as image:
+    if partition is not None and grow:
+        raise ImagingError("growing applies to a whole-disk restore, not to one partition")
+    described = f" to {target}" if partition is None else f" partition {partition} to {target}"
+    with reading(image_dir, "restore", progress, described) as image:
+        extent = _Extent.of(image, partition)
         index = image.index()
-        _refuse_missing_chunks(image, index, str(image.path))
+        _refuse_missing_chunks(image, (index[piece.position] for piece in extent.pieces()),
+                               extent.name())
         growth = fit.plan_growth(image) if grow else None
-        checked = check_target(target, image.size, allowed_targets)
-        progress.start_phase("restore", image.size)
+        checked = check_target(target, extent.size, allowed_targets)
+        progress.start_phase("restore", extent.size)
         fd = _open_target(checked)
         try:
             if not checked.is_block:
-                _empty_file(fd, checked, image.size)
-            _write_chunks(fd, image, index, checked.is_block, progress, workers)
+                _empty_file(fd, checked, extent.size)
+            expected = _write(fd, image, index, extent.pieces(), checked.is_block, progress,
+                              workers)
             _flush(fd, target)
             if verify:
-                progress.start_phase("verify", image.size)
-                compare_target(target, image, index, progress, workers)
+                progress.start_phase("verify", extent.size)
+                _read_back(target, extent, expected, progress, workers)
         finally:
             os.close(fd)
-        relocated = fit.relocate_backup_header(image, target, max(checked.size, image.size))
+        relocated = partition is None and fit.relocate_backup_header(
+            image, target, max(checked.size, image.size))
         grown_size = fit.grow(growth, target) if growth else None
     progress.finish()
-    return RestoreResult(target, image.size, round(time.monotonic() - started, 3), verify,
-                         relocated=relocated, grown_size=grown_size)
+    return RestoreResult(target, extent.size, round(time.monotonic() - started, 3), verify,
+                         partition=partition, relocated=relocated, grown_size=grown_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One chunk's share of what is restored: `length` bytes from `within` the chunk
+    numbered `position`, written `at` that offset of the target."""
+
+    position: int
+    within: int
+    length: int
+    at: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extent:
+    """What a restore writes: the image's whole disk, or one partition of it."""
+
+    image: Image
+    partition: Optional[int]
+    start: int
+    size: int
+
+    @classmethod
+    def of(cls, image: Image, partition: Optional[int]) -> "_Extent":
+        if partition is None:
+            return cls(image, None, 0, image.size)
+        part = mount.partition(image, partition)
+        return cls(image, partition, part.start, part.size)
+
+    def pieces(self) -> Iterator[_Piece]:
+        """The extent's bytes in disk order, cut where chunks end."""
+        offset, end = self.start, self.start + self.size
+        while offset < end:
+            position, within = divmod(offset, self.image.chunk_size)
+            length = min(self.image.chunk_size - within, end - offset)
+            yield _Piece(position, within, length, offset - self.start)
+            offset += length
+
+    def name(self) -> str:
+        if self.partition is None:
+            return str(self.image.path)
+        return f"partition {self.partition} of {self.image.path}"
+
+    def holding(self, first: int, last: int) -> str:
+        """What the target's bytes `first` to `last` were to hold, for a mismatch."""
+        if self.partition is None:
+            return f"the image in chunk {first // self.image.chunk_size} (bytes {first}-{last})"
+        return f"partition {self.partition} of the image (bytes {first}-{last})"
 
 
 def _refuse_missing_chunks(image: Image, digests: Iterable[str], what: str) -> None:
@@ -117,87 +173,6 @@ def _flush(fd: int, target: str) -> None:
         os.fsync(fd)
     except OSError as exc:
         raise TargetError(f"cannot flush {target}: {describe(exc)}") from None
-
-
-def _restore_partition(image_dir: os.PathLike | str, target: str, number: int, verify: bool,
-                       progress: Progress, allowed_targets: Optional[Collection[str]],
-                       workers: Optional[int], started: float) -> RestoreResult:
-    """Write partition `number` of the image to a partition-sized target, then compare it."""
-    with reading(image_dir, "restore", progress, f" partition {number} to {target}") as image:
-        part = mount.partition(image, number)
-        index = image.index()
-        pieces = _pieces(image, part)
-        _refuse_missing_chunks(image, (index[offset // image.chunk_size] for offset, _ in pieces),
-                               f"partition {number} of {image.path}")
-        checked = check_target(target, part.size, allowed_targets)
-        progress.start_phase("restore", part.size)
-        fd = _open_target(checked)
-        try:
-            if not checked.is_block:
-                _empty_file(fd, checked, part.size)
-            digests = _write_pieces(fd, image, index, part, pieces, checked.is_block, progress,
-                                    workers)
-            _flush(fd, target)
-            if verify:
-                progress.start_phase("verify", part.size)
-                _compare_pieces(target, part, pieces, digests, progress, workers)
-        finally:
-            os.close(fd)
-    progress.finish()
-    return RestoreResult(target, part.size, round(time.monotonic() - started, 3), verify,
-                         partition=number)
-
-
-def _pieces(image: Image, part: mount.Partition) -> list[tuple[int, int]]:
-    """The partition's bytes as (disk offset, length), cut where chunks end."""
-    pieces = []
-    offset = part.start
-    while offset < part.end:
-        chunk_end = (offset // image.chunk_size + 1) * image.chunk_size
-        pieces.append((offset, min(chunk_end, part.end) - offset))
-        offset += pieces[-1][1]
-    return pieces
-
-
-def _write_pieces(fd: int, image: Image, index: list[str], part: mount.Partition,
-                  pieces: list[tuple[int, int]], is_block: bool, progress: Progress,
-                  workers: Optional[int]) -> list[str]:
-    """Write each piece at its place in the partition; the SHA-256 of each, in order."""
-    def restore_piece(piece: tuple[int, int]) -> str:
-        offset, length = piece
-        position = offset // image.chunk_size
-        digest = index[position]
-        if codec.zero_digest(image.chunk_length(position)) == digest:
-            if not is_block:
-                return codec.zero_digest(length)  # a hole
-            data = codec.zeros(length)
-        else:
-            within = offset - position * image.chunk_size
-            chunk = decode(image.store, digest, image.store.read_frame(digest))
-            if len(chunk) != image.chunk_length(position):
-                raise ImageError(f"chunk {digest} holds {len(chunk)} bytes, "
-                                 f"{image.chunk_length(position)} expected: run verify")
-            data = chunk[within:within + length]
-        _pwrite_all(fd, data, offset - part.start)
-        start_writeback(fd, offset - part.start, length)
-        return codec.digest(data)
-
-    digests = []
-    written = ordered_map(restore_piece, pieces, workers=workers, cancelled=progress.cancelled,
-                          name="restore")
-    with contextlib.closing(written):
-        for (_, length), digest in written:
-            digests.append(digest)
-            progress.advance(length)
-    return digests
-
-
-def _compare_pieces(target: str, part: mount.Partition, pieces: list[tuple[int, int]],
-                    digests: list[str], progress: Progress, workers: Optional[int]) -> None:
-    """Re-read the partition from the target, not the page cache, and compare piece hashes."""
-    spans = [(offset - part.start, length) for offset, length in pieces]
-    read_back(target, spans, digests, progress, workers,
-              lambda start, end: f"partition {part.number} of the image (bytes {start}-{end})")
 
 
 def _open_target(target: Target) -> int:
@@ -217,35 +192,29 @@ def _empty_file(fd: int, target: Target, image_size: int) -> None:
         raise TargetError(f"cannot empty the target file {target.path}: {describe(exc)}") from None
 
 
-def _write_chunks(fd: int, image: Image, index: list[str], is_block: bool,
-                  progress: Progress, workers: Optional[int]) -> None:
-    """Decompress and write chunks in parallel; pwrite lets each worker write its own place."""
-    direct = _DirectWriter.open(fd, image.chunk_size)
+def _write(fd: int, image: Image, index: list[str], pieces: Iterable[_Piece], is_block: bool,
+           progress: Progress, workers: Optional[int]) -> list[str]:
+    """Decompress and write the pieces in parallel, each worker at its own place with pwrite;
+    for each piece in order, the digest its read-back is to find."""
+    writer = _Writer(fd, image.chunk_size)
 
-    def restore_chunk(position: int) -> None:
-        digest, length = index[position], image.chunk_length(position)
+    def restore_piece(piece: _Piece) -> str:
+        digest, length = index[piece.position], image.chunk_length(piece.position)
         if codec.zero_digest(length) == digest and not is_block:
-            return  # a hole
-        offset = position * image.chunk_size
-        frame = image.store.read_frame(digest)
-        if direct is not None and direct.write(image.store, digest, frame, offset, length, fd):
-            return
-        data = decode(image.store, digest, frame)
-        if len(data) != length:
-            raise ImageError(f"chunk {digest} holds {len(data)} bytes, {length} expected: "
-                             "run verify")
-        _pwrite_all(fd, data, offset)
-        start_writeback(fd, offset, length)
+            return codec.zero_digest(piece.length)  # a hole
+        return writer.write(image.store, digest, length, piece)
 
-    written = ordered_map(restore_chunk, range(len(index)), workers=workers,
-                          cancelled=progress.cancelled, name="restore")
+    expected = []
+    written = ordered_map(restore_piece, pieces, workers=workers, cancelled=progress.cancelled,
+                          name="restore")
     try:
         with contextlib.closing(written):
-            for position, _ in written:
-                progress.advance(image.chunk_length(position))
+            for piece, digest in written:
+                expected.append(digest)
+                progress.advance(piece.length)
     finally:
-        if direct is not None:
-            direct.close()
+        writer.close()
+    return expected
 
 
 class _AlignedBuffers:
@@ -279,82 +248,117 @@ def _reopened_direct(fd: int, flags: int) -> Optional[int]:
         return None
 
 
-class _DirectWriter:
-    """Whole chunks written with O_DIRECT, past the page cache.
+class _Writer:
+    """Pieces of chunks written in place: the target's whole 4096-byte blocks with O_DIRECT,
+    past the page cache, and the blocks a chunk boundary or the target's end cuts through it.
 
     A restore writes each byte once, and its verification reads the target
     back from the device anyway: caching what it writes only costs. On a
     2-core VM, restoring 1 GiB into a fresh file took 0.8-3.2 s buffered (up
     to 3.6 s of it in the kernel, copying into new page-cache pages while the
     other thread spun on the file's lock), 0.8-1.2 s direct. Where the target
-    refuses direct writes (tmpfs, some FUSE and network filesystems), or for
-    a length or offset it cannot align, the caller writes buffered.
+    refuses direct writes (ramfs, some FUSE and network filesystems), every
+    block goes through the page cache.
     """
 
     def __init__(self, fd: int, chunk_size: int) -> None:
         self.fd = fd
-        self._buffers = _AlignedBuffers(chunk_size)
+        self._direct_fd = _reopened_direct(fd, os.O_WRONLY)
         self._refused = False
+        # A block more than a chunk: the chunk is decoded `shift` bytes in (see `write`).
+        self._buffers = _AlignedBuffers(chunk_size + DIRECT_ALIGNMENT)
 
-    @classmethod
-    def open(cls, fd: int, chunk_size: int) -> Optional["_DirectWriter"]:
-        """A writer to the file open as `fd`, or None if it takes no direct writes."""
-        direct_fd = None if chunk_size % DIRECT_ALIGNMENT else _reopened_direct(fd, os.O_WRONLY)
-        return None if direct_fd is None else cls(direct_fd, chunk_size)
-
-    def write(self, store: Datastore, digest: str, frame: bytes, offset: int, length: int,
-              buffered_fd: int) -> bool:
-        """Decode one chunk and write it; False if the caller is to write it buffered."""
-        if self._refused or length % DIRECT_ALIGNMENT or offset % DIRECT_ALIGNMENT:
-            return False
+    def write(self, store: Datastore, digest: str, length: int, piece: _Piece) -> str:
+        """Decode the piece's chunk (`length` bytes named `digest`) and write the piece;
+        the digest its read-back is to find."""
+        frame = store.read_frame(digest)
         with self._buffers.lent() as buffer:
-            contents = memoryview(buffer)[:length]
+            # Each byte lands at an address equal to its place in the target, modulo
+            # a block: the target's whole blocks then start at page-aligned addresses.
+            shift = (piece.at - piece.within) % DIRECT_ALIGNMENT
+            contents = memoryview(buffer)[shift:shift + length]
             decode_into(store, digest, frame, contents)
-            try:
-                written = os.pwrite(self.fd, contents, offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise TargetError(f"cannot write the target at byte {offset}: "
-                                      f"{describe(exc)}") from None
-                self._refused = True
-                return False
-            if written < length:
-                _pwrite_all(buffered_fd, contents[written:], offset + written)
-            return True
+            data = contents[piece.within:piece.within + piece.length]
+            if piece.length == length:
+                self._write(data, piece.at)
+                return digest
+            # Part of a chunk: its name is checked here, so that the read-back of
+            # the part proves the image's bytes as a whole chunk's read-back does.
+            if codec.digest(contents) != digest:
+                raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
+            self._write(data, piece.at)
+            return codec.digest(data)
+
+    def _write(self, data: memoryview, at: int) -> None:
+        head = min(-at % DIRECT_ALIGNMENT, len(data))
+        blocks = (len(data) - head) // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
+        direct = self._write_direct(data[head:head + blocks], at + head) if blocks else 0
+        if direct:
+            _write_buffered(self.fd, data[:head], at)
+            _write_buffered(self.fd, data[head + direct:], at + head + direct)
+        else:
+            _write_buffered(self.fd, data, at)
+
+    def _write_direct(self, blocks: memoryview, at: int) -> int:
+        """How many bytes of `blocks` went past the page cache: none where the target refuses."""
+        if self._direct_fd is None or self._refused:
+            return 0
+        try:
+            return os.pwrite(self._direct_fd, blocks, at)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise TargetError(f"cannot write the target at byte {at}: "
+                                  f"{describe(exc)}") from None
+            self._refused = True
+            return 0
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+
+
+def _write_buffered(fd: int, data: memoryview, at: int) -> None:
+    if not data:
+        return
+    try:
+        pwrite_all(fd, [data], at)
+    except OSError as exc:
+        raise TargetError(f"cannot write the target at byte {at}: {describe(exc)}") from None
+    start_writeback(fd, at, len(data))
 
 
 class _DirectReader:
     """The target read back with O_DIRECT: from the device itself, into reused buffers.
 
-    Reading a freshly written gigabyte through the page cache filled new
-    pages with it (1.1-2.2 s of kernel time on the VM above); dropping the
-    cache first was only a hint besides.
+    A span is read as the whole blocks that hold it. Reading a freshly written
+    gigabyte through the page cache filled new pages with it (1.1-2.2 s of
+    kernel time on the VM above); dropping the cache first was only a hint
+    besides.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, largest: int) -> None:
         self.fd = fd
-        self._buffers: dict[int, _AlignedBuffers] = {}
+        self._buffers = _AlignedBuffers(largest + DIRECT_ALIGNMENT)
         self._refused = False
 
     @classmethod
-    def open(cls, fd: int) -> Optional["_DirectReader"]:
+    def open(cls, fd: int, largest: int) -> Optional["_DirectReader"]:
+        """A reader of spans up to `largest` bytes, or None if the target takes no direct I/O."""
         direct_fd = _reopened_direct(fd, os.O_RDONLY)
-        return None if direct_fd is None else cls(direct_fd)
+        return None if direct_fd is None else cls(direct_fd, largest)
 
     def digest(self, offset: int, length: int) -> Optional[str]:
         """The digest of `length` bytes at `offset`; None if the caller is to read them itself."""
-        if self._refused or length % DIRECT_ALIGNMENT or offset % DIRECT_ALIGNMENT:
+        if self._refused:
             return None
-        buffers = self._buffers.setdefault(length, _AlignedBuffers(length))
-        with buffers.lent() as buffer:
-            view = memoryview(buffer)
+        first = offset - offset % DIRECT_ALIGNMENT
+        end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        with self._buffers.lent() as buffer:
+            view = memoryview(buffer)[:end - first]
             filled = 0
-            while filled < length:
+            while filled < len(view):
                 try:
-                    count = os.preadv(self.fd, [view[filled:]], offset + filled)
+                    count = os.preadv(self.fd, [view[filled:]], first + filled)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL or filled:
                         raise
@@ -363,65 +367,42 @@ class _DirectReader:
                 if not count:
                     break  # the target ends here: the digest then differs
                 filled += count
-            return codec.digest(view[:filled])
+            return codec.digest(view[offset - first:min(filled, offset - first + length)])
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.pwrite(fd, view, offset)
-        except OSError as exc:
-            raise TargetError(f"cannot write the target at byte {offset}: {describe(exc)}") from None
-        view = view[written:]
-        offset += written
-
-
-def compare_target(target: str, image: Image, index: list[str],
-                   progress: Progress, workers: Optional[int]) -> None:
-    """Re-read the target from the device, not the page cache, and compare chunk hashes."""
-    spans = [(position * image.chunk_size, image.chunk_length(position))
-             for position in range(len(index))]
-    read_back(target, spans, index, progress, workers,
-              lambda start, end: f"the image in chunk {start // image.chunk_size} "
-                                 f"(bytes {start}-{end})")
-
-
-def read_back(target: str, spans: list[tuple[int, int]], expected: list[str], progress: Progress,
-              workers: Optional[int], differs_from: Callable[[int, int], str]) -> None:
-    """Hash each (offset, length) span of the target as the device returns it and compare
-    with `expected`; a mismatch names what the span should hold, `differs_from(first, last)`."""
+def _read_back(target: str, extent: _Extent, expected: list[str], progress: Progress,
+               workers: Optional[int]) -> None:
+    """Hash each piece of the extent as the target's device returns it and compare it with
+    `expected`; a mismatch names what the piece was to hold."""
     try:
         read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise TargetError(f"cannot read back {target} to verify it: {describe(exc)}") from None
-    direct = _DirectReader.open(read_fd)
+    direct = _DirectReader.open(read_fd, extent.image.chunk_size)
 
-    def digest_of(number: int) -> str:
-        offset, length = spans[number]
+    def digest_of(piece: _Piece) -> str:
         try:
-            if direct is not None and (found := direct.digest(offset, length)) is not None:
+            if direct is not None and (found := direct.digest(piece.at, piece.length)) is not None:
                 return found
-            return codec.digest(os.pread(read_fd, length, offset))
+            return codec.digest(os.pread(read_fd, piece.length, piece.at))
         except OSError as exc:
-            raise TargetError(f"cannot read back {target} at byte {offset} to verify it: "
+            raise TargetError(f"cannot read back {target} at byte {piece.at} to verify it: "
                               f"{describe(exc)}") from None
 
     try:
         with contextlib.suppress(OSError):  # a hint; without it the comparison still holds
             os.posix_fadvise(read_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        digests = ordered_map(digest_of, range(len(spans)), workers=workers,
+        digests = ordered_map(digest_of, extent.pieces(), workers=workers,
                               cancelled=progress.cancelled, name="compare")
         with contextlib.closing(digests):
-            for number, digest in digests:
-                offset, length = spans[number]
-                if digest != expected[number]:
+            for (piece, digest), wanted in zip(digests, expected):
+                if digest != wanted:
                     raise TargetError(f"verification failed: {target} differs from "
-                                      f"{differs_from(offset, offset + length - 1)}")
-                progress.advance(length)
+                                      f"{extent.holding(piece.at, piece.at + piece.length - 1)}")
+                progress.advance(piece.length)
     finally:
         os.close(read_fd)
         if direct is not None:

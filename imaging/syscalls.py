@@ -1,10 +1,11 @@
-"""The Linux calls Python's os module does not offer, through ctypes."""
+"""The Linux calls Python's os module does not offer (through ctypes), and a write to its end."""
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
 from pathlib import Path
+from typing import Sequence
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -22,6 +23,18 @@ def syncfs(path: Path) -> None:
             raise OSError(code, os.strerror(code), str(path))
     finally:
         os.close(fd)
+
+
+def pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
+    """Write the views one after the other from `offset`, however many calls it takes."""
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views = views[1:]
+        if views and written:
+            views = [views[0][written:], *views[1:]]
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

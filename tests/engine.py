@@ -1,7 +1,9 @@
 """Shared helpers for the engine's tests: run the CLI, hash files, build small disks."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
@@ -9,6 +11,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
+# A page of the page cache, and the block restore writes with O_DIRECT.
+BLOCK = 4096
 
 
 def imaging(*args: object, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -53,3 +57,30 @@ def write_random(path: Path, size: int, seed: int = 1) -> None:
     with open(path, "wb") as handle:
         for _ in range(size // MiB):
             handle.write(rng.randbytes(MiB))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def cached_blocks(path) -> set[int]:
+    """The file's pages that are in the page cache, as mincore(2) reports them (reads nothing)."""
+    assert mmap.PAGESIZE == BLOCK
+    size = os.path.getsize(path)
+    pages = -(-size // BLOCK)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+        try:
+            resident = ctypes.create_string_buffer(pages)
+            assert _libc.mincore(address, size, resident) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            _libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return {page for page in range(pages) if resident.raw[page] & 1}
