@@ -4,21 +4,19 @@ the engine's (webui/parameters.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
+from unittest import mock
 
 import apprise
-import pytest
-import redis
 from django.test import override_settings
 from django.utils import timezone
 from support.services import wait_for
 from support.web import MEMORY_LAYER, PLAIN_STATIC, BaseTestCase, Outbox, enqueued
-from unittest import mock
 
 import imaging.codec
 import imaging.manifest
 import imaging.prune
+import imaging.store
 from webui import services
 from webui.celery import app
 from webui.models import Host, Job, Schedule
@@ -100,18 +98,6 @@ class WordsTests(BaseTestCase):
         self.assertEqual(json.loads(found.group(1))["gc"], "collecting garbage")
 
 
-@pytest.fixture
-def host_name(redis_url):
-    """A host of this test only, whose queue is dropped afterwards."""
-    name = f"kinds-{os.getpid()}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.delete(f"host.{name}")
-    finally:
-        client.close()
-
-
 def test_a_message_sent_under_a_kinds_earlier_task_name_runs_its_job(host_name, celery_worker,
                                                                       live_environment):
     """Before one task ran every kind, each kind had its own: an upgraded worker finding such
@@ -119,6 +105,7 @@ def test_a_message_sent_under_a_kinds_earlier_task_name_runs_its_job(host_name, 
     worker = celery_worker(host_name)
     host = wait_for(lambda: Host.objects.filter(name=host_name).first(), "the worker's host",
                     30, worker)
+    imaging.store.Datastore.open_or_create(live_environment["IMAGING_DATASTORE"])
     store = services.datastore_at(live_environment["IMAGING_DATASTORE"])
     job = Job.objects.create(kind="gc", host=host, datastore=store, created=timezone.now())
     app.send_task("webui.tasks.run_gc", args=[job.pk], queue=host.queue)
@@ -128,4 +115,4 @@ def test_a_message_sent_under_a_kinds_earlier_task_name_runs_its_job(host_name, 
     assert job.result["removed"] == 0
     store.refresh_from_db()
     assert store.last_gc == job.finished
-    assert f"Task webui.tasks.run_gc[" in worker.log()
+    assert "Task webui.tasks.run_gc[" in worker.log()
