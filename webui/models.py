@@ -398,7 +398,7 @@ class Job(models.Model):
     FINISHED_STATES = (State.SUCCEEDED, State.SUCCEEDED_WITH_WARNINGS, State.FAILED,
                        State.CANCELLED)
 
-    kind = models.CharField(max_length=16, help_text="the name of its kind (services/kinds.py)")
+    kind = models.CharField(max_length=16, help_text="which kind of job: backup, restore, gc...")
     state = models.CharField(max_length=32, choices=State.choices, default=State.QUEUED,
                              db_index=True)
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="jobs",

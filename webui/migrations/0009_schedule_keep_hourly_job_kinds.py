@@ -18,6 +18,6 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='job',
             name='kind',
-            field=models.CharField(help_text='the name of its kind (services/kinds.py)', max_length=16),
+            field=models.CharField(help_text='which kind of job: backup, restore, gc...', max_length=16),
         ),
     ]
