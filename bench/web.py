@@ -584,7 +584,7 @@ def _seed_disks(datastore, hosts, numbers, images_each: int):
         for day, created in ((day, today - dt.timedelta(days=day)) for day in range(images_each))),
         batch_size=1000)
     Job.objects.bulk_create((
-        Job(kind=Job.Kind.BACKUP, state=Job.State.SUCCEEDED, host=image.disk.host,
+        Job(kind="backup", state=Job.State.SUCCEEDED, host=image.disk.host,
             disk=image.disk, image=image, datastore=datastore,
             params={"mode": "used", "level": 3, "force": False}, created=image.created,
             started=image.created, finished=image.created + dt.timedelta(seconds=image.seconds),

@@ -7,12 +7,10 @@ makes /dev/loopN another disk, at once and with no free loop device to race for.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
-import redis
 from engine import MiB, write_random
 from support.devices import loop_device, requires_loop
 
@@ -36,19 +34,6 @@ def image_files(store: Path) -> list[str]:
     images = store / "images"
     return sorted(str(path.relative_to(store)) for path in images.rglob("*")) \
         if images.exists() else []
-
-
-@pytest.fixture
-def host_name(redis_url):
-    """This run's host: a stale message of an earlier run finds no worker; its queue goes after."""
-    name = f"plug-{os.getpid()}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.delete(f"host.{name}", *(f"_kombu.{kind}.host.{name}"
-                                        for kind in ("binding", "binding_permanent")))
-    finally:
-        client.close()
 
 
 def test_the_engine_refuses_a_disk_that_is_not_the_expected_one_before_writing(

@@ -135,7 +135,7 @@ class TwoVirtualMachinesTests(BaseTestCase):
         response, sent = self.restore(image, target, "qemu-vm-b-QM00001")
         self.assertEqual(response.status_code, 202, response.content)
         job = Job.objects.get(pk=response.json()["job"])
-        self.assertEqual(sent, [("webui.tasks.run_restore", [job.pk], "host.vm-b")])
+        self.assertEqual(sent, [("webui.tasks.run_job", [job.pk], "host.vm-b")])
         self.assertEqual((job.target_disk, job.host.name), (target, "vm-b"))
 
     def restore(self, image, target: Disk, confirm: str):

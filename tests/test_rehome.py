@@ -188,7 +188,7 @@ class CatalogRehomeTests(BaseTestCase):
                                        state=Job.State.SUCCEEDED)
                    for path, image in images.items()}
         failed = self.make_job(host=vm_a, disk=old, datastore=datastore, state=Job.State.FAILED)
-        restore = self.make_job(Job.Kind.RESTORE, host=vm_a, disk=old,
+        restore = self.make_job("restore", host=vm_a, disk=old,
                                 image=images[next(p for p in taken if taken[p][0] == "vm-b")],
                                 target_disk=old, datastore=datastore, state=Job.State.SUCCEEDED)
         flip = StatusChange.objects.create(disk=old, old="fresh", new="overdue")

@@ -93,8 +93,8 @@ class ApiAuthTestCase(BaseTestCase):
                     self.assertEqual(self.call(self.client, method, path, body).status_code,
                                      status)
         self.assertEqual([name for name, _, _ in sent],
-                         ["webui.tasks.run_backup", "webui.tasks.run_restore",
-                          "webui.tasks.run_verify"])
+                         ["webui.tasks.run_job", "webui.tasks.run_job",
+                          "webui.tasks.run_job"])
         self.assertTrue(Job.objects.get(pk=self.job.pk).cancel_requested)
         self.assertEqual(Schedule.objects.get(pk=self.schedule.pk).cron, "30 1 * * *")
 

@@ -32,7 +32,7 @@ class BackupApiTestCase(BaseTestCase):
         self.assertEqual(response.status_code, 202, response.content)
         job = Job.objects.get(pk=response.json()["job"])
         self.assertEqual(response.json(), {"job": job.pk})
-        self.assertEqual(sent, [("webui.tasks.run_backup", [job.pk], "host.h1")])
+        self.assertEqual(sent, [("webui.tasks.run_job", [job.pk], "host.h1")])
         self.assertEqual((job.kind, job.state, job.host, job.disk, job.datastore),
                          ("backup", "queued", self.h1, self.d1, self.datastore))
         self.assertEqual(job.params, {"mode": "used", "level": 3, "force": False, "deltas": True})
@@ -67,7 +67,7 @@ class BackupApiTestCase(BaseTestCase):
         h2 = Host.objects.create(name="h2", last_seen=timezone.now())
         disk = Disk.objects.create(host=h2, stable_id="ata-h2-disk", size=GiB, path="/dev/sda")
         response, sent = self.backup(disk.pk)
-        self.assertEqual(sent, [("webui.tasks.run_backup", [response.json()["job"]], "host.h2")])
+        self.assertEqual(sent, [("webui.tasks.run_job", [response.json()["job"]], "host.h2")])
         self.assertEqual(Job.objects.get(pk=response.json()["job"]).host, h2)
 
     def test_a_host_that_is_offline_gets_the_job_and_the_api_says_it_waits(self):
@@ -85,7 +85,7 @@ class BackupApiTestCase(BaseTestCase):
         self.assertEqual(Job.objects.count(), 1)
 
     def test_it_refuses_a_disk_being_restored_onto(self):
-        self.make_job(Job.Kind.RESTORE, disk=self.d2, target_disk=self.d1)
+        self.make_job("restore", disk=self.d2, target_disk=self.d1)
         self.assert_refused(*self.backup(self.d1.pk), "busy", "restore")
 
     def test_it_refuses_a_gone_disk(self):

@@ -193,7 +193,7 @@ class JobApiTestCase(ReadApiTestCase):
         self.assertEqual(shown["state"], "running")
 
     def test_jobs_filter_by_state_and_disk(self):
-        restore = self.make_job(Job.Kind.RESTORE, disk=self.d2, target_disk=self.d1)
+        restore = self.make_job("restore", disk=self.d2, target_disk=self.d1)
         done = self.make_job(state=Job.State.SUCCEEDED, disk=self.d2)
         queued = {job["id"] for job in self.get("/api/jobs/?state=queued")["results"]}
         self.assertEqual(queued, {restore.pk})

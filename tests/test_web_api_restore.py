@@ -81,7 +81,7 @@ class RestoreApiTestCase(BaseTestCase):
         response, sent = self.restore(self.onto_d2())
         self.assertEqual(response.status_code, 202, response.content)
         job = Job.objects.get(pk=response.json()["job"])
-        self.assertEqual(sent, [("webui.tasks.run_restore", [job.pk], "host.h1")])
+        self.assertEqual(sent, [("webui.tasks.run_job", [job.pk], "host.h1")])
         self.assertEqual((job.kind, job.state, job.image, job.target_disk, job.host),
                          ("restore", "queued", self.image, self.d2, self.h1))
         self.assertEqual(job.requested_by, self.alice)
@@ -94,7 +94,7 @@ class RestoreApiTestCase(BaseTestCase):
                                      path="/dev/sdz")
         response, sent = self.restore({"target_disk": target.pk, "confirm": "ata-h2-big"})
         self.assertEqual(response.status_code, 202, response.content)
-        self.assertEqual(sent, [("webui.tasks.run_restore", [response.json()["job"]], "host.h2")])
+        self.assertEqual(sent, [("webui.tasks.run_job", [response.json()["job"]], "host.h2")])
 
     def test_a_second_restore_onto_a_target_already_queued_is_refused(self):
         first, _ = self.restore(self.onto_d2())
@@ -113,7 +113,7 @@ class VerifyApiTestCase(BaseTestCase):
         self.assertEqual(response.status_code, 202, response.content)
         job = Job.objects.get(pk=response.json()["job"])
         self.assertEqual((job.kind, job.image, job.datastore), ("verify", image, self.datastore))
-        self.assertEqual(sent, [("webui.tasks.run_verify", [job.pk], "host.h1")])
+        self.assertEqual(sent, [("webui.tasks.run_job", [job.pk], "host.h1")])
 
     def test_an_unknown_image_is_not_found(self):
         self.client.force_login(self.alice)

@@ -71,7 +71,7 @@ class SchedulerTests(LabMixin, TransactionTestCase):
 
     def test_beat_itself_fails_a_job_whose_worker_stopped_beating(self):
         stale = timezone.now() - dt.timedelta(minutes=5)
-        job = Job.objects.create(kind=Job.Kind.BACKUP, host=self.h1, disk=self.d1,
+        job = Job.objects.create(kind="backup", host=self.h1, disk=self.d1,
                                  state=Job.State.RUNNING, started=stale, heartbeat_at=stale)
         scheduler = beat.Scheduler(app=app)
         self.assertLessEqual(scheduler.tick(), 15)

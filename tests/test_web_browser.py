@@ -116,7 +116,7 @@ def test_a_backup_shows_live_progress_then_restores_through_the_guarded_dialog(l
     assert values == sorted(values), seen
     assert {total for value, total in seen if value} == {SOURCE_SIZE}, seen
     print(f"the progress bar took {len(set(values))} values without a reload")
-    backup = Job.objects.get(kind=Job.Kind.BACKUP, disk=source_disk)
+    backup = Job.objects.get(kind="backup", disk=source_disk)
     assert backup.state == Job.State.SUCCEEDED, backup.error
     image = Image.objects.get(disk=source_disk)
     row = page.locator(f'tr[data-image-id="{image.pk}"]')
@@ -149,7 +149,7 @@ def test_a_backup_shows_live_progress_then_restores_through_the_guarded_dialog(l
     assert alice_page.body_page() == "job"
     restore = Job.objects.get(pk=int(page.url.rstrip("/").rsplit("/", 1)[1]))
     assert (restore.kind, restore.image_id, restore.target_disk_id) == \
-        (Job.Kind.RESTORE, image.pk, target_disk.pk)
+        ("restore", image.pk, target_disk.pk)
     expect(page.locator("[data-job-state]")).to_have_text(SUCCEEDED, timeout=JOB_TIMEOUT_MS)
     restore.refresh_from_db()
     assert restore.state == Job.State.SUCCEEDED, restore.error
@@ -167,7 +167,7 @@ def test_a_failed_job_shows_its_error(lab, alice_page):
     alice_page.open(f"/disks/{disk.pk}/")
     page.locator('[data-action="backup"]').first.click()
     expect(page.locator("[data-job-state]")).to_have_text(FAILED, timeout=JOB_TIMEOUT_MS)
-    job = Job.objects.get(kind=Job.Kind.BACKUP, disk=disk)
+    job = Job.objects.get(kind="backup", disk=disk)
     assert job.state == Job.State.FAILED and str(vanishing) in job.error, job.error
     expect(page.locator("[data-job-error]")).to_contain_text(job.error)
 

@@ -70,7 +70,7 @@ def bob_cookie():
 @pytest.fixture
 def job():
     host = Host.objects.create(name="h1")
-    return Job.objects.create(kind=Job.Kind.BACKUP, host=host, state=Job.State.RUNNING,
+    return Job.objects.create(kind="backup", host=host, state=Job.State.RUNNING,
                               progress={"phase": "backup", "done": 7, "total": 10})
 
 
@@ -155,7 +155,7 @@ async def test_it_ignores_what_a_client_sends(memory_layer, job, bob_cookie):
 
 
 async def test_the_dashboard_streams_every_job(memory_layer, job, bob_cookie):
-    other = await Job.objects.acreate(kind=Job.Kind.VERIFY, host_id=job.host_id,
+    other = await Job.objects.acreate(kind="verify", host_id=job.host_id,
                                       state=Job.State.RUNNING)
     communicator = WebsocketCommunicator(application, "/ws/dashboard/",
                                          headers=[ORIGIN, bob_cookie])

@@ -271,8 +271,8 @@ class PartitionRestoreTests(LabMixin, TransactionTestCase):
             job = services.start_restore(self.image, target.pk, target.stable_id, self.alice,
                                          partition=1)
             self.assertEqual(job.params, {"verify": True, "partition": 1})
-            self.assertEqual(sent, [("webui.tasks.run_restore", [job.pk], "host.h1")])
-            tasks.run_restore.apply(args=[job.pk])
+            self.assertEqual(sent, [("webui.tasks.run_job", [job.pk], "host.h1")])
+            tasks.run_job.apply(args=[job.pk])
         job.refresh_from_db()
         self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
         written = target_file.read_bytes()
@@ -310,5 +310,5 @@ class PartitionRestoreTests(LabMixin, TransactionTestCase):
                                              "confirm": self.d2.stable_id, "partition": 1},
                                        content_type="application/json")
         self.assertEqual(started.status_code, 202, started.content)
-        self.assertEqual(Job.objects.get(kind=Job.Kind.RESTORE).params,
+        self.assertEqual(Job.objects.get(kind="restore").params,
                          {"verify": True, "partition": 1})

@@ -42,7 +42,7 @@ def lab():
     return {
         "/api/hosts/": host.pk, "/api/disks/": disk.pk, "/api/datastores/": datastore.pk,
         "/api/images/": image.pk,
-        "/api/jobs/": Job.objects.create(kind=Job.Kind.VERIFY, host=host, image=image).pk,
+        "/api/jobs/": Job.objects.create(kind="verify", host=host, image=image).pk,
         "/api/schedules/": Schedule.objects.create(disk=disk, datastore=datastore).pk,
         "queue": host.queue,
     }

@@ -111,7 +111,7 @@ class JoinCommandTests(BaseTestCase):
         self.assertFalse(HostAccess.objects.exists())
 
     def test_a_revoked_host_runs_no_jobs_and_its_queued_ones_are_cancelled(self):
-        queued = self.make_job(kind=Job.Kind.BACKUP)
+        queued = self.make_job(kind="backup")
         HostAccess.objects.create(host=self.h1, joined_at=timezone.now())
         # A database role is PostgreSQL's: on SQLite there is none to end.
         with mock.patch("webui.services.hosts._end_database_role") as end_role:

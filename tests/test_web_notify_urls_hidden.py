@@ -10,7 +10,7 @@ from django.test import override_settings
 from support.web import MEMORY_LAYER, PLAIN_STATIC, BaseTestCase
 
 from webui.api.authentication import new_token
-from webui import tasks
+from webui.celery import app as celery_app
 from webui.models import Job
 
 BOT_TOKEN = "123456789:AAH-secret-bot-token"
@@ -28,7 +28,7 @@ class NotifyUrlsTestCase(BaseTestCase):
         self.image = self.make_image(self.d1)
         self.job = self.make_job(state=Job.State.FAILED, schedule=self.schedule,
                                  error="backup failed: the disk went away")
-        mock.patch.object(tasks.run_backup, "apply_async").start()
+        mock.patch.object(celery_app, "send_task").start()
         self.addCleanup(mock.patch.stopall)
 
     def api_paths(self) -> list[str]:

@@ -13,8 +13,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from support.web import PLAIN_STATIC, BaseTestCase, GiB
 
-from webui import pages, tasks
+from webui import pages
+from webui.celery import app as celery_app
 from webui.models import Datastore, Disk, Host, Image, Job, Schedule
+from webui.services.delivery import RUN_JOB
 
 MiB = 1024 ** 2
 
@@ -23,8 +25,7 @@ MiB = 1024 ** 2
 class PageTestCase(BaseTestCase):
     def setUp(self):
         # Jobs the pages start are queued in the database; no broker is reached.
-        self.apply_async = {kind: mock.patch.object(task, "apply_async").start()
-                            for kind, task in tasks.JOB_TASKS.items()}
+        self.send_task = mock.patch.object(celery_app, "send_task").start()
         self.addCleanup(mock.patch.stopall)
 
     def page(self, path: str, user=None, status: int = 200) -> str:
@@ -218,7 +219,7 @@ class DashboardTests(PageTestCase):
         self.client.force_login(self.alice)
         self.make_image(disk=self.d1)
         self.make_job(state=Job.State.RUNNING)
-        self.make_job(kind=Job.Kind.VERIFY, state=Job.State.FAILED, disk=self.d2, error="bad")
+        self.make_job(kind="verify", state=Job.State.FAILED, disk=self.d2, error="bad")
         with CaptureQueriesContext(connection) as few:
             self.assertEqual(self.client.get("/").status_code, 200)
         for number in range(38):
@@ -398,12 +399,12 @@ class ActionTests(PageTestCase):
             response = self.client.post(f"/images/{image.pk}/export/", {
                 "name": "d1-march.img.zst", "level": "19", "long_distance": "on",
                 "split_size": "2G"})
-        job = Job.objects.get(kind=Job.Kind.EXPORT)
+        job = Job.objects.get(kind="export")
         self.assertRedirects(response, f"/jobs/{job.pk}/", fetch_redirect_response=False)
         self.assertEqual(job.params, {"name": "d1-march.img.zst", "level": 19,
                                       "long_distance": True, "split_size": 2 * GiB})
         self.assertEqual(job.requested_by, self.alice)
-        self.apply_async[Job.Kind.EXPORT].assert_called_once()
+        self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue=job.host.queue)
 
     def test_an_export_name_with_a_folder_is_refused_with_the_reason(self):
         image = self.make_image(disk=self.d1)
@@ -416,13 +417,13 @@ class ActionTests(PageTestCase):
     def test_gc_and_verify_start_from_the_datastores_page(self):
         self.client.force_login(self.alice)
         response = self.client.post(f"/datastores/{self.datastore.pk}/gc/")
-        gc = Job.objects.get(kind=Job.Kind.GC)
+        gc = Job.objects.get(kind="gc")
         self.assertRedirects(response, f"/jobs/{gc.pk}/", fetch_redirect_response=False)
         newest = self.make_image(disk=self.d1)
         self.make_image(disk=self.d1, created=timezone.now() - dt.timedelta(days=1))
         other = self.make_image(disk=self.d2)
         response = self.client.post(f"/datastores/{self.datastore.pk}/verify/", follow=True)
-        verified = set(Job.objects.filter(kind=Job.Kind.VERIFY).values_list("image", flat=True))
+        verified = set(Job.objects.filter(kind="verify").values_list("image", flat=True))
         self.assertEqual(verified, {newest.pk, other.pk})
         self.assertContains(response, "Verifying the newest image of 2 disks")
 

@@ -20,7 +20,7 @@ import imaging.catalog
 import imaging.inventory
 import imaging.store
 from webui import services
-from webui.models import Disk, Image, Job
+from webui.models import Disk, Image
 
 TWO_PARTITIONS = [PartSpec(24 * MiB, "ext4"), PartSpec(8 * MiB, "swap")]
 
@@ -183,7 +183,7 @@ class DeleteImageTests(BaseTestCase):
                          [str(self.second.image)])
 
     def test_an_image_a_job_uses_is_not_deleted(self):
-        job = self.make_job(kind=Job.Kind.RESTORE, disk=self.image.disk, image=self.image,
+        job = self.make_job(kind="restore", disk=self.image.disk, image=self.image,
                             target_disk=self.d2)
         response = self.client.post(f"/images/{self.image.pk}/delete/", follow=True)
         self.assertContains(response, f"is in use by restore job #{job.pk} (queued)")

@@ -10,7 +10,7 @@ from django.test import override_settings
 from django.utils import timezone
 from support.web import PLAIN_STATIC, BaseTestCase, GiB
 
-from webui import tasks
+from webui.celery import app as celery_app
 from webui.models import Disk, Host, Job
 
 MiB = 1024 ** 2
@@ -19,7 +19,7 @@ MiB = 1024 ** 2
 @override_settings(STORAGES=PLAIN_STATIC)
 class RestoreDialogTests(BaseTestCase):
     def setUp(self):
-        mock.patch.object(tasks.run_backup, "apply_async").start()
+        mock.patch.object(celery_app, "send_task").start()
         self.addCleanup(mock.patch.stopall)
         self.image = self.make_image(disk=self.d1, size=10 * GiB, partitions=[
             {"name": "sdb1", "start": MiB, "size": 512 * MiB, "type": "ef", "fstype": "vfat",

@@ -19,7 +19,7 @@ from webui.pages import describe_cron
 def form_data(**changes) -> dict:
     """What the schedule form posts, as a browser would send it."""
     data = {"kind": "backup", "cron": "30 2 * * *", "time_zone": "Europe/Berlin", "mode": "used",
-            "level": "3", "keep_last": "7", "keep_daily": "14", "keep_weekly": "8",
+            "level": "3", "keep_last": "7", "keep_hourly": "0", "keep_daily": "14", "keep_weekly": "8",
             "keep_monthly": "12", "keep_yearly": "0", "grace_minutes": "90", "notify_urls": "",
             "enabled": "on"}
     data.update(changes)

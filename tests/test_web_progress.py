@@ -10,7 +10,7 @@ from imaging.progress import ProgressEvent
 from support.services import free_port
 from support.web import MEMORY_LAYER
 
-from webui.api.serializers import JobSerializer
+from webui.payloads import JobSerializer
 from webui.models import Host, Job
 from webui.progress import ProgressSender, send_job_state
 
@@ -37,7 +37,7 @@ def event(done, *, phase="backup", total=100 << 20, bad_bytes=0, finished=False)
 @pytest.fixture
 def job():
     host = Host.objects.create(name="h1")
-    return Job.objects.create(kind=Job.Kind.BACKUP, host=host, state=Job.State.RUNNING)
+    return Job.objects.create(kind="backup", host=host, state=Job.State.RUNNING)
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ class ProtectionTests(BaseTestCase):
     def test_a_running_or_restore_job_does_not_decide(self):
         self.make_job(state=Job.State.FAILED, finished=utc(2026, 3, 10, 4))
         self.make_job(state=Job.State.RUNNING)
-        self.make_job(kind=Job.Kind.RESTORE, state=Job.State.SUCCEEDED, target_disk=self.d1,
+        self.make_job(kind="restore", state=Job.State.SUCCEEDED, target_disk=self.d1,
                       finished=utc(2026, 3, 10, 5))
         self.assertEqual(self.d1.protection(now=utc(2026, 3, 10, 6)), Protection.FAILED)
 

@@ -10,9 +10,10 @@ from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
 from support.web import UTC, BaseTestCase, LabMixin
 
-from webui import services, tasks
+from webui import services
 from webui.celery import app
 from webui.models import Datastore, Disk, Job, Protection, Schedule
+from webui.services.delivery import RUN_JOB
 
 
 class SyncScheduleTests(BaseTestCase):
@@ -95,8 +96,7 @@ class BeatTests(LabMixin, TransactionTestCase):
 
 class RunScheduleTests(BaseTestCase):
     def setUp(self):
-        self.apply_async = {kind: mock.patch.object(task, "apply_async").start()
-                            for kind, task in tasks.JOB_TASKS.items()}
+        self.send_task = mock.patch.object(app, "send_task").start()
         self.addCleanup(mock.patch.stopall)
 
     def test_a_firing_starts_one_backup_however_often_it_is_delivered(self):
@@ -105,11 +105,11 @@ class RunScheduleTests(BaseTestCase):
             [job] = services.run_schedule(self.schedule.pk, now=fired)
             self.assertEqual(services.run_schedule(self.schedule.pk, now=fired), [])
         self.assertEqual((job.kind, job.disk, job.schedule, job.params["mode"]),
-                         (Job.Kind.BACKUP, self.d1, self.schedule, "used"))
-        self.apply_async[Job.Kind.BACKUP].assert_called_once_with(args=[job.pk], queue="host.h1")
+                         ("backup", self.d1, self.schedule, "used"))
+        self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue="host.h1")
 
     def test_the_next_firing_runs_again(self):
-        Job.objects.create(kind=Job.Kind.BACKUP, host=self.h1, disk=self.d1, schedule=self.schedule,
+        Job.objects.create(kind="backup", host=self.h1, disk=self.d1, schedule=self.schedule,
                            state=Job.State.SUCCEEDED,
                            created=dt.datetime(2026, 11, 30, 3, 0, 1, tzinfo=UTC))
         jobs = services.run_schedule(self.schedule.pk, now=dt.datetime(2026, 12, 1, 3, 0, 1, tzinfo=UTC))
@@ -127,10 +127,10 @@ class RunScheduleTests(BaseTestCase):
                                          cron="0 6 * * 0")
         jobs = services.run_schedule(verify.pk)
         self.assertEqual({job.image for job in jobs}, {newest_d1, newest_d2})
-        self.assertTrue(all(job.kind == Job.Kind.VERIFY for job in jobs))
+        self.assertTrue(all(job.kind == "verify" for job in jobs))
 
     def test_a_gc_schedule_collects_its_datastore(self):
         store = Datastore.objects.create(path="/srv/other")
         gc = Schedule.objects.create(kind=Schedule.Kind.GC, datastore=store, cron="0 5 * * 0")
         [job] = services.run_schedule(gc.pk)
-        self.assertEqual((job.kind, job.datastore, job.schedule), (Job.Kind.GC, store, gc))
+        self.assertEqual((job.kind, job.datastore, job.schedule), ("gc", store, gc))

@@ -1,6 +1,6 @@
 """The use cases: refusals, one job per disk, claims, the catalog, job transitions, sweeps.
 
-The engine is real wherever a datastore is involved; Celery's apply_async and
+The engine is real wherever a datastore is involved; Celery's send_task and
 Apprise are stood in for (their queue and their messages are what is checked).
 """
 from __future__ import annotations
@@ -26,8 +26,10 @@ from support.web import UTC, BaseTestCase, GiB, LabMixin, Outbox
 import imaging.backup
 import imaging.inventory
 from imaging.errors import Cancelled, SourceError
-from webui import services, tasks
+from webui import services
+from webui.celery import app as celery_app
 from webui.models import Datastore, Disk, Host, Image, Job, Protection, Schedule, StatusChange
+from webui.services.delivery import RUN_JOB
 
 NOTIFY = ["json://127.0.0.1:9/notify"]
 
@@ -47,8 +49,7 @@ def sha256_file(path: Path) -> str:
 
 class ServiceTestCase(BaseTestCase):
     def setUp(self):
-        self.apply_async = {kind: mock.patch.object(task, "apply_async").start()
-                            for kind, task in tasks.JOB_TASKS.items()}
+        self.send_task = mock.patch.object(celery_app, "send_task").start()
         self.addCleanup(mock.patch.stopall)
         self.outbox = Outbox()
         mock.patch.object(apprise, "Apprise", self.outbox).start()
@@ -141,7 +142,7 @@ class RefusalTests(ServiceTestCase):
                                   f"#{backup.pk} (running): one job per disk at a time")
 
     def test_a_backup_of_a_disk_being_restored_onto_is_refused(self):
-        restore = self.make_job(kind=Job.Kind.RESTORE, target_disk=self.d2, image=self.image)
+        restore = self.make_job(kind="restore", target_disk=self.d2, image=self.image)
         message = self.refused(services.start_backup, self.d2, self.alice)
         self.assertIn(f"busy with restore job #{restore.pk} (queued)", message)
 
@@ -179,12 +180,12 @@ class StartTests(ServiceTestCase):
     def test_a_backup_is_enqueued_on_its_disks_host_queue_after_commit(self):
         with self.captureOnCommitCallbacks(execute=False) as callbacks:
             job = services.start_backup(self.d1, self.alice)
-            self.apply_async[Job.Kind.BACKUP].assert_not_called()
+            self.send_task.assert_not_called()
         for callback in callbacks:
             callback()
-        self.apply_async[Job.Kind.BACKUP].assert_called_once_with(args=[job.pk], queue="host.h1")
+        self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue="host.h1")
         self.assertEqual((job.kind, job.state, job.host, job.disk, job.requested_by),
-                         (Job.Kind.BACKUP, Job.State.QUEUED, self.h1, self.d1, self.alice))
+                         ("backup", Job.State.QUEUED, self.h1, self.d1, self.alice))
         # Without a mode, the disk's schedule decides: used mode, level 3, its datastore.
         self.assertEqual(job.params, {"mode": "used", "level": 3, "force": False, "deltas": True})
         self.assertEqual(job.datastore, self.datastore)
@@ -196,7 +197,7 @@ class StartTests(ServiceTestCase):
         image = self.make_image(disk=self.d1)
         with self.captureOnCommitCallbacks(execute=True):
             job = services.start_restore(image.pk, str(target.pk), target.stable_id, self.alice)
-        self.apply_async[Job.Kind.RESTORE].assert_called_once_with(args=[job.pk], queue="host.h2")
+        self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue="host.h2")
         self.assertEqual((job.host, job.image, job.disk, job.target_disk),
                          (h2, image, self.d1, target))
 
@@ -208,7 +209,7 @@ class StartTests(ServiceTestCase):
         self.assertEqual(job.state, Job.State.QUEUED)
         self.assertEqual(job.note, "host h1 is offline: the job waits in its queue until its "
                                    "worker is back")
-        self.apply_async[Job.Kind.BACKUP].assert_called_once_with(args=[job.pk], queue="host.h1")
+        self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue="host.h1")
         claimed = services.claim_job(job.pk, "h1@node")
         self.assertEqual(claimed.note, "")
 
@@ -219,7 +220,7 @@ class StartTests(ServiceTestCase):
             gc_elsewhere = services.start_gc(Datastore.objects.create(path="/srv/empty"))
         self.assertEqual(verify.host, self.h1)
         self.assertEqual(gc_elsewhere.host.name, settings.HOST_NAME)
-        self.apply_async[Job.Kind.VERIFY].assert_called_once_with(args=[verify.pk], queue="host.h1")
+        self.send_task.assert_any_call(RUN_JOB, args=[verify.pk], queue="host.h1")
 
 
 class ClaimAndTransitionTests(ServiceTestCase):
@@ -279,8 +280,7 @@ class ClaimAndTransitionTests(ServiceTestCase):
 class ClaimRaceTests(LabMixin, TransactionTestCase):
     def setUp(self):
         self.create_lab()
-        for task in tasks.JOB_TASKS.values():
-            mock.patch.object(task, "apply_async").start()
+        mock.patch.object(celery_app, "send_task").start()
         self.addCleanup(mock.patch.stopall)
 
     def race(self, call, count: int = 2) -> list:
@@ -393,10 +393,10 @@ class CatalogTests(ServiceTestCase):
         self.assertEqual(datastore.image_count, 1)
         self.d1.refresh_from_db()
         self.assertEqual(self.d1.alert_after, self.d1.going_bad_after())
-        prune = Job.objects.get(kind=Job.Kind.PRUNE)
+        prune = Job.objects.get(kind="prune")
         self.assertEqual((prune.disk, prune.datastore, prune.schedule, prune.params["retention"]["last"]),
                          (self.d1, datastore, self.schedule, 3))
-        self.apply_async[Job.Kind.PRUNE].assert_called_once_with(args=[prune.pk], queue="host.h1")
+        self.send_task.assert_called_once_with(RUN_JOB, args=[prune.pk], queue="host.h1")
 
     def test_read_errors_or_a_read_write_mount_finish_with_warnings(self):
         datastore = services.datastore_at(self.store)
@@ -407,7 +407,7 @@ class CatalogTests(ServiceTestCase):
         self.assertEqual(finished.state, Job.State.SUCCEEDED_WITH_WARNINGS)
         self.assertEqual(finished.error, "4096 unreadable bytes stored as zeros; a partition was "
                                          "mounted read-write while it was read")
-        self.assertFalse(Job.objects.filter(kind=Job.Kind.PRUNE).exists())
+        self.assertFalse(Job.objects.filter(kind="prune").exists())
 
 
 class SweepTests(ServiceTestCase):

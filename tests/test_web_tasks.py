@@ -17,7 +17,9 @@ from support.web import GiB, LabMixin
 import imaging.catalog
 import imaging.image
 from webui import services, tasks
+from webui.celery import app as celery_app
 from webui.models import Disk, Image, Job
+from webui.services.delivery import RUN_JOB
 
 
 class TaskTestCase(LabMixin, TransactionTestCase):
@@ -25,8 +27,7 @@ class TaskTestCase(LabMixin, TransactionTestCase):
 
     def setUp(self):
         self.create_lab()
-        self.enqueued = {kind: mock.patch.object(task, "apply_async").start()
-                         for kind, task in tasks.JOB_TASKS.items()}
+        self.send_task = mock.patch.object(celery_app, "send_task").start()
         # The lab's host: a backup checks that the engine names the disk as the catalog does.
         mock.patch.dict(os.environ, HOST_NAME="h1").start()
         self.addCleanup(mock.patch.stopall)
@@ -49,8 +50,8 @@ class RunBackupTests(TaskTestCase):
 
     def test_a_backup_job_runs_the_engine_and_records_state_image_and_progress(self):
         job = services.start_backup(self.disk, self.alice, mode="raw", datastore=self.datastore)
-        self.enqueued[Job.Kind.BACKUP].assert_called_once_with(args=[job.pk], queue="host.h1")
-        tasks.run_backup.apply(args=[job.pk])
+        self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue="host.h1")
+        tasks.run_job.apply(args=[job.pk])
         job.refresh_from_db()
         self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
         self.assertTrue(job.worker)
@@ -71,7 +72,7 @@ class RunBackupTests(TaskTestCase):
         for deltas in (True, True, False):
             job = services.start_backup(self.disk, self.alice, mode="raw",
                                         datastore=self.datastore, deltas=deltas)
-            tasks.run_backup.apply(args=[job.pk])
+            tasks.run_job.apply(args=[job.pk])
             job.refresh_from_db()
             self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
             entries = imaging.image.Image.open(job.image.path).entries()
@@ -84,10 +85,10 @@ class RunBackupTests(TaskTestCase):
 
     def test_a_duplicate_delivery_of_the_message_runs_nothing(self):
         job = services.start_backup(self.disk, self.alice, mode="raw", datastore=self.datastore)
-        tasks.run_backup.apply(args=[job.pk])
+        tasks.run_job.apply(args=[job.pk])
         job.refresh_from_db()
         with mock.patch("imaging.backup.backup") as engine:
-            tasks.run_backup.apply(args=[job.pk])
+            tasks.run_job.apply(args=[job.pk])
         engine.assert_not_called()
         again = Job.objects.get(pk=job.pk)
         self.assertEqual((again.state, again.started, again.finished, again.worker),
@@ -97,7 +98,7 @@ class RunBackupTests(TaskTestCase):
     def test_an_engine_failure_fails_the_job_with_its_one_line_reason(self):
         os.unlink(self.disk.path)
         job = services.start_backup(self.disk, self.alice, mode="raw", datastore=self.datastore)
-        tasks.run_backup.apply(args=[job.pk])
+        tasks.run_job.apply(args=[job.pk])
         job.refresh_from_db()
         self.assertEqual(job.state, Job.State.FAILED)
         self.assertIn(f"cannot open source {self.disk.path}", job.error)
@@ -111,7 +112,7 @@ class CancelTests(TaskTestCase):
             handle.truncate(64 * GiB)  # sparse: long to read, no room taken
         disk = self.file_disk("file-h1-big.img", source)
         job = services.start_backup(disk, self.alice, mode="raw", datastore=self.datastore)
-        runner = threading.Thread(target=self._run, args=(tasks.run_backup, job.pk))
+        runner = threading.Thread(target=self._run, args=(tasks.run_job, job.pk))
         runner.start()
         try:
             self._wait_for(lambda: Job.objects.get(pk=job.pk).state == Job.State.RUNNING)
@@ -153,13 +154,13 @@ class RestoreTaskTests(TaskTestCase):
         source_disk = self.file_disk("file-h1-source.img", source)
         target_disk = self.file_disk("file-h1-target.img", target_file)
         backup = services.start_backup(source_disk, self.alice, mode="raw", datastore=self.datastore)
-        tasks.run_backup.apply(args=[backup.pk])
+        tasks.run_job.apply(args=[backup.pk])
         image = Image.objects.get()
         # This host is h1, and its engine inventory has both files.
         with override_settings(HOST_NAME="h1"), \
                 mock.patch.dict(os.environ, HOST_NAME="h1", IMAGING_DISK_FILES=f"{source}:{target_file}"):
             restore = services.start_restore(image, target_disk.pk, target_disk.stable_id, self.alice)
-            tasks.run_restore.apply(args=[restore.pk])
+            tasks.run_job.apply(args=[restore.pk])
         restore.refresh_from_db()
         self.assertEqual(restore.state, Job.State.SUCCEEDED, restore.error)
         self.assertEqual(target_file.read_bytes(), source.read_bytes())
@@ -172,12 +173,12 @@ class RestoreTaskTests(TaskTestCase):
         source_disk = self.file_disk("file-h1-source.img", source)
         target_disk = self.file_disk("file-h1-target.img", target_file)
         backup = services.start_backup(source_disk, self.alice, mode="raw", datastore=self.datastore)
-        tasks.run_backup.apply(args=[backup.pk])
+        tasks.run_job.apply(args=[backup.pk])
         with override_settings(HOST_NAME="h1"), \
                 mock.patch.dict(os.environ, HOST_NAME="h1", IMAGING_DISK_FILES=str(source)):
             restore = services.start_restore(Image.objects.get(), target_disk.pk,
                                              target_disk.stable_id, self.alice)
-            tasks.run_restore.apply(args=[restore.pk])
+            tasks.run_job.apply(args=[restore.pk])
         restore.refresh_from_db()
         self.assertEqual((restore.state, restore.error),
                          (Job.State.FAILED, "disk file-h1-target.img is not a present disk of host h1 now"))

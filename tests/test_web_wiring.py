@@ -102,9 +102,9 @@ def test_a_message_delivered_twice_runs_its_job_once(host_names, celery_worker, 
         worker = celery_worker(name_a, disk_files=[device], concurrency=2)
         disk = host_disk(name_a, device)
         job = services.start_backup(disk, mode="raw", datastore=datastore)
-        tasks.run_backup.apply_async(args=[job.pk], queue=Host.objects.get(name=name_a).queue)
+        tasks.run_job.apply_async(args=[job.pk], queue=Host.objects.get(name=name_a).queue)
         job = finished(job.pk, 120, worker)
-        wait_for(lambda: worker.log().count("webui.tasks.run_backup") >= 4,
+        wait_for(lambda: worker.log().count("webui.tasks.run_job") >= 4,
                  "both deliveries received and done", 60, worker)
     assert job.state == Job.State.SUCCEEDED, job.error
     assert Image.objects.filter(disk=disk).count() == 1

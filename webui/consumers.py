@@ -8,10 +8,9 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from . import services
-from .progress import DASHBOARD_GROUP, job_group
+from .progress import DASHBOARD_GROUP, PROGRESS_MESSAGE, STATE_MESSAGE, job_group
 
-# What the progress sender sends; each is forwarded as it came.
-FORWARDED = {"job.progress", "job.state"}
+FORWARDED = {PROGRESS_MESSAGE, STATE_MESSAGE}
 
 
 class WatchingConsumer(AsyncJsonWebsocketConsumer):

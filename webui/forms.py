@@ -6,21 +6,23 @@ import re
 import zoneinfo
 
 from django import forms
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
-import imaging.codec
 import imaging.tools
 from imaging.errors import ImagingError
 
 from . import services
+from .formatting import size
 from .models import Disk, Schedule
-from .pages import disk_title
-from .templatetags.human import size
+from .parameters import DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, RETENTION_RULES, validate_retention
+
+RETENTION_FIELDS = [f"keep_{rule}" for rule in RETENTION_RULES]
 
 class DiskChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, disk: Disk) -> str:
         gone = "" if disk.present else " (gone)"
-        return f"{disk.host.name} · {disk_title(disk)} · {disk.path or disk.stable_id} · " \
+        return f"{disk.host.name} · {disk.title} · {disk.path or disk.stable_id} · " \
                f"{size(disk.size)}{gone}"
 
 
@@ -32,14 +34,12 @@ class ScheduleForm(forms.ModelForm):
     class Meta:
         model = Schedule
         fields = ["kind", "disk", "datastore", "cron", "time_zone", "mode", "level", "deltas",
-                  "keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
-                  "notify_urls", "notify_on_success", "enabled"]
+                  *RETENTION_FIELDS, "notify_urls", "notify_on_success", "enabled"]
         field_classes = {"disk": DiskChoiceField}
         labels = {
             "kind": "What to run", "cron": "When (cron)", "time_zone": "Time zone",
-            "mode": "Backup mode", "level": "Compression level (1–22)",
-            "keep_last": "Last", "keep_daily": "Daily", "keep_weekly": "Weekly",
-            "keep_monthly": "Monthly", "keep_yearly": "Yearly",
+            "mode": "Backup mode", "level": f"Compression level ({MIN_LEVEL}–{MAX_LEVEL})",
+            **{field: rule.capitalize() for field, rule in zip(RETENTION_FIELDS, RETENTION_RULES)},
             "notify_urls": "Notification URLs", "notify_on_success": "Also notify on success",
             "enabled": "On", "deltas": "Store changes as deltas",
         }
@@ -63,13 +63,13 @@ class ScheduleForm(forms.ModelForm):
             "host__name", "path")
         self.fields["disk"].required = False
         self.fields["disk"].empty_label = "— none (verify and gc run per datastore) —"
-        self.fields["kind"].choices = [("backup", "Back up a disk"),
-                                       ("verify", "Verify the newest image of each disk"),
-                                       ("gc", "Collect garbage in the datastore")]
+        self.fields["kind"].choices = [(kind.name, kind.scheduled_as)
+                                       for kind in services.kinds.KINDS.values()
+                                       if kind.scheduled_as]
         self.fields["grace_minutes"].initial = int(self.instance.grace.total_seconds() // 60)
-        for name in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"):
+        for name in RETENTION_FIELDS:
             self.fields[name].widget.attrs["min"] = 0
-        self.fields["level"].widget.attrs.update(min=1, max=22)
+        self.fields["level"].widget.attrs.update(min=MIN_LEVEL, max=MAX_LEVEL)
 
     @staticmethod
     def time_zones() -> list[str]:
@@ -80,12 +80,16 @@ class ScheduleForm(forms.ModelForm):
         minutes = cleaned.get("grace_minutes")
         if minutes is not None:
             self.instance.grace = dt.timedelta(minutes=minutes)
-        if cleaned.get("kind") == Schedule.Kind.BACKUP and not any(
-                cleaned.get(f"keep_{rule}") for rule in ("last", "daily", "weekly", "monthly",
-                                                         "yearly")):
-            raise forms.ValidationError("Keep at least one image: a retention that keeps "
-                                        "nothing would remove every backup.")
+        if cleaned.get("kind") == Schedule.Kind.BACKUP:
+            try:
+                validate_retention({rule: cleaned.get(field) or 0
+                                    for field, rule in zip(RETENTION_FIELDS, RETENTION_RULES)})
+            except ValidationError as invalid:
+                raise forms.ValidationError(f"Keep at least one image: {invalid.message}.")
         return cleaned
+
+    def retention_fields(self) -> list[forms.BoundField]:
+        return [self[name] for name in RETENTION_FIELDS]
 
     def notification_urls(self) -> list[str]:
         text = self.data.get("notify_urls", "") if self.is_bound else self.instance.notify_urls
@@ -101,9 +105,7 @@ class ScheduleForm(forms.ModelForm):
 class ExportForm(forms.Form):
     name = forms.RegexField(regex=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$", max_length=201,
                             error_messages={"invalid": "use letters, digits and ._+- only"})
-    level = forms.IntegerField(min_value=imaging.codec.LEVELS.start,
-                               max_value=imaging.codec.LEVELS.stop - 1,
-                               initial=imaging.codec.DEFAULT_LEVEL)
+    level = forms.IntegerField(min_value=MIN_LEVEL, max_value=MAX_LEVEL, initial=DEFAULT_LEVEL)
     long_distance = forms.BooleanField(required=False)
     split_size = forms.CharField(required=False, max_length=32)
 

@@ -12,16 +12,20 @@ import functools
 import hashlib
 import re
 import zoneinfo
+from pathlib import PurePath
 from typing import Optional
 
 from croniter import CroniterBadDateError, croniter
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.core.validators import RegexValidator
 from django.db import models
-from django.db.models import OuterRef, Prefetch, Subquery
+from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.dispatch import Signal
 from django.utils import timezone
+
+from .formatting import size
+from .parameters import BACKUP_MODES, DEFAULT_LEVEL, LEVEL_VALIDATORS, RETENTION_RULES
 
 HOST_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 # A Celery queue and channel-layer group name must stay ASCII letters, digits and -_.
@@ -186,7 +190,7 @@ class DiskQuerySet(ChangeSignallingQuerySet):
     def with_protection_facts(self) -> "DiskQuerySet":
         """Disks with what protection() reads fetched in bulk: a list costs two queries."""
         newest_image = Image.objects.filter(disk=OuterRef("pk")).order_by("-created")
-        last_backup_job = (Job.objects.filter(disk=OuterRef("pk"), kind=Job.Kind.BACKUP,
+        last_backup_job = (Job.objects.filter(disk=OuterRef("pk"), kind=Job.BACKUP,
                                               state__in=Job.FINISHED_STATES)
                            .order_by("-finished"))
         backup_schedules = (Schedule.objects.filter(kind=Schedule.Kind.BACKUP, enabled=True)
@@ -237,6 +241,17 @@ class Disk(models.Model):
         """What a user types to confirm overwriting this disk."""
         return self.stable_id
 
+    @property
+    def title(self) -> str:
+        """What a person calls the disk: its model, else the file it is (a loop device's own
+        name changes with every attach; the inventory names it after its file)."""
+        if self.model:
+            return self.model
+        loop_prefix = f"loop-{self.host.name}-"
+        if self.kind == "loop" and self.stable_id.startswith(loop_prefix):
+            return self.stable_id[len(loop_prefix):]
+        return PurePath(self.path).name or self.stable_id
+
     def backup_schedule(self) -> Optional["Schedule"]:
         if hasattr(self, "enabled_backup_schedules"):  # with_protection_facts()
             return next(iter(self.enabled_backup_schedules), None)
@@ -259,7 +274,7 @@ class Disk(models.Model):
         return self.images.order_by("-created").first()
 
     def last_backup_job(self) -> Optional["Job"]:
-        return (self.jobs.filter(kind=Job.Kind.BACKUP, state__in=Job.FINISHED_STATES)
+        return (self.jobs.filter(kind=Job.BACKUP, state__in=Job.FINISHED_STATES)
                 .order_by("-finished").first())
 
     def due_at(self, schedule: Optional["Schedule"] = None) -> Optional[dt.datetime]:
@@ -287,8 +302,6 @@ class Disk(models.Model):
         """Why this disk cannot take `image` (or only `partition` of it, anything with a
         number and a size) now, or None. Whether another job holds it is decided where
         the job is created, under a lock (services)."""
-        from .templatetags.human import size
-
         if not self.present:
             return f"gone: host {self.host.name} no longer reports it"
         if self.read_only:
@@ -354,16 +367,24 @@ class Image(models.Model):
         return self.size / self.stored_bytes if self.stored_bytes else None
 
 
+class JobQuerySet(ChangeSignallingQuerySet):
+    def lost(self, now: dt.datetime) -> "JobQuerySet":
+        """Running, but their worker stopped beating: it died with them."""
+        before = now - dt.timedelta(seconds=settings.JOB_LOST_SECONDS)
+        return self.filter(state=Job.State.RUNNING).filter(
+            Q(heartbeat_at__lt=before) | Q(heartbeat_at__isnull=True, started__lt=before))
+
+    def stalled(self, now: dt.datetime) -> "JobQuerySet":
+        """Job.is_stalled() as a query."""
+        before = now - dt.timedelta(seconds=settings.JOB_STALL_SECONDS)
+        return self.filter(state=Job.State.RUNNING).filter(
+            Q(progress_moved_at__lt=before) | Q(progress_moved_at__isnull=True, started__lt=before))
+
+
 class Job(models.Model):
-    class Kind(models.TextChoices):
-        BACKUP = "backup"
-        RESTORE = "restore"
-        VERIFY = "verify"
-        RECOMPRESS = "recompress"
-        EXPORT = "export"
-        IMPORT = "import"
-        PRUNE = "prune"
-        GC = "gc"
+    # The kind whose jobs make a disk's images, which protection reads; every kind, this one
+    # too, is an entry of services/kinds.py, the only place that knows what a kind does.
+    BACKUP = "backup"
 
     class State(models.TextChoices):
         QUEUED = "queued"
@@ -377,7 +398,7 @@ class Job(models.Model):
     FINISHED_STATES = (State.SUCCEEDED, State.SUCCEEDED_WITH_WARNINGS, State.FAILED,
                        State.CANCELLED)
 
-    kind = models.CharField(max_length=16, choices=Kind.choices)
+    kind = models.CharField(max_length=16, help_text="which kind of job: backup, restore, gc...")
     state = models.CharField(max_length=32, choices=State.choices, default=State.QUEUED,
                              db_index=True)
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="jobs",
@@ -409,7 +430,7 @@ class Job(models.Model):
     note = models.CharField(max_length=500, blank=True,
                             help_text="why a queued job waits (its host is offline, ...)")
 
-    objects = ChangeSignallingQuerySet.as_manager()
+    objects = JobQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created"]
@@ -423,7 +444,8 @@ class Job(models.Model):
         return self.state in self.ACTIVE_STATES
 
     def is_stalled(self, now: Optional[dt.datetime] = None) -> bool:
-        """Running, yet its progress has not moved for JOB_STALL_SECONDS: a flag, not a state."""
+        """Running, yet its progress has not moved for JOB_STALL_SECONDS: a flag, not a state
+        (JobQuerySet.stalled() asks the same of the database)."""
         if self.state != self.State.RUNNING:
             return False
         moved = self.progress_moved_at or self.started
@@ -431,19 +453,6 @@ class Job(models.Model):
             return False
         now = now or timezone.now()
         return now - moved >= dt.timedelta(seconds=settings.JOB_STALL_SECONDS)
-
-    def is_lost(self, now: Optional[dt.datetime] = None) -> bool:
-        """Running, but its worker stopped beating: the worker died with it."""
-        if self.state != self.State.RUNNING:
-            return False
-        beat = self.heartbeat_at or self.started
-        now = now or timezone.now()
-        return beat is None or now - beat >= dt.timedelta(seconds=settings.JOB_LOST_SECONDS)
-
-    def disks(self) -> list[Disk]:
-        """The disks this job reads or writes: at most one job may hold each."""
-        return [disk for disk in (self.disk if self.kind == self.Kind.BACKUP else None,
-                                  self.target_disk) if disk is not None]
 
 
 class Schedule(models.Model):
@@ -459,12 +468,13 @@ class Schedule(models.Model):
     cron = models.CharField(max_length=100, default="0 3 * * *", validators=[validate_cron])
     time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
     mode = models.CharField(max_length=8, default="used",
-                            choices=[("raw", "raw"), ("used", "used")])
-    level = models.IntegerField(default=3, validators=[MinValueValidator(1), MaxValueValidator(22)])
+                            choices=[(mode, mode) for mode in BACKUP_MODES])
+    level = models.IntegerField(default=DEFAULT_LEVEL, validators=LEVEL_VALIDATORS)
     deltas = models.BooleanField(
         default=True, help_text="Store changed chunks as deltas against the previous image's; "
                                 "off: each image holds nothing only older images held")
     keep_last = models.PositiveIntegerField(default=7)
+    keep_hourly = models.PositiveIntegerField(default=0)
     keep_daily = models.PositiveIntegerField(default=14)
     keep_weekly = models.PositiveIntegerField(default=8)
     keep_monthly = models.PositiveIntegerField(default=12)
@@ -500,8 +510,7 @@ class Schedule(models.Model):
         return list(fire_times(self.cron, self.time_zone, moment, count))
 
     def retention(self) -> dict[str, int]:
-        return {"last": self.keep_last, "daily": self.keep_daily, "weekly": self.keep_weekly,
-                "monthly": self.keep_monthly, "yearly": self.keep_yearly}
+        return {rule: getattr(self, f"keep_{rule}") for rule in RETENTION_RULES}
 
     def notification_urls(self) -> list[str]:
         return [url for url in self.notify_urls.replace(",", " ").split() if url]

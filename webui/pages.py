@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from pathlib import PurePath
 from typing import Iterable, Optional
 
 from cron_descriptor import CasingTypeEnum, ExpressionDescriptor, Options
@@ -14,8 +13,9 @@ from django.core.paginator import Page, Paginator
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
+from .formatting import duration, size
 from .models import Datastore, Disk, Host, Image, Job, Protection, Schedule
-from .templatetags.human import duration, size
+from .services.kinds import KINDS, held_disk_ids
 
 HISTORY_PAGE_SIZE = 25
 CHART_POINTS = 360
@@ -91,17 +91,6 @@ def disk_status(disk: Disk, now: Optional[dt.datetime] = None) -> DiskStatus:
     return DiskStatus(protection, tone, label, notes, due_at)
 
 
-def disk_title(disk: Disk) -> str:
-    """What a person calls the disk: its model, else the file it is (a loop device's own
-    name changes with every attach; the inventory names it after its file)."""
-    if disk.model:
-        return disk.model
-    loop_prefix = f"loop-{disk.host.name}-"
-    if disk.kind == "loop" and disk.stable_id.startswith(loop_prefix):
-        return disk.stable_id[len(loop_prefix):]
-    return PurePath(disk.path).name or disk.stable_id
-
-
 # --- the dashboard ------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -136,7 +125,7 @@ def dashboard(now: Optional[dt.datetime] = None) -> dict:
     now = now or timezone.now()
     disks = disks_with_status(with_last_image(Disk.objects.all()), now)
     disks.sort(key=lambda disk: (disk.status.severity, not disk.present, disk.host.name,
-                                 disk_title(disk)))
+                                 disk.title))
     failures = (jobs_with_subjects(Job.objects.filter(
         state=Job.State.FAILED, finished__gte=now - dt.timedelta(days=RECENT_FAILURE_DAYS)))
         .order_by("-finished")[:RECENT_FAILURES])
@@ -187,26 +176,7 @@ def active_jobs() -> list[Job]:
 
 
 def describe_job(job: Job) -> str:
-    """ "Backup of Disk One on h1", "Restore of Disk One (2026-03-12 03:00) onto Disk Two"... """
-    kind = job.get_kind_display().capitalize() if job.kind != Job.Kind.GC else "Garbage collection"
-    if job.kind == Job.Kind.RESTORE and job.target_disk_id:
-        source = f"{disk_title(job.disk)} ({_stamp(job.image)})" if job.disk_id and job.image_id \
-            else "an image"
-        return f"Restore of {source} onto {disk_title(job.target_disk)} on {job.target_disk.host}"
-    if job.kind in (Job.Kind.VERIFY, Job.Kind.EXPORT, Job.Kind.RECOMPRESS) and job.disk_id:
-        when = f" ({_stamp(job.image)})" if job.image_id else ""
-        return f"{kind} of {disk_title(job.disk)}{when}"
-    if job.disk_id:
-        return f"{kind} of {disk_title(job.disk)} on {job.disk.host}"
-    if job.datastore_id:
-        return f"{kind} of {job.datastore.path}"
-    return kind
-
-
-def _stamp(image: Optional[Image]) -> str:
-    if image is None:
-        return "image gone"
-    return timezone.localtime(image.created).strftime("%Y-%m-%d %H:%M")
+    return KINDS[job.kind].describe(job)
 
 
 def job_subject_disk(job: Job) -> Optional[Disk]:
@@ -239,7 +209,8 @@ def job_log(job: Job) -> list[tuple[Optional[dt.datetime], str]]:
         lines.append((None, "Cancel requested: it stops after the chunk in hand"))
     if job.finished:
         lines.append((job.finished, _finished_words(job)))
-    lines.extend((None, line) for line in result_lines(job))
+    result = job.result if isinstance(job.result, dict) else {}
+    lines.extend((None, line) for line in KINDS[job.kind].result_lines(result))
     return lines
 
 
@@ -251,39 +222,6 @@ def _finished_words(job: Job) -> str:
     if job.started:
         took = f" after {duration((job.finished - job.started).total_seconds())}"
     return f"{words}{took}" + (f": {job.error}" if job.error else "")
-
-
-def result_lines(job: Job) -> list[str]:
-    """The engine's result in a few lines: what was written, checked, removed, found damaged."""
-    result = job.result if isinstance(job.result, dict) else {}
-    lines = []
-    if job.kind in (Job.Kind.BACKUP, Job.Kind.IMPORT) and result.get("image"):
-        lines.append(f"Wrote image {result['image']}")
-        if "stored_bytes" in result:
-            lines.append(f"Stored {size(result['stored_bytes'])}, "
-                         f"{size(result.get('new_bytes'))} of it new in the datastore")
-    if job.kind == Job.Kind.RESTORE and result.get("target"):
-        checked = ("and read it back to compare" if result.get("verified")
-                   else "without reading it back")
-        lines.append(f"Wrote {size(result.get('size'))} to {result['target']} {checked}")
-    if job.kind == Job.Kind.VERIFY and "chunks" in result:
-        problems = result.get("problems") or []
-        lines.append(f"Checked {result['chunks']:,} chunks: "
-                     + (f"{len(problems)} damaged" if problems else "all intact"))
-        lines.extend(f"Damaged chunk {problem.get('digest')}: {problem.get('reason')}"
-                     for problem in problems[:20])
-    if job.kind == Job.Kind.EXPORT:
-        lines.extend(f"Wrote {name}" for name in (result.get("files") or [])[:50])
-    if job.kind == Job.Kind.RECOMPRESS and "before" in result:
-        lines.append(f"Chunks took {size(result['before'])}, now {size(result.get('after'))}")
-    if job.kind == Job.Kind.GC and "removed" in result:
-        lines.append(f"Removed {result['removed']:,} unused chunks, freed "
-                     f"{size(result.get('freed_bytes'))}; kept {result.get('kept_recent', 0):,} "
-                     "a running backup may still need")
-    if job.kind == Job.Kind.PRUNE:
-        lines.extend(f"Removed {path}" for path in (result.get("removed") or [])[:50])
-        lines.extend(f"Kept for now, being read: {path}" for path in result.get("deferred") or [])
-    return lines
 
 
 # --- a disk's page --------------------------------------------------------------------
@@ -410,10 +348,8 @@ def restore_targets(image: Image, now: Optional[dt.datetime] = None) -> list[Res
     now = now or timezone.now()
     busy: dict[int, Job] = {}
     for job in Job.objects.filter(state__in=Job.ACTIVE_STATES).order_by("created"):
-        held = (job.disk_id if job.kind == Job.Kind.BACKUP else None, job.target_disk_id)
-        for disk_id in held:
-            if disk_id is not None:
-                busy.setdefault(disk_id, job)
+        for disk_id in held_disk_ids(job):
+            busy.setdefault(disk_id, job)
     targets = []
     for disk in Disk.objects.select_related("host").order_by("host__name", "path", "stable_id"):
         job = busy.get(disk.pk)

@@ -20,8 +20,8 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from .api.serializers import JobSerializer
 from .models import Job
+from .payloads import EMPTY_PROGRESS, JobSerializer
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +34,14 @@ def job_group(job_id: int) -> str:
     return f"job.{job_id}"
 
 
-class ProgressData(TypedDict):
-    phase: Optional[str]
-    unit: str
-    done: int
-    total: int
-    rate: float
-    eta: Optional[float]
-    bad_bytes: int
-    stored_bytes: int
-    new_bytes: int
-    sent_at: float  # UNIX time when it left this process
+# What this module sends to the channel layer, which consumers forward to browsers as it came.
+PROGRESS_MESSAGE, STATE_MESSAGE = "job.progress", "job.state"
 
 
 class JobProgress(TypedDict):
     job: int
     state: str
-    progress: ProgressData
+    progress: dict[str, Any]  # payloads.ProgressSerializer's shape
 
 
 class JobProgressMessage(TypedDict):
@@ -117,7 +108,7 @@ class ProgressSender:
 
     def _send(self, now: float) -> None:
         self._sent_at, self._last_sent, self._unsent = now, self._latest, False
-        message: JobProgressMessage = {"type": "job.progress", "data": {
+        message: JobProgressMessage = {"type": PROGRESS_MESSAGE, "data": {
             "job": self.job_id, "state": self.state, "progress": progress_data(self._latest)}}
         self._channel.send(message, job_group(self.job_id))
 
@@ -131,16 +122,15 @@ class ProgressSender:
         Job.objects.filter(pk=self.job_id).update(**changes)
 
 
-def progress_data(event) -> ProgressData:
-    return {"phase": event.phase, "unit": event.unit, "done": event.done, "total": event.total,
-            "rate": event.rate, "eta": event.eta, "bad_bytes": event.bad_bytes,
-            "stored_bytes": event.stored_bytes, "new_bytes": event.new_bytes,
+def progress_data(event) -> dict[str, Any]:
+    """An engine's progress event in payloads.ProgressSerializer's shape, sent now."""
+    return {**{name: getattr(event, name) for name in EMPTY_PROGRESS if name != "sent_at"},
             "sent_at": time.time()}
 
 
 def send_job_state(job: Job) -> None:
     """Tells the job's watchers and the dashboard of a transition, in the API's shape."""
-    message: JobStateMessage = {"type": "job.state", "data": JobSerializer(job).data}
+    message: JobStateMessage = {"type": STATE_MESSAGE, "data": JobSerializer(job).data}
     ChannelSender().send(message, job_group(job.pk))
 
 

@@ -305,6 +305,8 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # Read-only fields (id, created...) stay out of request bodies in the schema.
     "COMPONENT_SPLIT_REQUEST": True,
+    # Its name since the API began, when a job's kind was an enum too.
+    "ENUM_NAME_OVERRIDES": {"ScheduleKindEnum": "webui.models.Schedule.Kind"},
 }
 
 # Logins (webui.logins): five failures lock the address out for an hour, whatever the

@@ -25,9 +25,9 @@ from django.views.decorators.http import require_GET, require_POST
 from django.views.defaults import permission_denied
 
 from . import pages, services
-from .api.serializers import JobSerializer
 from .forms import ExportForm, ScheduleForm
 from .models import Datastore, Disk, Host, Image, Job, Schedule, validate_cron, validate_timezone
+from .payloads import JobSerializer
 
 
 def staff_required(view):
@@ -189,7 +189,8 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     image = job.image
     total = image.size if image is not None else (job.progress or {}).get("total") or 0
     return render(request, "webui/job.html", {
-        "job": job, "job_data": JobSerializer(job).data, "log": pages.job_log(job),
+        "job": job, "kind": services.kinds.KINDS[job.kind], "job_data": JobSerializer(job).data,
+        "log": pages.job_log(job),
         "subject": pages.job_subject_disk(job),
         "bad_marks": pages.bad_strip(image.bad_ranges if image is not None else [], total),
         "bad_total": total, "stalled_since": (job.progress_moved_at or job.started)

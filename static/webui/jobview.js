@@ -2,7 +2,8 @@
 import { amount, duration, exactBytes, rate, size } from "./format.js";
 
 export const ACTIVE = ["queued", "running"];
-const PHASES = { backup: "reading", restore: "writing", verify: "verifying", export: "exporting", import: "importing", recompress: "recompressing", prune: "pruning", gc: "collecting garbage" };
+// What each phase is called, as the server's job kinds say (the page holds them).
+const PHASES = JSON.parse(document.getElementById("phase-words")?.textContent ?? "{}");
 
 // A message is a whole job (the snapshot, a state change) or {job, state, progress}.
 export function jobId(message) {

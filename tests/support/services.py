@@ -16,6 +16,8 @@ so its fixtures need no import:
   machine died), `.log()`.
 - `live_environment`: the environment those subprocesses get (a dict the test
   may add to before it starts one).
+- `host_name`: a host name of this run's own, whose queue is dropped afterwards:
+  a stale message of an earlier run finds no worker.
 - `private_redis`: a redis-server of the test's own, made the subprocesses'
   REDIS_URL, so that what the server counts in its cache (login throttles) is
   counted for this test alone; name it before `live_server_process`.
@@ -52,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from webui.testing import (REPO, CeleryWorker, LiveServer, RedisServer, ServiceFailed,
                            database_url, free_port, redis_problem)
@@ -181,6 +184,19 @@ def live_environment(transactional_db, redis_url, collected_static, tmp_path) ->
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@pytest.fixture
+def host_name(redis_url) -> Iterator[str]:
+    """This run's host: a stale message of an earlier run finds no worker; its queue goes after."""
+    name = f"host-{os.getpid()}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(f"host.{name}", *(f"_kombu.{kind}.host.{name}"
+                                        for kind in ("binding", "binding_permanent")))
+    finally:
+        client.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import itertools
 from unittest import mock
 
 import requests
-from celery.app.task import Task
+from celery import Celery
 from django.contrib.auth.models import User
 from django.test import TestCase
 from django.utils import timezone
@@ -39,13 +39,13 @@ _stamps = itertools.count()
 
 @contextlib.contextmanager
 def enqueued():
-    """Stands in for Celery's apply_async: yields the (task, args, queue) of each job sent."""
+    """Stands in for Celery's send_task: yields the (task, args, queue) of each job sent."""
     sent = []
 
-    def record(task, args=None, kwargs=None, queue=None, **options):
-        sent.append((task.name, args, queue))
+    def record(app, name, args=None, kwargs=None, queue=None, **options):
+        sent.append((name, args, queue))
 
-    with mock.patch.object(Task, "apply_async", autospec=True, side_effect=record):
+    with mock.patch.object(Celery, "send_task", autospec=True, side_effect=record):
         yield sent
 
 
@@ -129,10 +129,10 @@ class LabMixin:
                                     path=f"{datastore.path}/images/{disk.stable_id}/{stamp}",
                                     **values)
 
-    def make_job(self, kind: str = Job.Kind.BACKUP, state: str = Job.State.QUEUED,
+    def make_job(self, kind: str = "backup", state: str = Job.State.QUEUED,
                  **fields) -> Job:
         fields.setdefault("host", self.h1)
-        if kind == Job.Kind.BACKUP:
+        if kind == "backup":
             fields.setdefault("disk", self.d1)
             fields.setdefault("datastore", self.datastore)
             fields.setdefault("params", {"mode": "raw", "level": 3, "force": False})

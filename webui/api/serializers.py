@@ -1,7 +1,5 @@
-"""The JSON shapes the API returns and the WebSockets stream.
-
-A job and its progress as both show them: docs/architecture.md, Progress events.
-"""
+"""The JSON shapes the API returns and takes (a job's, shared with the WebSocket, is in
+webui/payloads.py: docs/architecture.md, Progress events)."""
 from __future__ import annotations
 
 import copy
@@ -15,13 +13,8 @@ from django.contrib.auth import get_user_model
 from rest_framework import serializers
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 
-from ..models import Datastore, Disk, Host, Image, Job, Protection, Schedule
-
-# A job's progress as the worker last reported it; a job that has not started yet has these.
-EMPTY_PROGRESS: dict[str, Any] = {
-    "phase": None, "unit": "bytes", "done": 0, "total": 0, "rate": 0.0, "eta": None,
-    "bad_bytes": 0, "stored_bytes": 0, "new_bytes": 0, "sent_at": None,
-}
+from ..models import Datastore, Disk, Host, Image, Protection, Schedule
+from ..parameters import BACKUP_MODES, MAX_LEVEL, MIN_LEVEL, RETENTION_RULES
 
 
 class RejectUnknownFields:
@@ -107,44 +100,6 @@ def image_listing(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
              "verified": bool(row["verify_ok"])} for row in rows]
 
 
-class ProgressSerializer(serializers.Serializer):
-    """Where a job is, as its worker last reported it."""
-
-    # For the schema: the progress object is built from a dict, never validated.
-    phase = serializers.CharField(allow_null=True)
-    unit = serializers.CharField()
-    done = serializers.IntegerField()
-    total = serializers.IntegerField()
-    rate = serializers.FloatField()
-    eta = serializers.FloatField(allow_null=True)
-    bad_bytes = serializers.IntegerField()
-    stored_bytes = serializers.IntegerField()
-    new_bytes = serializers.IntegerField()
-    sent_at = serializers.FloatField(allow_null=True, help_text="UNIX time it left the worker")
-
-
-class JobSerializer(serializers.ModelSerializer):
-    """A backup, restore, verify... with its state and progress."""
-
-    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    stalled = serializers.SerializerMethodField()
-    progress = serializers.SerializerMethodField()
-
-    class Meta:
-        model = Job
-        fields = ["id", "kind", "state", "stalled", "host", "disk", "image", "target_disk",
-                  "progress", "error", "note", "result", "created", "started", "finished",
-                  "worker"]
-
-    def get_stalled(self, job: Job) -> bool:
-        return job.is_stalled()
-
-    @extend_schema_field(ProgressSerializer)
-    def get_progress(self, job: Job) -> dict[str, Any]:
-        saved = job.progress if isinstance(job.progress, dict) else {}
-        return {name: saved.get(name, default) for name, default in EMPTY_PROGRESS.items()}
-
-
 class DatastoreSerializer(serializers.ModelSerializer):
     """Where images are kept: usage, chunks, deduplication, last gc and verify."""
 
@@ -171,8 +126,8 @@ class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
     class Meta:
         model = Schedule
         fields = ["id", "kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
-                  "deltas", "keep_last", "keep_daily", "keep_weekly", "keep_monthly",
-                  "keep_yearly", "enabled", "grace", "notify_urls", "notify_url_count",
+                  "deltas", *(f"keep_{rule}" for rule in RETENTION_RULES), "enabled", "grace",
+                  "notify_urls", "notify_url_count",
                   "notify_on_success", "created", "next_run"]
         read_only_fields = ["created"]
         extra_kwargs = {"grace": {"min_value": dt.timedelta(0),
@@ -206,8 +161,8 @@ class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
 class BackupSerializer(StrictSerializer):
     """How to take this backup; left out, as the disk's schedule says."""
 
-    mode = serializers.ChoiceField(choices=["raw", "used"], required=False)
-    level = serializers.IntegerField(min_value=1, max_value=22, required=False)
+    mode = serializers.ChoiceField(choices=BACKUP_MODES, required=False)
+    level = serializers.IntegerField(min_value=MIN_LEVEL, max_value=MAX_LEVEL, required=False)
     datastore = serializers.PrimaryKeyRelatedField(queryset=Datastore.objects.all(),
                                                    required=False)
     deltas = serializers.BooleanField(

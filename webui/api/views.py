@@ -22,11 +22,12 @@ from rest_framework.views import APIView
 
 from .. import services
 from ..models import Datastore, Disk, Host, Image, Job, Schedule
+from ..payloads import JobSerializer
 from .authentication import new_token
 from .permissions import IsStaffOrReadOnly
 from .serializers import (IMAGE_COLUMNS, BackupSerializer, CredentialsSerializer,
                           DatastoreSerializer, DiskSerializer, HostSerializer, ImageSerializer,
-                          JobSerializer, JobStartedSerializer, NewTokenSerializer,
+                          JobStartedSerializer, NewTokenSerializer,
                           NoParametersSerializer, RestoreSerializer, ScheduleSerializer,
                           image_listing)
 from .throttling import LoginThrottle

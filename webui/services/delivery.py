@@ -18,6 +18,7 @@ import kombu.exceptions
 import redis
 from django.utils import timezone
 
+from ..celery import app
 from ..models import Job
 from .errors import Unavailable
 
@@ -29,6 +30,13 @@ BROKER_ERRORS = (kombu.exceptions.OperationalError, redis.RedisError)
 # A job's message is in Redis moments after its row is committed: one missing this long
 # after was lost.
 LOST_AFTER = dt.timedelta(seconds=60)
+# The worker's task that runs a job of any kind (webui/tasks.py), by its name: the web sends
+# it without loading the worker's code.
+RUN_JOB = "webui.tasks.run_job"
+# What it was called when each kind had a task of its own: a message sent then may still
+# wait in a queue after an upgrade, and is run all the same.
+EARLIER_RUN_JOB = tuple(f"webui.tasks.run_{kind}" for kind in (
+    "backup", "restore", "verify", "recompress", "export", "import", "prune", "gc"))
 
 
 def send(job: Job) -> None:
@@ -63,18 +71,13 @@ def resend_lost_jobs(now: Optional[dt.datetime] = None) -> int:
 
 
 def _publish(job: Job) -> None:
-    from .. import tasks
-
-    tasks.JOB_TASKS[job.kind].apply_async(args=[job.pk], queue=job.host.queue)
+    app.send_task(RUN_JOB, args=[job.pk], queue=job.host.queue)
 
 
 def _jobs_in_redis(queues: Iterable[str]) -> set[int]:
     """The jobs whose message waits in one of `queues` or was delivered to a worker that has
     not acknowledged it yet, as kombu keeps them in Redis: a list per queue, and a hash of
     the unacknowledged ones."""
-    from .. import tasks
-    from ..celery import app
-
     queues = sorted(queues)
     with app.connection_for_read() as connection:
         channel = connection.default_channel
@@ -85,7 +88,7 @@ def _jobs_in_redis(queues: Iterable[str]) -> set[int]:
             *waiting, delivered = reads.execute()
     messages = [json.loads(raw) for queue in waiting for raw in queue]
     messages += [json.loads(raw)[0] for raw in delivered]  # [message, exchange, routing key]
-    job_tasks = {task.name for task in tasks.JOB_TASKS.values()}
+    job_tasks = {RUN_JOB, *EARLIER_RUN_JOB}
     return {job_id for job_id in (_job_of(message, job_tasks) for message in messages)
             if job_id is not None}
 

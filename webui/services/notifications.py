@@ -36,8 +36,8 @@ def notify_later(title: str, body: str, urls: Iterable[str]) -> None:
     transaction.on_commit(lambda: notify(title, body, urls))
 
 
-def notify_failure(job: Job) -> None:
-    notify_later(f"{job_title(job)} failed", f"{job.error}\n\n{job_summary(job)}", job_urls(job))
+def notify_failure(job: Job, title: str) -> None:
+    notify_later(f"{title} failed", f"{job.error}\n\n{job_summary(job)}", job_urls(job))
 
 
 def job_urls(job: Job) -> list[str]:
@@ -45,11 +45,6 @@ def job_urls(job: Job) -> list[str]:
     if job.schedule_id:
         urls += job.schedule.notification_urls()
     return urls
-
-
-def job_title(job: Job) -> str:
-    what = job.target_disk or job.disk or job.datastore or ""
-    return f"{job.kind.capitalize()} job #{job.pk} {what}".strip()
 
 
 def job_summary(job: Job) -> str:

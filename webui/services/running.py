@@ -11,33 +11,25 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import logging
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any, Optional
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
-import imaging.inventory
-from imaging.errors import Cancelled, TargetError
+from imaging.errors import Cancelled
 
-from ..models import Datastore, Disk, Image, Job, Schedule
+from ..models import Job
+from ..payloads import JobSerializer
 from .catalog import read_catalog, store_catalog
 from .errors import Refused
-from .jobs import announce, reloaded, requester, start_prune
-from .notifications import job_summary, job_title, job_urls, notify, notify_failure, notify_later, \
+from .jobs import announce, reloaded, requester
+from .kinds import KINDS
+from .notifications import job_summary, job_urls, notify, notify_failure, notify_later, \
     progress_text
-from .protection import update_alert
-
-log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker lost"
-
-# Jobs after which the datastore's images or chunks have changed.
-CATALOG_KINDS = (Job.Kind.BACKUP, Job.Kind.IMPORT, Job.Kind.VERIFY, Job.Kind.RECOMPRESS,
-                 Job.Kind.PRUNE, Job.Kind.GC)
 
 
 def claim_job(job_id: int, worker: str, now: Optional[dt.datetime] = None) -> Optional[Job]:
@@ -65,94 +57,37 @@ def job_control(job_id: int, now: Optional[dt.datetime] = None,
     return row[0] == Job.State.RUNNING, row[1]
 
 
-def restore_target(job: Job) -> tuple[str, list[str]]:
-    """The target's path now and every path a restore on this host may write.
-
-    From a fresh inventory, not only the database: device names move between
-    boots, and only this host's present, inventoried disks may be written.
-    """
-    fresh = imaging.inventory.inventory()
-    known = set(Disk.objects.filter(host__name=settings.HOST_NAME, present=True)
-                .values_list("stable_id", flat=True))
-    allowed = [disk["path"] for disk in fresh if disk["id"] in known]
-    current = next((disk["path"] for disk in fresh if disk["id"] == job.target_disk.stable_id), None)
-    if current is None or job.target_disk.stable_id not in known:
-        raise TargetError(f"disk {job.target_disk.stable_id} is not a present disk of host "
-                          f"{settings.HOST_NAME} now")
-    return current, allowed
-
-
-def export_destination(job: Job) -> Path:
-    """Where an export job writes on this host (the folder is made if missing)."""
-    folder = Path(settings.EXPORT_DIR)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TargetError(f"cannot create the export folder {folder}: {exc.strerror}") from None
-    return folder / job.params["name"]
-
-
-def import_files(job: Job) -> list[str]:
-    return [str(Path(settings.IMPORT_DIR) / name) for name in job.params["files"]]
-
-
 def finish_job(job: Job, result: Any, now: Optional[dt.datetime] = None) -> Job:
     """Record what the engine returned: images, datastore figures, state, alerts, follow-ups."""
     now = now or timezone.now()
+    kind = KINDS[job.kind]
     outcome = _jsonable(result)
-    state, error = Job.State.SUCCEEDED, ""
-    if job.kind in (Job.Kind.BACKUP, Job.Kind.IMPORT):
-        warnings = []
-        if outcome.get("bad_bytes"):
-            warnings.append(f"{outcome['bad_bytes']} unreadable bytes stored as zeros")
-        if outcome.get("mounted_rw"):
-            warnings.append("a partition was mounted read-write while it was read")
-        if warnings:
-            state, error = Job.State.SUCCEEDED_WITH_WARNINGS, "; ".join(warnings)
-    if job.kind == Job.Kind.VERIFY and outcome.get("problems"):
-        problems = outcome["problems"]
-        state = Job.State.FAILED
-        error = (f"{len(problems)} damaged chunk(s), first {problems[0].get('digest')}: "
-                 f"{problems[0].get('reason')}")
-    disk_id = (job.params.get("disk_id") if job.kind == Job.Kind.IMPORT
-               else job.disk.stable_id if job.disk_id else None)
+    state, error = kind.judge(outcome)
+    disk_id = kind.catalog_disk_id(job)
     catalog = None
-    if job.kind in CATALOG_KINDS and job.datastore_id:
+    if kind.changes_catalog and job.datastore_id:
         try:
-            catalog = read_catalog(job.datastore, disk_id, images=job.kind != Job.Kind.GC)
+            catalog = read_catalog(job.datastore, disk_id, images=kind.changes_images)
         except Refused as exc:
             state, error = Job.State.FAILED, f"done, but the catalog cannot read it: {exc}"
     with transaction.atomic():
         if catalog is not None:
             store_catalog(job.datastore, *catalog, disk_id=disk_id, now=now)
-        fields = {"state": state, "error": error, "result": outcome, "finished": now}
-        if job.kind in (Job.Kind.BACKUP, Job.Kind.IMPORT) and outcome.get("image"):
-            image = Image.objects.filter(path=outcome["image"]).first()
-            if image is not None:
-                fields.update(image=image, disk=image.disk)
+        fields = {"state": state, "error": error, "result": outcome, "finished": now,
+                  **kind.recorded(outcome)}
         if not Job.objects.filter(pk=job.pk, state=Job.State.RUNNING).update(**fields):
             return reloaded(job)
-        if job.kind == Job.Kind.VERIFY:
-            Datastore.objects.filter(pk=job.datastore_id).update(last_verify=now)
-        if job.kind == Job.Kind.GC:
-            Datastore.objects.filter(pk=job.datastore_id).update(last_gc=now)
+        kind.finished(job, now)
         job = reloaded(job)
-        if job.kind == Job.Kind.BACKUP and job.disk_id:
-            update_alert(job.disk, now)
+        kind.ended(job, now)
         if state == Job.State.FAILED:
-            notify_failure(job)
+            notify_failure(job, kind.title(job))
         elif job.schedule_id and job.schedule.notify_on_success:
-            notify_later(f"{job_title(job)} succeeded", job_summary(job),
+            notify_later(f"{kind.title(job)} succeeded", job_summary(job),
                          job.schedule.notification_urls())
         announce(job)
-    # Once the backup is committed: a prune that cannot start (its disk busy, Redis gone)
-    # changes nothing of it.
-    if (job.kind == Job.Kind.BACKUP and state != Job.State.FAILED and job.schedule_id
-            and job.schedule.kind == Schedule.Kind.BACKUP):
-        try:
-            start_prune(job.schedule)
-        except Refused as exc:
-            log.warning("no prune after %s: %s", job, exc)
+    if state != Job.State.FAILED:
+        kind.follow_up(job)
     return job
 
 
@@ -199,8 +134,6 @@ def fail_jobs_left_running(worker: str, now: Optional[dt.datetime] = None) -> in
 
 def job_snapshot(job_id: int) -> Optional[dict]:
     """The job as the API shows it, or None if there is no such job."""
-    from ..api.serializers import JobSerializer
-
     job = Job.objects.select_related("host").filter(pk=job_id).first()
     return None if job is None else dict(JobSerializer(job).data)
 
@@ -215,10 +148,10 @@ def _fail_if_running(job: Job, error: str, now: dt.datetime) -> bool:
 
 
 def _after_failure(job: Job, now: dt.datetime) -> None:
-    if job.kind == Job.Kind.BACKUP and job.disk_id:
-        update_alert(job.disk, now)
+    kind = KINDS[job.kind]
+    kind.ended(job, now)
     if job.state == Job.State.FAILED:
-        notify_failure(job)
+        notify_failure(job, kind.title(job))
     announce(job)
 
 
@@ -247,21 +180,16 @@ def check_jobs(now: Optional[dt.datetime] = None) -> tuple[int, int]:
     """Running jobs whose worker stopped beating fail as "worker lost"; jobs whose progress
     has not moved are flagged stalled and notified, once. Returns (lost, stalled)."""
     now = now or timezone.now()
-    lost_before = now - dt.timedelta(seconds=settings.JOB_LOST_SECONDS)
     lost = 0
-    for job in Job.objects.filter(state=Job.State.RUNNING).filter(
-            Q(heartbeat_at__lt=lost_before) | Q(heartbeat_at__isnull=True, started__lt=lost_before)):
+    for job in Job.objects.lost(now):
         lost += _fail_if_running(job, WORKER_LOST, now)
-    still_before = now - dt.timedelta(seconds=settings.JOB_STALL_SECONDS)
     stalled = 0
-    for job in Job.objects.filter(state=Job.State.RUNNING, stall_notified=False).filter(
-            Q(progress_moved_at__lt=still_before)
-            | Q(progress_moved_at__isnull=True, started__lt=still_before)).select_related(
-            "host", "disk", "schedule"):
+    for job in Job.objects.stalled(now).filter(stall_notified=False).select_related(
+            "host", "disk", "target_disk", "datastore", "schedule"):
         if Job.objects.filter(pk=job.pk, state=Job.State.RUNNING, stall_notified=False).update(
                 stall_notified=True):
             stalled += 1
-            notify(f"{job_title(job)} is stalled",
+            notify(f"{KINDS[job.kind].title(job)} is stalled",
                    f"Its progress has not moved for {settings.JOB_STALL_SECONDS:.0f} seconds "
                    f"({progress_text(job)}).", job_urls(job))
             job.stall_notified = True

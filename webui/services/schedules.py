@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from ..models import Disk, Job, Schedule
 from .errors import Refused
-from .jobs import start_backup, start_gc, start_verify_latest
+from .kinds import KINDS
 from .protection import update_alert
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,9 @@ def run_schedule(schedule_id: int, now: Optional[dt.datetime] = None) -> list[Jo
     fired_at = fired.get_prev(dt.datetime)
     if schedule.jobs.filter(created__gte=fired_at).exists():
         return []  # this firing already ran
-    jobs = []
     try:
-        if schedule.kind == Schedule.Kind.BACKUP:
-            jobs.append(start_backup(schedule.disk, schedule=schedule))
-        elif schedule.kind == Schedule.Kind.GC:
-            jobs.append(start_gc(schedule.datastore, schedule=schedule))
-        else:
-            jobs.extend(start_verify_latest(schedule.datastore, schedule=schedule))
+        return KINDS[schedule.kind].start_scheduled(schedule)
     except Refused as exc:
         # The disk goes overdue if no backup follows: that is what tells the user.
         log.warning("%s did not start: %s", schedule, exc)
-    return jobs
+        return []

@@ -3,22 +3,19 @@ their unit: the words pages.py chooses, for templates."""
 from __future__ import annotations
 
 from django import template
-from django.utils.html import format_html
+from django.utils.html import format_html, json_script
 
 from .. import forms, pages
-from ..api.serializers import EMPTY_PROGRESS
-from .human import size
+from ..formatting import size
+from ..payloads import saved_progress
+from ..services.kinds import phase_words
 
 register = template.Library()
-
-PHASES = {"backup": "reading", "restore": "writing", "verify": "verifying", "export": "exporting",
-          "import": "importing", "recompress": "recompressing", "prune": "pruning",
-          "gc": "collecting garbage"}
 
 
 @register.filter
 def disk_title(disk) -> str:
-    return pages.disk_title(disk) if disk is not None else "a disk no longer known"
+    return disk.title if disk is not None else "a disk no longer known"
 
 
 @register.filter
@@ -28,8 +25,7 @@ def job_title(job) -> str:
 
 @register.filter
 def progress(job) -> dict:
-    saved = job.progress if isinstance(job.progress, dict) else {}
-    values = {name: saved.get(name, default) for name, default in EMPTY_PROGRESS.items()}
+    values = saved_progress(job)
     values["done"], values["total"] = values["done"] or 0, values["total"] or 0
     values["percent"] = (100 * values["done"] / values["total"]) if values["total"] else None
     return values
@@ -37,7 +33,13 @@ def progress(job) -> dict:
 
 @register.filter
 def phase(name) -> str:
-    return PHASES.get(name or "", name or "waiting")
+    return phase_words().get(name or "", name or "waiting")
+
+
+@register.simple_tag
+def phase_words_script() -> str:
+    """The phase words for static/webui/jobview.js, which writes them as progress comes."""
+    return json_script(phase_words(), "phase-words")
 
 
 @register.simple_tag
