@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import signal
 import subprocess
@@ -255,3 +256,35 @@ def test_ntfs_looks_up_an_entry_without_the_times_of_its_siblings(tmp_path):
         assert (note.name, note.size) == (b"note 7.txt", len(sibling_text(7)))
         assert session.entry(note).mtime == "2024-05-06T07:08:09Z"
         assert b"".join(session.read(note)) == sibling_text(7)
+
+
+def test_a_walk_enters_no_folder_twice_nor_one_whose_name_would_leave_its_parent(tmp_path):
+    """A crafted ext4: a folder holds an entry back to the root (a loop), and the root an
+    entry whose name holds a slash; the walk ends, and names every entry as stored."""
+    requires_root_loop_fuse()
+    disk = build_disk(tmp_path / "disk.img", 16 * MiB, "dos", [PartSpec(12 * MiB, "empty")])
+    part = disk.partitions[0]
+    with loop_device(disk.path, part.start, part.size) as device:
+        run("mkfs.ext4", "-q", "-F", "-O", "^metadata_csum,^has_journal,^dir_index", device)
+        with mounted(device, tmp_path / "mnt") as root:
+            (root / "sub").mkdir()
+            (root / "sub" / "file.txt").write_bytes(b"inside\n")
+            (root / "a_b").mkdir()
+        run("debugfs", "-w", "-R", "ln <2> /sub/back-to-root", device)
+    with open(disk.path, "r+b") as handle:  # "a_b" becomes "a/b" in the root's directory block
+        handle.seek(part.start)
+        data = handle.read(part.size)
+        assert data.count(b"a_b") == 1
+        handle.seek(part.start + data.index(b"a_b"))
+        handle.write(b"a/b")
+    image = backup(str(disk.path), tmp_path / "store", disk_id="loop", chunk_size=CHUNK).image
+    with FileSession(image, 1) as session:
+        # Bounded: a walk that followed the loop would never end.
+        walked = {b"/".join(names): (node.kind, contents and b"".join(contents))
+                  for names, node, contents in itertools.islice(
+                      session.walk(session.lookup("/")), 100)}
+    assert walked == {b"lost+found": (imaging.files.DIRECTORY, None),
+                      b"sub": (imaging.files.DIRECTORY, None),
+                      b"a/b": (imaging.files.DIRECTORY, None),
+                      b"sub/file.txt": (imaging.files.FILE, b"inside\n"),
+                      b"sub/back-to-root": (imaging.files.DIRECTORY, None)}
