@@ -15,6 +15,8 @@ along, so prune defers the image and garbage collection keeps its chunks.
 `exposed` makes the same mount in a private temporary directory for the length
 of a `with` block: how files, extract and verify --fsck hand a partition to the
 filesystems' own user-space tools without mounting a filesystem in the kernel.
+A process killed while it serves one cannot unmount it: the next private mount
+made on the machine undoes it.
 """
 from __future__ import annotations
 
@@ -38,11 +40,15 @@ from .chunks import Contents, read_chunk, read_chunk_into
 from .errors import ImageError, ImagingError, describe
 from .image import Image, parse_stamp
 from .progress import Progress
+from .safety import read_mounts
 from .store import reading
 from .syscalls import ignore_signal
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).
 CACHE_CHUNKS = 8
+# Chunks loaded ahead of a caller that said which it reads next (ImageReader.read_ahead):
+# a few, so that the cache keeps the chunk being read and those after it.
+READ_AHEAD = 3
 # Buffers for chunks lent to copies (ImageReader.lent): one for each thread that copies.
 LOANS = 8
 # How long a private mount may take to come up before it counts as failed.
@@ -51,6 +57,8 @@ MOUNT_TIMEOUT = 30.0
 WATCH_INTERVAL = 1.0
 FUSE_DEVICE = Path("/dev/fuse")
 PRIVATE_MOUNT_PREFIX = "imaging-mount-"
+# What the mount table shows as the source of every mount of an image: imaging:DISK/STAMP.
+FSNAME_PREFIX = "imaging:"
 FUSE_PACKAGE = "fuse3"
 _LABEL_RE = re.compile(r"^label:\s*(\S+)", re.MULTILINE)
 _NUMBER_RE = re.compile(r"(\d+)$")
@@ -160,6 +168,8 @@ class ImageReader:
         self._loan_count = 0
         self._loans: collections.OrderedDict[int, _Loan] = collections.OrderedDict()
         self._spare_loans: list[_Loan] = []
+        self._ahead: dict[int, list[int]] = {}  # a chunk: those to load once it is read
+        self._loader: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes from `offset`; fewer only at the end of the image."""
@@ -253,8 +263,46 @@ class ImageReader:
             self.chunks_read += frames
             self.chunk_bytes_read += frames * length
 
+    def read_ahead(self, positions: Sequence[int]) -> None:
+        """The chunks about to be read, in that order (replacing any order given before):
+        from now on, reading one of them loads the next READ_AHEAD in the background, so
+        that fetching, decompressing and checking them overlaps the caller's work with the
+        one in hand (file reads, zstd and hashlib let other threads run). The first ones
+        start loading at once."""
+        order = list(dict.fromkeys(positions))
+        with self._lock:
+            self._ahead = {position: order[number + 1:number + 1 + READ_AHEAD]
+                           for number, position in enumerate(order)}
+        self._load_ahead(order[:READ_AHEAD])
+
+    def stop_reading_ahead(self) -> None:
+        """Forget the order read_ahead was given, and wait for the loads under way."""
+        with self._lock:
+            self._ahead, loader, self._loader = {}, self._loader, None
+        if loader is not None:
+            loader.shutdown(cancel_futures=True)
+
+    def _load_ahead(self, positions: list[int]) -> None:
+        if not positions:
+            return
+        with self._lock:
+            if self._loader is None:
+                self._loader = concurrent.futures.ThreadPoolExecutor(
+                    READ_AHEAD, thread_name_prefix="read-ahead")
+            loader = self._loader
+        for position in positions:
+            # A load that fails is left for the caller's own read, which tries again.
+            loader.submit(self._load, position)
+
     def chunk(self, position: int) -> bytes:
         """The raw bytes of chunk `position`, from the cache or the datastore."""
+        with self._lock:
+            following = self._ahead.pop(position, None)
+        if following:
+            self._load_ahead(following)
+        return self._load(position)
+
+    def _load(self, position: int) -> bytes:
         (digest, base), length = self._entries[position], self.image.chunk_length(position)
         if digest == codec.zero_digest(length):
             return codec.zeros(length)
@@ -370,7 +418,7 @@ def _serve(files: _ImageFiles, image: Image, mountpoint: Path) -> None:
     try:
         fuse.FUSE(files, str(mountpoint), foreground=True,
                   ro=True, default_permissions=True, kernel_cache=True,
-                  fsname=f"imaging:{disk}", subtype="imaging")
+                  fsname=f"{FSNAME_PREFIX}{disk}", subtype="imaging")
     except RuntimeError as exc:
         # libfuse has printed its reason on stderr already.
         raise ImagingError(f"cannot mount {disk} at {mountpoint}: libfuse failed ({exc})") from None
@@ -478,6 +526,7 @@ class Exposure:
     root: Path
     partitions: list[Partition]
     reader: ImageReader
+    served: _ImageFiles = dataclasses.field(repr=False)  # knows the first read that failed
 
     @property
     def disk(self) -> Path:
@@ -486,6 +535,20 @@ class Exposure:
     def path(self, part: Partition) -> Path:
         return self.root / part.name
 
+    @contextlib.contextmanager
+    def checked(self) -> Iterator[None]:
+        """Tools reading the mount while the block runs: once a read under them has failed (a
+        missing or corrupt chunk: the tool saw EIO), the block fails with its reason, whatever
+        the tool made of it."""
+        try:
+            yield
+        except ImagingError:
+            if self.served.failure is not None:
+                raise self.served.failure from None  # the cause behind the tool's complaint
+            raise
+        if self.served.failure is not None:
+            raise self.served.failure
+
 
 @contextlib.contextmanager
 def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Exposure]:
@@ -493,9 +556,18 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
 
     The caller registers itself as the image's reader. The mount is always
     undone, also when the block fails or is interrupted. A read that failed
-    (a missing or corrupt chunk: the tool saw EIO) fails the block with its
-    reason, whatever the tool made of it.
+    fails the block with its reason (Exposure.checked).
     """
+    with privately_mounted(image, reader) as exposure, exposure.checked():
+        yield exposure
+
+
+@contextlib.contextmanager
+def privately_mounted(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Exposure]:
+    """The image mounted read-only in a private temporary directory while the block runs,
+    without `exposed`'s verdict on failed reads: for a caller that checks each of its
+    tools' runs (Exposure.checked) and outlives a failed one."""
+    undo_abandoned_mounts()
     reader = reader or ImageReader(image)
     parts = partitions(image)
     # Named after this process, so whoever finds one left behind knows whose it was.
@@ -522,14 +594,7 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
                     raise failure[0]
                 raise ImagingError(f"cannot mount {image.path} at {root}: "
                                    f"{failure[0] if failure else 'libfuse did not answer'}")
-        try:
-            yield Exposure(root, parts, reader)
-        except ImagingError:
-            if files.failure is not None:
-                raise files.failure from None  # the cause behind the tool's complaint
-            raise
-        if files.failure is not None:
-            raise files.failure
+        yield Exposure(root, parts, reader, files)
     finally:
         try:
             unmount(root)
@@ -538,3 +603,39 @@ def exposed(image: Image, reader: Optional[ImageReader] = None) -> Iterator[Expo
                 server.join(MOUNT_TIMEOUT)
             with contextlib.suppress(OSError):
                 root.rmdir()
+
+
+def undo_abandoned_mounts() -> None:
+    """Unmount and remove the private mounts whose process is gone (killed while it served
+    one: nothing else would ever undo them). A mount names its process, and one left so no
+    longer answers (ENOTCONN); should its number be in use again, it stays, as it would
+    have anyway."""
+    pattern = re.compile(re.escape(PRIVATE_MOUNT_PREFIX) + r"(\d+)-")
+    for found in read_mounts():
+        owner = pattern.match(Path(found.mount_point).name)
+        if owner is None or not found.source.startswith(FSNAME_PREFIX) \
+                or not _gone(owner.group(1)) or _answers(found.mount_point):
+            continue
+        # Lazily: a tool the dead process started may still hold a file open there.
+        tools.run("fusermount3", FUSE_PACKAGE, ["-u", "-z", found.mount_point])
+        with contextlib.suppress(OSError):
+            os.rmdir(found.mount_point)
+
+
+def _gone(pid: str) -> bool:
+    """Is process `pid` dead: not there, or only what is left until its parent reaps it?"""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return status.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # zombie, dead
+
+
+def _answers(mountpoint: str) -> bool:
+    """Does a FUSE mount still have its server (one in a process this one cannot see)?
+    statfs asks the server every time, where stat may be answered from the kernel's cache."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno != errno.ENOTCONN
+    return True

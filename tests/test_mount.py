@@ -14,11 +14,12 @@ from support.devices import requires_root_loop_fuse
 from support.disks import PartSpec, build_disk
 from support.fuse import mount_process
 from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
+from support.services import wait_for
 
 from imaging.backup import backup
 from imaging.errors import ImageError
 from imaging.image import Image
-from imaging.mount import ImageReader
+from imaging.mount import READ_AHEAD, ImageReader
 from imaging.prune import Retention, prune
 from imaging.store import Datastore
 
@@ -180,6 +181,24 @@ def test_reader_serves_any_range_and_decompresses_only_the_chunks_it_touches(ima
     assert reader.pread(disk.size - 3, 100) == original[-3:]
     assert reader.pread(disk.size, 10) == b""
     assert reader.pread(0, disk.size) == original
+
+
+def test_reader_loads_ahead_the_chunks_it_is_told_come_next(imaged):
+    """In the order given, not the disk's: the first few at once, then, as each is read,
+    those after it; a chunk loaded ahead is not decompressed again when it is read."""
+    image_dir, disk = imaged
+    reader = ImageReader(Image.open(image_dir))
+    noise = [34, 21, 36, 35]  # random bytes: never an all-zero chunk
+    try:
+        reader.read_ahead(noise)
+        wait_for(lambda: reader.chunks_read == READ_AHEAD, f"{READ_AHEAD} chunks loaded")
+        assert reader.pread(21 * CHUNK, 10) == source_bytes(disk, 21 * CHUNK, 10)
+        wait_for(lambda: reader.chunks_read == 4, "the last chunk loaded once 21 was read")
+        for position in noise:
+            assert reader.chunk(position) == source_bytes(disk, position * CHUNK, CHUNK)
+        assert reader.chunks_read == 4
+    finally:
+        reader.stop_reading_ahead()
 
 
 def test_reader_names_a_corrupt_chunk(imaged, tmp_path):

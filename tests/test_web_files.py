@@ -8,6 +8,7 @@ partition's bytes and nothing else.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import os
@@ -28,6 +29,7 @@ from support.fuse import unmount_own_image_mounts
 from support.web import PLAIN_STATIC, BaseTestCase, LabMixin, enqueued
 
 import imaging.backup
+from imaging.store import Datastore
 from webui import services, tasks
 from webui.models import Disk, Image, Job
 
@@ -60,6 +62,18 @@ def build_known_disk(folder: Path) -> Path:
             stamp = HELLO_MTIME.timestamp()
             os.utime(root / "hello.txt", (stamp, stamp))
     return path
+
+
+def deleted_files_open() -> set[str]:
+    """What this process's descriptors open that has no name any more: a copy deleted once
+    opened, an unnamed temporary file."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith(" (deleted)"):
+                found.add(target)
+    return found
 
 
 def body(response) -> bytes:
@@ -201,6 +215,33 @@ class FileBrowserTests(BaseTestCase):
             self.assertEqual(archive.extractfile(members["partition-1/hello.txt"]).read(),
                              known_files()["hello.txt"])
             self.assertEqual(members["partition-1/link"].linkname, "hello.txt")
+
+    def test_each_listing_and_download_opens_the_image_once(self):
+        """One engine file session per request: the image's reader registers once, however
+        many folders and files a tar holds."""
+        self.client.force_login(self.alice)
+        requests = [(self.folder_url(), ""), (self.folder_url(), "docs/deep"),
+                    (self.download_url(), "docs/report.bin"), (self.download_url(), "docs"),
+                    (self.download_url(), "")]
+        with mock.patch.object(Datastore, "register", autospec=True,
+                               side_effect=Datastore.register) as registered:
+            for url, path in requests:
+                registered.reset_mock()
+                response = self.client.get(url, {"path": path})
+                self.assertEqual(response.status_code, 200, (url, path))
+                body(response)
+                self.assertEqual(registered.call_count, 1, (url, path))
+
+    def test_a_file_downloads_from_the_image_with_no_copy_of_it_anywhere(self):
+        before = deleted_files_open()
+        download = services.files.download(self.image, "1", "docs/report.bin", self.alice.pk)
+        try:
+            pieces = [next(download.pieces)]
+            self.assertEqual(deleted_files_open(), before)
+            pieces.extend(download.pieces)
+        finally:
+            download.close()
+        self.assertEqual(b"".join(pieces), known_files()["docs/report.bin"])
 
     def test_forged_partitions_and_paths_are_refused_with_400(self):
         self.client.force_login(self.alice)

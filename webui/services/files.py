@@ -1,13 +1,15 @@
 """Files inside an image's partitions: listed, and downloaded as files or as a streamed tar.
 
 The web server reads the datastore itself (it is mounted where the web runs).
-The engine reads each filesystem with its own user-space tools and only
-extracts into a directory, so a download extracts one file at a time into a
-private temporary folder, streams it, and deletes it: a folder's tar is
-written as its members arrive, never whole in memory or on disk.
+Each request opens one engine file session (imaging.files.FileSession: the
+partition mounted once, its filesystem's tools run there) and does everything
+in it: a listing; a file's download, its contents streamed from the image; a
+folder's tar, written as its members are read, never whole in memory or on
+disk.
 
-Each listing and each download is a file session (filesessions): admitted or
-refused before the engine runs, and held by a download until its response ends.
+Each listing and each download is also a file session of the server's
+(filesessions): admitted or refused before the engine runs. A download holds
+both until its response ends.
 
 Every path a request names is relative to the partition's root and checked
 here first: one that is absolute, holds "..", "." or an empty component, a
@@ -15,15 +17,13 @@ NUL or a name that is not text is refused before the engine sees it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
 import re
-import shutil
 import tarfile
-import tempfile
-from pathlib import Path
-from typing import Any, AsyncIterator, BinaryIO, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.utils.dateparse import parse_datetime
@@ -40,10 +40,11 @@ from .filesessions import TooMany  # noqa: F401  (raised by browse and download)
 
 READABLE_FILESYSTEMS = (*EXT, "vfat", "ntfs")
 MAX_PATH = 4096
-STREAM_STEP = 1024 * 1024
+STREAM_STEP = imaging.files.STREAM_STEP
 TAR_CONTENT_TYPE, FILE_CONTENT_TYPE = "application/x-tar", "application/octet-stream"
 COPIED_MODE_BITS = imaging.files.COPIED_MODE_BITS
 _NUMBER = re.compile(r"(\d+)$")
+Answer = TypeVar("Answer")
 
 
 class BadPath(Refused):
@@ -105,14 +106,15 @@ class Download:
     """A file's contents, or a folder's as a tar archive, made piece by piece as an ASGI
     server asks for the next (Django gathers a synchronous iterator whole before it sends
     a byte): each in the request's own thread, as the engine blocks, where close() runs
-    too, after the piece in hand. The file session ends with close(), which Django calls
-    when the response ends: sent whole, or its client gone.
+    too, after the piece in hand. The engine's session and the server's file session end
+    with close(), which Django calls when the response ends: sent whole, or its client
+    gone; or, a response dropped unclosed, as soon as it is dropped.
     """
 
     name: str  # to save it under
     content_type: str
     pieces: Iterator[bytes]
-    session: filesessions.Session
+    held: contextlib.ExitStack  # the engine's session and the server's file session
     size: Optional[int] = None  # a file's; a tar's is known only once written
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -128,10 +130,8 @@ class Download:
             raise
 
     def close(self) -> None:
-        try:
-            self.pieces.close()  # the extracted copy being sent, deleted already, is closed
-        finally:
-            self.session.end()
+        with self.held:
+            self.pieces.close()
 
 
 def partitions(image: Image) -> list[BrowsablePartition]:
@@ -184,34 +184,12 @@ def browse(image: Image, partition: Any, path: Any, user_id: int) -> Folder:
     a file session of user `user_id` (TooMany if they, or all, have as many as allowed)."""
     part = browsable_partition(image, partition)
     path = checked_path(path)
-    with filesessions.begin(user_id):
-        return Folder(part, path, _folder_entries(image, part, path))
-
-
-def _folder_entries(image: Image, part: BrowsablePartition, path: str) -> list[FileEntry]:
-    """The entries of folder `path`, folders first."""
-    entries = _listed(image, part, path)
-    if len(entries) == 1 and not entries[0].is_directory and path \
-            and entries[0].name == path.rsplit("/", 1)[-1]:
-        # The engine lists a file as itself; a folder holding only a file of its own
-        # name is told apart by looking from the parent.
-        if not _entry(image, part, path).is_directory:
-            raise BadPath(f"/{path} is a file, not a folder")
-    return entries
-
-
-def _listed(image: Image, part: BrowsablePartition, path: str) -> list[FileEntry]:
-    listing = _engine(lambda: imaging.files.list_files(image.path, part.number, "/" + path))
-    return [_file_entry(entry, path) for entry in listing.entries]
-
-
-def _entry(image: Image, part: BrowsablePartition, path: str) -> FileEntry:
-    """The entry `path` names (not the root), as its parent folder lists it."""
-    parent, _, name = path.rpartition("/")
-    for entry in _listed(image, part, parent):
-        if entry.name == name:
-            return entry
-    raise Missing(f"/{path}: no such file or folder in partition {part.number}")
+    with filesessions.begin(user_id), _opened(image, part) as files:
+        folder = _engine(lambda: files.lookup("/" + path))
+        if folder.kind != imaging.files.DIRECTORY:
+            raise BadPath(f"/{path} is a {folder.kind}, not a folder")
+        entries = _engine(lambda: files.entries(folder))
+    return Folder(part, path, [_file_entry(entry, path) for entry in entries])
 
 
 def download(image: Image, partition: Any, path: Any, user_id: int) -> Download:
@@ -220,102 +198,76 @@ def download(image: Image, partition: Any, path: Any, user_id: int) -> Download:
     `user_id` until it is closed (TooMany if they, or all, have as many as allowed)."""
     part = browsable_partition(image, partition)
     path = checked_path(path)
-    session = filesessions.begin(user_id)
-    try:
-        return _download(image, part, path, session)
-    except BaseException:
-        session.end()
-        raise
+    with contextlib.ExitStack() as held:
+        held.enter_context(filesessions.begin(user_id))
+        files = held.enter_context(_opened(image, part))
+        node = _engine(lambda: files.lookup("/" + path))
+        stored = os.fsdecode(node.name) if path else f"partition-{part.number}"
+        shown = imaging.files.printable(stored)
+        if node.kind == imaging.files.DIRECTORY:
+            pieces = _in_steps(_tar_stream(files, node, stored))
+            return Download(f"{shown}.tar", TAR_CONTENT_TYPE, pieces, held.pop_all())
+        if node.kind != imaging.files.FILE:
+            raise BadPath(f"/{path} is a {node.kind}: only files and folders download")
+        pieces = _engine(lambda: files.read(node))
+        return Download(shown, FILE_CONTENT_TYPE, pieces, held.pop_all(), node.size)
 
 
-def _download(image: Image, part: BrowsablePartition, path: str,
-              session: filesessions.Session) -> Download:
-    if not path:
-        return Download(f"partition-{part.number}.tar", TAR_CONTENT_TYPE,
-                        _tar_stream(image, part, ""), session)
-    entry = _entry(image, part, path)
-    if entry.is_directory:
-        return Download(f"{entry.shown}.tar", TAR_CONTENT_TYPE, _tar_stream(image, part, path),
-                        session)
-    if entry.type != imaging.files.FILE:
-        raise BadPath(f"/{path} is a {entry.type}: only files and folders download")
-    data = _extracted(image, part, path, entry.name)
-    size = os.fstat(data.fileno()).st_size
-    return Download(entry.shown, FILE_CONTENT_TYPE, _contents(data, size, path), session, size)
+def _opened(image: Image, part: BrowsablePartition) -> imaging.files.FileSession:
+    return _engine(lambda: imaging.files.FileSession(image.path, part.number))
 
 
-def _extracted(image: Image, part: BrowsablePartition, path: str, name: str) -> BinaryIO:
-    """The file `path` extracted into a private folder, opened, and already deleted there."""
-    folder = tempfile.mkdtemp(prefix="imaging-download-")
-    try:
-        result = _engine(lambda: imaging.files.extract(image.path, part.number, ["/" + path],
-                                                       folder))
-        if result.skipped:
-            raise Missing(f"/{path}: {result.skipped[0]['reason']}")
-        copy = Path(folder, name)
-        try:
-            copy.chmod(0o400)  # its own mode may deny even its owner
-            return open(copy, "rb")
-        except OSError as exc:
-            raise Missing(f"/{path}: cannot read its extracted copy: {exc.strerror}") from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _tar_stream(image: Image, part: BrowsablePartition, path: str) -> Iterator[bytes]:
-    """The folder `path` as a tar archive, member by member: each file is extracted
-    alone, sent in steps and deleted before the next; its folder keeps the name.
+def _tar_stream(files: imaging.files.FileSession, folder: imaging.files.Node,
+                top: str) -> Iterator[bytes]:
+    """The folder as a tar archive stored under `top`, member by member as the session
+    walks it: each file's contents go out as they are read, between its header and the
+    next. Names that would leave their folder when unpacked are left out, and so are
+    files the filesystem's tools cannot name.
 
     tarfile's stream mode ('w|') copies a member's contents in one call, so only its
-    headers (TarInfo.tobuf, pax) come from it: the contents go out in steps between them.
+    headers (TarInfo.tobuf, pax) come from it.
     """
-    top = path.rsplit("/", 1)[-1] if path else f"partition-{part.number}"
-    pending = [(path, top, 0o755, None)]
-    while pending:
-        folder, stored_as, mode, mtime = pending.pop()
-        yield _header(stored_as, tarfile.DIRTYPE, 0, mode & COPIED_MODE_BITS, mtime)
-        for entry in _listed(image, part, folder):
-            if not imaging.files.safe_name(entry.name):
-                continue  # a crafted name that would leave its folder when unpacked
-            member = f"{stored_as}/{entry.name}"
-            source = f"{folder}/{entry.name}" if folder else entry.name
-            if entry.is_directory:
-                pending.append((source, member, entry.mode, entry.mtime))
-            elif entry.type == imaging.files.SYMLINK and entry.target:
-                yield _header(member, tarfile.SYMTYPE, 0, 0o777, entry.mtime, entry.target)
-            elif entry.type == imaging.files.FILE:
-                yield from _tar_member(image, part, source, entry, member)
+    yield _header(top, tarfile.DIRTYPE, files.entry(folder))
+    for names, node, contents in files.walk(folder):
+        entry = files.entry(node)
+        if not imaging.files.safe_name(entry.name):
+            continue
+        member = "/".join([top, *map(os.fsdecode, names)])
+        if entry.type == imaging.files.DIRECTORY:
+            yield _header(member, tarfile.DIRTYPE, entry)
+        elif entry.type == imaging.files.SYMLINK and entry.target:
+            yield _header(member, tarfile.SYMTYPE, entry)
+        elif contents is not None:
+            yield _header(member, tarfile.REGTYPE, entry)
+            yield from contents
+            if entry.size % tarfile.BLOCKSIZE:
+                yield tarfile.NUL * (tarfile.BLOCKSIZE - entry.size % tarfile.BLOCKSIZE)
     yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)
 
 
-def _tar_member(image: Image, part: BrowsablePartition, source: str, entry: FileEntry,
-                member: str) -> Iterator[bytes]:
-    with _extracted(image, part, source, entry.name) as data:
-        size = os.fstat(data.fileno()).st_size
-        yield _header(member, tarfile.REGTYPE, size, entry.mode & COPIED_MODE_BITS, entry.mtime)
-        yield from _contents(data, size, source)
-    remainder = size % tarfile.BLOCKSIZE
-    if remainder:
-        yield tarfile.NUL * (tarfile.BLOCKSIZE - remainder)
+def _in_steps(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """The pieces joined into runs of at least STREAM_STEP bytes (but the last): each
+    piece sent is a trip to the request's thread, and small files give small pieces."""
+    with contextlib.closing(pieces):
+        gathered: list[bytes] = []
+        size = 0
+        for piece in pieces:
+            gathered.append(piece)
+            size += len(piece)
+            if size >= STREAM_STEP:
+                yield b"".join(gathered)
+                gathered, size = [], 0
+        if gathered:
+            yield b"".join(gathered)
 
 
-def _contents(data: BinaryIO, size: int, path: str) -> Iterator[bytes]:
-    """The `size` bytes of the extracted copy of `path`, in steps; the copy is closed after."""
-    with data:
-        sent = 0
-        while sent < size:
-            piece = data.read(min(STREAM_STEP, size - sent))
-            if not piece:
-                raise Missing(f"/{path} shrank while it was sent")
-            sent += len(piece)
-            yield piece
-
-
-def _header(name: str, kind: bytes, size: int, mode: int, mtime: Optional[dt.datetime],
-            target: str = "") -> bytes:
+def _header(name: str, kind: bytes, entry: imaging.files.Entry) -> bytes:
     info = tarfile.TarInfo(name)
-    info.type, info.size, info.mode, info.linkname = kind, size, mode, target
-    info.mtime = int(mtime.timestamp()) if mtime else 0
+    info.type = kind
+    info.size = entry.size if kind == tarfile.REGTYPE else 0
+    info.mode = 0o777 if kind == tarfile.SYMTYPE else entry.mode & COPIED_MODE_BITS
+    info.linkname = entry.target if kind == tarfile.SYMTYPE else ""
+    info.mtime = int(parse_datetime(entry.mtime).timestamp()) if entry.mtime else 0
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
@@ -331,7 +283,7 @@ def _file_entry(entry: imaging.files.Entry, parent: str) -> FileEntry:
                      entry.target)
 
 
-def _engine(call):
+def _engine(call: Callable[[], Answer]) -> Answer:
     try:
         return call()
     except ImagingError as exc:
