@@ -20,6 +20,7 @@ from support.disks import PartSpec, build_disk
 from support.fuse import image_mounts, no_mount_left_behind, own_image_mounts  # noqa: F401
 
 import imaging.files
+import imaging.tools
 from imaging.backup import backup
 from imaging.errors import ImagingError
 from imaging.files import FileSession, list_files
@@ -127,7 +128,7 @@ def test_a_file_is_told_from_a_folder_without_reading_its_siblings(lab):
     image_dir, files, _ = lab
     with FileSession(image_dir, 1) as session:
         session.lookup("/")  # blkid has answered
-        with mock.patch.object(imaging.files, "_run", wraps=imaging.files._run) as tool:
+        with mock.patch.object(imaging.tools, "run", wraps=imaging.tools.run) as tool:
             file = session.lookup("/many/file-007.txt")
             folder = session.lookup("/docs/deep")
         stats = [line for call in tool.call_args_list
@@ -250,7 +251,7 @@ def test_ntfs_looks_up_an_entry_without_the_times_of_its_siblings(tmp_path):
     image = backup(str(disk.path), tmp_path / "store", disk_id="ntfs", chunk_size=CHUNK).image
     with FileSession(image, 1) as session:
         session.lookup("/")
-        with mock.patch.object(imaging.files, "_run", wraps=imaging.files._run) as tool:
+        with mock.patch.object(imaging.tools, "run", wraps=imaging.tools.run) as tool:
             note = session.lookup("/Docs/NOTE 7.TXT")  # NTFS names: any case
         assert [call.args[0] for call in tool.call_args_list].count("ntfsinfo") == 1
         assert (note.name, note.size) == (b"note 7.txt", len(sibling_text(7)))
