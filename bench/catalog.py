@@ -22,7 +22,8 @@ from imaging.catalog import list_images
 from imaging.errors import ImagingError
 from imaging.image import stamp_of
 from imaging.manifest import NAME as MANIFEST_NAME
-from imaging.verify import RECORD_NAME, verify
+from imaging.verification import RECORD_NAME
+from imaging.verify import verify
 
 IMAGES = 10_000
 DISKS = 20

@@ -21,7 +21,7 @@ from . import badmap, codec, layout, recipe, usedmap
 from .chunks import base_bytes, stored_base
 from .device import Range, Source
 from .errors import ImageError, ImagingError, SourceError, SourceInUse, StoreError, describe
-from .image import Image, ImageWriter, IndexEntry
+from .image import INDEX_NAME, Image, ImageWriter, IndexEntry
 from .inventory import identify
 from .manifest import MODES, STATUS_COMPLETE, STATUS_READ_ERRORS, Manifest, utc_text
 from .pipeline import ordered_map
@@ -271,12 +271,12 @@ def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size
         status=STATUS_READ_ERRORS if bad else STATUS_COMPLETE, chunks=len(index),
         index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
         mounted_rw=notes.get("forced_past_mount") is not None, **notes)
-    writer.write("index", index_text)
-    writer.write("mbr.bin", mbr)
+    writer.write(INDEX_NAME, index_text)
+    writer.write(layout.MBR_NAME, mbr)
     if table is not None:
-        writer.write("layout.sf", table)
-    writer.write("badblocks.map", badmap.render(size, bad))
-    writer.write("RESTORE.txt", recipe.render(
+        writer.write(layout.LAYOUT_NAME, table)
+    writer.write(badmap.NAME, badmap.render(size, bad))
+    writer.write(recipe.NAME, recipe.render(
         disk_id=writer.disk_id, created=manifest.created, size=size,
         chunk_size=store.chunk_size, sha256=sha256, image_dir=str(writer.final)))
     image_dir = writer.commit(manifest)

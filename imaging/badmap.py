@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .device import Range
 
+NAME = "badblocks.map"
 FINISHED = "+"
 BAD_SECTOR = "-"
 

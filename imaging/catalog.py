@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
-from . import badmap
+from . import badmap, layout
 from .errors import ImagingError, StoreError, translated
 from .image import Image
-from .store import CHUNK_SUFFIX, DIGEST_RE, Datastore, check_disk_id
-from .verify import VerifyResult
+from .codec import DIGEST_RE
+from .store import CHUNK_SUFFIX, Datastore, check_disk_id
+from .verification import VerifyResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,50 +105,24 @@ def _record(store: Datastore, path: Path) -> ImageRecord:
                                [check.as_dict() for check in filesystems])
 
 
-LAYOUT_NAME = "layout.sf"
-BADMAP_NAME = "badblocks.map"
 # A read-error map is shown as a strip across the disk: finer spans than this add nothing.
 MAX_BAD_RANGES = 1000
-_DUMP_FIELD = re.compile(r'(\w+)=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 
 
 def _partitions(path: Path, manifest) -> Optional[list[dict]]:
     """The partitions layout.sf lists, [] without a table, None if it cannot be read."""
     try:
-        text = (path / LAYOUT_NAME).read_text()
+        text = (path / layout.LAYOUT_NAME).read_text()
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError):
         return None
-    return parse_dump(text, manifest.sector_size, manifest.partitions or [])
-
-
-def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> list[dict]:
-    """Partitions of an `sfdisk --dump` text; `probed`: a used-mode manifest's partition notes,
-    whose filesystems are matched by start."""
-    filesystems = {note["start"]: note.get("filesystem") for note in probed}
-    found = []
-    for line in text.splitlines():
-        header, _, value = line.partition(":")
-        if header == "sector-size" and value.strip().isdigit():
-            sector_size = int(value)
-            continue
-        node, separator, fields = line.partition(" : ")
-        if not separator:
-            continue
-        values = {key: value.strip('"') for key, value in _DUMP_FIELD.findall(fields)}
-        if not values.get("start", "").isdigit() or not values.get("size", "").isdigit():
-            continue
-        start = int(values["start"]) * sector_size
-        found.append({"name": Path(node.strip()).name, "start": start,
-                      "size": int(values["size"]) * sector_size, "type": values.get("type"),
-                      "fstype": filesystems.get(start), "label": values.get("name") or None})
-    return found
+    return layout.parse_dump(text, manifest.sector_size, manifest.partitions or [])
 
 
 def _bad_ranges(path: Path, size: int) -> Optional[list[list[int]]]:
     try:
-        bad = badmap.parse_bad((path / BADMAP_NAME).read_text())
+        bad = badmap.parse_bad((path / badmap.NAME).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     if len(bad) > MAX_BAD_RANGES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import struct
 import threading
 from typing import Optional
@@ -25,6 +26,8 @@ import zstandard
 from .errors import ImageError, ImagingError
 
 DEFAULT_LEVEL = 3
+# A chunk's name: the SHA-256 of its raw bytes, in lowercase hex.
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _local = threading.local()
 # A skippable frame (magic 0x184D2A50 + 0xE, then its length) holding the base's digest.
 DELTA_MAGIC = struct.pack("<II", 0x184D2A5E, 32)

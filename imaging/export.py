@@ -39,7 +39,8 @@ from .image import Image, IndexEntry
 from .pipeline import ordered_map
 from .progress import Progress
 from .splitnames import suffixes
-from .store import fsync_dir, reads_image, write_atomically
+from .image import reads_image
+from .store import fsync_dir, write_atomically
 
 # zstd's decoders refuse larger windows unless told --long=N or --memory.
 MAX_WINDOW_LOG = 27

@@ -45,10 +45,10 @@ from . import codec, mount, tools
 from .errors import Cancelled, ImagingError, TargetError, describe
 from .filesystems import EXT, identify
 from .manifest import utc_text
+from .image import reading
 from .mount import ImageReader
 from .pipeline import ordered_map
 from .progress import Progress
-from .store import reading
 from .syscalls import pwrite_all
 
 FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"

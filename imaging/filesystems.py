@@ -15,7 +15,7 @@ from .errors import Cancelled
 from .image import Image
 from .mount import exposed
 from .progress import Progress
-from .verify import CLEAN, DIRTY, NOT_CHECKED, FilesystemCheck
+from .verification import CLEAN, DIRTY, NOT_CHECKED, FilesystemCheck
 
 EXT = ("ext2", "ext3", "ext4")
 # filesystem type (as blkid names it) -> (checker, Debian package, arguments before the device)

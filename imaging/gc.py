@@ -47,7 +47,8 @@ from .chunks import bases_named_by_files
 from .image import Image
 from .progress import UNIT_CHUNKS, Progress
 from .prune import DELETING_SUFFIX
-from .store import BAD_SUFFIX, CHUNK_SUFFIX, DIGEST_RE, Datastore, Job
+from .codec import DIGEST_RE
+from .store import BAD_SUFFIX, CHUNK_SUFFIX, Datastore, Job
 
 # Clock skew between hosts sharing the store, and coarse file timestamps.
 DEFAULT_SAFETY_MARGIN = 60.0

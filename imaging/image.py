@@ -2,25 +2,32 @@
 
 An image is built in images/<disk>/.<stamp>.tmp/ and renamed to <stamp> only
 after every file, the manifest last, is fsynced: a directory without the dot
-is complete by construction.
+is complete by construction. A job reading an image registers as its reader
+in the datastore while it runs (`reading`, `reads_image`), so prune and gc
+spare it.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
+from .codec import DIGEST_RE
 from .errors import ImageError, StoreError, translated
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest
-from .store import DIGEST_RE, Datastore, check_disk_id, fsync_dir, write_atomically
+from .progress import Progress
+from .store import Datastore, check_disk_id, fsync_dir, write_atomically
 
 STAMP_FORMAT = "%Y-%m-%dT%H-%M-%SZ"
+# The chunk list of an image: one line per chunk of the disk, in order.
+INDEX_NAME = "index"
 
 
 def stamp_of(moment: dt.datetime) -> str:
@@ -90,7 +97,7 @@ class Image:
         return self._entries
 
     def _read_index(self) -> list["IndexEntry"]:
-        index_path = self.path / "index"
+        index_path = self.path / INDEX_NAME
         try:
             text = index_path.read_text()
         except FileNotFoundError:
@@ -158,3 +165,30 @@ class ImageWriter:
     def discard(self) -> None:
         with contextlib.suppress(OSError):
             shutil.rmtree(self.tmp)
+
+
+@contextlib.contextmanager
+def reading(image_dir: os.PathLike | str, kind: str, progress: Optional[Progress],
+            detail: str = "") -> Iterator[Image]:
+    """Register a job that reads the image in `image_dir` while the block runs; yields the image.
+
+    The image is opened again once the token is in place. Prune hides an
+    image before it looks for its readers: a reader it did not see finds the
+    image gone here and stops, one it saw keeps the image.
+    """
+    found = Image.open(image_dir)
+    name = f"{found.disk_id}/{found.stamp}"
+    with found.store.register(kind, f"{kind} {name}{detail}", images=[name], progress=progress):
+        yield Image.open(found.path, found.store)
+
+
+def reads_image(kind: str) -> Callable:
+    """Decorate a job taking (image_dir, ..., progress=None) to run registered as its reader."""
+    def decorate(job: Callable) -> Callable:
+        @functools.wraps(job)
+        def registered(image_dir, *args, progress: Optional[Progress] = None, **kwargs):
+            progress = progress or Progress(kind, 0)
+            with reading(image_dir, kind, progress):
+                return job(image_dir, *args, progress=progress, **kwargs)
+        return registered
+    return decorate

@@ -1,14 +1,22 @@
-"""Partition tables through util-linux: what `sfdisk --dump` prints, never re-implemented."""
+"""Partition tables through util-linux: what `sfdisk --dump` prints, never re-implemented,
+kept in an image as layout.sf, and read back from there."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+from pathlib import Path
 from typing import Optional
 
 from . import tools
 from .errors import SourceError
 
 MBR_SIZE = 512
+# An image's copy of its disk's first sector.
+MBR_NAME = "mbr.bin"
+# An image's copy of `sfdisk --dump` of its disk.
+LAYOUT_NAME = "layout.sf"
+_DUMP_FIELD = re.compile(r'(\w+)=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 # Debian's name for the util-linux package that ships sfdisk.
 SFDISK_PACKAGE = "fdisk"
 
@@ -43,3 +51,26 @@ def partitions(source: str) -> list[dict]:
         raise SourceError(f"cannot read the partition table of {source}: unexpected JSON "
                           f"from sfdisk ({exc})") from None
     return entries
+
+
+def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> list[dict]:
+    """Partitions of an `sfdisk --dump` text; `probed`: a used-mode manifest's partition notes,
+    whose filesystems are matched by start."""
+    filesystems = {note["start"]: note.get("filesystem") for note in probed}
+    found = []
+    for line in text.splitlines():
+        header, _, value = line.partition(":")
+        if header == "sector-size" and value.strip().isdigit():
+            sector_size = int(value)
+            continue
+        node, separator, fields = line.partition(" : ")
+        if not separator:
+            continue
+        values = {key: value.strip('"') for key, value in _DUMP_FIELD.findall(fields)}
+        if not values.get("start", "").isdigit() or not values.get("size", "").isdigit():
+            continue
+        start = int(values["start"]) * sector_size
+        found.append({"name": Path(node.strip()).name, "start": start,
+                      "size": int(values["size"]) * sector_size, "type": values.get("type"),
+                      "fstype": filesystems.get(start), "label": values.get("name") or None})
+    return found

@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .codec import LEVELS
+from .codec import DIGEST_RE, LEVELS
 from .errors import ImageError, reason
-from .store import DIGEST_RE
 
 FORMAT = 1
 NAME = "manifest.json"

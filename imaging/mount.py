@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
-from . import catalog, codec, tools
+from . import codec, layout, tools
 from .chunks import Contents, read_chunk, read_chunk_into
 from .errors import ImageError, ImagingError, describe
-from .image import Image, parse_stamp
+from .image import Image, parse_stamp, reading
 from .progress import Progress
 from .safety import read_mounts
-from .store import reading
 from .syscalls import ignore_signal
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).
@@ -85,7 +84,7 @@ class Partition:
 
 def layout_text(image: Image) -> Optional[str]:
     """The image's layout.sf, None if the disk had no partition table."""
-    path = image.path / catalog.LAYOUT_NAME
+    path = image.path / layout.LAYOUT_NAME
     try:
         return path.read_text()
     except FileNotFoundError:
@@ -108,7 +107,7 @@ def partitions(image: Image) -> list[Partition]:
     if text is None:
         return []
     found = []
-    for entry in catalog.parse_dump(text, image.manifest.sector_size):
+    for entry in layout.parse_dump(text, image.manifest.sector_size):
         number = _NUMBER_RE.search(entry["name"])
         if number is None or entry["size"] <= 0 or entry["start"] + entry["size"] > image.size:
             continue  # not a partition this image holds whole

@@ -1,6 +1,8 @@
 """RESTORE.txt: how to restore an image with nothing but a shell, zstd, dd, od and tr."""
 from __future__ import annotations
 
+NAME = "RESTORE.txt"
+
 TEMPLATE = """\
 # Restore this disk image with stock tools only: a POSIX shell, zstd, dd, od and tr.
 #

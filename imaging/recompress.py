@@ -23,7 +23,8 @@ from .image import Image
 from .manifest import NAME as MANIFEST_NAME
 from .pipeline import ordered_map
 from .progress import Progress
-from .store import fsync_dir, reads_image, write_atomically
+from .image import reads_image
+from .store import fsync_dir, write_atomically
 
 
 @dataclasses.dataclass

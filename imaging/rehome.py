@@ -31,7 +31,6 @@ from .manifest import Manifest
 from .prune import reader_of
 from .store import Datastore, Job, fsync_dir, write_atomically
 
-RECIPE_NAME = "RESTORE.txt"
 
 
 @dataclasses.dataclass
@@ -98,7 +97,7 @@ def _move(store: Datastore, path: Path, manifest: Manifest, target: Path) -> Opt
     new_id = target.parent.name
     renamed = dataclasses.replace(manifest, disk={**manifest.disk, "id": new_id})
     write_atomically(path / MANIFEST_NAME, renamed.as_json().encode())
-    write_atomically(path / RECIPE_NAME, recipe.render(
+    write_atomically(path / recipe.NAME, recipe.render(
         disk_id=new_id, created=manifest.created, size=manifest.size,
         chunk_size=manifest.chunk_size, sha256=manifest.sha256, image_dir=str(target)).encode())
     fsync_dir(path)

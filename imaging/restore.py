@@ -34,11 +34,11 @@ from typing import Collection, Iterable, Iterator, Optional
 from . import codec, fit, mount
 from .chunks import decode_into, missing_chunks
 from .errors import ImageError, ImagingError, TargetError, describe
-from .image import Image
+from .image import Image, reading
 from .pipeline import ordered_map
 from .progress import Progress
 from .safety import Target, check_target
-from .store import Datastore, reading
+from .store import Datastore
 from .syscalls import pwrite_all, start_writeback
 
 # Direct I/O needs buffers, offsets and lengths aligned to the target's

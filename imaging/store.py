@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import os
 import re
@@ -19,16 +18,13 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .codec import MAX_BASE_SIZE
 from .errors import ImageError, StoreError, describe, reason, translated
 from .inventory import host_name, safe_id
 from .progress import Progress
 from .syscalls import start_writeback, syncfs
-
-if TYPE_CHECKING:
-    from .image import Image
 
 # Format 2: an index line may name the base of a delta chunk (see codec).
 # Format 1 datastores are read, and written without deltas.
@@ -37,7 +33,6 @@ READABLE_FORMATS = (1, 2)
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CHUNK_SUFFIX = ".zst"
 BAD_SUFFIX = ".bad"
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 CONFIG_NAME = "datastore.json"
 # Every running job keeps a token in jobs/ and refreshes its mtime this often.
 # Another host sees the new mtime only when its NFS attribute cache for the
@@ -444,35 +439,6 @@ class Registration:
 def _uptime() -> float:
     """Seconds since boot, suspend included: a job asleep for an hour sees that hour."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-@contextlib.contextmanager
-def reading(image_dir: os.PathLike | str, kind: str, progress: Optional[Progress],
-            detail: str = "") -> Iterator["Image"]:
-    """Register a job that reads the image in `image_dir` while the block runs; yields the image.
-
-    The image is opened again once the token is in place. Prune hides an
-    image before it looks for its readers: a reader it did not see finds the
-    image gone here and stops, one it saw keeps the image.
-    """
-    from .image import Image  # image.py builds on this module
-
-    found = Image.open(image_dir)
-    name = f"{found.disk_id}/{found.stamp}"
-    with found.store.register(kind, f"{kind} {name}{detail}", images=[name], progress=progress):
-        yield Image.open(found.path, found.store)
-
-
-def reads_image(kind: str) -> Callable:
-    """Decorate a job taking (image_dir, ..., progress=None) to run registered as its reader."""
-    def decorate(job: Callable) -> Callable:
-        @functools.wraps(job)
-        def registered(image_dir, *args, progress: Optional[Progress] = None, **kwargs):
-            progress = progress or Progress(kind, 0)
-            with reading(image_dir, kind, progress):
-                return job(image_dir, *args, progress=progress, **kwargs)
-        return registered
-    return decorate
 
 
 def _write_and_start_writeback(path: Path, data: bytes) -> None:

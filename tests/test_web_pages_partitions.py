@@ -17,6 +17,7 @@ from support.web import PLAIN_STATIC, BaseTestCase
 
 import imaging.backup
 import imaging.catalog
+import imaging.layout
 import imaging.inventory
 import imaging.store
 from webui import services
@@ -89,7 +90,7 @@ def test_an_sfdisk_dump_gives_places_in_bytes_types_and_names():
             "/dev/sda2 : start=       65792, size=     1000000, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
     probed = [{"number": 2, "start": 65792 * 4096, "size": 1000000 * 4096, "filesystem": "ext4",
                "used_bytes": 0, "mapped": "ext4"}]
-    assert imaging.catalog.parse_dump(dump, 512, probed) == [
+    assert imaging.layout.parse_dump(dump, 512, probed) == [
         {"name": "sda1", "start": 256 * 4096, "size": 65536 * 4096,
          "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "fstype": None,
          "label": "EFI system, partition"},
