@@ -1,22 +1,11 @@
 """GNU ddrescue mapfiles: '+' for sectors read, '-' for sectors that stayed unreadable."""
 from __future__ import annotations
 
-from .device import Range
+from .device import Range, merge
 
 NAME = "badblocks.map"
 FINISHED = "+"
 BAD_SECTOR = "-"
-
-
-def merge(ranges: list[Range]) -> list[Range]:
-    merged: list[Range] = []
-    for start, size in sorted(ranges):
-        if merged and merged[-1][0] + merged[-1][1] >= start:
-            last_start, last_size = merged[-1]
-            merged[-1] = (last_start, max(last_start + last_size, start + size) - last_start)
-        else:
-            merged.append((start, size))
-    return merged
 
 
 def render(size: int, bad: list[Range], tool: str = "imaging") -> str:

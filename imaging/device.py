@@ -28,6 +28,18 @@ MEDIA_ERRORS = {errno.EIO, errno.ENODATA, errno.EILSEQ, errno.EBADMSG}
 Range = tuple[int, int]  # (offset, length) in bytes
 
 
+def merge(ranges: list[Range]) -> list[Range]:
+    """Sorted, with the ranges that overlap or touch joined."""
+    merged: list[Range] = []
+    for start, size in sorted(ranges):
+        if merged and merged[-1][0] + merged[-1][1] >= start:
+            last_start, last_size = merged[-1]
+            merged[-1] = (last_start, max(last_start + last_size, start + size) - last_start)
+        else:
+            merged.append((start, size))
+    return merged
+
+
 def block_size_of(fd: int) -> tuple[int, int]:
     size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
     sector = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]

@@ -40,7 +40,7 @@ from .chunks import Contents, read_chunk, read_chunk_into
 from .errors import ImageError, ImagingError, describe
 from .image import Image, parse_stamp, reading
 from .progress import Progress
-from .safety import read_mounts
+from .mounts import read_mounts
 from .syscalls import ignore_signal
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).

@@ -25,9 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import layout, safety, tools
-from .badmap import merge
-from .device import Range, Source
+from . import layout, mounts, tools
+from .device import Range, Source, merge
 from .errors import ImagingError, SourceError, SourceInUse, translated
 
 # blkid TYPE -> the partclone.<tool> that maps that filesystem.
@@ -115,7 +114,7 @@ class UsedPlan:
         return extra
 
 
-def plan(source: Source, force: bool = False, mounts_path: str = safety.MOUNTINFO,
+def plan(source: Source, force: bool = False, mounts_path: str = mounts.MOUNTINFO,
          cancelled: CancelPoll = _never) -> UsedPlan:
     """Map every partition of `source` and decide what a `used` backup reads.
 
@@ -135,7 +134,7 @@ def plan(source: Source, force: bool = False, mounts_path: str = safety.MOUNTINF
     return UsedPlan(read_ranges(source.size, source.sector_size, maps), maps, mounted)
 
 
-def mounted_read_write(source_path: str, mounts_path: str = safety.MOUNTINFO) -> Optional[str]:
+def mounted_read_write(source_path: str, mounts_path: str = mounts.MOUNTINFO) -> Optional[str]:
     """Where the source, or a device over any part of it, is mounted read-write."""
     with translated(SourceError, f"cannot tell whether {source_path} is mounted"):
         return _mounted_read_write(source_path, mounts_path)
@@ -145,8 +144,8 @@ def _mounted_read_write(source_path: str, mounts_path: str) -> Optional[str]:
     info = os.stat(source_path)
     device = (f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}"
               if stat.S_ISBLK(info.st_mode) else None)
-    users = safety._users(source_path, device)
-    for mount in safety.read_mounts(mounts_path):
+    users = mounts.users(source_path, device)
+    for mount in mounts.read_mounts(mounts_path):
         if mount.device in users and not _read_only(mount.mount_point):
             return f"{mount.source or mount.device} at {mount.mount_point}"
     return None

@@ -1,7 +1,7 @@
 """Restore refuses targets it must not overwrite, deciding before it writes a byte.
 
 Every refusal also checks that the target's bytes did not change. The root
-filesystem refusals use a stand-in mount table (safety.MOUNTINFO, which no
+filesystem refusals use a stand-in mount table (mounts.MOUNTINFO, which no
 caller's argument can reach) so that nothing here goes near this machine's
 own disks.
 """
@@ -16,7 +16,7 @@ from engine import MiB, imaging, one_error_line, sha256_of, write_random
 from support.devices import loop_device, mounted, requires_loop, run
 from support.disks import PartSpec, build_disk
 
-from imaging import safety
+from imaging import mounts
 from imaging.backup import backup
 from imaging.errors import TargetError
 from imaging.image import Image
@@ -48,12 +48,12 @@ def _number(device) -> str:
 @pytest.fixture
 def mount_table(tmp_path, monkeypatch):
     """Point the engine at a stand-in mount table: mount_table((number, at, source), ...)."""
-    def stand_in(*mounts):
+    def stand_in(*entries):
         table = tmp_path / "mountinfo"
         table.write_text("".join(
             f"{21 + n} 1 {number} / {at} rw,relatime shared:1 - ext4 {source} rw\n"
-            for n, (number, at, source) in enumerate(mounts)))
-        monkeypatch.setattr(safety, "MOUNTINFO", str(table))
+            for n, (number, at, source) in enumerate(entries)))
+        monkeypatch.setattr(mounts, "MOUNTINFO", str(table))
     return stand_in
 
 
@@ -148,7 +148,7 @@ def test_root_on_lvm_over_luks_over_a_partition_protects_the_disk(image, tmp_pat
     before = sha256_of(disk.path)
     with loop_device(disk.path) as device:
         sysfs = _stand_in_sysfs(tmp_path / "sys-dev-block", _number(device), ["252:90", "252:91"])
-        monkeypatch.setattr(safety, "SYS_DEV_BLOCK", sysfs)
+        monkeypatch.setattr(mounts, "SYS_DEV_BLOCK", sysfs)
         mount_table(("252:91", "/", "/dev/mapper/vg-root"))
         with pytest.raises(TargetError, match=f"target {device} holds the running system's root"):
             restore(str(image), device)

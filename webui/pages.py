@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from .formatting import duration, size
 from .models import Datastore, Disk, Host, Image, Job, Protection, Schedule
-from .services.kinds import KINDS, held_disk_ids
+from .services.registry import KINDS, held_disk_ids
 
 HISTORY_PAGE_SIZE = 25
 CHART_POINTS = 360

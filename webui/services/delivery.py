@@ -16,11 +16,14 @@ from typing import Any, Iterable, Optional
 
 import kombu.exceptions
 import redis
+from django.db import transaction
 from django.utils import timezone
 
 from ..celery import app
 from ..models import Job
 from .errors import Unavailable
+from .jobs import announce
+from .running import fail_job
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,17 @@ EARLIER_RUN_JOB = tuple(f"webui.tasks.run_{kind}" for kind in (
     "backup", "restore", "verify", "recompress", "export", "import", "prune", "gc"))
 
 
+def enqueue(job: Job) -> None:
+    """Send the new job's message once its row is committed, so the worker finds the row; a
+    job that cannot be sent is failed then, and Unavailable raised where the transaction
+    commits (outside any, for every caller)."""
+    transaction.on_commit(lambda: send(job))
+    announce(job)
+
+
 def send(job: Job) -> None:
     """Put the job's message on its host's queue; a job that cannot be sent fails, and
     Unavailable says so."""
-    from .running import fail_job
-
     try:
         _publish(job)
     except BROKER_ERRORS as exc:

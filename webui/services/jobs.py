@@ -1,5 +1,5 @@
 """What starting a job needs whatever its kind: the things a request names, looked up and
-checked; which host runs a job on a datastore; and the queued row enqueued on commit.
+checked; which host runs a job on a datastore; the job announced as it changes.
 
 A job goes to the queue of the host whose worker must run it. A job whose message Redis does
 not take is failed at once (services.delivery). What each kind takes and checks is its entry
@@ -19,16 +19,8 @@ from imaging.errors import ImagingError
 
 from ..models import Datastore, Disk, Host, Image, Job
 from ..progress import send_job_state
-from . import delivery
 from .errors import Refused
 from .files import partitions
-
-
-def enqueue(job: Job) -> None:
-    # Once committed, so the worker finds the row; a job that cannot be sent is failed then,
-    # and Unavailable raised where the transaction commits (outside any, for every caller).
-    transaction.on_commit(lambda: delivery.send(job))
-    announce(job)
 
 
 def inventoried(disk: Disk | int | str, what: str) -> Disk:

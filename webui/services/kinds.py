@@ -10,9 +10,7 @@ adding a kind is one entry here and its engine call.
 """
 from __future__ import annotations
 
-import functools
 import logging
-import operator
 import zoneinfo
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
@@ -20,7 +18,6 @@ from typing import Any, ClassVar, Iterable, Optional
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
 
 import imaging.backup
 import imaging.export
@@ -39,15 +36,14 @@ from ..formatting import short_time, size
 from ..models import Datastore, Disk, Host, HostAccess, Image, Job, Schedule
 from ..parameters import DEFAULT_LEVEL, validate_level, validate_mode, validate_retention
 from .catalog import default_datastore
+from .delivery import enqueue
 from .errors import Refused
-from .jobs import (datastore_host, enqueue, image_named, image_partition, inventoried,
+from .jobs import (datastore_host, image_named, image_partition, inventoried,
                    latest_images, local_host, plain_name, relative_name, requester)
 from .protection import update_alert
+from .registry import KINDS, held_disk_ids, holding
 
 log = logging.getLogger(__name__)
-
-KINDS: dict[str, "JobKind"] = {}
-
 
 class JobKind:
     name: ClassVar[str]
@@ -149,26 +145,6 @@ class JobKind:
     def result_lines(self, result: dict) -> list[str]:
         """The engine's result in a few lines: what was written, checked, removed, found."""
         return []
-
-
-def held_disk_ids(job: Job) -> list[int]:
-    """The disks `job` holds while it is queued or running (one job per disk)."""
-    return [getattr(job, f"{field}_id") for field in KINDS[job.kind].holds
-            if getattr(job, f"{field}_id") is not None]
-
-
-def holding(disks: Iterable[Disk]) -> Q:
-    """Jobs that hold one of `disks`."""
-    disks = list(disks)
-    fields = sorted({field for kind in KINDS.values() for field in kind.holds})
-    return functools.reduce(operator.or_, (
-        Q(kind__in=[kind.name for kind in KINDS.values() if field in kind.holds],
-          **{f"{field}__in": disks}) for field in fields))
-
-
-def phase_words() -> dict[str, str]:
-    """What a progress bar says of each phase; the engine names phases after their kind."""
-    return {kind.name: kind.doing for kind in KINDS.values()}
 
 
 def checked(validate, value: Any) -> None:

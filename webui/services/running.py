@@ -25,9 +25,9 @@ from ..payloads import JobSerializer
 from .catalog import read_catalog, store_catalog
 from .errors import Refused
 from .jobs import announce, reloaded, requester
-from .kinds import KINDS
 from .notifications import job_summary, job_urls, notify, notify_failure, notify_later, \
     progress_text
+from .registry import KINDS
 
 WORKER_LOST = "worker lost"
 

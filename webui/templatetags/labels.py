@@ -8,7 +8,7 @@ from django.utils.html import format_html, json_script
 from .. import forms, pages
 from ..formatting import size
 from ..payloads import saved_progress
-from ..services.kinds import phase_words
+from ..services.registry import phase_words
 
 register = template.Library()
 
