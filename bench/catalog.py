@@ -2,7 +2,7 @@
 
 A real small backup and its verification give one real manifest.json and
 verify.json; copies of them fill 10,000 image directories over 20 disks (every
-other image verified), and `imaging.catalog.list_images` lists them all, timed
+other image verified), and `imaging.datastore.catalog.list_images` lists them all, timed
 as the median of 3 runs with a warm page cache. The images' chunks are not
 copied: listing reads manifests and verification records only.
 `python -m bench.catalog [WORKDIR]` runs it alone.
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from imaging.backup import backup
-from imaging.catalog import list_images
-from imaging.errors import ImagingError
-from imaging.image import stamp_of
-from imaging.manifest import NAME as MANIFEST_NAME
-from imaging.verification import RECORD_NAME
+from imaging.base.errors import ImagingError
+from imaging.datastore.catalog import list_images
+from imaging.datastore.image import stamp_of
+from imaging.datastore.manifest import NAME as MANIFEST_NAME
+from imaging.datastore.verification import RECORD_NAME
 from imaging.verify import verify
 
 IMAGES = 10_000

@@ -39,7 +39,7 @@ from bench.system import (
     run,
     size_argument,
 )
-from imaging.tools import loop_device
+from imaging.base.tools import loop_device
 
 BLOCK = 4096
 ZEROS = bytes(4 * MiB)

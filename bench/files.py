@@ -52,10 +52,10 @@ from urllib.parse import urlencode
 from bench.system import LINUX_TYPE, MiB, mounted, partition_of_type
 from bench.web import _configure_django, _environment, _staff_credentials
 from imaging.backup import backup
-from imaging.errors import ImagingError
-from imaging.files import extract
+from imaging.base.errors import ImagingError
+from imaging.base.tools import loop_device
+from imaging.reading.files import extract
 from imaging.restore import restore
-from imaging.tools import loop_device
 from webui.testing import LiveServer, RedisServer, ServiceFailed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -66,7 +66,7 @@ from bench.measure import CommandFailed, timed
 from bench.peers import GZIP_SLICES, Bench, gzip_on_original
 from bench.system import LINUX_TYPE, MiB, exit_cleanly_on_signals, mounted_partition, tree_bytes
 from imaging.backup import backup
-from imaging.errors import ImagingError
+from imaging.base.errors import ImagingError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JSON_PATH = REPO_ROOT / "bench" / "history.json"

@@ -32,8 +32,8 @@ from bench.system import (
     same_content,
     tree_bytes,
 )
-from imaging import layout, usedmap
-from imaging.tools import loop_device
+from imaging.base.tools import loop_device
+from imaging.disks import layout, usedmap
 
 
 @dataclass

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from imaging.errors import ImagingError
-from imaging.tools import loop_device, parse_size
+from imaging.base.errors import ImagingError
+from imaging.base.tools import loop_device, parse_size
 
 SECTOR = 512
 MiB = 1 << 20

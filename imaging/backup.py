@@ -17,16 +17,17 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import badmap, codec, layout, recipe, usedmap
-from .chunks import base_bytes, stored_base
-from .device import Range, Source
-from .errors import ImageError, ImagingError, SourceError, SourceInUse, StoreError, describe
-from .image import INDEX_NAME, Image, ImageWriter, IndexEntry
-from .inventory import identify
-from .manifest import MODES, STATUS_COMPLETE, STATUS_READ_ERRORS, Manifest, utc_text
-from .pipeline import ordered_map
-from .progress import Progress
-from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
+from .base.errors import ImageError, ImagingError, SourceError, SourceInUse, StoreError, describe
+from .base.pipeline import ordered_map
+from .base.progress import Progress
+from .datastore import badmap, codec, recipe
+from .datastore.chunks import base_bytes, stored_base
+from .datastore.image import INDEX_NAME, Image, ImageWriter, IndexEntry
+from .datastore.manifest import MODES, STATUS_COMPLETE, STATUS_READ_ERRORS, Manifest, utc_text
+from .datastore.store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
+from .disks import layout, usedmap
+from .disks.device import Range, Source
+from .disks.inventory import identify
 
 # A read plan names, for a chunk (offset, length), the ranges worth reading;
 # None means read everything. `used` mode plans from filesystem block maps.

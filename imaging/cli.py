@@ -13,23 +13,24 @@ import stat
 import sys
 from typing import Optional
 
-from . import codec, layout
 from .backup import MODES, backup
-from .catalog import ImageRecord, list_images
-from .errors import Cancelled, ImagingError, SourceInUse
+from .base.errors import Cancelled, ImagingError, SourceInUse
+from .base.progress import Progress
+from .base.tools import parse_size
+from .datastore import codec
+from .datastore.catalog import ImageRecord, list_images
+from .disks import layout
+from .disks.inventory import inventory
 from .export import export
-from .files import COVERED, extract, list_files, printable
 from .gc import DEFAULT_SAFETY_MARGIN, collect
 from .importer import import_archive
-from .inventory import inventory
-from .mount import mount
-from .progress import Progress
 from .prune import Retention, prune
+from .reading.files import COVERED, extract, list_files, printable
+from .reading.mount import mount
 from .recompress import recompress
 from .rehome import rehome
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
-from .tools import parse_size
 from .verify import verify
 
 

@@ -32,15 +32,15 @@ from typing import Iterator, Optional
 
 import zstandard
 
-from . import codec
-from .chunks import read_chunk
-from .errors import TargetError, translated
-from .image import Image, IndexEntry
-from .pipeline import ordered_map
-from .progress import Progress
-from .splitnames import suffixes
-from .image import reads_image
-from .store import fsync_dir, write_atomically
+from .base.errors import TargetError, translated
+from .base.pipeline import ordered_map
+from .base.progress import Progress
+from .base.splitnames import suffixes
+from .datastore import codec
+from .datastore.chunks import read_chunk
+from .datastore.image import Image, IndexEntry
+from .datastore.image import reads_image
+from .datastore.store import fsync_dir, write_atomically
 
 # zstd's decoders refuse larger windows unless told --long=N or --memory.
 MAX_WINDOW_LOG = 27

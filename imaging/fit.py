@@ -15,12 +15,12 @@ import json
 import tempfile
 from typing import Optional
 
-from . import tools
-from .errors import ImagingError, TargetError
-from .filesystems import EXT, identify
-from .image import Image
-from .layout import SFDISK_PACKAGE
-from .mount import ImageReader, Partition, label, partitions
+from .base import tools
+from .base.errors import ImagingError, TargetError
+from .datastore.image import Image
+from .disks.layout import SFDISK_PACKAGE
+from .reading.filesystems import EXT, identify
+from .reading.mount import ImageReader, Partition, label, partitions
 
 # Enough of a partition's start for blkid to recognise every filesystem it knows.
 PROBE_BYTES = 1024 * 1024

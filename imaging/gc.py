@@ -42,13 +42,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import Cancelled, ImageError, ImagingError, StoreError, translated
-from .chunks import bases_named_by_files
-from .image import Image
-from .progress import UNIT_CHUNKS, Progress
+from .base.errors import Cancelled, ImageError, ImagingError, StoreError, translated
+from .base.progress import UNIT_CHUNKS, Progress
+from .datastore.chunks import bases_named_by_files
+from .datastore.codec import DIGEST_RE
+from .datastore.image import Image
+from .datastore.store import BAD_SUFFIX, CHUNK_SUFFIX, Datastore, Job
 from .prune import DELETING_SUFFIX
-from .codec import DIGEST_RE
-from .store import BAD_SUFFIX, CHUNK_SUFFIX, Datastore, Job
 
 # Clock skew between hosts sharing the store, and coarse file timestamps.
 DEFAULT_SAFETY_MARGIN = 60.0

@@ -23,15 +23,16 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from . import codec, tools
 from .backup import BackupResult, previous_entries, publish_image, store_chunks
-from .errors import ImagingError, SourceError, translated
-from .image import ImageWriter
-from .inventory import host_name
-from .manifest import utc_text
-from .progress import Progress
-from .splitnames import ALPHABETIC, NUMERIC, suffixes
-from .store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
+from .base import tools
+from .base.errors import ImagingError, SourceError, translated
+from .base.progress import Progress
+from .base.splitnames import ALPHABETIC, NUMERIC, suffixes
+from .datastore import codec
+from .datastore.image import ImageWriter
+from .datastore.manifest import utc_text
+from .datastore.store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
+from .disks.inventory import host_name
 
 SECTOR = 512
 LAYOUT_SUFFIX = ".sf"

@@ -30,10 +30,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import Cancelled, ImagingError, StoreError, translated
-from .image import parse_stamp
-from .progress import UNIT_IMAGES, Progress
-from .store import Datastore, Job, check_disk_id, fsync_dir
+from .base.errors import Cancelled, ImagingError, StoreError, translated
+from .base.progress import UNIT_IMAGES, Progress
+from .datastore.image import parse_stamp
+from .datastore.store import Datastore, Job, check_disk_id, fsync_dir
 
 DELETING_SUFFIX = ".deleting"
 # Rule name and the strftime pattern that names its period (None: every image is its own).

@@ -16,15 +16,15 @@ import os
 import time
 from typing import Optional
 
-from . import codec
-from .chunks import base_bytes, read_chunk, stored_base
-from .errors import ImageError, StoreError, describe, translated
-from .image import Image
-from .manifest import NAME as MANIFEST_NAME
-from .pipeline import ordered_map
-from .progress import Progress
-from .image import reads_image
-from .store import fsync_dir, write_atomically
+from .base.errors import ImageError, StoreError, describe, translated
+from .base.pipeline import ordered_map
+from .base.progress import Progress
+from .datastore import codec
+from .datastore.chunks import base_bytes, read_chunk, stored_base
+from .datastore.image import Image
+from .datastore.image import reads_image
+from .datastore.manifest import NAME as MANIFEST_NAME
+from .datastore.store import fsync_dir, write_atomically
 
 
 @dataclasses.dataclass

@@ -23,13 +23,13 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import recipe
-from .errors import ImageError, StoreError, translated
-from .inventory import host_less, rehomed_id
-from .manifest import NAME as MANIFEST_NAME
-from .manifest import Manifest
+from .base.errors import ImageError, StoreError, translated
+from .datastore import recipe
+from .datastore.manifest import NAME as MANIFEST_NAME
+from .datastore.manifest import Manifest
+from .datastore.store import Datastore, Job, fsync_dir, write_atomically
+from .disks.inventory import host_less, rehomed_id
 from .prune import reader_of
-from .store import Datastore, Job, fsync_dir, write_atomically
 
 
 

@@ -5,7 +5,7 @@ import json
 import sys
 from typing import TextIO
 
-from .progress import UNIT_BYTES, ProgressEvent
+from .base.progress import UNIT_BYTES, ProgressEvent
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 

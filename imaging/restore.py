@@ -31,15 +31,17 @@ import queue
 import time
 from typing import Collection, Iterable, Iterator, Optional
 
-from . import codec, fit, mount
-from .chunks import decode_into, missing_chunks
-from .errors import ImageError, ImagingError, TargetError, describe
-from .image import Image, reading
-from .pipeline import ordered_map
-from .progress import Progress
+from . import fit
+from .base.errors import ImageError, ImagingError, TargetError, describe
+from .base.pipeline import ordered_map
+from .base.progress import Progress
+from .base.syscalls import pwrite_all, start_writeback
+from .datastore import codec
+from .datastore.chunks import decode_into, missing_chunks
+from .datastore.image import Image, reading
+from .datastore.store import Datastore
+from .reading import mount
 from .safety import Target, check_target
-from .store import Datastore
-from .syscalls import pwrite_all, start_writeback
 
 # Direct I/O needs buffers, offsets and lengths aligned to the target's
 # logical block size: 4096 covers 512-byte and 4 KiB-sector disks alike.

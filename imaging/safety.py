@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Optional
 
-from .device import block_size_of
-from .errors import TargetError, describe
-from .mounts import block_device_of, device_number, read_mounts, users
-from .store import CONFIG_NAME
+from .base.errors import TargetError, describe
+from .datastore.store import CONFIG_NAME
+from .disks.device import block_size_of
+from .disks.mounts import block_device_of, device_number, read_mounts, users
 
 @dataclass(frozen=True)
 class Target:

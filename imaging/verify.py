@@ -2,7 +2,7 @@
 
 A chunk whose content no longer matches its name is renamed `<name>.bad`, so
 the next backup holding that data stores a healthy copy (self-healing). The
-outcome is recorded in the image directory as verify.json (imaging.verification).
+outcome is recorded in the image directory as verify.json (imaging.datastore.verification).
 A restore drill (`fsck`) also checks every partition's filesystem through a
 read-only mount of the image, which only a verification that found every chunk
 intact attempts.
@@ -17,17 +17,17 @@ from typing import Optional
 
 import zstandard
 
-from . import codec
-from .chunks import base_bytes, bases_named_by_files
-from .errors import ImageError, StoreError, translated
-from .filesystems import check_image
-from .image import Image, reads_image
-from .manifest import utc_text
-from .mount import partitions
-from .pipeline import ordered_map
-from .progress import Progress
-from .store import write_atomically
-from .verification import NOT_CHECKED, RECORD_NAME, ChunkProblem, FilesystemCheck, VerifyResult
+from .base.errors import ImageError, StoreError, translated
+from .base.pipeline import ordered_map
+from .base.progress import Progress
+from .datastore import codec
+from .datastore.chunks import base_bytes, bases_named_by_files
+from .datastore.image import Image, reads_image
+from .datastore.manifest import utc_text
+from .datastore.store import write_atomically
+from .datastore.verification import NOT_CHECKED, RECORD_NAME, ChunkProblem, FilesystemCheck, VerifyResult
+from .reading.filesystems import check_image
+from .reading.mount import partitions
 
 BASE_PROBLEM = "unreadable: its base"
 

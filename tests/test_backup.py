@@ -11,9 +11,9 @@ from engine import MiB, imaging, last_line, sha256_of
 from support.devices import loop_device, mounted, requires_loop
 from support.disks import PartSpec, build_disk
 
-from imaging import codec
 from imaging.backup import backup
-from imaging.image import Image
+from imaging.datastore import codec
+from imaging.datastore.image import Image
 
 pytestmark = pytest.mark.usefixtures("loop_available")
 

@@ -15,7 +15,7 @@ from engine import MiB, write_random
 from support.devices import loop_device, requires_loop
 
 import imaging.backup
-from imaging.errors import SourceError
+from imaging.base.errors import SourceError
 from webui import services
 from webui.models import Disk, Image, Job
 

@@ -16,10 +16,10 @@ from support.devices import loop_device, mounted, requires_loop, run
 from support.disks import PartSpec
 
 from imaging.backup import backup
-from imaging.errors import Cancelled
-from imaging.image import Image
-from imaging.progress import Progress
-from imaging.store import Datastore
+from imaging.base.errors import Cancelled
+from imaging.base.progress import Progress
+from imaging.datastore.image import Image
+from imaging.datastore.store import Datastore
 
 
 @pytest.fixture

@@ -22,19 +22,20 @@ from engine import MiB, sha256_of
 from support.devices import requires_loop, run
 from support.disks import PartSpec, build_disk
 
-from imaging import codec, usedmap
 from imaging.backup import backup
-from imaging.device import Source
-from imaging.errors import Cancelled
+from imaging.base.errors import Cancelled
+from imaging.base.progress import Progress
+from imaging.datastore import codec
+from imaging.datastore.image import Image
+from imaging.datastore.store import Datastore
+from imaging.disks import usedmap
+from imaging.disks.device import Source
 from imaging.export import export
 from imaging.gc import collect
-from imaging.image import Image
 from imaging.importer import import_archive
-from imaging.progress import Progress
 from imaging.prune import Retention, prune
 from imaging.recompress import recompress
 from imaging.restore import restore
-from imaging.store import Datastore
 from imaging.verify import verify
 
 # Small chunks: many of them, so a cancel lands with most of the work still to do.

@@ -15,13 +15,13 @@ import pytest
 from engine import MiB, imaging, one_error_line, write_random
 
 from imaging.backup import backup
-from imaging.catalog import datastore_usage, list_images
-from imaging.errors import ImageError, StoreError
+from imaging.base.errors import ImageError, StoreError
+from imaging.datastore.catalog import datastore_usage, list_images
+from imaging.datastore.image import Image, stamp_of
+from imaging.datastore.manifest import Manifest
 from imaging.export import export
 from imaging.gc import collect
-from imaging.image import Image, stamp_of
 from imaging.importer import import_archive
-from imaging.manifest import Manifest
 from imaging.recompress import recompress
 from imaging.restore import restore
 from imaging.verify import verify

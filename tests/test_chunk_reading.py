@@ -10,12 +10,12 @@ import pytest
 import zstandard
 from engine import MiB
 
-from imaging import codec
 from imaging.backup import backup
-from imaging.chunks import read_chunk_into
-from imaging.errors import ImageError
-from imaging.image import Image
-from imaging.mount import ImageReader
+from imaging.base.errors import ImageError
+from imaging.datastore import codec
+from imaging.datastore.chunks import read_chunk_into
+from imaging.datastore.image import Image
+from imaging.reading.mount import ImageReader
 
 CHUNK = 1 * MiB
 BLOCK = 128 * 1024  # zstd's largest block

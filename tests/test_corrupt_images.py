@@ -19,8 +19,8 @@ from typing import Callable
 import pytest
 from engine import MiB, imaging, one_error_line
 
-from imaging import codec
 from imaging.backup import backup
+from imaging.datastore import codec
 
 CHUNK_SIZE = 256 * 1024
 DISK_SIZE = MiB  # four chunks

@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from imaging.backup import backup
-from imaging.store import Datastore
+from imaging.datastore.store import Datastore
 from imaging.verify import verify
 
 CHUNK = 256 * 1024

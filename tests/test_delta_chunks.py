@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from engine import MiB, imaging, sha256_of
 
-from imaging import codec
 from imaging.backup import backup
-from imaging.chunks import read_chunk
+from imaging.datastore import codec
+from imaging.datastore.chunks import read_chunk
+from imaging.datastore.image import Image
+from imaging.datastore.store import CONFIG_NAME, Datastore
 from imaging.gc import collect
-from imaging.image import Image
 from imaging.recompress import recompress
 from imaging.restore import restore
-from imaging.store import CONFIG_NAME, Datastore
 from imaging.verify import verify
 
 CHUNK = 4 * MiB

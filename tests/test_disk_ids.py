@@ -21,7 +21,7 @@ from engine import imaging
 from support.requirements import requirement_missing
 from support.web import MEMORY_LAYER, BaseTestCase, GiB, enqueued
 
-from imaging.inventory import identify
+from imaging.disks.inventory import identify
 from webui import services
 from webui.models import Disk, Job
 

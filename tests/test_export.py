@@ -8,8 +8,8 @@ import pytest
 from engine import MiB, imaging, last_line, one_error_line, sha256_of
 from support.disks import PartSpec, build_disk
 
-from imaging import codec
-from imaging.image import Image
+from imaging.datastore import codec
+from imaging.datastore.image import Image
 
 
 def sh(command: str, cwd) -> subprocess.CompletedProcess:

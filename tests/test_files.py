@@ -17,11 +17,11 @@ from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
 from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 
-from imaging import codec
 from imaging.backup import backup
-from imaging.errors import ImagingError
-from imaging.files import extract, list_files
-from imaging.image import Image
+from imaging.base.errors import ImagingError
+from imaging.datastore import codec
+from imaging.datastore.image import Image
+from imaging.reading.files import extract, list_files
 
 CHUNK = 1 * MiB
 

@@ -19,12 +19,12 @@ from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
 from support.fuse import image_mounts, no_mount_left_behind, own_image_mounts  # noqa: F401
 
-import imaging.files
-import imaging.tools
+import imaging.reading.files
+import imaging.base.tools
 from imaging.backup import backup
-from imaging.errors import ImagingError
-from imaging.files import FileSession, list_files
-from imaging.image import Image
+from imaging.base.errors import ImagingError
+from imaging.datastore.image import Image
+from imaging.reading.files import FileSession, list_files
 
 CHUNK = 1 * MiB
 EXT4_START, EXT4_SIZE = MiB, 24 * MiB
@@ -106,7 +106,7 @@ def test_one_session_serves_every_call_on_one_mount_and_one_registration(lab, tm
         assert {entry.name for entry in session.entries(root)} == {
             "docs", "many", "link", "lost+found"}
         wanted = session.lookup("/many/wanted.bin")
-        assert (wanted.kind, wanted.size) == (imaging.files.FILE, 3 * MiB)
+        assert (wanted.kind, wanted.size) == (imaging.reading.files.FILE, 3 * MiB)
         assert b"".join(session.read(wanted)) == files["many/wanted.bin"]
         listing = session.listing("/many")
         assert len(listing.entries) == SIBLINGS + 1 and listing.path == "/many"
@@ -128,14 +128,14 @@ def test_a_file_is_told_from_a_folder_without_reading_its_siblings(lab):
     image_dir, files, _ = lab
     with FileSession(image_dir, 1) as session:
         session.lookup("/")  # blkid has answered
-        with mock.patch.object(imaging.tools, "run", wraps=imaging.tools.run) as tool:
+        with mock.patch.object(imaging.base.tools, "run", wraps=imaging.base.tools.run) as tool:
             file = session.lookup("/many/file-007.txt")
             folder = session.lookup("/docs/deep")
         stats = [line for call in tool.call_args_list
                  for line in (call.kwargs.get("input") or b"").decode().splitlines()
                  if line.startswith("stat ")]
-        assert (file.kind, file.size) == (imaging.files.FILE, len(files["many/file-007.txt"]))
-        assert folder.kind == imaging.files.DIRECTORY
+        assert (file.kind, file.size) == (imaging.reading.files.FILE, len(files["many/file-007.txt"]))
+        assert folder.kind == imaging.reading.files.DIRECTORY
         assert len(stats) == 2, stats
         with pytest.raises(ImagingError, match=r"^/many/nothing: no such file or directory in "
                                                r"partition 1$"):
@@ -154,7 +154,7 @@ def test_reading_an_ext4_file_writes_nothing_anywhere(lab):
         assert deleted_files_open() == before
         read.extend(pieces)
     assert b"".join(read) == files["docs/sparse.bin"]
-    assert max(len(piece) for piece in read) <= imaging.files.STREAM_STEP
+    assert max(len(piece) for piece in read) <= imaging.reading.files.STREAM_STEP
 
 
 def test_reading_a_fat_file_gives_what_mtools_copies(lab):
@@ -176,12 +176,12 @@ def test_a_walk_gives_every_entry_once_folders_first_with_each_files_contents(la
             path = "/".join(os.fsdecode(name) for name in names)
             assert path not in walked
             assert len(names) == 1 or "/".join(path.split("/")[:-1]) in seen
-            if node.kind == imaging.files.DIRECTORY:
+            if node.kind == imaging.reading.files.DIRECTORY:
                 seen.add(path)
             walked[path] = b"".join(contents) if contents is not None else node.kind
     assert {path: data for path, data in walked.items() if isinstance(data, bytes)} == files
-    assert walked["link"] == imaging.files.SYMLINK
-    assert {path for path, data in walked.items() if data == imaging.files.DIRECTORY} == {
+    assert walked["link"] == imaging.reading.files.SYMLINK
+    assert {path for path, data in walked.items() if data == imaging.reading.files.DIRECTORY} == {
         "docs", "docs/deep", "many", "lost+found"}
 
 
@@ -209,8 +209,8 @@ def test_a_mount_left_by_a_killed_process_is_undone_by_the_next_one(lab, tmp_pat
     private mount on the machine does."""
     image_dir, _, _ = lab
     script = ("import sys, time\n"
-              "from imaging.image import Image\n"
-              "from imaging.mount import exposed\n"
+              "from imaging.datastore.image import Image\n"
+              "from imaging.reading.mount import exposed\n"
               "with exposed(Image.open(sys.argv[1])) as exposure:\n"
               "    print(exposure.root, flush=True)\n"
               "    time.sleep(600)\n")
@@ -251,7 +251,7 @@ def test_ntfs_looks_up_an_entry_without_the_times_of_its_siblings(tmp_path):
     image = backup(str(disk.path), tmp_path / "store", disk_id="ntfs", chunk_size=CHUNK).image
     with FileSession(image, 1) as session:
         session.lookup("/")
-        with mock.patch.object(imaging.tools, "run", wraps=imaging.tools.run) as tool:
+        with mock.patch.object(imaging.base.tools, "run", wraps=imaging.base.tools.run) as tool:
             note = session.lookup("/Docs/NOTE 7.TXT")  # NTFS names: any case
         assert [call.args[0] for call in tool.call_args_list].count("ntfsinfo") == 1
         assert (note.name, note.size) == (b"note 7.txt", len(sibling_text(7)))
@@ -284,8 +284,8 @@ def test_a_walk_enters_no_folder_twice_nor_one_whose_name_would_leave_its_parent
         walked = {b"/".join(names): (node.kind, contents and b"".join(contents))
                   for names, node, contents in itertools.islice(
                       session.walk(session.lookup("/")), 100)}
-    assert walked == {b"lost+found": (imaging.files.DIRECTORY, None),
-                      b"sub": (imaging.files.DIRECTORY, None),
-                      b"a/b": (imaging.files.DIRECTORY, None),
-                      b"sub/file.txt": (imaging.files.FILE, b"inside\n"),
-                      b"sub/back-to-root": (imaging.files.DIRECTORY, None)}
+    assert walked == {b"lost+found": (imaging.reading.files.DIRECTORY, None),
+                      b"sub": (imaging.reading.files.DIRECTORY, None),
+                      b"a/b": (imaging.reading.files.DIRECTORY, None),
+                      b"sub/file.txt": (imaging.reading.files.FILE, b"inside\n"),
+                      b"sub/back-to-root": (imaging.reading.files.DIRECTORY, None)}

@@ -13,13 +13,13 @@ import time
 
 from engine import MiB, imaging, one_error_line, sha256_of, write_random
 
-from imaging import codec
 from imaging.backup import backup
+from imaging.base.progress import Progress
+from imaging.datastore import codec
+from imaging.datastore.image import Image
+from imaging.datastore.store import JOB_STALE, Datastore
 from imaging.gc import collect, sweep_chunk
-from imaging.image import Image
-from imaging.progress import Progress
 from imaging.restore import restore
-from imaging.store import JOB_STALE, Datastore
 from imaging.verify import verify
 
 HOUR = 3600.0

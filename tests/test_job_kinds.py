@@ -13,10 +13,10 @@ from django.utils import timezone
 from support.services import wait_for
 from support.web import MEMORY_LAYER, PLAIN_STATIC, BaseTestCase, Outbox, enqueued
 
-import imaging.codec
-import imaging.manifest
+import imaging.datastore.codec
+import imaging.datastore.manifest
 import imaging.prune
-import imaging.store
+import imaging.datastore.store
 from webui import services
 from webui.celery import app
 from webui.models import Host, Job, Schedule
@@ -46,13 +46,13 @@ class ParameterTests(BaseTestCase):
         self.assertEqual(imaging.prune.Retention(**prune.params["retention"]).hourly, 24)
 
     def test_levels_and_modes_are_the_engines_wherever_they_are_typed(self):
-        low, high = imaging.codec.LEVELS[0], imaging.codec.LEVELS[-1]
+        low, high = imaging.datastore.codec.LEVELS[0], imaging.datastore.codec.LEVELS[-1]
         schema = self.client.get("/api/schema/", HTTP_ACCEPT="application/json").json()
         components = schema["components"]["schemas"]
         for name in ("BackupRequest", "Schedule"):
             level = components[name]["properties"]["level"]
             self.assertEqual((level["minimum"], level["maximum"]), (low, high), name)
-        self.assertEqual(components["ModeEnum"]["enum"], list(imaging.manifest.MODES))
+        self.assertEqual(components["ModeEnum"]["enum"], list(imaging.datastore.manifest.MODES))
         form = self.client.get("/schedules/new/").content.decode()
         self.assertIn(f"Compression level ({low}–{high})", form)
         self.assertRegex(form, rf'name="level" value="3" min="{low}" max="{high}"')
@@ -105,7 +105,7 @@ def test_a_message_sent_under_a_kinds_earlier_task_name_runs_its_job(host_name, 
     worker = celery_worker(host_name)
     host = wait_for(lambda: Host.objects.filter(name=host_name).first(), "the worker's host",
                     30, worker)
-    imaging.store.Datastore.open_or_create(live_environment["IMAGING_DATASTORE"])
+    imaging.datastore.store.Datastore.open_or_create(live_environment["IMAGING_DATASTORE"])
     store = services.datastore_at(live_environment["IMAGING_DATASTORE"])
     job = Job.objects.create(kind="gc", host=host, datastore=store, created=timezone.now())
     app.send_task("webui.tasks.run_gc", args=[job.pk], queue=host.queue)

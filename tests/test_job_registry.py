@@ -21,16 +21,17 @@ import pytest
 from engine import REPO, MiB, imaging, one_error_line, sha256_of, write_random
 from support.requirements import requirement_missing
 
-from imaging import codec, prune as prune_module, store as store_module
+from imaging import prune as prune_module
 from imaging.backup import backup
-from imaging.errors import ImageError, StoreError
+from imaging.base.errors import ImageError, StoreError
+from imaging.base.progress import Progress
+from imaging.datastore import codec, store as store_module
+from imaging.datastore.image import Image
+from imaging.datastore.store import JOB_STALE, Datastore
+from imaging.disks.inventory import host_name
 from imaging.gc import collect
-from imaging.image import Image
-from imaging.inventory import host_name
-from imaging.progress import Progress
 from imaging.prune import Retention, prune
 from imaging.restore import restore
-from imaging.store import JOB_STALE, Datastore
 from imaging.verify import verify
 
 CHUNK = 64 * 1024
@@ -235,7 +236,7 @@ def test_a_job_in_another_pid_namespace_counts_while_its_heartbeat_is_fresh(tmp_
     """A live writer whose pid this host cannot see: os.kill(pid, 0) would call it dead."""
     store = Datastore.open_or_create(tmp_path / "store")
     registered = ("import sys\n"
-                  "from imaging.store import Datastore\n"
+                  "from imaging.datastore.store import Datastore\n"
                   "with Datastore.open(sys.argv[1]).register('backup', 'backup in a container') "
                   "as registration:\n"
                   "    print(registration.job.pid, flush=True)\n"

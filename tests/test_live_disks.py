@@ -13,8 +13,8 @@ from support.devices import loop_device, mounted, requires_loop
 from support.disks import PartSpec, build_disk
 
 from imaging.backup import backup
-from imaging.catalog import list_images
-from imaging.errors import SourceInUse
+from imaging.base.errors import SourceInUse
+from imaging.datastore.catalog import list_images
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 from support.services import wait_for
 
 from imaging.backup import backup
-from imaging.errors import ImageError
-from imaging.image import Image
-from imaging.mount import READ_AHEAD, ImageReader
+from imaging.base.errors import ImageError
+from imaging.datastore.image import Image
+from imaging.datastore.store import Datastore
 from imaging.prune import Retention, prune
-from imaging.store import Datastore
+from imaging.reading.mount import READ_AHEAD, ImageReader
 
 CHUNK = 1 * MiB
 
@@ -119,8 +119,8 @@ def test_a_process_that_mounted_privately_still_ignores_sigpipe(imaged):
     """libfuse, when it stops serving, sets an ignored SIGPIPE back to death: a process that
     mounts in a thread (the web server, a worker) must outlive a write its peer hung up on."""
     image_dir, _ = imaged
-    script = ("import os, sys, imaging.files\n"
-              "imaging.files.list_files(sys.argv[1], 1, '/')\n"
+    script = ("import os, sys, imaging.reading.files\n"
+              "imaging.reading.files.list_files(sys.argv[1], 1, '/')\n"
               "reader, writer = os.pipe()\n"
               "os.close(reader)\n"
               "try:\n"

@@ -11,15 +11,15 @@ import pytest
 from engine import MiB, imaging, write_random
 
 from imaging.backup import backup
+from imaging.base.progress import UNIT_BYTES, UNIT_CHUNKS, UNIT_IMAGES, Progress
+from imaging.datastore.store import Datastore
 from imaging.export import export
 from imaging.gc import collect
 from imaging.importer import import_archive
-from imaging.progress import UNIT_BYTES, UNIT_CHUNKS, UNIT_IMAGES, Progress
 from imaging.prune import Retention, prune
 from imaging.recompress import recompress
 from imaging.report import TerminalBar
 from imaging.restore import restore
-from imaging.store import Datastore
 from imaging.verify import verify
 
 

@@ -11,7 +11,7 @@ import pytest
 from engine import MiB, imaging, last_line, one_error_line
 from support.disks import PartSpec, build_disk
 
-from imaging.progress import Progress
+from imaging.base.progress import Progress
 from imaging.prune import Retention, prune, select
 
 UTC = dt.timezone.utc

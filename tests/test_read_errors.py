@@ -9,8 +9,8 @@ from engine import MiB, imaging, last_line, sha256_of, write_random
 from support.devices import requires_root_loop_fuse
 from support.faulty import ddrescue_bad_ranges, faulty_disk, round_out_to_sectors
 
-from imaging import badmap
-from imaging.image import Image
+from imaging.datastore import badmap
+from imaging.datastore.image import Image
 
 BAD_RANGES = [
     (5 * MiB + 1000, 10),            # a few bytes inside one sector

@@ -12,8 +12,8 @@ import pytest
 from engine import REPO, MiB, imaging, last_line, one_error_line, sha256_of
 from support.disks import PartSpec, build_disk
 
-from imaging.image import Image
-from imaging.store import Datastore
+from imaging.datastore.image import Image
+from imaging.datastore.store import Datastore
 
 # Small chunks: many of them, so a kill lands between chunk writes.
 CHUNK_SIZE = 256 * 1024

@@ -24,8 +24,8 @@ from support.web import BaseTestCase
 import imaging.backup
 import imaging.rehome
 import imaging.restore
-import imaging.store
-from imaging.manifest import Manifest
+import imaging.datastore.store
+from imaging.datastore.manifest import Manifest
 from webui import services
 from webui.models import Disk, Host, Image, Job, Schedule, StatusChange
 
@@ -47,7 +47,7 @@ def old_datastore(folder: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
     manifest = Manifest.load(Path(image))
     # What lsblk said inside the VM, as its engine recorded it.
     disk = {**manifest.disk, "model": "QEMU HARDDISK", "serial": "QM00001", "path": "/dev/sda"}
-    imaging.store.write_atomically(Path(image) / "manifest.json",
+    imaging.datastore.store.write_atomically(Path(image) / "manifest.json",
                                    Manifest.from_dict({**manifest.as_dict(), "disk": disk},
                                                       image).as_json().encode())
     taken[image] = ("vm-a", _sha256(sata))
@@ -121,7 +121,7 @@ def test_an_image_being_read_stays_until_its_reader_is_done(tmp_path):
     store, taken = old_datastore(tmp_path)
     read = sorted(taken)[0]
     name = f"{Path(read).parent.name}/{Path(read).name}"
-    with imaging.store.Datastore.open(store).register("restore", f"restore {name}", images=[name]):
+    with imaging.datastore.store.Datastore.open(store).register("restore", f"restore {name}", images=[name]):
         first = imaging.rehome.rehome(store)
         assert os.path.isdir(read)
         assert Manifest.load(Path(read)).disk["id"] == Path(read).parent.name  # untouched

@@ -22,11 +22,11 @@ from engine import (
 
 import imaging.restore as restore_module
 from imaging.backup import backup
-from imaging.errors import Cancelled, ImageError, TargetError
-from imaging.image import Image
-from imaging.progress import Progress
+from imaging.base.errors import Cancelled, ImageError, TargetError
+from imaging.base.progress import Progress
+from imaging.datastore.image import Image
+from imaging.datastore.store import Datastore
 from imaging.restore import restore
-from imaging.store import Datastore
 
 CHUNK = 64 * 1024
 SIZE = 8 * MiB

@@ -9,8 +9,8 @@ import pytest
 from engine import MiB, imaging, one_error_line, sha256_of
 
 from imaging.backup import backup
-from imaging.errors import ImagingError, TargetError
-from imaging.progress import Progress
+from imaging.base.errors import ImagingError, TargetError
+from imaging.base.progress import Progress
 from imaging.restore import restore
 from support.devices import loop_device, requires_loop, run
 from support.disks import PartSpec, build_disk

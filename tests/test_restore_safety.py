@@ -16,10 +16,10 @@ from engine import MiB, imaging, one_error_line, sha256_of, write_random
 from support.devices import loop_device, mounted, requires_loop, run
 from support.disks import PartSpec, build_disk
 
-from imaging import mounts
 from imaging.backup import backup
-from imaging.errors import TargetError
-from imaging.image import Image
+from imaging.base.errors import TargetError
+from imaging.datastore.image import Image
+from imaging.disks import mounts
 from imaging.restore import restore
 
 

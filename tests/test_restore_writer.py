@@ -18,9 +18,9 @@ from support.devices import loop_device, requires_loop, run
 from support.disks import PartSpec, build_disk
 
 from imaging.backup import backup
-from imaging.errors import ImageError, TargetError
-from imaging.image import Image
-from imaging.progress import Progress
+from imaging.base.errors import ImageError, TargetError
+from imaging.base.progress import Progress
+from imaging.datastore.image import Image
 from imaging.restore import restore
 
 CHUNK = 256 * 1024

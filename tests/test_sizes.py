@@ -9,8 +9,8 @@ import pytest
 from engine import MiB, imaging, last_line, one_error_line
 
 from bench.system import size_argument
-from imaging.errors import ImagingError
-from imaging.tools import parse_size
+from imaging.base.errors import ImagingError
+from imaging.base.tools import parse_size
 from webui.forms import ExportForm
 
 KiB, GiB, TiB = 1024, 1024 ** 3, 1024 ** 4

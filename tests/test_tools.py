@@ -11,8 +11,8 @@ import pytest
 from engine import MiB
 from support.devices import loops_attached_to, requires_loop
 
-from imaging.errors import Cancelled, ImagingError, SourceError, TargetError
-from imaging.tools import last_line, loop_device, run
+from imaging.base.errors import Cancelled, ImagingError, SourceError, TargetError
+from imaging.base.tools import last_line, loop_device, run
 
 
 def _path_with(tmp_path, **scripts: str) -> dict:

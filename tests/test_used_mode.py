@@ -18,9 +18,9 @@ from engine import MiB, imaging, last_line, one_error_line, sha256_of
 from support.devices import loop_device, mounted, requires_loop, run
 from support.disks import DELETED_FILE_MARKER, Disk, PartSpec, build_disk
 
-from imaging import usedmap
-from imaging.device import Source
-from imaging.image import Image
+from imaging.datastore.image import Image
+from imaging.disks import usedmap
+from imaging.disks.device import Source
 
 MTOOLS_ENV = dict(os.environ, MTOOLS_SKIP_CHECK="1")
 LUKS1_MAGIC = b"LUKS\xba\xbe\x00\x01"

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from engine import MiB, imaging, write_random
 
-from imaging import codec
 from imaging.backup import backup
-from imaging.image import Image
+from imaging.datastore import codec
+from imaging.datastore.image import Image
 
 
 def test_flipped_byte_is_named_set_aside_and_healed_by_the_next_backup(tmp_path):

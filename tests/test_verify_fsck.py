@@ -12,8 +12,8 @@ from support.disks import PartSpec, build_disk
 from support.fuse import no_mount_left_behind  # noqa: F401 (autouse fixture)
 
 from imaging.backup import backup
-from imaging.catalog import list_images
-from imaging.image import Image
+from imaging.datastore.catalog import list_images
+from imaging.datastore.image import Image
 from imaging.verify import verify
 
 CHUNK = 1 * MiB

@@ -6,7 +6,7 @@ from asgiref.testing import ApplicationCommunicator
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.test import Client
-from imaging.progress import ProgressEvent
+from imaging.base.progress import ProgressEvent
 from support.web import MEMORY_LAYER
 
 from webui.asgi import application

@@ -29,7 +29,7 @@ from support.fuse import unmount_own_image_mounts
 from support.web import PLAIN_STATIC, BaseTestCase, LabMixin, enqueued
 
 import imaging.backup
-from imaging.store import Datastore
+from imaging.datastore.store import Datastore
 from webui import services, tasks
 from webui.models import Disk, Image, Job
 

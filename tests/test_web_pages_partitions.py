@@ -16,10 +16,10 @@ from support.faulty import faulty_disk
 from support.web import PLAIN_STATIC, BaseTestCase
 
 import imaging.backup
-import imaging.catalog
-import imaging.layout
-import imaging.inventory
-import imaging.store
+import imaging.datastore.catalog
+import imaging.disks.layout
+import imaging.disks.inventory
+import imaging.datastore.store
 from webui import services
 from webui.models import Disk, Image
 
@@ -28,7 +28,7 @@ TWO_PARTITIONS = [PartSpec(24 * MiB, "ext4"), PartSpec(8 * MiB, "swap")]
 
 def inventoried(monkeypatch, path) -> dict:
     monkeypatch.setenv("IMAGING_DISK_FILES", str(path))
-    return next(disk for disk in imaging.inventory.inventory()
+    return next(disk for disk in imaging.disks.inventory.inventory()
                 if disk["path"] == str(Path(path).resolve()))
 
 
@@ -71,16 +71,16 @@ def test_a_real_disk_partitions_come_from_lsblk_without_reading_the_disk():
                   {"name": "sda2", "type": "part", "start": 1050624, "size": 1999860015104,
                    "fstype": "crypto_LUKS", "label": None, "partlabel": None,
                    "children": [{"name": "root", "type": "crypt", "fstype": "ext4"}]}]}
-    assert imaging.inventory.listed_partitions(device) == [
+    assert imaging.disks.inventory.listed_partitions(device) == [
         {"name": "sda1", "start": MiB, "size": 536870912, "fstype": "vfat",
          "label": "EFI system partition"},
         {"name": "sda2", "start": 1050624 * 512, "size": 1999860015104, "fstype": "crypto_LUKS",
          "label": None}]
     whole = {"name": "sdb", "type": "disk", "size": 4 * 1024 ** 4, "fstype": "btrfs",
              "label": "tank"}
-    assert imaging.inventory.listed_partitions(whole) == [
+    assert imaging.disks.inventory.listed_partitions(whole) == [
         {"name": "sdb", "start": 0, "size": 4 * 1024 ** 4, "fstype": "btrfs", "label": "tank"}]
-    assert imaging.inventory.listed_partitions({"name": "sdc", "type": "disk", "size": 1}) == []
+    assert imaging.disks.inventory.listed_partitions({"name": "sdc", "type": "disk", "size": 1}) == []
 
 
 def test_an_sfdisk_dump_gives_places_in_bytes_types_and_names():
@@ -90,7 +90,7 @@ def test_an_sfdisk_dump_gives_places_in_bytes_types_and_names():
             "/dev/sda2 : start=       65792, size=     1000000, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n")
     probed = [{"number": 2, "start": 65792 * 4096, "size": 1000000 * 4096, "filesystem": "ext4",
                "used_bytes": 0, "mapped": "ext4"}]
-    assert imaging.layout.parse_dump(dump, 512, probed) == [
+    assert imaging.disks.layout.parse_dump(dump, 512, probed) == [
         {"name": "sda1", "start": 256 * 4096, "size": 65536 * 4096,
          "type": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "fstype": None,
          "label": "EFI system, partition"},
@@ -103,7 +103,7 @@ def test_the_catalog_lists_each_image_partitions_from_its_table(disk_factory, tm
     store = tmp_path / "store"
     imaging.backup.backup(str(disk.path), store, disk_id="lab", mode="raw")
     imaging.backup.backup(str(disk.path), store, disk_id="lab", mode="used")
-    raw, used = imaging.catalog.list_images(store)
+    raw, used = imaging.datastore.catalog.list_images(store)
     assert [(p["start"], p["size"], p["type"], p["fstype"]) for p in raw.partitions] == [
         (MiB, 24 * MiB, "83", None), (25 * MiB, 8 * MiB, "82", None)]
     # A used-mode backup probed each filesystem to know which blocks to read.
@@ -115,7 +115,7 @@ def test_an_image_without_a_partition_table_lists_none(tmp_path):
     source = tmp_path / "blank.img"
     write_random(source, 8 * MiB)
     imaging.backup.backup(str(source), tmp_path / "store", disk_id="blank")
-    (record,) = imaging.catalog.list_images(tmp_path / "store")
+    (record,) = imaging.datastore.catalog.list_images(tmp_path / "store")
     assert record.partitions == []
 
 
@@ -126,7 +126,7 @@ def test_the_catalog_says_where_an_image_could_not_be_read(tmp_path):
     bad = [(5 * MiB, 4096), (12 * MiB + 512, 1024)]
     with faulty_disk(healthy, bad, tmp_path) as device:
         imaging.backup.backup(device, tmp_path / "store", disk_id="faulty")
-    (record,) = imaging.catalog.list_images(tmp_path / "store")
+    (record,) = imaging.datastore.catalog.list_images(tmp_path / "store")
     assert record.bad_ranges == [[5 * MiB, 4096], [12 * MiB + 512, 1024]]
 
 
@@ -180,7 +180,7 @@ class DeleteImageTests(BaseTestCase):
         self.assertFalse(self.first.image.exists())
         self.assertTrue(self.second.image.exists())
         self.assertEqual(list(Image.objects.values_list("path", flat=True)), [str(self.second.image)])
-        self.assertEqual([record.path for record in imaging.catalog.list_images(self.store)],
+        self.assertEqual([record.path for record in imaging.datastore.catalog.list_images(self.store)],
                          [str(self.second.image)])
 
     def test_an_image_a_job_uses_is_not_deleted(self):
@@ -192,7 +192,7 @@ class DeleteImageTests(BaseTestCase):
         self.assertTrue(Image.objects.filter(pk=self.image.pk).exists())
 
     def test_an_image_a_job_on_another_host_reads_is_not_deleted(self):
-        datastore = imaging.store.Datastore.open(self.store)
+        datastore = imaging.datastore.store.Datastore.open(self.store)
         name = f"{self.first.image.parent.name}/{self.first.image.name}"
         with datastore.register("export", "export on h9", images=[name]):
             response = self.client.post(f"/images/{self.image.pk}/delete/", follow=True)

@@ -6,7 +6,7 @@ import time
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from imaging.progress import ProgressEvent
+from imaging.base.progress import ProgressEvent
 from support.services import free_port
 from support.web import MEMORY_LAYER
 

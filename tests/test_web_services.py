@@ -24,8 +24,8 @@ from engine import MiB, write_random
 from support.web import UTC, BaseTestCase, GiB, LabMixin, Outbox
 
 import imaging.backup
-import imaging.inventory
-from imaging.errors import Cancelled, SourceError
+import imaging.disks.inventory
+from imaging.base.errors import Cancelled, SourceError
 from webui import services
 from webui.celery import app as celery_app
 from webui.models import Datastore, Disk, Host, Image, Job, Protection, Schedule, StatusChange
@@ -344,7 +344,7 @@ class CatalogTests(ServiceTestCase):
         self.assertEqual(image.stored_bytes, result.stored_bytes)
         # A disk no inventory reported yet: created gone, on the host its manifest names.
         self.assertEqual((image.disk.stable_id, image.disk.present, image.disk.host.name),
-                         ("file-disk.img", False, imaging.inventory.host_name()))
+                         ("file-disk.img", False, imaging.disks.inventory.host_name()))
         datastore = image.datastore
         self.assertEqual(datastore.path, str(self.store))
         self.assertEqual((datastore.image_count, datastore.logical_bytes, datastore.chunk_count),

@@ -14,8 +14,8 @@ from django.test import TransactionTestCase, override_settings
 from engine import MiB, write_random
 from support.web import GiB, LabMixin
 
-import imaging.catalog
-import imaging.image
+import imaging.datastore.catalog
+import imaging.datastore.image
 from webui import services, tasks
 from webui.celery import app as celery_app
 from webui.models import Disk, Image, Job
@@ -60,7 +60,7 @@ class RunBackupTests(TaskTestCase):
         self.assertEqual((job.image, image.disk, image.sha256, image.size),
                          (image, self.disk, self.source_sha256, 12 * MiB))
         self.assertEqual(job.result["image"], image.path)
-        self.assertEqual([r.path for r in imaging.catalog.list_images(self.store)], [image.path])
+        self.assertEqual([r.path for r in imaging.datastore.catalog.list_images(self.store)], [image.path])
         # The last progress event was saved: a reload shows the job complete.
         self.assertEqual((job.progress["phase"], job.progress["done"], job.progress["total"],
                           job.progress["unit"]), ("backup", 12 * MiB, 12 * MiB, "bytes"))
@@ -75,7 +75,7 @@ class RunBackupTests(TaskTestCase):
             tasks.run_job.apply(args=[job.pk])
             job.refresh_from_db()
             self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
-            entries = imaging.image.Image.open(job.image.path).entries()
+            entries = imaging.datastore.image.Image.open(job.image.path).entries()
             bases.append([entry.base is not None for entry in entries])
             with open(source, "r+b") as disk:  # a few bytes of the middle chunk, for the next
                 disk.seek(6 * MiB)
@@ -127,7 +127,7 @@ class CancelTests(TaskTestCase):
         self.assertEqual((job.state, job.error), (Job.State.CANCELLED, "cancelled"))
         self.assertLess(stopped, 1.5)
         self.assertFalse(Image.objects.exists())
-        self.assertEqual(imaging.catalog.list_images(self.store), [])
+        self.assertEqual(imaging.datastore.catalog.list_images(self.store), [])
 
     @staticmethod
     def _run(task, job_id):

@@ -9,8 +9,8 @@ from django import forms
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-import imaging.tools
-from imaging.errors import ImagingError
+import imaging.base.tools
+from imaging.base.errors import ImagingError
 
 from . import services
 from .formatting import size
@@ -112,7 +112,7 @@ class ExportForm(forms.Form):
     def clean_split_size(self):
         text = self.cleaned_data["split_size"].strip()
         try:
-            return imaging.tools.parse_size(text) if text else None
+            return imaging.base.tools.parse_size(text) if text else None
         except ImagingError as refused:
             raise forms.ValidationError(str(refused)) from None
 

@@ -9,13 +9,13 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 
-import imaging.codec
-import imaging.manifest
+import imaging.datastore.codec
+import imaging.datastore.manifest
 import imaging.prune
 
-BACKUP_MODES = imaging.manifest.MODES
-DEFAULT_LEVEL = imaging.codec.DEFAULT_LEVEL
-MIN_LEVEL, MAX_LEVEL = imaging.codec.LEVELS[0], imaging.codec.LEVELS[-1]
+BACKUP_MODES = imaging.datastore.manifest.MODES
+DEFAULT_LEVEL = imaging.datastore.codec.DEFAULT_LEVEL
+MIN_LEVEL, MAX_LEVEL = imaging.datastore.codec.LEVELS[0], imaging.datastore.codec.LEVELS[-1]
 LEVEL_VALIDATORS = [MinValueValidator(MIN_LEVEL), MaxValueValidator(MAX_LEVEL)]
 # last, hourly, daily, weekly, monthly, yearly: what prune keeps, each a count of images.
 RETENTION_RULES = tuple(rule.name for rule in dataclasses.fields(imaging.prune.Retention))
@@ -27,7 +27,7 @@ def validate_mode(mode: Any) -> None:
 
 
 def validate_level(level: Any) -> None:
-    if isinstance(level, bool) or not isinstance(level, int) or level not in imaging.codec.LEVELS:
+    if isinstance(level, bool) or not isinstance(level, int) or level not in imaging.datastore.codec.LEVELS:
         raise ValidationError(f"compression level {level!r} is not a zstd level "
                               f"({MIN_LEVEL}-{MAX_LEVEL})")
 

@@ -7,7 +7,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-import imaging.progress
+import imaging.base.progress
 
 from .models import Job
 
@@ -18,7 +18,7 @@ class ProgressSerializer(serializers.Serializer):
 
     # Built from a progress event or a saved dict, never validated: read-only, for the schema.
     phase = serializers.CharField(read_only=True, allow_null=True, default=None)
-    unit = serializers.CharField(read_only=True, default=imaging.progress.UNIT_BYTES)
+    unit = serializers.CharField(read_only=True, default=imaging.base.progress.UNIT_BYTES)
     done = serializers.IntegerField(read_only=True, default=0)
     total = serializers.IntegerField(read_only=True, default=0)
     rate = serializers.FloatField(read_only=True, default=0.0)

@@ -55,7 +55,7 @@ class JobStateMessage(TypedDict):
 
 
 class ProgressSender:
-    """Callable with each `imaging.progress.ProgressEvent`; `with` it to flush at the end."""
+    """Callable with each `imaging.base.progress.ProgressEvent`; `with` it to flush at the end."""
 
     def __init__(self, job_id: int, *, state: str = Job.State.RUNNING,
                  clock: Callable[[], float] = time.monotonic,

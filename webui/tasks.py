@@ -9,8 +9,8 @@ from __future__ import annotations
 from celery import shared_task
 from django.conf import settings
 
-from imaging.errors import ImagingError
-from imaging.progress import Progress
+from imaging.base.errors import ImagingError
+from imaging.base.progress import Progress
 
 from . import services
 from .runner import JobRunner

@@ -1,6 +1,6 @@
 """Loop devices and mounts for tests, with cleanup that survives failing tests.
 
-Loop devices are the engine's (imaging.tools); every one attached here is also
+Loop devices are the engine's (imaging.base.tools); every one attached here is also
 remembered together with its backing file, so a leaked one can be detached
 later without ever touching a loop device that something else (the engine
 under test, another process) attached.
@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from imaging.tools import attach_loop, detach_loop
+from imaging.base.tools import attach_loop, detach_loop
 
 from .requirements import requirement_missing
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from imaging.mount import PRIVATE_MOUNT_PREFIX
+from imaging.reading.mount import PRIVATE_MOUNT_PREFIX
 
 from .devices import requires_root_loop_fuse
 

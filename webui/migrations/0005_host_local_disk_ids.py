@@ -2,7 +2,7 @@
 
 from django.db import migrations, models
 
-from imaging.inventory import host_less
+from imaging.disks.inventory import host_less
 
 
 def retire_host_less_disks(apps, schema_editor):

@@ -17,11 +17,11 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-import imaging.catalog
-import imaging.inventory
+import imaging.datastore.catalog
+import imaging.disks.inventory
 import imaging.prune
-import imaging.store
-from imaging.errors import ImagingError
+import imaging.datastore.store
+from imaging.base.errors import ImagingError
 
 from ..models import HOST_NAME_RE, Datastore, Disk, Host, Image, Job
 from .errors import Refused
@@ -59,7 +59,7 @@ def report_inventory(host_name: str, worker: str, disks: Iterable[dict],
 def report_local_inventory(worker: str) -> Host:
     """Run the engine's inventory on this host and record it."""
     try:
-        disks = imaging.inventory.inventory()
+        disks = imaging.disks.inventory.inventory()
     except ImagingError as exc:
         raise Refused(f"no inventory of host {settings.HOST_NAME}: {exc}") from exc
     return report_inventory(settings.HOST_NAME, worker, disks)
@@ -103,7 +103,7 @@ def delete_image(image: Image) -> CatalogChange:
     datastore, disk_id = image.datastore, image.disk.stable_id
     path = Path(image.path)
     try:
-        store = imaging.store.Datastore.open(datastore.path)
+        store = imaging.datastore.store.Datastore.open(datastore.path)
         if path.is_dir():
             with store.pruning():
                 reader = imaging.prune.remove_image(store, path)
@@ -125,8 +125,8 @@ def read_catalog(datastore: Datastore, disk_id: Optional[str] = None,
     and an SQLite write transaction holds every other writer meanwhile.
     """
     try:
-        records = imaging.catalog.list_images(datastore.path, disk_id) if images else None
-        return records, imaging.catalog.datastore_usage(datastore.path)
+        records = imaging.datastore.catalog.list_images(datastore.path, disk_id) if images else None
+        return records, imaging.datastore.catalog.datastore_usage(datastore.path)
     except ImagingError as exc:
         raise Refused(str(exc)) from exc
 

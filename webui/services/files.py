@@ -1,7 +1,7 @@
 """Files inside an image's partitions: listed, and downloaded as files or as a streamed tar.
 
 The web server reads the datastore itself (it is mounted where the web runs).
-Each request opens one engine file session (imaging.files.FileSession: the
+Each request opens one engine file session (imaging.reading.files.FileSession: the
 partition mounted once, its filesystem's tools run there) and does everything
 in it: a listing; a file's download, its contents streamed from the image; a
 folder's tar, written as its members are read, never whole in memory or on
@@ -28,10 +28,10 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 from asgiref.sync import sync_to_async
 from django.utils.dateparse import parse_datetime
 
-import imaging.files
-import imaging.mount
-from imaging.errors import ImagingError
-from imaging.filesystems import EXT
+import imaging.reading.files
+import imaging.reading.mount
+from imaging.base.errors import ImagingError
+from imaging.reading.filesystems import EXT
 
 from ..models import Image
 from . import filesessions
@@ -40,9 +40,9 @@ from .filesessions import TooMany  # noqa: F401  (raised by browse and download)
 
 READABLE_FILESYSTEMS = (*EXT, "vfat", "ntfs")
 MAX_PATH = 4096
-STREAM_STEP = imaging.files.STREAM_STEP
+STREAM_STEP = imaging.reading.files.STREAM_STEP
 TAR_CONTENT_TYPE, FILE_CONTENT_TYPE = "application/x-tar", "application/octet-stream"
-COPIED_MODE_BITS = imaging.files.COPIED_MODE_BITS
+COPIED_MODE_BITS = imaging.reading.files.COPIED_MODE_BITS
 _NUMBER = re.compile(r"(\d+)$")
 Answer = TypeVar("Answer")
 
@@ -81,11 +81,11 @@ class FileEntry:
 
     @property
     def is_directory(self) -> bool:
-        return self.type == imaging.files.DIRECTORY
+        return self.type == imaging.reading.files.DIRECTORY
 
     @property
     def shown_target(self) -> str:
-        return imaging.files.printable(self.target or "")
+        return imaging.reading.files.printable(self.target or "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,7 @@ def partitions(image: Image) -> list[BrowsablePartition]:
         # Only a used-mode backup notes its filesystems: an unknown one is probed by the
         # engine when the partition is opened, which names one it cannot read.
         problem = None if fstype is None or fstype in READABLE_FILESYSTEMS else (
-            f"holds {fstype}: files can be read from {imaging.files.COVERED}")
+            f"holds {fstype}: files can be read from {imaging.reading.files.COVERED}")
         found.append(BrowsablePartition(int(number.group(1)), part.get("size") or 0, fstype,
                                         part.get("label"), problem))
     return sorted(found, key=lambda part: part.number)
@@ -156,7 +156,7 @@ def browsable_partition(image: Image, number: Any) -> BrowsablePartition:
     if not isinstance(number, str) or not re.fullmatch(r"[0-9]{1,6}", number):
         raise BadPath(f"a partition is named by its number, not {number!r}")
     try:
-        part = imaging.mount.numbered(partitions(image), int(number), "the image")
+        part = imaging.reading.mount.numbered(partitions(image), int(number), "the image")
     except ImagingError as missing:
         raise BadPath(str(missing)) from None
     if part.problem:
@@ -174,7 +174,7 @@ def checked_path(path: Any) -> str:
         raise BadPath("a path may not hold a NUL character")
     if path.startswith("/"):
         raise BadPath(f"{path!r}: give the path relative to the partition's root")
-    if path and not all(imaging.files.safe_name(name) for name in path.split("/")):
+    if path and not all(imaging.reading.files.safe_name(name) for name in path.split("/")):
         raise BadPath(f"{path!r}: a path may not hold '..', '.' or an empty name")
     return path
 
@@ -186,7 +186,7 @@ def browse(image: Image, partition: Any, path: Any, user_id: int) -> Folder:
     path = checked_path(path)
     with filesessions.begin(user_id), _opened(image, part) as files:
         folder = _engine(lambda: files.lookup("/" + path))
-        if folder.kind != imaging.files.DIRECTORY:
+        if folder.kind != imaging.reading.files.DIRECTORY:
             raise BadPath(f"/{path} is a {folder.kind}, not a folder")
         entries = _engine(lambda: files.entries(folder))
     return Folder(part, path, [_file_entry(entry, path) for entry in entries])
@@ -203,21 +203,21 @@ def download(image: Image, partition: Any, path: Any, user_id: int) -> Download:
         files = held.enter_context(_opened(image, part))
         node = _engine(lambda: files.lookup("/" + path))
         stored = os.fsdecode(node.name) if path else f"partition-{part.number}"
-        shown = imaging.files.printable(stored)
-        if node.kind == imaging.files.DIRECTORY:
+        shown = imaging.reading.files.printable(stored)
+        if node.kind == imaging.reading.files.DIRECTORY:
             pieces = _in_steps(_tar_stream(files, node, stored))
             return Download(f"{shown}.tar", TAR_CONTENT_TYPE, pieces, held.pop_all())
-        if node.kind != imaging.files.FILE:
+        if node.kind != imaging.reading.files.FILE:
             raise BadPath(f"/{path} is a {node.kind}: only files and folders download")
         pieces = _engine(lambda: files.read(node))
         return Download(shown, FILE_CONTENT_TYPE, pieces, held.pop_all(), node.size)
 
 
-def _opened(image: Image, part: BrowsablePartition) -> imaging.files.FileSession:
-    return _engine(lambda: imaging.files.FileSession(image.path, part.number))
+def _opened(image: Image, part: BrowsablePartition) -> imaging.reading.files.FileSession:
+    return _engine(lambda: imaging.reading.files.FileSession(image.path, part.number))
 
 
-def _tar_stream(files: imaging.files.FileSession, folder: imaging.files.Node,
+def _tar_stream(files: imaging.reading.files.FileSession, folder: imaging.reading.files.Node,
                 top: str) -> Iterator[bytes]:
     """The folder as a tar archive stored under `top`, member by member as the session
     walks it: each file's contents go out as they are read, between its header and the
@@ -230,12 +230,12 @@ def _tar_stream(files: imaging.files.FileSession, folder: imaging.files.Node,
     yield _header(top, tarfile.DIRTYPE, files.entry(folder))
     for names, node, contents in files.walk(folder):
         entry = files.entry(node)
-        if not imaging.files.safe_name(entry.name):
+        if not imaging.reading.files.safe_name(entry.name):
             continue
         member = "/".join([top, *map(os.fsdecode, names)])
-        if entry.type == imaging.files.DIRECTORY:
+        if entry.type == imaging.reading.files.DIRECTORY:
             yield _header(member, tarfile.DIRTYPE, entry)
-        elif entry.type == imaging.files.SYMLINK and entry.target:
+        elif entry.type == imaging.reading.files.SYMLINK and entry.target:
             yield _header(member, tarfile.SYMTYPE, entry)
         elif contents is not None:
             yield _header(member, tarfile.REGTYPE, entry)
@@ -261,7 +261,7 @@ def _in_steps(pieces: Iterator[bytes]) -> Iterator[bytes]:
             yield b"".join(gathered)
 
 
-def _header(name: str, kind: bytes, entry: imaging.files.Entry) -> bytes:
+def _header(name: str, kind: bytes, entry: imaging.reading.files.Entry) -> bytes:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = entry.size if kind == tarfile.REGTYPE else 0
@@ -271,14 +271,14 @@ def _header(name: str, kind: bytes, entry: imaging.files.Entry) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def _file_entry(entry: imaging.files.Entry, parent: str) -> FileEntry:
+def _file_entry(entry: imaging.reading.files.Entry, parent: str) -> FileEntry:
     path = f"{parent}/{entry.name}" if parent else entry.name
     try:
         path.encode("utf-8")
         checked_path(path)
     except (UnicodeEncodeError, BadPath):
         path = None  # a name a URL cannot carry back unchanged
-    return FileEntry(entry.name, imaging.files.printable(entry.name), path, entry.type,
+    return FileEntry(entry.name, imaging.reading.files.printable(entry.name), path, entry.type,
                      entry.size, entry.mode, parse_datetime(entry.mtime) if entry.mtime else None,
                      entry.target)
 

@@ -14,8 +14,8 @@ from typing import Any, Optional
 from django.conf import settings
 from django.db import transaction
 
-import imaging.mount
-from imaging.errors import ImagingError
+import imaging.reading.mount
+from imaging.base.errors import ImagingError
 
 from ..models import Datastore, Disk, Host, Image, Job
 from ..progress import send_job_state
@@ -52,7 +52,7 @@ def image_partition(image: Image, number: Any):
     if isinstance(number, bool) or not isinstance(number, int):
         raise Refused(f"a partition is named by its number, not {number!r}")
     try:
-        return imaging.mount.numbered(partitions(image), number, "the image")
+        return imaging.reading.mount.numbered(partitions(image), number, "the image")
     except ImagingError as missing:
         raise Refused(str(missing)) from None
 

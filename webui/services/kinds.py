@@ -23,14 +23,14 @@ import imaging.backup
 import imaging.export
 import imaging.gc
 import imaging.importer
-import imaging.inventory
+import imaging.disks.inventory
 import imaging.prune
 import imaging.recompress
 import imaging.restore
-import imaging.store
+import imaging.datastore.store
 import imaging.verify
-from imaging.errors import ImagingError, TargetError
-from imaging.progress import Progress
+from imaging.base.errors import ImagingError, TargetError
+from imaging.base.progress import Progress
 
 from ..formatting import short_time, size
 from ..models import Datastore, Disk, Host, HostAccess, Image, Job, Schedule
@@ -281,7 +281,7 @@ class Restore(JobKind):
         From a fresh inventory, not only the database: device names move between
         boots, and only this host's present, inventoried disks may be written.
         """
-        fresh = imaging.inventory.inventory()
+        fresh = imaging.disks.inventory.inventory()
         known = set(Disk.objects.filter(host__name=settings.HOST_NAME, present=True)
                     .values_list("stable_id", flat=True))
         allowed = [disk["path"] for disk in fresh if disk["id"] in known]
@@ -417,7 +417,7 @@ class Import(MakingImages):
         if not names:
             raise Refused("name the archive to import")
         try:
-            imaging.store.check_disk_id(disk_id)
+            imaging.datastore.store.check_disk_id(disk_id)
         except ImagingError as exc:
             raise Refused(str(exc)) from None
         checked(validate_level, level)

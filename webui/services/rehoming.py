@@ -23,9 +23,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-import imaging.inventory
+import imaging.disks.inventory
 import imaging.rehome
-from imaging.errors import ImagingError
+from imaging.base.errors import ImagingError
 
 from ..models import Datastore, Disk, Host, Image, Job, Schedule, StatusChange
 from .catalog import read_catalog, store_catalog
@@ -73,11 +73,11 @@ def host_less_disks() -> list[Disk]:
     maybe = Disk.objects.select_related("host").filter(
         Q(stable_id__startswith="dev-") | Q(stable_id__contains="QEMU")
         | Q(model__startswith="QEMU"))
-    return [disk for disk in maybe if imaging.inventory.host_less(disk.stable_id, disk.model)]
+    return [disk for disk in maybe if imaging.disks.inventory.host_less(disk.stable_id, disk.model)]
 
 
 def _successor_id(disk: Disk, host: Host) -> Optional[str]:
-    return imaging.inventory.rehomed_id(disk.stable_id, {
+    return imaging.disks.inventory.rehomed_id(disk.stable_id, {
         "host": host.name, "model": disk.model, "serial": disk.serial, "path": disk.path})
 
 

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from imaging.errors import Cancelled
+from imaging.base.errors import Cancelled
 
 from ..models import Job
 from ..payloads import JobSerializer

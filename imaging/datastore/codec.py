@@ -23,7 +23,7 @@ from typing import Optional
 
 import zstandard
 
-from .errors import ImageError, ImagingError
+from ..base.errors import ImageError, ImagingError
 
 DEFAULT_LEVEL = 3
 # A chunk's name: the SHA-256 of its raw bytes, in lowercase hex.

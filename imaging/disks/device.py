@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .errors import Cancelled, SourceError, describe
+from ..base.errors import Cancelled, SourceError, describe
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268

@@ -35,13 +35,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
-from . import codec, layout, tools
-from .chunks import Contents, read_chunk, read_chunk_into
-from .errors import ImageError, ImagingError, describe
-from .image import Image, parse_stamp, reading
-from .progress import Progress
-from .mounts import read_mounts
-from .syscalls import ignore_signal
+from ..base import tools
+from ..base.errors import ImageError, ImagingError, describe
+from ..base.progress import Progress
+from ..base.syscalls import ignore_signal
+from ..datastore import codec
+from ..datastore.chunks import Contents, read_chunk, read_chunk_into
+from ..datastore.image import Image, parse_stamp, reading
+from ..disks import layout
+from ..disks.mounts import read_mounts
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).
 CACHE_CHUNKS = 8

@@ -41,15 +41,17 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
-from . import codec, mount, tools
-from .errors import Cancelled, ImagingError, TargetError, describe
+from ..base import tools
+from ..base.errors import Cancelled, ImagingError, TargetError, describe
+from ..base.pipeline import ordered_map
+from ..base.progress import Progress
+from ..base.syscalls import pwrite_all
+from ..datastore import codec
+from ..datastore.image import reading
+from ..datastore.manifest import utc_text
+from . import mount
 from .filesystems import EXT, identify
-from .manifest import utc_text
-from .image import reading
 from .mount import ImageReader
-from .pipeline import ordered_map
-from .progress import Progress
-from .syscalls import pwrite_all
 
 FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
 COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"

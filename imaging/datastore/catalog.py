@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import badmap, layout
-from .errors import ImagingError, StoreError, translated
-from .image import Image
+from ..base.errors import ImagingError, StoreError, translated
+from ..disks import layout
+from . import badmap
 from .codec import DIGEST_RE
+from .image import Image
 from .store import CHUNK_SUFFIX, Datastore, check_disk_id
 from .verification import VerifyResult
 

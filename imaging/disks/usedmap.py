@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import layout, mounts, tools
+from ..base import tools
+from ..base.errors import ImagingError, SourceError, SourceInUse, translated
+from . import layout, mounts
 from .device import Range, Source, merge
-from .errors import ImagingError, SourceError, SourceInUse, translated
 
 # blkid TYPE -> the partclone.<tool> that maps that filesystem.
 PARTCLONE_TOOLS = {

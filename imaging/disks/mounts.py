@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import TargetError, describe
+from ..base.errors import TargetError, describe
 
 MOUNTINFO = "/proc/self/mountinfo"
 SYS_DEV_BLOCK = Path("/sys/dev/block")

@@ -13,9 +13,9 @@ import contextlib
 import dataclasses
 from typing import Iterable, Optional, Sequence
 
+from ..base.errors import ImageError, StoreError, describe
+from ..base.pipeline import ordered_map
 from . import codec
-from .errors import ImageError, StoreError, describe
-from .pipeline import ordered_map
 from .store import Datastore
 
 

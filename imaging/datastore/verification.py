@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from . import errors
+from ..base import errors
+from ..base.errors import ImageError
 from .codec import DIGEST_RE
-from .errors import ImageError
 from .manifest import TIME_FORMAT
 
 RECORD_NAME = "verify.json"

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from . import tools
-from .errors import SourceError
+from ..base import tools
+from ..base.errors import SourceError
 
 MBR_SIZE = 512
 # An image's copy of its disk's first sector.

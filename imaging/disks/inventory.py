@@ -16,8 +16,9 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from . import layout, tools
-from .errors import SourceError, reason
+from ..base import tools
+from ..base.errors import SourceError, reason
+from . import layout
 
 LSBLK_COLUMNS = ("NAME,PATH,KNAME,MAJ:MIN,TYPE,SIZE,MODEL,SERIAL,WWN,TRAN,RO,RM,LOG-SEC,"
                  "MOUNTPOINTS,START,FSTYPE,LABEL,PARTLABEL")

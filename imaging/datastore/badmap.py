@@ -1,7 +1,7 @@
 """GNU ddrescue mapfiles: '+' for sectors read, '-' for sectors that stayed unreadable."""
 from __future__ import annotations
 
-from .device import Range, merge
+from ..disks.device import Range, merge
 
 NAME = "badblocks.map"
 FINISHED = "+"

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
+from ..base.errors import ImageError, StoreError, translated
+from ..base.progress import Progress
 from .codec import DIGEST_RE
-from .errors import ImageError, StoreError, translated
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest
-from .progress import Progress
 from .store import Datastore, check_disk_id, fsync_dir, write_atomically
 
 STAMP_FORMAT = "%Y-%m-%dT%H-%M-%SZ"

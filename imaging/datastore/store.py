@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from ..base.errors import ImageError, StoreError, describe, reason, translated
+from ..base.progress import Progress
+from ..base.syscalls import start_writeback, syncfs
+from ..disks.inventory import host_name, safe_id
 from .codec import MAX_BASE_SIZE
-from .errors import ImageError, StoreError, describe, reason, translated
-from .inventory import host_name, safe_id
-from .progress import Progress
-from .syscalls import start_writeback, syncfs
 
 # Format 2: an index line may name the base of a delta chunk (see codec).
 # Format 1 datastores are read, and written without deltas.

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from . import tools
-from .errors import Cancelled
-from .image import Image
+from ..base import tools
+from ..base.errors import Cancelled
+from ..base.progress import Progress
+from ..datastore.image import Image
+from ..datastore.verification import CLEAN, DIRTY, NOT_CHECKED, FilesystemCheck
 from .mount import exposed
-from .progress import Progress
-from .verification import CLEAN, DIRTY, NOT_CHECKED, FilesystemCheck
 
 EXT = ("ext2", "ext3", "ext4")
 # filesystem type (as blkid names it) -> (checker, Debian package, arguments before the device)

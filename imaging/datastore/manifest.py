@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..base.errors import ImageError, reason
 from .codec import DIGEST_RE, LEVELS
-from .errors import ImageError, reason
 
 FORMAT = 1
 NAME = "manifest.json"
