@@ -20,7 +20,7 @@ import imaging.datastore.store
 from webui import services
 from webui.celery import app
 from webui.models import Host, Job, Schedule
-from webui.services.kinds import KINDS
+from webui.services.registry import KINDS
 
 
 @override_settings(CHANNEL_LAYERS=MEMORY_LAYER, STORAGES=PLAIN_STATIC)

@@ -64,7 +64,7 @@ class ScheduleForm(forms.ModelForm):
         self.fields["disk"].required = False
         self.fields["disk"].empty_label = "— none (verify and gc run per datastore) —"
         self.fields["kind"].choices = [(kind.name, kind.scheduled_as)
-                                       for kind in services.kinds.KINDS.values()
+                                       for kind in services.registry.KINDS.values()
                                        if kind.scheduled_as]
         self.fields["grace_minutes"].initial = int(self.instance.grace.total_seconds() // 60)
         for name in RETENTION_FIELDS:

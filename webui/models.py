@@ -2,7 +2,7 @@
 
 Rules that answer "what is this thing's state?" live here as methods that take
 `now=` so they are testable without moving clocks; use cases that change
-several rows (start a job, finish it, sync a schedule) live in services.py.
+several rows (start a job, finish it, sync a schedule) live in services/.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def _run_job(task, job_id: int) -> None:
         return  # a duplicate delivery, or cancelled while it waited
     try:
         with JobRunner(job) as runner:
-            result = services.kinds.KINDS[job.kind].run(
+            result = services.registry.KINDS[job.kind].run(
                 job, Progress(job.kind, 0, runner.progress, cancel=runner.cancel))
         services.finish_job(job, result)
     except ImagingError as exc:

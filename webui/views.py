@@ -189,7 +189,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     image = job.image
     total = image.size if image is not None else (job.progress or {}).get("total") or 0
     return render(request, "webui/job.html", {
-        "job": job, "kind": services.kinds.KINDS[job.kind], "job_data": JobSerializer(job).data,
+        "job": job, "kind": services.registry.KINDS[job.kind], "job_data": JobSerializer(job).data,
         "log": pages.job_log(job),
         "subject": pages.job_subject_disk(job),
         "bad_marks": pages.bad_strip(image.bad_ranges if image is not None else [], total),

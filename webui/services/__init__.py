@@ -1,10 +1,10 @@
 """Use cases: record inventories and catalogs, start, run and finish jobs, sweep for trouble.
 
-With tasks.py, the only code that calls the engine, and the only code that
-enqueues work. Views, tasks, consumers, admin and commands call these
-functions (`from webui import services`) and nothing below them.
+The only code that calls the engine's verbs (the kinds' entries) and that enqueues
+work. Views, tasks, consumers, admin and commands call these functions
+(`from webui import services`); the pages read the registry of kinds besides.
 """
-from . import files, hosts, kinds, readcache
+from . import files, hosts, kinds, readcache, registry
 from .catalog import (CatalogChange, datastore_at, default_datastore, delete_image,
                       report_inventory, report_local_inventory, rescan)
 from .delivery import resend_lost_jobs
@@ -30,7 +30,7 @@ start_gc = kinds.KINDS["gc"].start
 __all__ = [
     "CatalogChange", "Refused", "WORKER_LOST", "cancel_job", "check_jobs", "check_protection",
     "claim_job", "datastore_at", "default_datastore", "delete_image",
-    "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "kinds",
+    "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "kinds", "registry",
     "job_control", "job_snapshot", "notify", "readcache", "rehome_host_less_disks",
     "report_inventory", "report_local_inventory", "rescan", "run_schedule",
     "start_backup", "start_export", "start_gc", "start_import",
