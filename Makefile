@@ -7,15 +7,16 @@ PY := $(VENV)/bin/python
 # What the engine runs on every host (the Docker image installs only these):
 # util-linux/fdisk: sfdisk, lsblk, losetup, mount; e2fsprogs and partclone: used
 # mode's block maps; zstd: RESTORE.txt; gzip, xz, 7-Zip: importing classic backups;
-# fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g: files, extract and verify --fsck.
+# fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g: files, extract and verify --fsck;
+# openssl: deriving a key's subkeys in a shell, as an encrypted image's RESTORE.txt does.
 RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full \
-	fuse3 mtools dosfstools ntfs-3g
+	fuse3 mtools dosfstools ntfs-3g openssl
 # The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
-# tests; docker-compose: checking docker-compose.yml; borg, restic, time: the
-# benchmark's peers.
+# tests; docker-compose: checking docker-compose.yml; zbar-tools: reading a paper key's QR
+# code back; borg, restic, time: the benchmark's peers.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
-	docker-compose curl libfuse3-dev pkg-config gcc gddrescue borgbackup restic time
+	docker-compose curl libfuse3-dev pkg-config gcc gddrescue zbar-tools borgbackup restic time
 
 # What the virtualenv gets: everything for a developer; the Docker image takes requirements.txt.
 REQUIREMENTS ?= requirements-test.txt

@@ -6,6 +6,7 @@ stderr; a traceback means a bug, never bad input.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -14,10 +15,10 @@ import sys
 from typing import Optional
 
 from .backup import MODES, backup
-from .base.errors import Cancelled, ImagingError, SourceInUse
+from .base.errors import BadKey, Cancelled, ImagingError, SourceInUse
 from .base.progress import Progress
 from .base.tools import parse_size
-from .datastore import codec
+from .datastore import codec, keys
 from .datastore.catalog import ImageRecord, list_images
 from .disks import layout
 from .disks.inventory import inventory
@@ -275,6 +276,87 @@ def cmd_rehome(args: argparse.Namespace) -> int:
     return 0
 
 
+PASSPHRASE_VARIABLE = "IMAGING_PASSPHRASE"
+KEY_VARIABLE = "IMAGING_KEY"
+NEW_PASSPHRASE_VARIABLE = "IMAGING_NEW_PASSPHRASE"
+
+
+def _passphrase(path: str) -> Optional[str]:
+    """The passphrase of a protected key file: IMAGING_PASSPHRASE, else asked at a terminal."""
+    if PASSPHRASE_VARIABLE in os.environ:
+        return os.environ[PASSPHRASE_VARIABLE]
+    if not keys.is_protected(path):
+        return None
+    if not sys.stdin.isatty():
+        raise BadKey(f"key file {path} is protected by a passphrase: set {PASSPHRASE_VARIABLE}")
+    return getpass.getpass(f"Passphrase of {path}: ")
+
+
+def _new_passphrase(variable: str) -> Optional[str]:
+    """A passphrase for a key file: from `variable`, else typed twice at a terminal (empty:
+    none), else none."""
+    if variable in os.environ:
+        return os.environ[variable] or None
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass("New passphrase (empty: none): ")
+    if first and getpass.getpass("Again: ") != first:
+        raise BadKey("the two passphrases differ: nothing changed")
+    return first or None
+
+
+def cmd_key_create(args: argparse.Namespace) -> int:
+    key = keys.create(args.file, _new_passphrase(PASSPHRASE_VARIABLE))
+    protected = "protected by a passphrase" if keys.is_protected(args.file) else \
+        "not protected by a passphrase: keep the file where only root reads it"
+    print(f"created key {key.fingerprint} in {args.file}, {protected}")
+    print("print it with `imaging key show --paper` and keep the paper apart from the disks")
+    return 0
+
+
+def cmd_key_show(args: argparse.Namespace) -> int:
+    key = keys.load(args.file, _passphrase(args.file))
+    if args.paper:
+        import segno  # here: its import costs every other command 20 ms at start
+
+        print(PAPER.format(fingerprint=key.fingerprint, file=args.file))
+        segno.make(key.text(), error="m").terminal(compact=True)
+    else:
+        print(f"fingerprint {key.fingerprint}")
+    print(key.text())
+    return 0
+
+
+PAPER = """\
+IMAGING DATASTORE KEY  {fingerprint}
+(from {file})
+
+Whoever holds this key reads every image of the datastores it encrypts; without
+it, nobody does, the owner included. Keep this paper apart from the disks.
+
+Restore an image with stock tools (a shell, openssl, zstd, dd, od and tr):
+  IMAGING_KEY='<the line below>' sh IMAGE/RESTORE.txt /dev/sdX
+Make a key file of it again (for the app and the workers):
+  IMAGING_KEY='<the line below>' imaging key import FILE
+"""
+
+
+def cmd_key_import(args: argparse.Namespace) -> int:
+    text = os.environ.get(KEY_VARIABLE) or sys.stdin.readline()
+    key = keys.save(args.file, keys.from_text(text), _new_passphrase(PASSPHRASE_VARIABLE))
+    print(f"key {key.fingerprint} written to {args.file}")
+    return 0
+
+
+def cmd_key_change_passphrase(args: argparse.Namespace) -> int:
+    old = _passphrase(args.file)
+    key = keys.change_passphrase(args.file, old, _new_passphrase(NEW_PASSPHRASE_VARIABLE))
+    now = "now protected by the new passphrase" if keys.is_protected(args.file) else \
+        "now without a passphrase"
+    print(f"key {key.fingerprint} in {args.file}: {now}")
+    return 0
+
+
 def _level(text: str) -> int:
     try:
         return codec.check_level(int(text))
@@ -408,6 +490,27 @@ def build_parser() -> argparse.ArgumentParser:
                           f"or import started, for clock skew between hosts (default "
                           f"{DEFAULT_SAFETY_MARGIN:.0f}, not negative)")
     with_progress(sub)
+
+    sub = add("key", None, "make and show the key of an encrypted datastore")
+    key_commands = sub.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")
+
+    def add_key(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        key_sub = key_commands.add_parser(name, help=help_text, description=help_text)
+        key_sub.set_defaults(handler=handler)
+        key_sub.add_argument("file", help="the key file")
+        return key_sub
+
+    add_key("create", cmd_key_create, "make a new random key in a new file readable by its "
+            f"owner only; with {PASSPHRASE_VARIABLE} set (or typed), protected by it")
+    key_sub = add_key("show", cmd_key_show, "print the key's fingerprint and, last, the key as "
+                      "one line of text")
+    key_sub.add_argument("--paper", action="store_true",
+                         help="as a page to print and keep: instructions, a QR code, the line")
+    add_key("import", cmd_key_import, f"make a key file of a key's line of text (from "
+            f"{KEY_VARIABLE}, or the first line of standard input), as `key show` prints it")
+    add_key("change-passphrase", cmd_key_change_passphrase,
+            f"protect the key file by a new passphrase ({NEW_PASSPHRASE_VARIABLE}, or typed; "
+            "empty: none)")
 
     sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
               "their host (dev-vda, QEMU's serials) to their host's disk id")

@@ -30,6 +30,10 @@ class ImageError(ImagingError):
     """An image directory is missing, incomplete or corrupt."""
 
 
+class BadKey(ImagingError):
+    """A key file or key text that cannot be used: missing, damaged, or a wrong passphrase."""
+
+
 class SourceInUse(SourceError):
     """The source is mounted read-write; imaging it anyway takes the caller's explicit force."""
 
