@@ -35,7 +35,7 @@ def throughput(results: Results, run: Run) -> float:
     return (run.size or results.disk_size) / MiB / run.seconds
 
 
-def stored(results: Results, run: Run) -> float:
+def stored(results: Results, run: Run) -> float | None:
     return run.output_bytes
 
 
@@ -43,7 +43,7 @@ def wall_seconds(results: Results, run: Run) -> float:
     return run.seconds
 
 
-def new_bytes(results: Results, run: Run) -> float:
+def new_bytes(results: Results, run: Run) -> float | None:
     return run.new_bytes
 
 
@@ -60,7 +60,9 @@ class Comparison:
 
     def row(self, results: Results) -> list[str]:
         ours, peer = results.runs.get(self.ours), results.runs.get(self.peer)
-        missing = _why_missing(ours, peer)
+        missing = _why_missing(ours, peer) or next(
+            (f"no figure for {run.label}" for run in (ours, peer)
+             if self.measure(results, run) is None), "")
         if missing:
             return [self.criterion, _cell(results, ours, self), _cell(results, peer, self), "",
                     self._target(), f"n/a ({missing})"]
@@ -93,6 +95,8 @@ def _cell(results: Results, run: Run | None, comparison: Comparison) -> str:
     if run is None or run.error:
         return "—"
     value = comparison.measure(results, run)
+    if value is None:
+        return "—"
     if comparison.unit == "MiB/s":
         figure = f"{value:.0f} MiB/s"
     elif comparison.unit == "s":
