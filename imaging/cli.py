@@ -32,6 +32,7 @@ from .recompress import recompress
 from .rehome import rehome
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
+from .sync import sync
 from .verify import verify
 
 
@@ -263,6 +264,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    result = sync(args.source, args.destination, disks=args.disk, last=args.last,
+                  progress=_progress(args, "sync"))
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    for name in result.copied:
+        print(f"copied {name}")
+    print(f"{len(result.copied)} images copied to {result.destination}, "
+          f"{len(result.present)} there already: sent {result.chunks_sent} chunks "
+          f"({human_bytes(result.bytes_sent)}), {result.chunks_present} there already, "
+          f"in {result.seconds:.1f} s")
+    return 0
+
+
 def cmd_rehome(args: argparse.Namespace) -> int:
     result = rehome(args.store)
     for old, new in result.moved:
@@ -489,6 +505,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also keep chunks touched this long before the oldest running backup "
                           f"or import started, for clock skew between hosts (default "
                           f"{DEFAULT_SAFETY_MARGIN:.0f}, not negative)")
+    with_progress(sub)
+
+    sub = add("sync", cmd_sync, "copy the images a second datastore lacks, and only the "
+              "chunks it lacks; an image appears there once all it needs is there")
+    sub.add_argument("source", help="datastore to copy from")
+    sub.add_argument("destination", help="datastore to copy to (created if absent)")
+    sub.add_argument("--disk", action="append", metavar="ID",
+                     help="only this disk's images (repeat for more)")
+    sub.add_argument("--last", type=int, metavar="N", help="only the newest N images of each disk")
+    sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 
     sub = add("key", None, "make and show the key of an encrypted datastore")

@@ -50,7 +50,7 @@ JOB_STALE = 180.0
 JOB_LAPSE = JOB_STALE - NFS_ATTRIBUTE_CACHE
 # Kinds of job that only read chunks some image references; every other kind
 # (backup, import, and any this engine does not know) may hold new ones.
-READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount"})
+READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount", "sync-out"})
 CLOCK_NAME = ".clock"
 # Held by the one running garbage collection.
 GC_LOCK = ".gc.lock"

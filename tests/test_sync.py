@@ -1,0 +1,140 @@
+"""sync: a second datastore receives the images it lacks and only the chunks it lacks; a
+copy restores byte for byte; a killed sync leaves no half image and resends little."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engine import REPO, MiB, imaging, one_error_line, sha256_of
+from test_delta_chunks import CHUNK, edited, text_like
+
+from imaging.backup import backup
+from imaging.datastore.image import Image
+from imaging.datastore.store import Datastore
+from imaging.sync import sync
+
+
+def published(store: Path) -> list[str]:
+    """The images a datastore lists, as "<disk>/<stamp>"."""
+    return sorted(f"{p.parent.name}/{p.name}" for p in Datastore.open(store).image_dirs())
+
+
+@pytest.fixture
+def source(tmp_path):
+    """Two disks; disk d backed up twice (its second image holds delta chunks), e once."""
+    disk, other = tmp_path / "d.img", tmp_path / "e.img"
+    data = text_like(4 * CHUNK, seed=1)
+    disk.write_bytes(data)
+    other.write_bytes(text_like(2 * CHUNK, seed=5))
+    store = tmp_path / "store"
+    backup(str(disk), store, disk_id="d")
+    backup(str(other), store, disk_id="e")
+    disk.write_bytes(edited(data, seed=2))
+    backup(str(disk), store, disk_id="d")
+    return store, disk
+
+
+def test_a_copy_holds_every_image_and_restores_byte_identical(source, tmp_path):
+    store, disk = source
+    copy = tmp_path / "copy"
+    result = sync(store, copy)
+    assert published(copy) == published(store) and len(result.copied) == 3
+    stored = {p.name for p in (store / "chunks").rglob("*.zst")}
+    assert {p.name for p in (copy / "chunks").rglob("*.zst")} == stored
+    assert result.chunks_sent == len(stored) and result.chunks_present == 0
+    assert result.bytes_sent == sum(p.stat().st_size for p in (store / "chunks").rglob("*.zst"))
+    newest = Datastore.open(copy).image_dirs("d")[-1]
+    assert any(entry.base for entry in Image.open(newest).entries())  # deltas came along
+    assert not (newest / "verify.json").exists()
+    assert imaging("verify", newest).returncode == 0
+    imaging("restore", newest, tmp_path / "restored.img")
+    assert sha256_of(tmp_path / "restored.img") == sha256_of(disk)
+
+
+def test_only_what_the_destination_lacks_travels(source, tmp_path):
+    store, disk = source
+    copy = tmp_path / "copy"
+    sync(store, copy)
+    again = sync(store, copy)
+    assert (again.copied, again.chunks_sent, again.bytes_sent) == ([], 0, 0)
+    assert len(again.present) == 3
+    disk.write_bytes(edited(disk.read_bytes(), seed=3, places=(5 * MiB,)))
+    third = backup(str(disk), store, disk_id="d")
+    later = sync(store, copy)
+    assert later.copied == [f"d/{third.image.name}"]
+    assert later.chunks_sent == 1 and later.bytes_sent == third.new_bytes
+
+
+def test_disks_and_last_choose_what_is_copied(source, tmp_path):
+    store, _ = source
+    chosen = imaging("sync", store, tmp_path / "copy", "--disk", "d", "--last", "1", "--json")
+    result = json.loads(chosen.stdout)
+    newest = Datastore.open(store).image_dirs("d")[-1]
+    assert result["copied"] == [f"d/{newest.name}"]
+    assert published(tmp_path / "copy") == [f"d/{newest.name}"]
+    # The newest image's deltas need their bases, which only the older image names.
+    imaging("restore", tmp_path / "copy" / "images" / "d" / newest.name,
+            tmp_path / "restored.img")
+    missing = imaging("sync", store, tmp_path / "copy", "--disk", "nope", check=False)
+    assert one_error_line(missing) == f"imaging: error: {store.resolve()} holds no image of disk nope"
+
+
+def test_a_corrupt_source_chunk_is_not_copied_and_no_image_appears(source, tmp_path):
+    store, _ = source
+    image = Datastore.open(store).image_dirs("e")[0]
+    digest = Image.open(image).index()[1]
+    chunk = Datastore.open(store).chunk_path(digest)
+    frame = bytearray(chunk.read_bytes())
+    frame[len(frame) // 2] ^= 0xFF
+    chunk.write_bytes(frame)
+    result = imaging("sync", store, tmp_path / "copy", "--disk", "e", check=False)
+    error = one_error_line(result)
+    assert error.startswith(f"imaging: error: chunk {digest}")
+    assert published(tmp_path / "copy") == []
+    assert not Datastore.open(tmp_path / "copy").chunk_path(digest).exists()
+
+
+def test_a_destination_of_another_chunk_size_is_refused(source, tmp_path):
+    store, _ = source
+    Datastore.open_or_create(tmp_path / "copy", chunk_size=1 * MiB)
+    result = imaging("sync", store, tmp_path / "copy", check=False)
+    assert one_error_line(result) == (
+        f"imaging: error: {(tmp_path / 'copy').resolve()} stores chunks of {MiB} bytes, "
+        f"{store.resolve()} of {CHUNK}: a copy needs the same chunk size")
+
+
+def test_a_sync_killed_midway_lists_no_half_image_and_its_rerun_resends_little(tmp_path):
+    disk = tmp_path / "big.img"
+    with open(disk, "wb") as handle:  # incompressible: each chunk takes time to check
+        for seed in range(48):
+            handle.write(os.urandom(CHUNK))
+    store = tmp_path / "store"
+    backup(str(disk), store, disk_id="big")
+    copy = tmp_path / "copy"
+    run = subprocess.Popen([sys.executable, "-m", "imaging", "sync", str(store), str(copy),
+                            "--json-progress"], cwd=REPO, stderr=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in run.stderr:  # JSON progress lines: kill once a third of the chunks are there
+            event = json.loads(line)
+            if event.get("phase") == "sync" and event["done"] >= event["total"] // 3 > 0:
+                os.kill(run.pid, signal.SIGKILL)
+                break
+    finally:
+        run.kill()
+        run.wait()
+    sent_before = {p.name for p in (copy / "chunks").rglob("*.zst")}
+    assert 0 < len(sent_before) < 48
+    assert published(copy) == []
+    rerun = sync(store, copy)
+    assert rerun.chunks_present >= len(sent_before) - 1
+    assert rerun.chunks_sent + rerun.chunks_present == 48
+    assert published(copy) == published(store)
+    image = Datastore.open(copy).image_dirs("big")[0]
+    imaging("restore", image, tmp_path / "restored.img")
+    assert sha256_of(tmp_path / "restored.img") == sha256_of(disk)
