@@ -8,9 +8,10 @@ PY := $(VENV)/bin/python
 # util-linux/fdisk: sfdisk, lsblk, losetup, mount; e2fsprogs and partclone: used
 # mode's block maps; zstd: RESTORE.txt; gzip, xz, 7-Zip: importing classic backups;
 # fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g: files, extract and verify --fsck;
-# openssl: deriving a key's subkeys in a shell, as an encrypted image's RESTORE.txt does.
+# openssl: deriving a key's subkeys in a shell, as an encrypted image's RESTORE.txt does;
+# rclone: sync to remote datastores.
 RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full \
-	fuse3 mtools dosfstools ntfs-3g openssl
+	fuse3 mtools dosfstools ntfs-3g openssl rclone
 # The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
 # tests; docker-compose: checking docker-compose.yml; zbar-tools: reading a paper key's QR

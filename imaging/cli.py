@@ -266,7 +266,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     result = sync(args.source, args.destination, disks=args.disk, last=args.last,
-                  progress=_progress(args, "sync"))
+                  bwlimit=args.bwlimit, progress=_progress(args, "sync"))
     if args.json:
         print(json.dumps(result.as_dict()))
         return 0
@@ -510,10 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("sync", cmd_sync, "copy the images a second datastore lacks, and only the "
               "chunks it lacks; an image appears there once all it needs is there")
     sub.add_argument("source", help="datastore to copy from")
-    sub.add_argument("destination", help="datastore to copy to (created if absent)")
+    sub.add_argument("destination", help="datastore to copy to (created if absent): a folder, "
+                     "or rclone: and a remote path rclone takes (rclone:nas:backups/store)")
     sub.add_argument("--disk", action="append", metavar="ID",
                      help="only this disk's images (repeat for more)")
     sub.add_argument("--last", type=int, metavar="N", help="only the newest N images of each disk")
+    sub.add_argument("--bwlimit", metavar="RATE",
+                     help="at most this rate to an rclone: remote, as rclone takes it (10M)")
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 

@@ -9,29 +9,40 @@ manifest last, and the folder is renamed into place, as a backup publishes an im
 killed at any point and run again sends again at most the chunks that were in flight and
 never lists half an image. The destination keeps its own retention: the source's prune and
 gc never reach it.
+
+The destination is a datastore's folder, or `rclone:` and any remote path rclone takes (a
+configured `name:path`, or a connection string such as `:webdav,url='http://h:8080':store`):
+Debian's rclone moves the files, which the engine has checked before. There an image's
+files go up with its manifest last, and an image without its manifest is not there yet.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Protocol
 
+from .base import tools
 from .base.errors import Cancelled, ImageError, StoreError, translated
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore import codec
 from .datastore.chunks import base_bytes, bases_named_by_files
 from .datastore.image import Image
 from .datastore.manifest import NAME as MANIFEST_NAME
-from .datastore.store import Datastore, fsync_dir, write_atomically
+from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, FORMAT, Datastore, fsync_dir,
+                              write_atomically)
 from .datastore.verification import RECORD_NAME
 
 # The source is only read; at the destination a sync writes chunks no image names yet.
 READING = "sync-out"
 WRITING = "sync-in"
+REMOTE_PREFIX = "rclone:"
+RCLONE_PACKAGE = "rclone"
 
 
 @dataclasses.dataclass
@@ -51,28 +62,25 @@ class SyncResult:
 
 def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
          disks: Optional[Iterable[str]] = None, last: Optional[int] = None,
-         progress: Optional[Progress] = None) -> SyncResult:
+         bwlimit: Optional[str] = None, progress: Optional[Progress] = None) -> SyncResult:
     """Copy the images of `source` (of `disks`, the `last` N of each) that `destination`
     lacks; the destination is created, with the source's chunk size, if absent."""
     started = time.monotonic()
     progress = progress or Progress("sync", 0)
     src = Datastore.open(source)
-    if Path(destination).resolve() == src.root.resolve():
-        raise StoreError(f"{destination} is the source datastore itself")
-    dst = Datastore.open_or_create(destination, chunk_size=src.chunk_size)
-    if dst.chunk_size != src.chunk_size:
-        raise StoreError(f"{dst.root} stores chunks of {dst.chunk_size} bytes, {src.root} of "
-                         f"{src.chunk_size}: a copy needs the same chunk size")
-    if dst.format < src.format:
-        raise StoreError(f"{dst.root} is a datastore of format {dst.format}, older than the "
-                         f"source's {src.format}: it cannot hold its delta chunks")
+    target = str(destination)
+    if target.startswith(REMOTE_PREFIX):
+        copy: Destination = Remote(target[len(REMOTE_PREFIX):], src, bwlimit, progress)
+    else:
+        if bwlimit is not None:
+            raise StoreError("--bwlimit limits a copy to an rclone: remote only")
+        copy = Local(Path(target), src)
     wanted = _images(src, disks, last)
-    result = SyncResult(str(src.root), str(dst.root), [], [], 0, 0, 0, 0.0)
+    result = SyncResult(str(src.root), copy.name, [], [], 0, 0, 0, 0.0)
     names = [f"{path.parent.name}/{path.name}" for path in wanted]
-    with src.register(READING, f"sync to {dst.root}", images=names, progress=progress), \
-            dst.register(WRITING, f"sync from {src.root}", progress=progress):
-        missing = [path for path in wanted if not (dst.images_dir / path.parent.name /
-                                                   path.name).is_dir()]
+    with src.register(READING, f"sync to {copy.name}", images=names, progress=progress), \
+            copy.registered(f"sync from {src.root}", progress):
+        missing = [path for path, name in zip(wanted, names) if not copy.holds_image(name)]
         result.present = [name for path, name in zip(wanted, names) if path not in missing]
         images = [Image.open(path, src) for path in missing]
         lengths = {entry.digest: image.chunk_length(position)
@@ -80,22 +88,228 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
         bases = bases_named_by_files(src, lengths)
         order = sorted(bases) + sorted(set(lengths) - bases)
         progress.start_phase("sync", len(order), UNIT_CHUNKS)
+        sending = []
         for digest in order:
             if progress.cancelled():
                 raise Cancelled()
-            sent = _copy_chunk(src, dst, digest, lengths.get(digest))
-            if sent is None:
+            frame = None if copy.holds_chunk(digest) else \
+                _checked_frame(src, digest, lengths.get(digest))
+            if frame is None:
                 result.chunks_present += 1
             else:
-                result.chunks_sent += 1
-                result.bytes_sent += sent
+                sending.append(digest)
+                copy.send_chunk(digest, frame)
+                result.bytes_sent += len(frame)
             progress.advance(1)
+        copy.flush_chunks(sending)
+        result.chunks_sent = len(sending)
         for image in images:
-            _copy_image_files(image, dst)
+            copy.send_image(image)
             result.copied.append(f"{image.disk_id}/{image.stamp}")
     progress.finish()
     result.seconds = time.monotonic() - started
     return result
+
+
+class Destination(Protocol):
+    name: str
+
+    def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager: ...
+
+    def holds_image(self, name: str) -> bool: ...
+
+    def holds_chunk(self, digest: str) -> bool:
+        """Whether a whole copy of the chunk is there (then it counts as in use)."""
+
+    def send_chunk(self, digest: str, frame: bytes) -> None:
+        """Send (or queue) a chunk whose frame was checked."""
+
+    def flush_chunks(self, digests: list[str]) -> None:
+        """The chunks queued, sent."""
+
+    def send_image(self, image: Image) -> None: ...
+
+
+def _checked_frame(src: Datastore, digest: str, length: Optional[int]) -> Optional[bytes]:
+    """The chunk's stored frame, checked (decoded, its content matching its name) before it
+    goes; None for an all-zero chunk the source does not hold (read as zeros anyway)."""
+    try:
+        frame = src.read_frame(digest)
+    except ImageError:
+        if length is not None and digest == codec.zero_digest(length):
+            return None
+        raise
+    base = codec.delta_base(frame)
+    data = codec.decompress(frame, digest, None if base is None else
+                            base_bytes(src, base, digest, checked=False))
+    if codec.digest(data) != digest:
+        raise ImageError(f"chunk {digest} in {src.root} is corrupt (content does not match its "
+                         "name): not copied; verify the source")
+    return frame
+
+
+def _image_files(image: Image) -> list[str]:
+    """The files of an image a copy takes, its manifest last; its verify record stays
+    behind: the copy is verified where it lies."""
+    names = sorted(entry.name for entry in image.path.iterdir()
+                   if entry.is_file() and entry.name not in (RECORD_NAME, MANIFEST_NAME))
+    return [*names, MANIFEST_NAME]
+
+
+class Local:
+    """A datastore folder on this host: chunks written one by one, each atomically; an image's
+    folder renamed into place once complete (a leftover of a killed sync is replaced)."""
+
+    def __init__(self, root: Path, src: Datastore) -> None:
+        if root.resolve() == src.root.resolve():
+            raise StoreError(f"{root} is the source datastore itself")
+        self.store = Datastore.open_or_create(root, chunk_size=src.chunk_size)
+        _check_compatible(str(self.store.root), self.store.chunk_size, self.store.format, src)
+        self.src = src
+        self.name = str(self.store.root)
+
+    def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
+        return self.store.register(WRITING, what, progress=progress)
+
+    def holds_image(self, name: str) -> bool:
+        return (self.store.images_dir / name).is_dir()
+
+    def holds_chunk(self, digest: str) -> bool:
+        return self.store.touch_chunk(digest)
+
+    def send_chunk(self, digest: str, frame: bytes) -> None:
+        self.store.write_chunk(digest, frame)
+
+    def flush_chunks(self, digests: list[str]) -> None:
+        pass
+
+    def send_image(self, image: Image) -> None:
+        folder = self.store.images_dir / image.disk_id
+        final, tmp = folder / image.stamp, folder / f".{image.stamp}.sync"
+        with translated(StoreError, f"cannot write image {image.disk_id}/{image.stamp} in "
+                                    f"{self.store.root}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            for name in _image_files(image):
+                write_atomically(tmp / name, (image.path / name).read_bytes())
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+            fsync_dir(folder)
+
+
+class Remote:
+    """A datastore wherever rclone reaches: what is there is listed once (names and sizes),
+    the chunks it lacks go up in one rclone run, an image's files with its manifest last."""
+
+    def __init__(self, remote: str, src: Datastore, bwlimit: Optional[str],
+                 progress: Progress) -> None:
+        if not remote:
+            raise StoreError("name the remote after rclone: (rclone:NAME:PATH)")
+        self.remote, self.src, self.progress = remote, src, progress
+        self.name = REMOTE_PREFIX + remote
+        self.options = ["--bwlimit", bwlimit] if bwlimit else []
+        config = self._settings()
+        _check_compatible(self.name, config["chunk_size"], config["format"], src)
+        self.chunks = self._listing("chunks")
+        # An image is there once its manifest is, whole.
+        self.manifests = {name.rsplit("/", 1)[0]: size
+                          for name, size in self._listing("images").items()
+                          if name.endswith("/" + MANIFEST_NAME)}
+
+    def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def holds_image(self, name: str) -> bool:
+        there = self.manifests.get(name)
+        return there is not None and \
+            there == (self.src.images_dir / name / MANIFEST_NAME).stat().st_size
+
+    def holds_chunk(self, digest: str) -> bool:
+        relative = f"{digest[:2]}/{digest}{CHUNK_SUFFIX}"
+        there = self.chunks.get(relative)
+        return there is not None and there == self.src.chunk_path(digest).stat().st_size
+
+    def send_chunk(self, digest: str, frame: bytes) -> None:
+        pass  # sent with the others by flush_chunks: one rclone run
+
+    def flush_chunks(self, digests: list[str]) -> None:
+        if not digests:
+            return
+        with self._file_list(f"{d[:2]}/{d}{CHUNK_SUFFIX}" for d in digests) as listing:
+            self._rclone("copy", str(self.src.chunks_dir), self._path("chunks"),
+                         "--files-from", listing, "--no-traverse",
+                         failure=f"cannot send {len(digests)} chunks to {self.name}")
+
+    def send_image(self, image: Image) -> None:
+        there = self._path(f"images/{image.disk_id}/{image.stamp}")
+        *files, manifest = _image_files(image)
+        with self._file_list(files) as listing:
+            self._rclone("copy", str(image.path), there, "--files-from", listing,
+                         "--no-traverse", failure=f"cannot send image {image.disk_id}/"
+                                                  f"{image.stamp} to {self.name}")
+        self._rclone("copyto", str(image.path / manifest), f"{there}/{manifest}",
+                     failure=f"cannot send the manifest of {image.disk_id}/{image.stamp}")
+
+    def _settings(self) -> dict:
+        # The first contact: a remote nobody answers for fails at once, not after rclone's
+        # retries (transfers keep them).
+        found = self._rclone("lsf", self.remote, "--files-only", "--include", CONFIG_NAME,
+                             "--retries", "1", "--low-level-retries", "1")
+        if found.returncode == 0 and CONFIG_NAME in found.stdout.split():
+            text = self._rclone("cat", self._path(CONFIG_NAME),
+                                failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
+            try:
+                config = json.loads(text)
+                int(config["chunk_size"]), int(config["format"])
+                return config
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(f"{self.name}: unreadable {CONFIG_NAME}") from None
+        config = {"format": FORMAT, "chunk_size": self.src.chunk_size}
+        self._rclone("rcat", self._path(CONFIG_NAME), "--retries", "1", "--low-level-retries",
+                     "1", input=json.dumps(config).encode() + b"\n",
+                     failure=f"cannot create a datastore at {self.name}")
+        return config
+
+    def _listing(self, folder: str) -> dict[str, int]:
+        """Each file under `folder` there, by its path below it, with its size."""
+        done = self._rclone("lsf", self._path(folder), "-R", "--files-only", "--format", "ps",
+                            "--separator", "\t")
+        if done.returncode != 0:
+            return {}  # not there yet: nothing under it
+        sizes = {}
+        for line in done.stdout.splitlines():
+            path, _, size = line.rpartition("\t")
+            if path and size.isdigit() and not path.startswith(".") and "/." not in path:
+                sizes[path] = int(size)
+        return sizes
+
+    def _path(self, relative: str) -> str:
+        return f"{self.remote}{relative}" if self.remote.endswith(":") else \
+            f"{self.remote.rstrip('/')}/{relative}"
+
+    @contextlib.contextmanager
+    def _file_list(self, names: Iterable[str]) -> Iterator[str]:
+        with tempfile.NamedTemporaryFile("w", prefix="imaging-sync-", suffix=".txt") as listing:
+            listing.write("".join(f"{name}\n" for name in names))
+            listing.flush()
+            yield listing.name
+
+    def _rclone(self, command: str, *arguments: str, failure: Optional[str] = None,
+                input: Optional[bytes] = None):
+        return tools.run("rclone", RCLONE_PACKAGE, [command, *arguments, *self.options],
+                         kind=StoreError, failure=failure, input=input, text=input is None,
+                         cancelled=self.progress.cancelled)
+
+
+def _check_compatible(name: str, chunk_size: int, store_format: int, src: Datastore) -> None:
+    if chunk_size != src.chunk_size:
+        raise StoreError(f"{name} stores chunks of {chunk_size} bytes, {src.root} of "
+                         f"{src.chunk_size}: a copy needs the same chunk size")
+    if store_format < src.format:
+        raise StoreError(f"{name} is a datastore of format {store_format}, older than the "
+                         f"source's {src.format}: it cannot hold its delta chunks")
 
 
 def _images(store: Datastore, disks: Optional[Iterable[str]], last: Optional[int]) -> list[Path]:
@@ -108,46 +322,3 @@ def _images(store: Datastore, disks: Optional[Iterable[str]], last: Optional[int
             raise StoreError(f"{store.root} holds no image of disk {disk}")
         chosen += found[-last:] if last else found
     return sorted(chosen, key=lambda path: path.name)  # oldest first: bases go before deltas
-
-
-def _copy_chunk(src: Datastore, dst: Datastore, digest: str,
-                length: Optional[int]) -> Optional[int]:
-    """Send chunk `digest` unless the destination has it (then it is marked in use, and None
-    returned); returns the bytes sent. The frame is checked before it is written."""
-    if dst.touch_chunk(digest):
-        return None
-    try:
-        frame = src.read_frame(digest)
-    except ImageError:
-        if length is not None and digest == codec.zero_digest(length):
-            return None  # all zeros: read as zeros whether stored or not
-        raise
-    base = codec.delta_base(frame)
-    data = codec.decompress(frame, digest, None if base is None else
-                            base_bytes(src, base, digest, checked=False))
-    if codec.digest(data) != digest:
-        raise ImageError(f"chunk {digest} in {src.root} is corrupt (content does not match its "
-                         "name): not copied; verify the source")
-    dst.write_chunk(digest, frame)
-    return len(frame)
-
-
-def _copy_image_files(image: Image, dst: Datastore) -> None:
-    """The image's files at the destination, under the same disk id and stamp, the folder
-    renamed into place once complete (a leftover of a killed sync is replaced). Its verify
-    record stays behind: the copy is verified where it lies."""
-    folder = dst.images_dir / image.disk_id
-    final, tmp = folder / image.stamp, folder / f".{image.stamp}.sync"
-    with translated(StoreError, f"cannot write image {image.disk_id}/{image.stamp} in "
-                                f"{dst.root}"):
-        folder.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        names = sorted(entry.name for entry in image.path.iterdir()
-                       if entry.is_file() and entry.name != RECORD_NAME)
-        for name in [name for name in names if name != MANIFEST_NAME] + [MANIFEST_NAME]:
-            write_atomically(tmp / name, (image.path / name).read_bytes())
-        fsync_dir(tmp)
-        os.rename(tmp, final)
-        fsync_dir(folder)

@@ -2,11 +2,14 @@
 copy restores byte for byte; a killed sync leaves no half image and resends little."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,65 @@ def test_a_sync_killed_midway_lists_no_half_image_and_its_rerun_resends_little(t
     image = Datastore.open(copy).image_dirs("big")[0]
     imaging("restore", image, tmp_path / "restored.img")
     assert sha256_of(tmp_path / "restored.img") == sha256_of(disk)
+
+
+@pytest.fixture
+def webdav(tmp_path):
+    """A WebDAV server on loopback (rclone's own), serving an empty folder."""
+    served = tmp_path / "served"
+    served.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # No directory cache: the tests change files behind the server's back.
+    server = subprocess.Popen(["rclone", "serve", "webdav", str(served), "--addr",
+                               f"127.0.0.1:{port}", "--dir-cache-time", "0s"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert time.monotonic() < deadline and server.poll() is None, "no WebDAV server"
+            time.sleep(0.1)
+        yield served, f"rclone::webdav,url='http://127.0.0.1:{port}':store"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_copy_to_a_webdav_remote_restores_byte_identical_and_resends_only_damage(
+        source, webdav, tmp_path):
+    store, disk = source
+    served, remote = webdav
+    first = imaging("sync", store, remote, "--bwlimit", "100M", "--json")
+    result = json.loads(first.stdout)
+    assert len(result["copied"]) == 3 and result["destination"] == remote
+    assert published(served / "store") == published(store)
+    stored = sorted(p.relative_to(store / "chunks") for p in (store / "chunks").rglob("*.zst"))
+    assert sorted(p.relative_to(served / "store" / "chunks")
+                  for p in (served / "store" / "chunks").rglob("*.zst")) == stored
+    newest = Datastore.open(served / "store").image_dirs("d")[-1]
+    imaging("restore", newest, tmp_path / "restored.img")
+    assert sha256_of(tmp_path / "restored.img") == sha256_of(disk)
+
+    again = json.loads(imaging("sync", store, remote, "--json").stdout)
+    assert (again["copied"], again["chunks_sent"]) == ([], 0)
+    # A chunk cut short at the remote (an upload killed midway) is sent again, whole.
+    damaged = Datastore.open(served / "store").chunk_path(Image.open(newest).index()[0])
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:100])
+    manifest = newest / "manifest.json"
+    manifest.unlink()  # an image whose manifest never arrived is not there yet
+    repaired = json.loads(imaging("sync", store, remote, "--json").stdout)
+    assert repaired["chunks_sent"] == 1 and repaired["copied"] == [f"d/{newest.name}"]
+    assert damaged.read_bytes() == whole and manifest.exists()
+
+
+def test_a_remote_no_server_answers_is_one_line(source, tmp_path):
+    store, _ = source
+    result = imaging("sync", store, "rclone::webdav,url='http://127.0.0.1:9':store",
+                     "--disk", "e", check=False)
+    error = one_error_line(result)
+    assert error.startswith("imaging: error: cannot create a datastore at "
+                            "rclone::webdav,url='http://127.0.0.1:9':store: ")
