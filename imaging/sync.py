@@ -161,8 +161,9 @@ class Local:
     folder renamed into place once complete (a leftover of a killed sync is replaced)."""
 
     def __init__(self, root: Path, src: Datastore) -> None:
-        if root.resolve() == src.root.resolve():
-            raise StoreError(f"{root} is the source datastore itself")
+        here, there = root.resolve(), src.root.resolve()
+        if here == there or there in here.parents or here in there.parents:
+            raise StoreError(f"{root} is the source datastore, or lies inside it or around it")
         self.store = Datastore.open_or_create(root, chunk_size=src.chunk_size)
         _check_compatible(str(self.store.root), self.store.chunk_size, self.store.format, src)
         self.src = src

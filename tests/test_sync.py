@@ -203,3 +203,14 @@ def test_a_remote_no_server_answers_is_one_line(source, tmp_path):
     error = one_error_line(result)
     assert error.startswith("imaging: error: cannot create a datastore at "
                             "rclone::webdav,url='http://127.0.0.1:9':store: ")
+
+
+@pytest.mark.parametrize("where", [".", "images/copy", ".."])
+def test_a_destination_that_is_or_holds_or_lies_in_the_source_is_refused(source, where):
+    store, _ = source
+    destination = store / where
+    before = sorted(p.relative_to(store.parent) for p in store.parent.rglob("*"))
+    result = imaging("sync", store, destination, check=False)
+    assert one_error_line(result) == (f"imaging: error: {destination} is the source datastore, "
+                                      "or lies inside it or around it")
+    assert sorted(p.relative_to(store.parent) for p in store.parent.rglob("*")) == before
