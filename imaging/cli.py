@@ -366,7 +366,12 @@ def cmd_key_import(args: argparse.Namespace) -> int:
 
 def cmd_key_change_passphrase(args: argparse.Namespace) -> int:
     old = _passphrase(args.file)
-    key = keys.change_passphrase(args.file, old, _new_passphrase(NEW_PASSPHRASE_VARIABLE))
+    new = None if args.no_passphrase else _new_passphrase(NEW_PASSPHRASE_VARIABLE)
+    if new is None and not args.no_passphrase:
+        # Never a key left unprotected by a missing variable or a silent terminal.
+        raise BadKey(f"no new passphrase ({NEW_PASSPHRASE_VARIABLE}, or typed): nothing "
+                     "changed; --no-passphrase removes the protection")
+    key = keys.change_passphrase(args.file, old, new)
     now = "now protected by the new passphrase" if keys.is_protected(args.file) else \
         "now without a passphrase"
     print(f"key {key.fingerprint} in {args.file}: {now}")
@@ -537,9 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="as a page to print and keep: instructions, a QR code, the line")
     add_key("import", cmd_key_import, f"make a key file of a key's line of text (from "
             f"{KEY_VARIABLE}, or the first line of standard input), as `key show` prints it")
-    add_key("change-passphrase", cmd_key_change_passphrase,
-            f"protect the key file by a new passphrase ({NEW_PASSPHRASE_VARIABLE}, or typed; "
-            "empty: none)")
+    key_sub = add_key("change-passphrase", cmd_key_change_passphrase,
+                      f"protect the key file by a new passphrase ({NEW_PASSPHRASE_VARIABLE}, "
+                      "or typed)")
+    key_sub.add_argument("--no-passphrase", action="store_true",
+                         help="remove the protection: the key lies in the file as it is")
 
     sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
               "their host (dev-vda, QEMU's serials) to their host's disk id")

@@ -47,7 +47,7 @@ from .base.progress import UNIT_CHUNKS, Progress
 from .datastore.chunks import bases_named_by_files
 from .datastore.codec import DIGEST_RE
 from .datastore.image import Image
-from .datastore.store import BAD_SUFFIX, CHUNK_SUFFIX, Datastore, Job
+from .datastore.store import BAD_SUFFIX, CHUNK_SUFFIX, TEMP_SUFFIX, Datastore, Job
 from .prune import DELETING_SUFFIX
 
 # Clock skew between hosts sharing the store, and coarse file timestamps.
@@ -55,7 +55,6 @@ DEFAULT_SAFETY_MARGIN = 60.0
 # A temporary file this old belongs to nobody, whatever the jobs say.
 DEFAULT_TEMP_GRACE = 3600.0
 ASIDE_SUFFIX = ".sweeping"
-TEMP_SUFFIX = ".tmp"
 
 
 @dataclasses.dataclass

@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -31,11 +33,11 @@ from .base import tools
 from .base.errors import Cancelled, ImageError, StoreError, translated
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore import codec
-from .datastore.chunks import base_bytes, bases_named_by_files
+from .datastore.chunks import base_bytes, bases_named_by_files, stored_base
 from .datastore.image import Image
 from .datastore.manifest import NAME as MANIFEST_NAME
-from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, FORMAT, Datastore, fsync_dir,
-                              write_atomically)
+from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, FORMAT, TEMP_SUFFIX, ChunkBatch,
+                              Datastore, fsync_dir, write_atomically)
 from .datastore.verification import RECORD_NAME
 
 # The source is only read; at the destination a sync writes chunks no image names yet.
@@ -43,6 +45,14 @@ READING = "sync-out"
 WRITING = "sync-in"
 REMOTE_PREFIX = "rclone:"
 RCLONE_PACKAGE = "rclone"
+# rclone's "directory not found" exit status.
+RCLONE_NO_DIRECTORY = 3
+# A local copy makes its chunks durable a batch at a time: a killed sync sends this again.
+LOCAL_BATCH_BYTES = 64 * 1024 * 1024
+# What a connection string may hold that nobody else should read: shown as ***.
+SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|password|key|token|secret|user)[\w-]*=)"
+                           r"('[^']*'|\"[^\"]*\"|[^,:]*)", re.IGNORECASE)
+URL_USER = re.compile(r"(://)[^/@'\"]*@")
 
 
 @dataclasses.dataclass
@@ -88,20 +98,37 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
         bases = bases_named_by_files(src, lengths)
         order = sorted(bases) + sorted(set(lengths) - bases)
         progress.start_phase("sync", len(order), UNIT_CHUNKS)
-        sending = []
-        for digest in order:
-            if progress.cancelled():
-                raise Cancelled()
-            frame = None if copy.holds_chunk(digest) else \
-                _checked_frame(src, digest, lengths.get(digest))
+        sending: list[str] = []
+        handled: set[str] = set()
+
+        def send(digest: str) -> None:
+            if digest in handled:
+                return
+            handled.add(digest)
+            if copy.holds_chunk(digest):
+                result.chunks_present += 1
+                return
+            frame = _checked_frame(src, digest, lengths.get(digest))
             if frame is None:
                 result.chunks_present += 1
-            else:
-                sending.append(digest)
-                copy.send_chunk(digest, frame)
-                result.bytes_sent += len(frame)
-            progress.advance(1)
-        copy.flush_chunks(sending)
+                return
+            base = codec.delta_base(frame)
+            if base is not None:
+                send(base)  # the base its file names now, which a later backup may have changed
+            sending.append(digest)
+            copy.send_chunk(digest, frame)
+            result.bytes_sent += len(frame)
+
+        try:
+            for digest in order:
+                if progress.cancelled():
+                    raise Cancelled()
+                send(digest)
+                progress.advance(1)
+            copy.flush_chunks(sending)
+        except BaseException:
+            copy.discard_chunks()
+            raise
         result.chunks_sent = len(sending)
         for image in images:
             copy.send_image(image)
@@ -125,7 +152,10 @@ class Destination(Protocol):
         """Send (or queue) a chunk whose frame was checked."""
 
     def flush_chunks(self, digests: list[str]) -> None:
-        """The chunks queued, sent."""
+        """The chunks queued, sent; an error if one did not arrive whole."""
+
+    def discard_chunks(self) -> None:
+        """The chunks queued and not sent, forgotten (the sync failed)."""
 
     def send_image(self, image: Image) -> None: ...
 
@@ -168,6 +198,8 @@ class Local:
         _check_compatible(str(self.store.root), self.store.chunk_size, self.store.format, src)
         self.src = src
         self.name = str(self.store.root)
+        # Whichever file of a chunk lands first stays: another may already use it as a base.
+        self.batch = ChunkBatch(self.store, flush_bytes=LOCAL_BATCH_BYTES)
 
     def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
         return self.store.register(WRITING, what, progress=progress)
@@ -176,28 +208,43 @@ class Local:
         return (self.store.images_dir / name).is_dir()
 
     def holds_chunk(self, digest: str) -> bool:
-        return self.store.touch_chunk(digest)
+        if not self.store.touch_chunk(digest):
+            return False
+        # Its file here may be a delta against a base of its own, which gc must spare too.
+        base = stored_base(self.store, digest)
+        return base is None or self.store.touch_chunk(base)
 
     def send_chunk(self, digest: str, frame: bytes) -> None:
-        self.store.write_chunk(digest, frame)
+        self.batch.add(digest, frame)
+        if self.batch.due():
+            self.batch.flush()
 
     def flush_chunks(self, digests: list[str]) -> None:
-        pass
+        self.batch.flush()
+
+    def discard_chunks(self) -> None:
+        self.batch.discard()
 
     def send_image(self, image: Image) -> None:
         folder = self.store.images_dir / image.disk_id
-        final, tmp = folder / image.stamp, folder / f".{image.stamp}.sync"
+        final = folder / image.stamp
+        # A folder of this run's own (gc removes one a killed run left behind).
+        tmp = folder / f".{image.stamp}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
         with translated(StoreError, f"cannot write image {image.disk_id}/{image.stamp} in "
                                     f"{self.store.root}"):
             folder.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(tmp)
             tmp.mkdir()
-            for name in _image_files(image):
-                write_atomically(tmp / name, (image.path / name).read_bytes())
-            fsync_dir(tmp)
-            os.rename(tmp, final)
-            fsync_dir(folder)
+            try:
+                for name in _image_files(image):
+                    write_atomically(tmp / name, (image.path / name).read_bytes())
+                fsync_dir(tmp)
+                if final.exists():  # another sync published it meanwhile
+                    return
+                os.rename(tmp, final)
+                fsync_dir(folder)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(tmp)
 
 
 class Remote:
@@ -209,7 +256,8 @@ class Remote:
         if not remote:
             raise StoreError("name the remote after rclone: (rclone:NAME:PATH)")
         self.remote, self.src, self.progress = remote, src, progress
-        self.name = REMOTE_PREFIX + remote
+        self.name = shown(REMOTE_PREFIX + remote)
+        self.sizes: dict[str, int] = {}
         self.options = ["--bwlimit", bwlimit] if bwlimit else []
         config = self._settings()
         _check_compatible(self.name, config["chunk_size"], config["format"], src)
@@ -228,20 +276,33 @@ class Remote:
             there == (self.src.images_dir / name / MANIFEST_NAME).stat().st_size
 
     def holds_chunk(self, digest: str) -> bool:
-        relative = f"{digest[:2]}/{digest}{CHUNK_SUFFIX}"
-        there = self.chunks.get(relative)
-        return there is not None and there == self.src.chunk_path(digest).stat().st_size
+        there = self.chunks.get(_relative(digest))
+        try:
+            return there is not None and there == self.src.chunk_path(digest).stat().st_size
+        except FileNotFoundError:
+            return False  # the source lacks it: checking it says why
 
     def send_chunk(self, digest: str, frame: bytes) -> None:
-        pass  # sent with the others by flush_chunks: one rclone run
+        # Sent with the others by flush_chunks, in one rclone run, from the same file.
+        self.sizes[digest] = len(frame)
 
     def flush_chunks(self, digests: list[str]) -> None:
         if not digests:
             return
-        with self._file_list(f"{d[:2]}/{d}{CHUNK_SUFFIX}" for d in digests) as listing:
+        with self._file_list(_relative(digest) for digest in digests) as listing:
             self._rclone("copy", str(self.src.chunks_dir), self._path("chunks"),
                          "--files-from", listing, "--no-traverse",
                          failure=f"cannot send {len(digests)} chunks to {self.name}")
+        # rclone passes over a listed file that is gone: the images go up only once every
+        # chunk is there, whole.
+        arrived = self._listing("chunks")
+        for digest in digests:
+            if arrived.get(_relative(digest)) != self.sizes[digest]:
+                raise StoreError(f"chunk {digest} did not arrive whole at {self.name}: "
+                                 "no image sent; run the sync again")
+
+    def discard_chunks(self) -> None:
+        pass
 
     def send_image(self, image: Image) -> None:
         there = self._path(f"images/{image.disk_id}/{image.stamp}")
@@ -258,6 +319,8 @@ class Remote:
         # retries (transfers keep them).
         found = self._rclone("lsf", self.remote, "--files-only", "--include", CONFIG_NAME,
                              "--retries", "1", "--low-level-retries", "1")
+        if found.returncode not in (0, RCLONE_NO_DIRECTORY):
+            raise StoreError(f"cannot reach {self.name}: {shown(tools.complaint(found))}")
         if found.returncode == 0 and CONFIG_NAME in found.stdout.split():
             text = self._rclone("cat", self._path(CONFIG_NAME),
                                 failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
@@ -268,8 +331,7 @@ class Remote:
             except (ValueError, KeyError, TypeError):
                 raise StoreError(f"{self.name}: unreadable {CONFIG_NAME}") from None
         config = {"format": FORMAT, "chunk_size": self.src.chunk_size}
-        self._rclone("rcat", self._path(CONFIG_NAME), "--retries", "1", "--low-level-retries",
-                     "1", input=json.dumps(config).encode() + b"\n",
+        self._rclone("rcat", self._path(CONFIG_NAME), input=json.dumps(config).encode() + b"\n",
                      failure=f"cannot create a datastore at {self.name}")
         return config
 
@@ -277,8 +339,11 @@ class Remote:
         """Each file under `folder` there, by its path below it, with its size."""
         done = self._rclone("lsf", self._path(folder), "-R", "--files-only", "--format", "ps",
                             "--separator", "\t")
-        if done.returncode != 0:
+        if done.returncode == RCLONE_NO_DIRECTORY:
             return {}  # not there yet: nothing under it
+        if done.returncode != 0:
+            raise StoreError(f"cannot list {folder} at {self.name}: "
+                             f"{shown(tools.complaint(done))}")
         sizes = {}
         for line in done.stdout.splitlines():
             path, _, size = line.rpartition("\t")
@@ -299,9 +364,23 @@ class Remote:
 
     def _rclone(self, command: str, *arguments: str, failure: Optional[str] = None,
                 input: Optional[bytes] = None):
-        return tools.run("rclone", RCLONE_PACKAGE, [command, *arguments, *self.options],
-                         kind=StoreError, failure=failure, input=input, text=input is None,
-                         cancelled=self.progress.cancelled)
+        try:
+            return tools.run("rclone", RCLONE_PACKAGE, [command, *arguments, *self.options],
+                             kind=StoreError, failure=failure, input=input,
+                             text=input is None, cancelled=self.progress.cancelled)
+        except StoreError as exc:  # rclone quotes the remote, secrets and all
+            raise StoreError(shown(str(exc))) from None
+
+
+def _relative(digest: str) -> str:
+    """A chunk's file, below the chunks folder."""
+    return f"{digest[:2]}/{digest}{CHUNK_SUFFIX}"
+
+
+def shown(text: str) -> str:
+    """`text` with what a remote's connection string holds secret (passwords, keys, tokens,
+    users, a URL's user and password) as ***: for messages, results and registrations."""
+    return URL_USER.sub(r"\1***@", SECRET_OPTION.sub(r"\1***", text))
 
 
 def _check_compatible(name: str, chunk_size: int, store_format: int, src: Datastore) -> None:

@@ -85,7 +85,14 @@ def test_changing_the_passphrase_keeps_the_key(tmp_path):
     assert one_error_line(run_key("show", path, passphrase=PASSPHRASE, check=False)).endswith(
         f"wrong passphrase for key file {path}")
     assert last_line(run_key("show", path, passphrase="other").stdout) == line
-    run_key("change-passphrase", path, passphrase="other", new_passphrase="")
+    unchanged = path.read_bytes()
+    refused = run_key("change-passphrase", path, passphrase="other", new_passphrase="",
+                      check=False)
+    assert one_error_line(refused) == (
+        "imaging: error: no new passphrase (IMAGING_NEW_PASSPHRASE, or typed): nothing changed; "
+        "--no-passphrase removes the protection")
+    assert path.read_bytes() == unchanged
+    run_key("change-passphrase", path, "--no-passphrase", passphrase="other")
     assert "key" in json.loads(path.read_text())
     assert last_line(run_key("show", path).stdout) == line
     assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -23,7 +23,7 @@ from ..base.progress import Progress
 from .codec import DIGEST_RE
 from .manifest import NAME as MANIFEST_NAME
 from .manifest import Manifest
-from .store import Datastore, check_disk_id, fsync_dir, write_atomically
+from .store import TEMP_SUFFIX, Datastore, check_disk_id, fsync_dir, write_atomically
 
 STAMP_FORMAT = "%Y-%m-%dT%H-%M-%SZ"
 # The chunk list of an image: one line per chunk of the disk, in order.
@@ -138,7 +138,7 @@ class ImageWriter:
             while True:
                 self.stamp = stamp_of(moment)
                 self.final = self.folder / self.stamp
-                self.tmp = self.folder / f".{self.stamp}.tmp"
+                self.tmp = self.folder / f".{self.stamp}{TEMP_SUFFIX}"
                 if not self.final.exists():
                     try:
                         self.tmp.mkdir()

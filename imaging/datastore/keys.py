@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..base.errors import BadKey, describe
+from .store import fsync_dir
 
 MASTER_SIZE = 32
 FILE_FORMAT = 1
@@ -168,9 +169,13 @@ def _associated(record: dict) -> bytes:
 
 def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     if not (isinstance(n, int) and 2 <= n <= 2 ** 20 and isinstance(r, int) and 1 <= r <= 32
-            and isinstance(p, int) and 1 <= p <= 16 and 128 * n * r <= SCRYPT_MAX_MEMORY):
+            and isinstance(p, int) and 1 <= p <= 4 and 128 * n * r <= SCRYPT_MAX_MEMORY):
         raise ValueError("scrypt cost out of bounds")
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
+    try:
+        secret = passphrase.encode()
+    except UnicodeEncodeError:
+        raise BadKey("the passphrase is not text (UTF-8)") from None
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret)
 
 
 def _read(path: Path) -> dict:
@@ -205,6 +210,7 @@ def _write(path: Path, record: dict, *, replace: bool) -> None:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails if a key file is there: one key is never lost to another
+        fsync_dir(path.parent)  # no data sealed under a key whose file a power cut undoes
     except FileExistsError:
         raise BadKey(f"key file {path} exists: a new key never replaces one") from None
     except OSError as exc:

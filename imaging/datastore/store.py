@@ -32,6 +32,8 @@ FORMAT = 2
 READABLE_FORMATS = (1, 2)
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CHUNK_SUFFIX = ".zst"
+# What a file or folder is called while it is written, after a dot: gc removes old ones.
+TEMP_SUFFIX = ".tmp"
 BAD_SUFFIX = ".bad"
 CONFIG_NAME = "datastore.json"
 # Every running job keeps a token in jobs/ and refreshes its mtime this often.
@@ -72,7 +74,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -473,7 +475,7 @@ class ChunkBatch:
         image may already use as a base is never swapped for a delta.
         """
         path = self.store.chunk_path(digest)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
         with translated(StoreError, f"cannot write chunk {digest[:16]}"):
             try:
                 try:
