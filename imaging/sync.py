@@ -83,7 +83,7 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
         copy: Destination = Remote(target[len(REMOTE_PREFIX):], src, bwlimit, progress)
     else:
         if bwlimit is not None:
-            raise StoreError("--bwlimit limits a copy to an rclone: remote only")
+            raise StoreError("a bandwidth limit applies to a copy to an rclone: remote only")
         copy = Local(Path(target), src)
     wanted = _images(src, disks, last)
     result = SyncResult(str(src.root), copy.name, [], [], 0, 0, 0, 0.0)
@@ -394,7 +394,7 @@ def _check_compatible(name: str, chunk_size: int, store_format: int, src: Datast
 
 def _images(store: Datastore, disks: Optional[Iterable[str]], last: Optional[int]) -> list[Path]:
     if last is not None and last < 1:
-        raise StoreError(f"--last {last}: copy at least one image per disk")
+        raise StoreError(f"the newest {last} images of each disk: ask for one or more")
     chosen = []
     for disk in (list(disks) if disks else store.disk_ids()):
         found = store.image_dirs(disk)

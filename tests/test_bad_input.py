@@ -227,7 +227,7 @@ def test_library_errors_name_no_command_line_flags():
     """Errors reach web users too: only cli.py may speak of --flags."""
     flag = re.compile(r"(?<![\w-])--[a-z]")
     found = []
-    for module in sorted((REPO / "imaging").glob("*.py")):
+    for module in sorted((REPO / "imaging").rglob("*.py")):
         if module.name == "cli.py":
             continue
         for node in ast.walk(ast.parse(module.read_text())):
@@ -235,5 +235,5 @@ def test_library_errors_name_no_command_line_flags():
                 texts = [part.value for part in ast.walk(node.exc)
                          if isinstance(part, ast.Constant) and isinstance(part.value, str)]
                 if any(flag.search(text) for text in texts):
-                    found.append(f"{module.name}:{node.lineno}")
+                    found.append(f"{module.relative_to(REPO)}:{node.lineno}")
     assert found == []

@@ -7,7 +7,8 @@ sealed image restores with a shell: a sealed file is MAGIC, a random 16-byte IV,
 ciphertext, and the HMAC of the context, a newline, MAGIC, IV and ciphertext. The context
 names what the file is (`chunk NAME`, `index images/DISK/STAMP`...; one line), so a file
 moved to another name fails its check like an edited one. A chunk's name is the HMAC of its raw bytes under
-the `chunk-id` subkey: it tells nothing of the content to whoever holds the store alone.
+the `chunk-id` subkey: whoever holds the store alone cannot match it to known content,
+and sees only which chunks images share.
 """
 from __future__ import annotations
 
