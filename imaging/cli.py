@@ -6,6 +6,7 @@ stderr; a traceback means a bug, never bad input.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import json
 import os
@@ -388,17 +389,25 @@ def _level(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imaging", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (_disk_commands, _store_commands, _key_commands):
+        group(functools.partial(_command, commands))
+    return parser
 
-    def add(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        return sub
 
-    def with_progress(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--json-progress", action="store_true",
-                         help="progress as JSON lines on stderr")
-        sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+def _command(commands, name: str, handler, help_text: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    return sub
 
+
+def with_progress(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json-progress", action="store_true",
+                     help="progress as JSON lines on stderr")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _disk_commands(add) -> None:
+    """This host's disks, and an image's way back to one: back up, restore, verify, read."""
     add("disks", cmd_disks, "inventory of this host's disks, as JSON")
 
     sub = add("layout", cmd_layout, "print the partition table as `sfdisk --dump` does")
@@ -464,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--overwrite", action="store_true", help="replace files that exist")
     with_progress(sub)
 
+
+def _store_commands(add) -> None:
+    """A datastore's images: list, import, export, recompress, prune, gc, sync, rehome."""
     sub = add("list", cmd_list, "images per disk")
     sub.add_argument("--store", required=True)
     sub.add_argument("--disk", help="only this disk's images")
@@ -525,6 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
 
+    sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
+              "their host (dev-vda, QEMU's serials) to their host's disk id")
+    sub.add_argument("--store", required=True)
+
+
+def _key_commands(add) -> None:
     sub = add("key", None, "make and show the key of an encrypted datastore")
     key_commands = sub.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")
 
@@ -547,11 +565,6 @@ def build_parser() -> argparse.ArgumentParser:
                       "or typed)")
     key_sub.add_argument("--no-passphrase", action="store_true",
                          help="remove the protection: the key lies in the file as it is")
-
-    sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
-              "their host (dev-vda, QEMU's serials) to their host's disk id")
-    sub.add_argument("--store", required=True)
-    return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
