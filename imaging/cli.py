@@ -323,8 +323,9 @@ def _new_passphrase(variable: str) -> Optional[str]:
 
 
 def cmd_key_create(args: argparse.Namespace) -> int:
-    key = keys.create(args.file, _new_passphrase(PASSPHRASE_VARIABLE))
-    protected = "protected by a passphrase" if keys.is_protected(args.file) else \
+    passphrase = _new_passphrase(PASSPHRASE_VARIABLE)
+    key = keys.create(args.file, passphrase)
+    protected = "protected by a passphrase" if passphrase is not None else \
         "not protected by a passphrase: keep the file where only root reads it"
     print(f"created key {key.fingerprint} in {args.file}, {protected}")
     print("print it with `imaging key show --paper` and keep the paper apart from the disks")
@@ -373,8 +374,7 @@ def cmd_key_change_passphrase(args: argparse.Namespace) -> int:
         raise BadKey(f"no new passphrase ({NEW_PASSPHRASE_VARIABLE}, or typed): nothing "
                      "changed; --no-passphrase removes the protection")
     key = keys.change_passphrase(args.file, old, new)
-    now = "now protected by the new passphrase" if keys.is_protected(args.file) else \
-        "now without a passphrase"
+    now = "now without a passphrase" if new is None else "now protected by the new passphrase"
     print(f"key {key.fingerprint} in {args.file}: {now}")
     return 0
 

@@ -33,7 +33,7 @@ from .base import tools
 from .base.errors import Cancelled, ImageError, StoreError, translated
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore import codec
-from .datastore.chunks import base_bytes, bases_named_by_files, stored_base
+from .datastore.chunks import bases_named_by_files, decode, stored_base
 from .datastore.image import Image
 from .datastore.manifest import NAME as MANIFEST_NAME
 from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, FORMAT, TEMP_SUFFIX, ChunkBatch,
@@ -169,10 +169,7 @@ def _checked_frame(src: Datastore, digest: str, length: Optional[int]) -> Option
         if length is not None and digest == codec.zero_digest(length):
             return None
         raise
-    base = codec.delta_base(frame)
-    data = codec.decompress(frame, digest, None if base is None else
-                            base_bytes(src, base, digest, checked=False))
-    if codec.digest(data) != digest:
+    if codec.digest(decode(src, digest, frame)) != digest:
         raise ImageError(f"chunk {digest} in {src.root} is corrupt (content does not match its "
                          "name): not copied; verify the source")
     return frame
@@ -187,8 +184,9 @@ def _image_files(image: Image) -> list[str]:
 
 
 class Local:
-    """A datastore folder on this host: chunks written one by one, each atomically; an image's
-    folder renamed into place once complete (a leftover of a killed sync is replaced)."""
+    """A datastore folder on this host: chunks made durable a batch at a time, a file already
+    there kept; an image's files in a folder of this run's own, renamed into place once
+    complete."""
 
     def __init__(self, root: Path, src: Datastore) -> None:
         here, there = root.resolve(), src.root.resolve()
@@ -326,8 +324,7 @@ class Remote:
                                 failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
             try:
                 config = json.loads(text)
-                int(config["chunk_size"]), int(config["format"])
-                return config
+                return {"chunk_size": int(config["chunk_size"]), "format": int(config["format"])}
             except (ValueError, KeyError, TypeError):
                 raise StoreError(f"{self.name}: unreadable {CONFIG_NAME}") from None
         config = {"format": FORMAT, "chunk_size": self.src.chunk_size}

@@ -5,6 +5,7 @@ import ctypes
 import hashlib
 import mmap
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,19 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def text_like(size: int, seed: int) -> bytearray:
+    """Bytes that compress about as well as a filesystem of text and programs, so a small
+    edit makes a small delta."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randrange(3, 9)))
+             for _ in range(800)]
+    data = bytearray()
+    while len(data) < size:
+        data += b" ".join(rng.choices(words, k=4096)) + b"\n"
+    return data[:size]
+
+
 def write_random(path: Path, size: int, seed: int = 1) -> None:
-    import random
     rng = random.Random(seed)
     with open(path, "wb") as handle:
         for _ in range(size // MiB):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from engine import text_like
 
 from imaging.backup import backup
 from imaging.datastore.store import Datastore
@@ -26,19 +27,6 @@ DIGEST = r"[0-9a-f]{64}"
 DELTA_HEADER = bytes.fromhex("5e2a4d1820000000")
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ")
 UTC_TIME = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def text_like(size: int, seed: int) -> bytes:
-    """Bytes that compress like a filesystem of text, so a small edit makes a delta."""
-    import random
-
-    rng = random.Random(seed)
-    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randrange(3, 9)))
-             for _ in range(800)]
-    data = bytearray()
-    while len(data) < size:
-        data += b" ".join(rng.choices(words, k=4096)) + b"\n"
-    return bytes(data[:size])
 
 
 @pytest.fixture

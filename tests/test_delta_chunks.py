@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from engine import MiB, imaging, sha256_of
+from engine import MiB, imaging, sha256_of, text_like
 
 from imaging.backup import backup
 from imaging.datastore import codec
@@ -24,17 +24,6 @@ from imaging.verify import verify
 CHUNK = 4 * MiB
 # Places edited between backups: inside chunks 0, 1 and 3; chunk 2 stays as it was.
 EDITS = (100_000, CHUNK + 7, 3 * CHUNK + 123)
-
-
-def text_like(size: int, seed: int) -> bytearray:
-    """Bytes that compress about as well as a filesystem of text and programs."""
-    rng = random.Random(seed)
-    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randrange(3, 9)))
-             for _ in range(800)]
-    data = bytearray()
-    while len(data) < size:
-        data += b" ".join(rng.choices(words, k=4096)) + b"\n"
-    return data[:size]
 
 
 def edited(data: bytearray, seed: int, places=EDITS, length: int = 3000) -> bytearray:

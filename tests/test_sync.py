@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from engine import REPO, MiB, imaging, one_error_line, sha256_of
-from test_delta_chunks import CHUNK, edited, text_like
+from engine import REPO, MiB, imaging, one_error_line, sha256_of, text_like
+from test_delta_chunks import CHUNK, edited
 
 from imaging.backup import backup
 from imaging.datastore.image import Image
