@@ -15,9 +15,11 @@ RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip 
 # The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
 # tests; docker-compose: checking docker-compose.yml; zbar-tools: reading a paper key's QR
-# code back; borg, restic, time: the benchmark's peers.
+# code back; openssh-server: an SFTP server on loopback for the remote datastore tests; borg,
+# restic, time: the benchmark's peers.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
-	docker-compose curl libfuse3-dev pkg-config gcc gddrescue zbar-tools borgbackup restic time
+	docker-compose curl libfuse3-dev pkg-config gcc gddrescue zbar-tools openssh-server borgbackup \
+	restic time
 
 # What the virtualenv gets: everything for a developer; the Docker image takes requirements.txt.
 REQUIREMENTS ?= requirements-test.txt

@@ -33,6 +33,7 @@ from bench.system import (
     tree_bytes,
 )
 from imaging.base.tools import loop_device
+from imaging.datastore import keys
 from imaging.disks import layout, usedmap
 
 
@@ -237,6 +238,53 @@ def ours_on_changed(bench: Bench) -> None:
         target.unlink(missing_ok=True)
 
 
+# --- ours, encrypted ----------------------------------------------------------
+
+ENCRYPTED_RUNS = {"encrypted.first": "ours, encrypted: first backup",
+                  "encrypted.changed": "ours, encrypted: re-backup after 16 MiB change",
+                  "encrypted.restore": "ours, encrypted: restore --no-verify"}
+
+
+def _key_file(bench: Bench) -> Path:
+    """A key of the round's own, made untimed (no passphrase: scrypt is not the measure)."""
+    path = bench.path("bench.key")
+    if not path.exists():
+        keys.create(path)
+    return path
+
+
+def encrypted_on_original(bench: Bench) -> None:
+    problem = _engine_problem(bench)
+    if problem:
+        for key, label in ENCRYPTED_RUNS.items():
+            bench.fail(key, label, problem)
+        return
+    ours_backup(bench, "encrypted.first", ENCRYPTED_RUNS["encrypted.first"],
+                bench.path("encrypted-store"), "--key", str(_key_file(bench)))
+
+
+def encrypted_on_changed(bench: Bench) -> None:
+    if "encrypted.changed" in bench.runs:
+        return
+    failed = bench.runs["encrypted.first"].error and "first backup failed"
+    changed = None if failed else ours_backup(
+        bench, "encrypted.changed", ENCRYPTED_RUNS["encrypted.changed"],
+        bench.path("encrypted-store"), "--key", str(_key_file(bench)))
+    if failed or changed.error:
+        for key in ("encrypted.changed", "encrypted.restore")[0 if failed else 1:]:
+            bench.fail(key, ENCRYPTED_RUNS[key], failed or "no image to restore")
+        return
+    target = _fresh(bench.path("encrypted-restored.img"))
+    result = bench.measure(
+        "encrypted.restore", ENCRYPTED_RUNS["encrypted.restore"],
+        imaging_command("restore", str(changed.image), str(target), "--no-verify",
+                        "--key", str(_key_file(bench))),
+        inputs=[bench.path("encrypted-store")], cwd=bench.repo_root)
+    if not result.error:
+        result.identical = same_content(target, bench.disk)
+    target.unlink(missing_ok=True)
+
+
 # --- borg -------------------------------------------------------------------
 
 def _borg_env(bench: Bench) -> dict[str, str]:
@@ -432,6 +480,7 @@ class Peer:
 
 PEERS = [
     Peer("ours", [], ours_on_original, ours_on_changed),
+    Peer("encrypted", ["openssl"], encrypted_on_original, encrypted_on_changed),
     Peer("borg", ["borg"], borg_on_original, borg_on_changed),
     Peer("zstd", ["zstd", "dd"], zstd_on_original),
     Peer("gzip", ["dd", "gzip"], gzip_on_original, repeat=False),

@@ -19,6 +19,9 @@ EXPORT_TIME_TARGET = 1.0
 DECOMPRESSION_TARGET = 10.0
 # A partition restore against the whole disk's, in bytes per second.
 PARTITION_RESTORE_TARGET = 0.9
+# An encrypted datastore against a plain one: backup and restore speed, store size.
+ENCRYPTED_SPEED_TARGET = 0.9
+ENCRYPTED_SIZE_TARGET = 1.005
 # Other work worth a quarter of a CPU during a run makes its wall time suspect.
 BUSY_MACHINE_SHARE = 0.25
 
@@ -151,6 +154,16 @@ USED_COMPARISONS = [
     Comparison("New bytes after a 16 MiB change, used mode vs raw mode (ours)", "used.changed",
                "ours.changed", new_bytes, "bytes"),
 ]
+ENCRYPTED_COMPARISONS = [
+    Comparison("Encrypted first backup throughput vs plain", "encrypted.first", "ours.first",
+               throughput, "MiB/s", ENCRYPTED_SPEED_TARGET),
+    Comparison("Encrypted store size vs plain", "encrypted.first", "ours.first", stored, "bytes",
+               ENCRYPTED_SIZE_TARGET, operator.le),
+    Comparison("Encrypted re-backup new bytes vs plain, after the change", "encrypted.changed",
+               "ours.changed", new_bytes, "bytes"),
+    Comparison("Encrypted restore --no-verify throughput vs plain", "encrypted.restore",
+               "ours.restore", throughput, "MiB/s", ENCRYPTED_SPEED_TARGET),
+]
 EXPORT_COMPARISONS = [
     Comparison("Export --level 19 --long size vs gunzip -c | 7za a", "export.ours", "export.7za",
                stored, "bytes", EXPORT_SIZE_TARGET, operator.le),
@@ -199,6 +212,7 @@ def targets_table(results: Results) -> str:
     rows.append(_new_bytes_row(results))
     rows += [comparison.row(results) for comparison in RESTORE_COMPARISONS]
     rows.append(_memory_row(results))
+    rows += [comparison.row(results) for comparison in ENCRYPTED_COMPARISONS]
     rows += [comparison.row(results) for comparison in USED_COMPARISONS + EXPORT_COMPARISONS]
     rows += results.rows
     return _table(["Criterion", "Ours", "Peer", "Ours/peer", "Target", "Result"], rows)

@@ -21,8 +21,8 @@ from .base.errors import ImageError, ImagingError, SourceError, SourceInUse, Sto
 from .base.pipeline import ordered_map
 from .base.progress import Progress
 from .datastore import badmap, codec, recipe
-from .datastore.chunks import base_bytes, stored_base
-from .datastore.image import INDEX_NAME, Image, ImageWriter, IndexEntry
+from .datastore.chunks import base_bytes
+from .datastore.image import Image, ImageWriter, IndexEntry
 from .datastore.manifest import MODES, STATUS_COMPLETE, STATUS_READ_ERRORS, Manifest, utc_text
 from .datastore.store import DEFAULT_CHUNK_SIZE, Datastore, check_disk_id
 from .disks import layout, usedmap
@@ -78,7 +78,7 @@ class _ChunkSink:
 
     def put(self, position: int, buf: bytearray) -> tuple[IndexEntry, int, int]:
         """Return (index entry, stored bytes if first use in this image, new bytes)."""
-        digest = codec.digest(buf)
+        digest = self.store.name(buf)
         with self._lock:
             claim = self._claimed.get(digest)
             first = claim is None
@@ -103,7 +103,7 @@ class _ChunkSink:
         # says what it needs: another backup may have stored it since.
         size = self._kept_size(digest)
         try:
-            base = None if size is None else stored_base(self.store, digest)
+            base = None if size is None else self.store.stored_base(digest)
         except ImageError:
             size = base = None  # gone since the touch: stored again below
         if size is not None and base is None:
@@ -114,17 +114,21 @@ class _ChunkSink:
             if base_size is not None:
                 return (IndexEntry(digest, base),
                         self._count(digest, size) + self._count(base, base_size), 0)
-        entry, frame, base_size = self._encode(position, digest, buf)
-        # A delta is nobody's base, so storing it again (whole, or against a base
-        # that is there) may replace it; any other chunk file, once there, stays.
-        self.batch.add(digest, frame, replace=stored_delta)
-        stored = self._count(digest, len(frame)) + (self._count(entry.base, base_size)
-                                                    if entry.base else 0)
-        return entry, stored, len(frame)
+        # A delta is nobody's base, so storing it again may replace it; any other
+        # chunk file, once there, stays. In an encrypted store it is stored again
+        # whole: the images that name it list its old base among their references
+        # (what gc reads there without the key), never a new one.
+        entry, frame, base_size = self._encode(
+            position, digest, buf, whole=stored_delta and self.store.encrypted)
+        size = self.batch.add(digest, frame, replace=stored_delta)
+        stored = self._count(digest, size) + (self._count(entry.base, base_size)
+                                              if entry.base else 0)
+        return entry, stored, size
 
-    def _encode(self, position: int, digest: str, buf: bytearray) -> tuple[IndexEntry, bytes, int]:
+    def _encode(self, position: int, digest: str, buf: bytearray, *,
+                whole: bool) -> tuple[IndexEntry, bytes, int]:
         """The entry and frame of a chunk to store, and its base's stored size (0 if none)."""
-        base = self._base_for(position, digest, len(buf))
+        base = None if whole else self._base_for(position, digest, len(buf))
         # A chunk set aside as corrupt may be some delta's base: stored again whole.
         base_size = self._kept_size(base) if base and not self.store.quarantined(digest) else None
         if base_size is not None:
@@ -149,11 +153,12 @@ class _ChunkSink:
 
     def _base_for(self, position: int, digest: str, length: int) -> Optional[str]:
         """The base for a changed chunk: none for zeros, which `zstd -dc` alone must restore."""
-        if position >= len(self._previous) or digest == codec.zero_digest(length):
+        zeros = self.store.zero_name(length)
+        if position >= len(self._previous) or digest == zeros:
             return None
         before = self._previous[position]
         base = before.base or before.digest
-        return None if base == codec.zero_digest(length) else base
+        return None if base == zeros else base
 
     def _stored_size(self, digest: str) -> Optional[int]:
         try:
@@ -176,10 +181,14 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
            level: int = codec.DEFAULT_LEVEL, mode: str = "raw", read_plan: Optional[ReadPlan] = None,
            progress: Optional[Progress] = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
            workers: Optional[int] = None, force: bool = False,
-           deltas: bool = True, expected_id: Optional[str] = None) -> BackupResult:
+           deltas: bool = True, expected_id: Optional[str] = None,
+           encrypt_with: Optional[str] = None) -> BackupResult:
     """Image a disk into the datastore.
 
     `disk_id` files the image under that disk (default: the disk's own id).
+    `encrypt_with`: the fingerprint of the key (held by the keyring) the datastore is
+    encrypted with; a new one is created so, one of another key or none is refused.
+
     `expected_id`: the disk the caller believes is at `source_path`; another
     one found there (a disk plugged in where one was unplugged) is refused
     before anything is read or written.
@@ -203,7 +212,7 @@ def backup(source_path: str, store_dir: os.PathLike | str, *, disk_id: Optional[
         raise SourceError(f"{source_path} is disk {identity['id']} now, not the expected "
                           f"{expected_id}: nothing was read")
     disk_id = check_disk_id(disk_id or identity["id"])
-    store = Datastore.open_or_create(store_dir, chunk_size)
+    store = Datastore.open_or_create(store_dir, chunk_size, encrypt_with)
     with Source.open(source_path) as source:
         progress = progress or Progress("backup", source.size)
         progress.start_phase("backup", source.size)
@@ -262,7 +271,7 @@ def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size
     """
     store = writer.store
     notes = notes or {}
-    index_text = "".join(entry.line() for entry in index)
+    index_text = writer.write_index(index)
     manifest = Manifest(
         disk=identity, size=size, chunk_size=store.chunk_size, sector_size=sector_size,
         sha256=sha256, created=utc_text(writer.created),
@@ -272,14 +281,11 @@ def publish_image(writer: ImageWriter, *, identity: dict, size: int, sector_size
         status=STATUS_READ_ERRORS if bad else STATUS_COMPLETE, chunks=len(index),
         index_sha256=hashlib.sha256(index_text.encode()).hexdigest(),
         mounted_rw=notes.get("forced_past_mount") is not None, **notes)
-    writer.write(INDEX_NAME, index_text)
     writer.write(layout.MBR_NAME, mbr)
     if table is not None:
         writer.write(layout.LAYOUT_NAME, table)
     writer.write(badmap.NAME, badmap.render(size, bad))
-    writer.write(recipe.NAME, recipe.render(
-        disk_id=writer.disk_id, created=manifest.created, size=size,
-        chunk_size=store.chunk_size, sha256=sha256, image_dir=str(writer.final)))
+    writer.write(recipe.NAME, recipe.render(manifest, writer.final, store.fingerprint))
     image_dir = writer.commit(manifest)
     return BackupResult(image_dir, size, manifest.seconds, manifest.stored_bytes,
                         manifest.new_bytes, manifest.bad_bytes, sha256, manifest.status,

@@ -6,6 +6,8 @@ stderr; a traceback means a bug, never bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import functools
 import getpass
 import json
@@ -13,14 +15,18 @@ import os
 import signal
 import stat
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
 from .backup import MODES, backup
-from .base.errors import BadKey, Cancelled, ImagingError, SourceInUse
+from .base import rclone
+from .base.errors import BadKey, Cancelled, ImagingError, SourceInUse, StoreError
 from .base.progress import Progress
 from .base.tools import parse_size
-from .datastore import codec, keys
+from .datastore import codec, keyring, keys
 from .datastore.catalog import ImageRecord, list_images
+from .datastore.image import protect, unprotect
+from .datastore.keyring import KEY_FILE_VARIABLE, PASSPHRASE_VARIABLE
 from .disks import layout
 from .disks.inventory import inventory
 from .export import export
@@ -34,7 +40,7 @@ from .rehome import rehome
 from .report import JsonLines, TerminalBar, human_bytes
 from .restore import restore
 from .sync import sync
-from .verify import verify
+from .verify import MISSING, verify
 
 
 def _progress(args: argparse.Namespace, phase: str) -> Progress:
@@ -68,7 +74,8 @@ def cmd_layout(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     result = backup(args.source, args.store, disk_id=args.disk, level=args.level,
                     mode=args.mode, force=args.force, deltas=not args.no_deltas,
-                    progress=_progress(args, "backup"))
+                    progress=_progress(args, "backup"),
+                    encrypt_with=args.held_key.fingerprint if args.held_key else None)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -99,21 +106,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    result = verify(args.image, fsck=args.fsck, progress=_progress(args, "verify"))
+    # A remote's chunks are read only when asked: that downloads the whole image.
+    read_data = args.read_data or not args.remote
+    result = verify(args.image, fsck=args.fsck, read_data=read_data,
+                    progress=_progress(args, "verify"))
+    name = args.remote or result.image
     for problem in result.problems:
         print(f"chunk {problem.digest}: {problem.reason}"
-              + ("" if problem.reason == "missing" else " (set aside as .bad)"))
+              + ("" if problem.reason == MISSING or args.remote else " (set aside as .bad)"))
     for check in result.filesystems or ():
         print(f"partition {check.number} ({check.type or 'no filesystem'}): {check.result}: "
               f"{printable(check.detail)}")
     if not result.ok:
-        print(f"{result.image}: {len(result.problems)} of {result.chunks} chunks bad",
-              file=sys.stderr)
+        print(f"{name}: {len(result.problems)} of {result.chunks} chunks bad", file=sys.stderr)
         return 1
-    print(f"{result.image}: all {result.chunks} distinct chunks intact")
+    print(f"{name}: all {result.chunks} distinct chunks intact" if read_data else
+          f"{name}: all {result.chunks} distinct chunks there (not read: --read-data "
+          "downloads and checks them)")
     if result.filesystems_clean is False:
         dirty = [str(check.number) for check in result.filesystems if check.result == "dirty"]
-        print(f"{result.image}: filesystem check failed on partition {', '.join(dirty)}",
+        print(f"{name}: filesystem check failed on partition {', '.join(dirty)}",
               file=sys.stderr)
         return 1
     return 0
@@ -183,7 +195,8 @@ def _list_row(record: ImageRecord) -> tuple[str, ...]:
         verified = "no"
     return (record.disk_id, record.stamp, human_bytes(record.size),
             human_bytes(record.stored_bytes), human_bytes(record.new_bytes), record.mode,
-            "yes" if record.mounted_rw else "no", verified, record.status)
+            "yes" if record.mounted_rw else "no", verified,
+            record.status + (", protected" if record.protected else ""))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -197,12 +210,24 @@ def cmd_list(args: argparse.Namespace) -> int:
         for row in rows:
             print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     else:
-        print(f"no images in {args.store}")
+        print(f"no images in {args.remote or args.store}")
     # Listed with the others, and still a failure: something in the datastore is damaged.
     damaged = [record.error for record in records if record.error]
     if damaged:
         raise ImagingError(damaged[0] + (f" (and {len(damaged) - 1} more damaged images)"
                                          if len(damaged) > 1 else ""))
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    protect(Path(args.image).resolve(), args.note or "", dt.datetime.now(dt.timezone.utc))
+    print(f"{args.image}: protected: prune and deletion keep it until `imaging unprotect`")
+    return 0
+
+
+def cmd_unprotect(args: argparse.Namespace) -> int:
+    was = unprotect(Path(args.image).resolve())
+    print(f"{args.image}: {'no longer protected' if was else 'was not protected'}")
     return 0
 
 
@@ -293,7 +318,6 @@ def cmd_rehome(args: argparse.Namespace) -> int:
     return 0
 
 
-PASSPHRASE_VARIABLE = "IMAGING_PASSPHRASE"
 KEY_VARIABLE = "IMAGING_KEY"
 NEW_PASSPHRASE_VARIABLE = "IMAGING_NEW_PASSPHRASE"
 
@@ -400,6 +424,60 @@ def _command(commands, name: str, handler, help_text: str) -> argparse.ArgumentP
     return sub
 
 
+def with_key(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--key", metavar="FILE",
+                     help=f"the key file of an encrypted datastore (default: {KEY_FILE_VARIABLE}"
+                          f"; a passphrase from {PASSPHRASE_VARIABLE} or asked)")
+
+
+def _held_key(args: argparse.Namespace) -> Optional[keys.Key]:
+    """The key the command's --key (or IMAGING_KEY_FILE) names, held for any store of it."""
+    if "key" not in args:
+        return None
+    path = args.key or os.environ.get(KEY_FILE_VARIABLE)
+    return keyring.load(path, _passphrase(path)) if path else None
+
+
+# The commands that read a remote datastore (mounted read-only), by the argument naming it:
+# an image (rclone:REMOTE/images/DISK/STAMP) or a datastore (rclone:REMOTE).
+READS_REMOTE = {"restore": "image", "verify": "image", "export": "image", "files": "image",
+                "extract": "image", "list": "store"}
+
+
+@contextlib.contextmanager
+def _remote_mounted(args: argparse.Namespace) -> Iterator[None]:
+    """Where the command names a datastore or an image on an rclone: remote, that remote
+    mounted read-only while it runs, the argument pointing into the mount; `args.remote` is
+    the name to show (None for a local one)."""
+    args.remote = None
+    named = [value for value in vars(args).values() if rclone.is_remote(value)]
+    if not named or args.command == "sync":
+        yield
+        return
+    attribute = READS_REMOTE.get(args.command)
+    place = getattr(args, attribute, None) if attribute else None
+    if not rclone.is_remote(place):
+        raise StoreError(f"{args.command} takes a datastore folder, not an rclone: remote "
+                         "(on a remote: list, verify, restore, export, files, extract, and sync "
+                         "to it)")
+    remote = rclone.remote_of(place)
+    root, image = (remote, None) if attribute == "store" else _split_image(remote)
+    with rclone.mounted(root) as point:
+        args.remote = rclone.shown(place)
+        setattr(args, attribute, str(point if image is None else point / image))
+        yield
+
+
+def _split_image(remote: str) -> tuple[str, str]:
+    """(the datastore, images/DISK/STAMP) of an image's remote path."""
+    head, found, tail = remote.rpartition("images/")
+    if not found or tail.strip("/").count("/") != 1:
+        raise StoreError(f"{rclone.shown(rclone.PREFIX + remote)}: an image on a remote is "
+                         "rclone:REMOTE/images/DISK/STAMP")
+    root = head if head.endswith(":") else head.rstrip("/")
+    return root, found + tail.strip("/")
+
+
 def with_progress(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json-progress", action="store_true",
                      help="progress as JSON lines on stderr")
@@ -431,6 +509,7 @@ def _disk_commands(add) -> None:
                           "blocks of deleted files included)")
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
+    with_key(sub)
 
     sub = add("restore", cmd_restore, "write an image to a disk or file; onto a larger disk, "
               "a GPT's backup header is moved to the end (a dos label needs nothing)")
@@ -443,18 +522,24 @@ def _disk_commands(add) -> None:
                      help="grow the last partition and its ext2/3/4 filesystem to fill a larger "
                           "target")
     with_progress(sub)
+    with_key(sub)
 
     sub = add("verify", cmd_verify, "re-hash every chunk an image needs")
     sub.add_argument("image")
     sub.add_argument("--fsck", action="store_true",
                      help="also check every partition's filesystem, read-only (e2fsck -fn, "
                           "fsck.vfat -n, ntfsfix -n), and record the result")
+    sub.add_argument("--read-data", action="store_true",
+                     help="of an image on an rclone: remote, download and check every chunk "
+                          "(without it, only see that each is there); always done on a folder")
     with_progress(sub)
+    with_key(sub)
 
     sub = add("mount", cmd_mount, "expose an image read-only through FUSE as DIR/disk and "
               "DIR/p1, DIR/p2, ... until `umount DIR` or Ctrl-C")
     sub.add_argument("image", help="image directory")
     sub.add_argument("dir", help="an existing directory to mount it on")
+    with_key(sub)
 
     sub = add("files", cmd_files, f"list a folder of a partition without mounting it "
               f"(reads {COVERED})")
@@ -462,6 +547,7 @@ def _disk_commands(add) -> None:
     sub.add_argument("partition", type=int, help="partition number")
     sub.add_argument("path", nargs="?", default="/", help="folder or file (default: /)")
     sub.add_argument("--json", action="store_true", help="print the listing as one JSON object")
+    with_key(sub)
 
     sub = add("extract", cmd_extract, "copy files or folders out of a partition without "
               f"mounting it, with their modes and times (reads {COVERED})")
@@ -472,6 +558,7 @@ def _disk_commands(add) -> None:
                      help="where they go (created if absent); nothing is written outside it")
     sub.add_argument("--overwrite", action="store_true", help="replace files that exist")
     with_progress(sub)
+    with_key(sub)
 
 
 def _store_commands(add) -> None:
@@ -480,6 +567,7 @@ def _store_commands(add) -> None:
     sub.add_argument("--store", required=True)
     sub.add_argument("--disk", help="only this disk's images")
     sub.add_argument("--json", action="store_true", help="print a JSON list of image records")
+    with_key(sub)
 
     sub = add("import", cmd_import, "ingest a classic backup: dd | gzip (maybe split), 7z, xz, "
               "zstd or a raw image, with the .sf and .mbr files beside it")
@@ -489,6 +577,7 @@ def _store_commands(add) -> None:
     sub.add_argument("--disk", required=True, help="disk id the image is filed under")
     sub.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL, help="zstd level")
     with_progress(sub)
+    with_key(sub)
 
     sub = add("export", cmd_export, "write an image as one standard zstd stream "
               "(restore: cat OUT.* | zstd -d | dd of=/dev/sdX)")
@@ -500,11 +589,13 @@ def _store_commands(add) -> None:
     sub.add_argument("--split", metavar="SIZE",
                      help="cut into parts of SIZE: 2G or 2GiB (powers of 1024), 2GB (of 1000)")
     with_progress(sub)
+    with_key(sub)
 
     sub = add("recompress", cmd_recompress, "re-encode the chunks an image needs at another level")
     sub.add_argument("image", help="image directory")
     sub.add_argument("--level", type=int, required=True, help="zstd level")
     with_progress(sub)
+    with_key(sub)
 
     sub = add("prune", cmd_prune, "remove a disk's images that no --keep rule keeps "
               "(Proxmox Backup Server's rules)")
@@ -536,10 +627,20 @@ def _store_commands(add) -> None:
                      help="at most this rate to an rclone: remote, as rclone takes it (10M)")
     sub.add_argument("--json", action="store_true", help="print the result as one JSON object")
     with_progress(sub)
+    with_key(sub)
+
+    sub = add("protect", cmd_protect, "keep an image whatever prune's rules say, and refuse "
+              "its deletion, until unprotected (its datastore's key is not needed)")
+    sub.add_argument("image", help="image directory")
+    sub.add_argument("--note", help="why, shown with it (\"before the upgrade\")")
+
+    sub = add("unprotect", cmd_unprotect, "let prune and deletion remove an image again")
+    sub.add_argument("image", help="image directory")
 
     sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
               "their host (dev-vda, QEMU's serials) to their host's disk id")
     sub.add_argument("--store", required=True)
+    with_key(sub)
 
 
 def _key_commands(add) -> None:
@@ -570,7 +671,15 @@ def _key_commands(add) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        args.held_key = _held_key(args)
+        with _remote_mounted(args):
+            return args.handler(args)
+    except keyring.KeyNeeded as exc:
+        where = getattr(args, "remote", None) or exc.where
+        print(f"imaging: error: {where} is encrypted with key {exc.fingerprint}: give its "
+              f"key file with --key FILE or {KEY_FILE_VARIABLE}{exc.given}" if exc.where else
+              f"imaging: error: {exc}", file=sys.stderr)
+        return 1
     except SourceInUse as exc:
         # The library says "force it"; on the command line that is a flag.
         print(f"imaging: error: {exc} (--force)", file=sys.stderr)

@@ -40,7 +40,8 @@ from .datastore import codec
 from .datastore.chunks import read_chunk
 from .datastore.image import Image, IndexEntry
 from .datastore.image import reads_image
-from .datastore.store import fsync_dir, write_atomically
+from .base.syscalls import fsync_dir
+from .datastore.store import write_atomically
 
 # zstd's decoders refuse larger windows unless told --long=N or --memory.
 MAX_WINDOW_LOG = 27
@@ -162,7 +163,7 @@ class _Frame:
 
 def _is_noise(image: Image, entry: IndexEntry, length: int) -> bool:
     """Whether the chunk hardly compresses, judged by its stored size (a delta's by its base's)."""
-    if entry.digest == codec.zero_digest(length):
+    if entry.digest == image.store.zero_name(length):
         return False
     try:
         stored = image.store.chunk_path(entry.base or entry.digest).stat().st_size

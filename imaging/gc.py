@@ -46,7 +46,7 @@ from .base.errors import Cancelled, ImageError, ImagingError, StoreError, transl
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore.chunks import bases_named_by_files
 from .datastore.codec import DIGEST_RE
-from .datastore.image import Image
+from .datastore.image import references
 from .datastore.store import BAD_SUFFIX, CHUNK_SUFFIX, TEMP_SUFFIX, Datastore, Job
 from .prune import DELETING_SUFFIX
 
@@ -84,13 +84,14 @@ def referenced_chunks(store: Datastore) -> tuple[set[str], set[str]]:
     images, digests = set(), set()
     for path in store.image_dirs():
         try:
-            for entry in Image.open(path, store).entries():
-                digests.update(name for name in entry if name)  # a delta's base too
+            digests |= references(store, path)
         except ImageError as exc:
             if not path.exists():
                 continue  # deleted meanwhile: its chunks are garbage anyway
             raise StoreError(f"garbage collection stopped, nothing deleted: {exc}") from None
         images.add(f"{path.parent.name}/{path.name}")
+    if store.encrypted:
+        return images, digests  # references name the bases too, read without the key
     return images, digests | bases_named_by_files(store, digests)
 
 

@@ -32,8 +32,9 @@ from typing import Optional
 
 from .base.errors import Cancelled, ImagingError, StoreError, translated
 from .base.progress import UNIT_IMAGES, Progress
-from .datastore.image import parse_stamp
-from .datastore.store import Datastore, Job, check_disk_id, fsync_dir
+from .datastore.image import parse_stamp, protection
+from .base.syscalls import fsync_dir
+from .datastore.store import Datastore, Job, check_disk_id
 
 DELETING_SUFFIX = ".deleting"
 # Rule name and the strftime pattern that names its period (None: every image is its own).
@@ -121,8 +122,10 @@ def reader_of(store: Datastore, image: Path) -> Optional[Job]:
 def remove_image(store: Datastore, path: Path) -> Optional[Job]:
     """Delete an image, unless a running job reads it: then that job, and the image stays.
 
-    Call it holding `store.pruning()`.
+    Call it holding `store.pruning()`. A protected image is refused.
     """
+    if protection(path) is not None:
+        raise StoreError(f"{path} is protected: unprotect it first (imaging unprotect)")
     reader = reader_of(store, path)
     if reader is not None:
         return reader
@@ -159,8 +162,12 @@ def prune(store_dir: os.PathLike | str, disk_id: str, retention: Retention, *,
             moments[path.name] = parse_stamp(path.name)
         except ValueError:
             unrecognised.append(path)
-    kept = select(moments, retention, tz)
     folder = store.images_dir / disk_id
+    # Kept besides what the rules keep, and never counted by them.
+    protected = {name for name in moments if protection(folder / name) is not None}
+    kept = select({name: moment for name, moment in moments.items() if name not in protected},
+                  retention, tz)
+    kept.update((name, "protected") for name in protected)
     decisions = [PruneDecision(folder / name, name in kept, kept.get(name, ""))
                  for name in sorted(moments, key=moments.get, reverse=True)]
     # Never delete what is not named like an image.

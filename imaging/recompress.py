@@ -20,11 +20,10 @@ from .base.errors import ImageError, StoreError, describe, translated
 from .base.pipeline import ordered_map
 from .base.progress import Progress
 from .datastore import codec
-from .datastore.chunks import base_bytes, read_chunk, stored_base
+from .datastore.chunks import base_bytes, read_chunk
 from .datastore.image import Image
 from .datastore.image import reads_image
-from .datastore.manifest import NAME as MANIFEST_NAME
-from .datastore.store import fsync_dir, write_atomically
+from .base.syscalls import fsync_dir
 
 
 @dataclasses.dataclass
@@ -50,11 +49,10 @@ def _recompress_chunk(image: Image, digest: str, length: int, level: int) -> tup
     except OSError as exc:
         raise StoreError(f"cannot look up chunk {digest}: {describe(exc)}") from None
     data = read_chunk(image.store, digest, length)
-    base = stored_base(image.store, digest)
+    base = image.store.stored_base(digest)
     frame = (codec.compress(data, level) if base is None else
              codec.compress_delta(data, base_bytes(image.store, base, digest), base, level))
-    image.store.write_chunk(digest, frame)
-    return before, len(frame)
+    return before, image.store.write_chunk(digest, frame)
 
 
 @reads_image("recompress")
@@ -83,7 +81,7 @@ def recompress(image_dir: os.PathLike | str, level: int, *, progress: Optional[P
         for folder in {image.store.chunk_path(digest).parent for digest in lengths}:
             fsync_dir(folder)
         manifest = dataclasses.replace(image.manifest, level=level, stored_bytes=after)
-        write_atomically(image.path / MANIFEST_NAME, manifest.as_json().encode())
+        image.write_manifest(manifest)
         fsync_dir(image.path)
     progress.finish()
     return RecompressResult(str(image.path), level, len(lengths), before, after,

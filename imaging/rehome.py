@@ -25,9 +25,10 @@ from typing import Optional
 
 from .base.errors import ImageError, StoreError, translated
 from .datastore import recipe
-from .datastore.manifest import NAME as MANIFEST_NAME
+from .datastore.image import read_manifest, reseal, write_image_files
 from .datastore.manifest import Manifest
-from .datastore.store import Datastore, Job, fsync_dir, write_atomically
+from .base.syscalls import fsync_dir
+from .datastore.store import Datastore, Job, write_atomically
 from .disks.inventory import host_less, rehomed_id
 from .prune import reader_of
 
@@ -61,7 +62,7 @@ def rehome(store_dir: os.PathLike | str) -> RehomeResult:
 def _rehome_image(store: Datastore, path: Path, result: RehomeResult) -> None:
     old_id = path.parent.name
     try:
-        manifest = Manifest.load(path)
+        manifest = read_manifest(store, path)
     except ImageError as exc:
         if host_less(old_id):
             result.left.append(f"{path}: {exc}")
@@ -96,10 +97,10 @@ def _move(store: Datastore, path: Path, manifest: Manifest, target: Path) -> Opt
     """Move the image; the job found reading it, which then keeps it where it was."""
     new_id = target.parent.name
     renamed = dataclasses.replace(manifest, disk={**manifest.disk, "id": new_id})
-    write_atomically(path / MANIFEST_NAME, renamed.as_json().encode())
-    write_atomically(path / recipe.NAME, recipe.render(
-        disk_id=new_id, created=manifest.created, size=manifest.size,
-        chunk_size=manifest.chunk_size, sha256=manifest.sha256, image_dir=str(target)).encode())
+    reseal(store, path, target)
+    write_image_files(store, path, renamed, write_atomically, placed=target)
+    write_atomically(path / recipe.NAME,
+                     recipe.render(renamed, target, store.fingerprint).encode())
     fsync_dir(path)
     target.parent.mkdir(exist_ok=True)
     os.rename(path, target)

@@ -29,14 +29,13 @@ import mmap
 import os
 import queue
 import time
-from typing import Collection, Iterable, Iterator, Optional
+from typing import Callable, Collection, Iterable, Iterator, Optional
 
 from . import fit
 from .base.errors import ImageError, ImagingError, TargetError, describe
 from .base.pipeline import ordered_map
 from .base.progress import Progress
 from .base.syscalls import pwrite_all, start_writeback
-from .datastore import codec
 from .datastore.chunks import decode_into, missing_chunks
 from .datastore.image import Image, reading
 from .datastore.store import Datastore
@@ -202,8 +201,8 @@ def _write(fd: int, image: Image, index: list[str], pieces: Iterable[_Piece], is
 
     def restore_piece(piece: _Piece) -> str:
         digest, length = index[piece.position], image.chunk_length(piece.position)
-        if codec.zero_digest(length) == digest and not is_block:
-            return codec.zero_digest(piece.length)  # a hole
+        if image.store.zero_name(length) == digest and not is_block:
+            return image.store.zero_name(piece.length)  # a hole
         return writer.write(image.store, digest, length, piece)
 
     expected = []
@@ -286,10 +285,10 @@ class _Writer:
                 return digest
             # Part of a chunk: its name is checked here, so that the read-back of
             # the part proves the image's bytes as a whole chunk's read-back does.
-            if codec.digest(contents) != digest:
+            if store.name(contents) != digest:
                 raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
             self._write(data, piece.at)
-            return codec.digest(data)
+            return store.name(data)
 
     def _write(self, data: memoryview, at: int) -> None:
         head = min(-at % DIRECT_ALIGNMENT, len(data))
@@ -338,16 +337,19 @@ class _DirectReader:
     besides.
     """
 
-    def __init__(self, fd: int, largest: int) -> None:
+    def __init__(self, fd: int, largest: int, name: Callable[[bytes], str]) -> None:
         self.fd = fd
         self._buffers = _AlignedBuffers(largest + DIRECT_ALIGNMENT)
         self._refused = False
+        self._name = name
 
     @classmethod
-    def open(cls, fd: int, largest: int) -> Optional["_DirectReader"]:
-        """A reader of spans up to `largest` bytes, or None if the target takes no direct I/O."""
+    def open(cls, fd: int, largest: int,
+             name: Callable[[bytes], str]) -> Optional["_DirectReader"]:
+        """A reader of spans up to `largest` bytes, hashing them with `name` (the datastore's
+        chunk names'), or None if the target takes no direct I/O."""
         direct_fd = _reopened_direct(fd, os.O_RDONLY)
-        return None if direct_fd is None else cls(direct_fd, largest)
+        return None if direct_fd is None else cls(direct_fd, largest, name)
 
     def digest(self, offset: int, length: int) -> Optional[str]:
         """The digest of `length` bytes at `offset`; None if the caller is to read them itself."""
@@ -369,7 +371,7 @@ class _DirectReader:
                 if not count:
                     break  # the target ends here: the digest then differs
                 filled += count
-            return codec.digest(view[offset - first:min(filled, offset - first + length)])
+            return self._name(view[offset - first:min(filled, offset - first + length)])
 
     def close(self) -> None:
         os.close(self.fd)
@@ -383,13 +385,14 @@ def _read_back(target: str, extent: _Extent, expected: list[str], progress: Prog
         read_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise TargetError(f"cannot read back {target} to verify it: {describe(exc)}") from None
-    direct = _DirectReader.open(read_fd, extent.image.chunk_size)
+    name = extent.image.store.name  # what each piece's expected digest is too
+    direct = _DirectReader.open(read_fd, extent.image.chunk_size, name)
 
     def digest_of(piece: _Piece) -> str:
         try:
             if direct is not None and (found := direct.digest(piece.at, piece.length)) is not None:
                 return found
-            return codec.digest(os.pread(read_fd, piece.length, piece.at))
+            return name(os.pread(read_fd, piece.length, piece.at))
         except OSError as exc:
             raise TargetError(f"cannot read back {target} at byte {piece.at} to verify it: "
                               f"{describe(exc)}") from None

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import secrets
 import shutil
 import tempfile
@@ -29,30 +28,26 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Protocol
 
-from .base import tools
+from .base import rclone, tools
+from .base.rclone import shown
 from .base.errors import Cancelled, ImageError, StoreError, translated
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore import codec
-from .datastore.chunks import bases_named_by_files, decode, stored_base
-from .datastore.image import Image
+from .datastore.chunks import bases_named_by_files, decode
+from .datastore.image import Image, references
+from .datastore.keyring import KeyNeeded
 from .datastore.manifest import NAME as MANIFEST_NAME
-from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, FORMAT, TEMP_SUFFIX, ChunkBatch,
-                              Datastore, fsync_dir, write_atomically)
+from .datastore.sealing import looks_sealed
+from .base.syscalls import fsync_dir
+from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, TEMP_SUFFIX, ChunkBatch, Datastore,
+                              write_atomically)
 from .datastore.verification import RECORD_NAME
 
 # The source is only read; at the destination a sync writes chunks no image names yet.
 READING = "sync-out"
 WRITING = "sync-in"
-REMOTE_PREFIX = "rclone:"
-RCLONE_PACKAGE = "rclone"
-# rclone's "directory not found" exit status.
-RCLONE_NO_DIRECTORY = 3
 # A local copy makes its chunks durable a batch at a time: a killed sync sends this again.
 LOCAL_BATCH_BYTES = 64 * 1024 * 1024
-# What a connection string may hold that nobody else should read: shown as ***.
-SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|password|key|token|secret|user)[\w-]*=)"
-                           r"('[^']*'|\"[^\"]*\"|[^,:]*)", re.IGNORECASE)
-URL_USER = re.compile(r"(://)[^/@'\"]*@")
 
 
 @dataclasses.dataclass
@@ -79,8 +74,8 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
     progress = progress or Progress("sync", 0)
     src = Datastore.open(source)
     target = str(destination)
-    if target.startswith(REMOTE_PREFIX):
-        copy: Destination = Remote(target[len(REMOTE_PREFIX):], src, bwlimit, progress)
+    if rclone.is_remote(target):
+        copy: Destination = Remote(rclone.remote_of(target), src, bwlimit, progress)
     else:
         if bwlimit is not None:
             raise StoreError("a bandwidth limit applies to a copy to an rclone: remote only")
@@ -92,10 +87,8 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
             copy.registered(f"sync from {src.root}", progress):
         missing = [path for path, name in zip(wanted, names) if not copy.holds_image(name)]
         result.present = [name for path, name in zip(wanted, names) if path not in missing]
-        images = [Image.open(path, src) for path in missing]
-        lengths = {entry.digest: image.chunk_length(position)
-                   for image in images for position, entry in enumerate(image.entries())}
-        bases = bases_named_by_files(src, lengths)
+        lengths = _needed_chunks(src, missing)
+        bases = set() if src.encrypted else bases_named_by_files(src, lengths)
         order = sorted(bases) + sorted(set(lengths) - bases)
         progress.start_phase("sync", len(order), UNIT_CHUNKS)
         sending: list[str] = []
@@ -108,16 +101,16 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
             if copy.holds_chunk(digest):
                 result.chunks_present += 1
                 return
-            frame = _checked_frame(src, digest, lengths.get(digest))
-            if frame is None:
+            checked = _checked_file(src, digest, lengths.get(digest))
+            if checked is None:
                 result.chunks_present += 1
                 return
-            base = codec.delta_base(frame)
+            data, base = checked
             if base is not None:
                 send(base)  # the base its file names now, which a later backup may have changed
             sending.append(digest)
-            copy.send_chunk(digest, frame)
-            result.bytes_sent += len(frame)
+            copy.send_chunk(digest, data)
+            result.bytes_sent += len(data)
 
         try:
             for digest in order:
@@ -130,9 +123,9 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
             copy.discard_chunks()
             raise
         result.chunks_sent = len(sending)
-        for image in images:
-            copy.send_image(image)
-            result.copied.append(f"{image.disk_id}/{image.stamp}")
+        for path in missing:
+            copy.send_image(path)
+            result.copied.append(f"{path.parent.name}/{path.name}")
     progress.finish()
     result.seconds = time.monotonic() - started
     return result
@@ -148,8 +141,8 @@ class Destination(Protocol):
     def holds_chunk(self, digest: str) -> bool:
         """Whether a whole copy of the chunk is there (then it counts as in use)."""
 
-    def send_chunk(self, digest: str, frame: bytes) -> None:
-        """Send (or queue) a chunk whose frame was checked."""
+    def send_chunk(self, digest: str, data: bytes) -> None:
+        """Send (or queue) a chunk's file (as stored), checked."""
 
     def flush_chunks(self, digests: list[str]) -> None:
         """The chunks queued, sent; an error if one did not arrive whole."""
@@ -157,28 +150,54 @@ class Destination(Protocol):
     def discard_chunks(self) -> None:
         """The chunks queued and not sent, forgotten (the sync failed)."""
 
-    def send_image(self, image: Image) -> None: ...
+    def send_image(self, image_dir: Path) -> None: ...
 
 
-def _checked_frame(src: Datastore, digest: str, length: Optional[int]) -> Optional[bytes]:
-    """The chunk's stored frame, checked (decoded, its content matching its name) before it
-    goes; None for an all-zero chunk the source does not hold (read as zeros anyway)."""
+def _needed_chunks(src: Datastore, images: list[Path]) -> dict[str, Optional[int]]:
+    """Every chunk the images need, with its length where the index says it (an encrypted
+    store's images, read without the key, list theirs with their bases: lengths unknown)."""
+    if src.encrypted:
+        return {name: None for path in images for name in references(src, path)}
+    needed: dict[str, Optional[int]] = {}
+    for path in images:
+        image = Image.open(path, src)
+        for position, entry in enumerate(image.entries()):
+            needed[entry.digest] = image.chunk_length(position)
+    return needed
+
+
+def _checked_file(src: Datastore, digest: str,
+                  length: Optional[int]) -> Optional[tuple[bytes, Optional[str]]]:
+    """The chunk's file as stored, checked before it goes (opened, decoded, its content
+    matching its name), and the base its frame names; None for an all-zero chunk the source
+    does not hold (read as zeros anyway). An encrypted store's chunk, without the key, is
+    only seen to be a sealed file: it goes as it is, and verify checks it where it lands."""
     try:
-        frame = src.read_frame(digest)
+        data = src.read_chunk_file(digest)
     except ImageError:
-        if length is not None and digest == codec.zero_digest(length):
+        if length is not None and digest == src.zero_name(length):
             return None
         raise
-    if codec.digest(decode(src, digest, frame)) != digest:
+    if src.encrypted:
+        try:
+            src.sealer
+        except KeyNeeded:
+            if not looks_sealed(data):
+                raise ImageError(f"chunk {digest} in {src.root} is not a sealed file: not "
+                                 "copied; verify the source") from None
+            return data, None
+    frame = src.frame_of(digest, data)
+    if src.name(decode(src, digest, frame)) != digest:
         raise ImageError(f"chunk {digest} in {src.root} is corrupt (content does not match its "
                          "name): not copied; verify the source")
-    return frame
+    # An encrypted store's references name the bases already.
+    return data, None if src.encrypted else codec.delta_base(frame)
 
 
-def _image_files(image: Image) -> list[str]:
+def _image_files(image_dir: Path) -> list[str]:
     """The files of an image a copy takes, its manifest last; its verify record stays
     behind: the copy is verified where it lies."""
-    names = sorted(entry.name for entry in image.path.iterdir()
+    names = sorted(entry.name for entry in image_dir.iterdir()
                    if entry.is_file() and entry.name not in (RECORD_NAME, MANIFEST_NAME))
     return [*names, MANIFEST_NAME]
 
@@ -192,8 +211,9 @@ class Local:
         here, there = root.resolve(), src.root.resolve()
         if here == there or there in here.parents or here in there.parents:
             raise StoreError(f"{root} is the source datastore, or lies inside it or around it")
-        self.store = Datastore.open_or_create(root, chunk_size=src.chunk_size)
-        _check_compatible(str(self.store.root), self.store.chunk_size, self.store.format, src)
+        self.store = (Datastore.open(root) if (root / CONFIG_NAME).exists() else
+                      Datastore.open_or_create(root, src.chunk_size, src.fingerprint))
+        _check_compatible(str(self.store.root), self.store.settings, src)
         self.src = src
         self.name = str(self.store.root)
         # Whichever file of a chunk lands first stays: another may already use it as a base.
@@ -208,12 +228,14 @@ class Local:
     def holds_chunk(self, digest: str) -> bool:
         if not self.store.touch_chunk(digest):
             return False
+        if self.store.encrypted:
+            return True  # the image's references name the bases, touched as they come
         # Its file here may be a delta against a base of its own, which gc must spare too.
-        base = stored_base(self.store, digest)
+        base = self.store.stored_base(digest)
         return base is None or self.store.touch_chunk(base)
 
-    def send_chunk(self, digest: str, frame: bytes) -> None:
-        self.batch.add(digest, frame)
+    def send_chunk(self, digest: str, data: bytes) -> None:
+        self.batch.add_file(digest, data)
         if self.batch.due():
             self.batch.flush()
 
@@ -223,18 +245,19 @@ class Local:
     def discard_chunks(self) -> None:
         self.batch.discard()
 
-    def send_image(self, image: Image) -> None:
-        folder = self.store.images_dir / image.disk_id
-        final = folder / image.stamp
+    def send_image(self, image_dir: Path) -> None:
+        disk, stamp = image_dir.parent.name, image_dir.name
+        folder = self.store.images_dir / disk
+        final = folder / stamp
         # A folder of this run's own (gc removes one a killed run left behind).
-        tmp = folder / f".{image.stamp}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-        with translated(StoreError, f"cannot write image {image.disk_id}/{image.stamp} in "
+        tmp = folder / f".{stamp}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        with translated(StoreError, f"cannot write image {disk}/{stamp} in "
                                     f"{self.store.root}"):
             folder.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             try:
-                for name in _image_files(image):
-                    write_atomically(tmp / name, (image.path / name).read_bytes())
+                for name in _image_files(image_dir):
+                    write_atomically(tmp / name, (image_dir / name).read_bytes())
                 fsync_dir(tmp)
                 if final.exists():  # another sync published it meanwhile
                     return
@@ -251,14 +274,11 @@ class Remote:
 
     def __init__(self, remote: str, src: Datastore, bwlimit: Optional[str],
                  progress: Progress) -> None:
-        if not remote:
-            raise StoreError("name the remote after rclone: (rclone:NAME:PATH)")
         self.remote, self.src, self.progress = remote, src, progress
-        self.name = shown(REMOTE_PREFIX + remote)
+        self.name = shown(rclone.PREFIX + remote)
         self.sizes: dict[str, int] = {}
         self.options = ["--bwlimit", bwlimit] if bwlimit else []
-        config = self._settings()
-        _check_compatible(self.name, config["chunk_size"], config["format"], src)
+        _check_compatible(self.name, self._settings(), src)
         self.chunks = self._listing("chunks")
         # An image is there once its manifest is, whole.
         self.manifests = {name.rsplit("/", 1)[0]: size
@@ -280,9 +300,9 @@ class Remote:
         except FileNotFoundError:
             return False  # the source lacks it: checking it says why
 
-    def send_chunk(self, digest: str, frame: bytes) -> None:
+    def send_chunk(self, digest: str, data: bytes) -> None:
         # Sent with the others by flush_chunks, in one rclone run, from the same file.
-        self.sizes[digest] = len(frame)
+        self.sizes[digest] = len(data)
 
     def flush_chunks(self, digests: list[str]) -> None:
         if not digests:
@@ -302,32 +322,33 @@ class Remote:
     def discard_chunks(self) -> None:
         pass
 
-    def send_image(self, image: Image) -> None:
-        there = self._path(f"images/{image.disk_id}/{image.stamp}")
-        *files, manifest = _image_files(image)
+    def send_image(self, image_dir: Path) -> None:
+        name = f"{image_dir.parent.name}/{image_dir.name}"
+        there = self._path(f"images/{name}")
+        *files, manifest = _image_files(image_dir)
         with self._file_list(files) as listing:
-            self._rclone("copy", str(image.path), there, "--files-from", listing,
-                         "--no-traverse", failure=f"cannot send image {image.disk_id}/"
-                                                  f"{image.stamp} to {self.name}")
-        self._rclone("copyto", str(image.path / manifest), f"{there}/{manifest}",
-                     failure=f"cannot send the manifest of {image.disk_id}/{image.stamp}")
+            self._rclone("copy", str(image_dir), there, "--files-from", listing,
+                         "--no-traverse", failure=f"cannot send image {name} to {self.name}")
+        self._rclone("copyto", str(image_dir / manifest), f"{there}/{manifest}",
+                     failure=f"cannot send the manifest of {name}")
 
     def _settings(self) -> dict:
         # The first contact: a remote nobody answers for fails at once, not after rclone's
         # retries (transfers keep them).
         found = self._rclone("lsf", self.remote, "--files-only", "--include", CONFIG_NAME,
                              "--retries", "1", "--low-level-retries", "1")
-        if found.returncode not in (0, RCLONE_NO_DIRECTORY):
+        if found.returncode not in (0, rclone.NO_DIRECTORY):
             raise StoreError(f"cannot reach {self.name}: {shown(tools.complaint(found))}")
         if found.returncode == 0 and CONFIG_NAME in found.stdout.split():
             text = self._rclone("cat", self._path(CONFIG_NAME),
                                 failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
             try:
                 config = json.loads(text)
-                return {"chunk_size": int(config["chunk_size"]), "format": int(config["format"])}
+                found = {"chunk_size": int(config["chunk_size"]), "format": int(config["format"])}
+                return dict(found, key=str(config["key"])) if "key" in config else found
             except (ValueError, KeyError, TypeError):
                 raise StoreError(f"{self.name}: unreadable {CONFIG_NAME}") from None
-        config = {"format": FORMAT, "chunk_size": self.src.chunk_size}
+        config = self.src.settings
         self._rclone("rcat", self._path(CONFIG_NAME), input=json.dumps(config).encode() + b"\n",
                      failure=f"cannot create a datastore at {self.name}")
         return config
@@ -336,7 +357,7 @@ class Remote:
         """Each file under `folder` there, by its path below it, with its size."""
         done = self._rclone("lsf", self._path(folder), "-R", "--files-only", "--format", "ps",
                             "--separator", "\t")
-        if done.returncode == RCLONE_NO_DIRECTORY:
+        if done.returncode == rclone.NO_DIRECTORY:
             return {}  # not there yet: nothing under it
         if done.returncode != 0:
             raise StoreError(f"cannot list {folder} at {self.name}: "
@@ -349,8 +370,7 @@ class Remote:
         return sizes
 
     def _path(self, relative: str) -> str:
-        return f"{self.remote}{relative}" if self.remote.endswith(":") else \
-            f"{self.remote.rstrip('/')}/{relative}"
+        return rclone.joined(self.remote, relative)
 
     @contextlib.contextmanager
     def _file_list(self, names: Iterable[str]) -> Iterator[str]:
@@ -361,12 +381,8 @@ class Remote:
 
     def _rclone(self, command: str, *arguments: str, failure: Optional[str] = None,
                 input: Optional[bytes] = None):
-        try:
-            return tools.run("rclone", RCLONE_PACKAGE, [command, *arguments, *self.options],
-                             kind=StoreError, failure=failure, input=input,
-                             text=input is None, cancelled=self.progress.cancelled)
-        except StoreError as exc:  # rclone quotes the remote, secrets and all
-            raise StoreError(shown(str(exc))) from None
+        return rclone.run(command, *arguments, options=self.options, failure=failure,
+                          input=input, cancelled=self.progress.cancelled)
 
 
 def _relative(digest: str) -> str:
@@ -374,13 +390,15 @@ def _relative(digest: str) -> str:
     return f"{digest[:2]}/{digest}{CHUNK_SUFFIX}"
 
 
-def shown(text: str) -> str:
-    """`text` with what a remote's connection string holds secret (passwords, keys, tokens,
-    users, a URL's user and password) as ***: for messages, results and registrations."""
-    return URL_USER.sub(r"\1***@", SECRET_OPTION.sub(r"\1***", text))
-
-
-def _check_compatible(name: str, chunk_size: int, store_format: int, src: Datastore) -> None:
+def _check_compatible(name: str, settings: dict, src: Datastore) -> None:
+    """`settings`, the destination's datastore.json, fit a copy of `src`."""
+    chunk_size, store_format, key = settings["chunk_size"], settings["format"], settings.get("key")
+    if key != src.fingerprint:
+        def encrypted(where: object, fingerprint: Optional[str]) -> str:
+            return (f"{where} is encrypted with key {fingerprint}" if fingerprint
+                    else f"{where} is not encrypted")
+        raise StoreError(f"{encrypted(name, key)} and {encrypted(src.root, src.fingerprint)}: "
+                         "a copy goes into a datastore encrypted as its source is")
     if chunk_size != src.chunk_size:
         raise StoreError(f"{name} stores chunks of {chunk_size} bytes, {src.root} of "
                          f"{src.chunk_size}: a copy needs the same chunk size")

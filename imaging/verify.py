@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 from typing import Optional
 
@@ -23,6 +22,7 @@ from .base.progress import Progress
 from .datastore import codec
 from .datastore.chunks import base_bytes, bases_named_by_files
 from .datastore.image import Image, reads_image
+from .datastore.sealing import Tampered
 from .datastore.manifest import utc_text
 from .datastore.store import write_atomically
 from .datastore.verification import NOT_CHECKED, RECORD_NAME, ChunkProblem, FilesystemCheck, VerifyResult
@@ -30,6 +30,7 @@ from .reading.filesystems import check_image
 from .reading.mount import partitions
 
 BASE_PROBLEM = "unreadable: its base"
+MISSING = "missing"
 
 
 def check_chunk(image: Image, digest: str) -> Optional[str]:
@@ -40,8 +41,10 @@ def check_chunk(image: Image, digest: str) -> Optional[str]:
     """
     try:
         frame = image.store.read_frame(digest)
+    except Tampered as exc:
+        return exc.problem
     except ImageError:
-        return "missing"
+        return MISSING
     needs = codec.delta_base(frame)
     try:
         base = None if needs is None else base_bytes(image.store, needs, digest)
@@ -51,16 +54,26 @@ def check_chunk(image: Image, digest: str) -> Optional[str]:
         data = codec.decompress(frame, digest, base)
     except zstandard.ZstdError as exc:
         return f"corrupt ({exc})"
-    if hashlib.sha256(data).hexdigest() != digest:
+    if image.store.name(data) != digest:
         return "corrupt (content does not match its name)"
     return None
 
 
+def present(image: Image, digest: str) -> Optional[str]:
+    """Why the chunk is unusable, if its file is missing or empty; its contents unread."""
+    try:
+        return None if image.store.chunk_path(digest).stat().st_size else "empty"
+    except FileNotFoundError:
+        return MISSING
+
+
 @reads_image("verify")
-def verify(image_dir: str, *, fsck: bool = False, progress: Optional[Progress] = None,
-           workers: Optional[int] = None) -> VerifyResult:
-    """Re-hash every chunk the image needs; with `fsck`, then check its filesystems too."""
+def verify(image_dir: str, *, fsck: bool = False, read_data: bool = True,
+           progress: Optional[Progress] = None, workers: Optional[int] = None) -> VerifyResult:
+    """Re-hash every chunk the image needs; with `fsck`, then check its filesystems too.
+    Without `read_data` (a remote's quick check), only see that each chunk's file is there."""
     image = Image.open(image_dir)
+    check = check_chunk if read_data else present
     lengths: dict[str, int] = {}
     for position, digest in enumerate(image.index()):
         lengths[digest] = lengths.get(digest, 0) + image.chunk_length(position)
@@ -69,12 +82,13 @@ def verify(image_dir: str, *, fsck: bool = False, progress: Optional[Progress] =
     progress = progress or Progress("verify", image.size)
     progress.start_phase("verify", image.size)
     problems: list[ChunkProblem] = []
-    checked = ordered_map(lambda digest: check_chunk(image, digest), lengths,
+    checked = ordered_map(lambda digest: check(image, digest), lengths,
                           workers=workers, cancelled=progress.cancelled, name="verify")
     with contextlib.closing(checked):
         for digest, reason in checked:
             if reason:
-                if reason != "missing" and not reason.startswith(BASE_PROBLEM):
+                if reason != MISSING and not reason.startswith(BASE_PROBLEM) \
+                        and not image.store.read_only:
                     image.store.quarantine(digest)
                 problems.append(ChunkProblem(digest, reason))
             progress.advance(lengths[digest])
@@ -85,7 +99,9 @@ def verify(image_dir: str, *, fsck: bool = False, progress: Optional[Progress] =
                         for part in partitions(image)])
     result = VerifyResult(str(image.path), len(lengths), problems,
                           utc_text(dt.datetime.now(dt.timezone.utc)), filesystems)
-    with translated(StoreError, "cannot record the verification"):
-        write_atomically(image.path / RECORD_NAME, json.dumps(result.record()).encode() + b"\n")
+    if not image.store.read_only:
+        with translated(StoreError, "cannot record the verification"):
+            write_atomically(image.path / RECORD_NAME,
+                             json.dumps(result.record()).encode() + b"\n")
     progress.finish()
     return result

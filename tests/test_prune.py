@@ -11,8 +11,10 @@ import pytest
 from engine import MiB, imaging, last_line, one_error_line
 from support.disks import PartSpec, build_disk
 
+from imaging.base.errors import StoreError
 from imaging.base.progress import Progress
-from imaging.prune import Retention, prune, select
+from imaging.datastore.store import Datastore
+from imaging.prune import Retention, prune, remove_image, select
 
 UTC = dt.timezone.utc
 
@@ -132,3 +134,27 @@ def test_prune_counts_images_and_its_result_is_json_safe(history):
     assert record["removed"] == list(reversed(images[:4]))
     assert [decision["keep"] for decision in record["decisions"]] == [True] * 2 + [False] * 4
     assert record["decisions"][0] == {"image": images[5], "keep": True, "reason": "last 1"}
+
+
+def test_a_protected_image_is_kept_uncounted_and_cannot_be_deleted(history):
+    store, images = history
+    names = [image.rsplit("/", 1)[1] for image in images]
+    said = imaging("protect", images[4], "--note", "before the upgrade").stdout
+    assert said.strip().endswith("protected: prune and deletion keep it until `imaging unprotect`")
+    listed = json.loads(imaging("list", "--store", store, "--json").stdout)
+    assert [record["protected"]["note"] if record["protected"] else None
+            for record in listed] == [None] * 4 + ["before the upgrade", None]
+    env = dict(os.environ, TZ="UTC")
+    lines = imaging("prune", "--store", store, "--disk", "sda", "--keep-last", "2",
+                    env=env).stdout.splitlines()
+    # Not counted: the two newest unprotected images are kept besides it.
+    assert lines[:3] == [f"keep          {names[5]}  last 1",
+                         f"keep          {names[4]}  protected",
+                         f"keep          {names[3]}  last 2"]
+    assert sorted(p.name for p in (store / "images" / "sda").iterdir()) == names[3:]
+    with Datastore.open(store).pruning(), pytest.raises(StoreError, match="is protected: "
+                                                        r"unprotect it first \(imaging unprotect\)"):
+        remove_image(Datastore.open(store), Path(images[4]))
+    assert "no longer protected" in imaging("unprotect", images[4]).stdout
+    imaging("prune", "--store", store, "--disk", "sda", "--keep-last", "2", env=env)
+    assert sorted(p.name for p in (store / "images" / "sda").iterdir()) == names[4:]

@@ -25,6 +25,7 @@ import imaging.backup
 import imaging.rehome
 import imaging.restore
 import imaging.datastore.store
+from imaging.datastore.image import Image as StoredImage
 from imaging.datastore.manifest import Manifest
 from webui import services
 from webui.models import Disk, Host, Image, Job, Schedule, StatusChange
@@ -44,7 +45,7 @@ def old_datastore(folder: Path) -> tuple[Path, dict[str, tuple[str, str]]]:
     sata = folder / "vm-a-sata.img"
     write_random(sata, DISK_SIZE, seed=99)
     image = _backup(sata, store, "vm-a", "QEMU_HARDDISK_QM00001")
-    manifest = Manifest.load(Path(image))
+    manifest = StoredImage.open(Path(image)).manifest
     # What lsblk said inside the VM, as its engine recorded it.
     disk = {**manifest.disk, "model": "QEMU HARDDISK", "serial": "QM00001", "path": "/dev/sda"}
     imaging.datastore.store.write_atomically(Path(image) / "manifest.json",
@@ -87,7 +88,7 @@ def assert_rehomed(store: Path, taken: dict[str, tuple[str, str]], folder: Path)
         ["dev-vm-a-vda", "dev-vm-b-vda", "qemu-vm-a-QM00001"]
     for old, (host, sha256) in taken.items():
         image = images / new_id(host, Path(old).parent.name) / Path(old).name
-        manifest = Manifest.load(image)
+        manifest = StoredImage.open(image).manifest
         assert (manifest.disk["id"], manifest.disk["host"], manifest.sha256) == \
             (image.parent.name, host, sha256)
         recipe = (image / "RESTORE.txt").read_text()
@@ -114,7 +115,7 @@ def test_rehome_files_each_image_under_its_hosts_disk_and_keeps_it_restorable(tm
     target = tmp_path / "by-recipe.img"
     target.write_bytes(bytes(DISK_SIZE))
     subprocess.run(["sh", image / "RESTORE.txt", target], check=True, capture_output=True)
-    assert _sha256(target) == Manifest.load(image).sha256
+    assert _sha256(target) == StoredImage.open(image).manifest.sha256
 
 
 def test_an_image_being_read_stays_until_its_reader_is_done(tmp_path):
@@ -124,7 +125,7 @@ def test_an_image_being_read_stays_until_its_reader_is_done(tmp_path):
     with imaging.datastore.store.Datastore.open(store).register("restore", f"restore {name}", images=[name]):
         first = imaging.rehome.rehome(store)
         assert os.path.isdir(read)
-        assert Manifest.load(Path(read)).disk["id"] == Path(read).parent.name  # untouched
+        assert StoredImage.open(Path(read)).manifest.disk["id"] == Path(read).parent.name  # untouched
     assert (len(first.moved), first.left) == (6, [])
     assert [problem.split(":")[0] for problem in first.deferred] == [read]
     second = imaging.rehome.rehome(store)
@@ -149,7 +150,7 @@ def test_a_run_cut_short_leaves_every_image_whole_and_the_next_one_finishes(tmp_
     for old in taken:
         places = [path for path in (Path(old), _new_path(store, old, taken)) if path.is_dir()]
         assert len(places) == 1
-        assert Manifest.load(places[0]).sha256 == taken[old][1]
+        assert StoredImage.open(places[0]).manifest.sha256 == taken[old][1]
     assert len(imaging.rehome.rehome(store).moved) == 5
     assert_rehomed(store, taken, tmp_path)
 
@@ -254,5 +255,5 @@ def test_an_imported_image_keeps_the_id_it_was_given(tmp_path):
     result = imaging.rehome.rehome(store)
     assert (len(result.moved), result.deferred) == (len(taken), [])
     assert result.left == [f"{imported}: its id was given to the import that made it"]
-    assert Manifest.load(imported).disk["id"] == "dev-sdb"
+    assert StoredImage.open(imported).manifest.disk["id"] == "dev-sdb"
     assert restored_sha256(imported, tmp_path) == _sha256(classic)

@@ -2,18 +2,16 @@
 copy restores byte for byte; a killed sync leaves no half image and resends little."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from engine import REPO, MiB, imaging, one_error_line, sha256_of, text_like
+from support.remotes import webdav_server
 from test_delta_chunks import CHUNK, edited
 
 from imaging.backup import backup
@@ -146,27 +144,8 @@ def test_a_sync_killed_midway_lists_no_half_image_and_its_rerun_resends_little(t
 
 @pytest.fixture
 def webdav(tmp_path):
-    """A WebDAV server on loopback (rclone's own), serving an empty folder."""
-    served = tmp_path / "served"
-    served.mkdir()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # No directory cache: the tests change files behind the server's back.
-    server = subprocess.Popen(["rclone", "serve", "webdav", str(served), "--addr",
-                               f"127.0.0.1:{port}", "--dir-cache-time", "0s"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            assert time.monotonic() < deadline and server.poll() is None, "no WebDAV server"
-            time.sleep(0.1)
-        yield served, f"rclone::webdav,url='http://127.0.0.1:{port}':store"
-    finally:
-        server.kill()
-        server.wait()
+    with webdav_server(tmp_path) as served:
+        yield served
 
 
 def test_a_copy_to_a_webdav_remote_restores_byte_identical_and_resends_only_damage(

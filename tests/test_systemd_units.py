@@ -105,12 +105,24 @@ def test_the_default_environment_file_keeps_the_settings_of_the_installing_shell
         pytest.skip(f"{env_file} belongs to this machine's installation")
     try:
         done = install(tmp_path, "worker", "--directory", str(tmp_path / "units"), "--no-start",
-                       HOST_NAME="attic", WORKER_CONCURRENCY="2")
+                       HOST_NAME="attic", WORKER_CONCURRENCY="2",
+                       IMAGING_KEY_FILE="/root/vault.key")
         assert done.returncode == 0, done.stderr
         assert env_file.stat().st_mode & 0o777 == 0o600
         lines = env_file.read_text().splitlines()
-        assert {"HOST_NAME='attic'", "WORKER_CONCURRENCY='2'",
+        assert {"HOST_NAME='attic'", "WORKER_CONCURRENCY='2'", "IMAGING_KEY_FILE='/root/vault.key'",
                 f"DATA_DIR='{tmp_path / 'data'}'"} <= set(lines)
         assert not [line for line in lines if line.startswith(("PATH=", "HOME="))]
     finally:
         shutil.rmtree(env_file.parent, ignore_errors=True)
+
+
+def test_the_key_of_encrypted_datastores_reaches_the_worker_alone(tmp_path, monkeypatch):
+    from webui.management.commands import serve
+    monkeypatch.setenv("IMAGING_KEY_FILE", "/root/vault.key")
+    monkeypatch.setenv("IMAGING_PASSPHRASE", "horse")
+    services = {spec.name: spec.env for spec in serve.specs(list(SERVICES), "127.0.0.1", tmp_path)}
+    assert services["worker"]["IMAGING_KEY_FILE"] == "/root/vault.key"
+    assert services["worker"]["IMAGING_PASSPHRASE"] == "horse"
+    for name in ("redis", "web", "beat"):
+        assert "IMAGING_KEY_FILE" not in services[name] and "IMAGING_PASSPHRASE" not in services[name]

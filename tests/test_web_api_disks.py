@@ -11,7 +11,7 @@ from webui.models import Datastore, Disk, Host, Job, Schedule
 DISK_KEYS = {"id", "stable_id", "host", "model", "serial", "size", "path", "present",
              "last_backup", "overdue", "protection"}
 IMAGE_KEYS = {"id", "disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
-              "bad_bytes", "sha256", "created", "seconds", "verified"}
+              "bad_bytes", "sha256", "created", "seconds", "verified", "encrypted", "protected"}
 JOB_KEYS = {"id", "kind", "state", "stalled", "host", "disk", "image", "target_disk", "progress",
             "error", "note", "result", "created", "started", "finished", "worker"}
 PROGRESS_KEYS = {"phase", "unit", "done", "total", "rate", "eta", "bad_bytes", "stored_bytes",
@@ -133,7 +133,8 @@ class ImageApiTestCase(ReadApiTestCase):
             "id": image.pk, "disk": self.d1.pk, "stamp": "2026-12-01T20-00-00Z", "mode": "raw",
             "status": "complete", "size": 10 * GiB, "stored_bytes": 10 * GiB // 4,
             "new_bytes": 10 * GiB // 8, "bad_bytes": 512, "sha256": "ab" * 32,
-            "created": iso(created), "seconds": 12.5, "verified": True})
+            "created": iso(created), "seconds": 12.5, "verified": True,
+            "encrypted": False, "protected": None})
         self.assertEqual(set(shown), IMAGE_KEYS)
 
     def test_it_lists_one_disks_history_newest_first(self):

@@ -339,6 +339,10 @@ class Image(models.Model):
     created = models.DateTimeField()
     seconds = models.FloatField(default=0)
     mounted_rw = models.BooleanField(default=False)
+    # In an encrypted datastore: its files, chunks and SHA-256 need the key the workers hold.
+    encrypted = models.BooleanField(default=False)
+    # {"at", "note"} while prune and deletion must keep it (`imaging protect`), else null.
+    protected = models.JSONField(null=True, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
     verify_ok = models.BooleanField(null=True, blank=True)
     partitions = models.JSONField(default=list, blank=True,

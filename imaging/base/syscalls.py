@@ -51,3 +51,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 def ignore_signal(number: int) -> None:
     """Ignore signal `number`, from any thread (Python's signal.signal: the main thread only)."""
     _libc.signal(number, int(signal.SIG_IGN))
+
+
+def fsync_dir(path: os.PathLike | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

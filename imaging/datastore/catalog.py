@@ -8,6 +8,7 @@ listed with the reason instead of failing the whole listing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -16,8 +17,9 @@ from ..base.errors import ImagingError, StoreError, translated
 from ..disks import layout
 from . import badmap
 from .codec import DIGEST_RE
-from .image import Image
-from .store import CHUNK_SUFFIX, Datastore, check_disk_id
+from .image import Image, protection
+from .keyring import KeyNeeded
+from .store import CHUNK_SUFFIX, SUMMARY_NAME, Datastore, check_disk_id
 from .verification import VerifyResult
 
 
@@ -51,6 +53,10 @@ class ImageRecord:
     partitions: Optional[list[dict]] = None
     # Where its read errors are, [offset, length] in bytes, at most MAX_BAD_RANGES spans.
     bad_ranges: Optional[list[list[int]]] = None
+    # In an encrypted datastore; listed without its key, only its summary's fields are known.
+    encrypted: bool = False
+    # {"at", "note"} while protected from prune and deletion.
+    protected: Optional[dict] = None
     error: Optional[str] = None
 
     def as_dict(self) -> dict:
@@ -71,6 +77,11 @@ class DatastoreUsage:
         return dataclasses.asdict(self)
 
 
+# The fields of an encrypted image's summary the catalog shows without the key.
+SUMMARY_SHOWN = ("size", "mode", "status", "level", "created", "seconds", "stored_bytes",
+                 "new_bytes", "bad_bytes")
+
+
 def list_images(store_dir: os.PathLike | str, disk_id: Optional[str] = None) -> list[ImageRecord]:
     """Every image of the datastore (of one disk if `disk_id`), by disk, oldest first."""
     store = Datastore.open(store_dir)
@@ -80,9 +91,11 @@ def list_images(store_dir: os.PathLike | str, disk_id: Optional[str] = None) -> 
 
 
 def _record(store: Datastore, path: Path) -> ImageRecord:
-    where = ImageRecord(path.parent.name, path.name, str(path))
+    where = ImageRecord(path.parent.name, path.name, str(path), encrypted=store.encrypted)
     try:
         image = Image.open(path, store)
+    except KeyNeeded:
+        return _summary_record(where, path)
     except ImagingError as exc:
         return dataclasses.replace(where, error=str(exc))
     manifest = image.manifest
@@ -91,8 +104,24 @@ def _record(store: Datastore, path: Path) -> ImageRecord:
         status=manifest.status, level=manifest.level, sha256=manifest.sha256,
         created=manifest.created, seconds=manifest.seconds, stored_bytes=manifest.stored_bytes,
         new_bytes=manifest.new_bytes, bad_bytes=manifest.bad_bytes,
-        mounted_rw=manifest.mounted_rw, partitions=_partitions(path, manifest),
-        bad_ranges=_bad_ranges(path, manifest.size) if manifest.bad_bytes else [])
+        mounted_rw=manifest.mounted_rw, partitions=_partitions(image),
+        bad_ranges=_bad_ranges(image) if manifest.bad_bytes else [])
+    return _verification(record, path)
+
+
+def _summary_record(where: ImageRecord, path: Path) -> ImageRecord:
+    """An encrypted image, listed without its key: what its summary shows."""
+    try:
+        summary = json.loads((path / SUMMARY_NAME).read_bytes())
+        shown = {name: summary[name] for name in SUMMARY_SHOWN}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return dataclasses.replace(where, error=f"{path / SUMMARY_NAME}: unreadable ({exc})")
+    return _verification(dataclasses.replace(where, **shown), path)
+
+
+def _verification(record: ImageRecord, path: Path) -> ImageRecord:
+    """The record with what the image's plain files add: protection, the last verification."""
+    record = dataclasses.replace(record, protected=protection(path))
     try:
         verification = VerifyResult.read(path)
     except ImagingError as exc:
@@ -110,21 +139,23 @@ def _record(store: Datastore, path: Path) -> ImageRecord:
 MAX_BAD_RANGES = 1000
 
 
-def _partitions(path: Path, manifest) -> Optional[list[dict]]:
+def _partitions(image: Image) -> Optional[list[dict]]:
     """The partitions layout.sf lists, [] without a table, None if it cannot be read."""
     try:
-        text = (path / layout.LAYOUT_NAME).read_text()
+        text = image.read_file(layout.LAYOUT_NAME).decode()
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, ImagingError):
         return None
+    manifest = image.manifest
     return layout.parse_dump(text, manifest.sector_size, manifest.partitions or [])
 
 
-def _bad_ranges(path: Path, size: int) -> Optional[list[list[int]]]:
+def _bad_ranges(image: Image) -> Optional[list[list[int]]]:
+    size = image.size
     try:
-        bad = badmap.parse_bad((path / badmap.NAME).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        bad = badmap.parse_bad(image.read_file(badmap.NAME).decode())
+    except (OSError, UnicodeDecodeError, ValueError, ImagingError):
         return None
     if len(bad) > MAX_BAD_RANGES:
         # One span per 1/MAX_BAD_RANGES of the disk, covering the errors inside it.

@@ -13,9 +13,10 @@ import contextlib
 import dataclasses
 from typing import Iterable, Optional, Sequence
 
-from ..base.errors import ImageError, StoreError, describe
+from ..base.errors import ImageError
 from ..base.pipeline import ordered_map
 from . import codec
+from .sealing import Tampered
 from .store import Datastore
 
 
@@ -27,13 +28,15 @@ def base_bytes(store: Datastore, base: str, digest: str, *, checked: bool = True
     """
     try:
         frame = store.read_frame(base)
+    except Tampered:
+        raise
     except ImageError:
         raise ImageError(f"chunk {digest} needs chunk {base}, which is missing from "
                          f"{store.root}") from None
     if codec.delta_base(frame) is not None:
         raise ImageError(f"chunk {digest} is corrupt: its base {base} is itself a delta")
     data = codec.decompress(frame, base)
-    if checked and codec.digest(data) != base:
+    if checked and store.name(data) != base:
         raise ImageError(f"chunk {base} is corrupt (content does not match its name)")
     return data
 
@@ -54,10 +57,10 @@ def decode_into(store: Datastore, digest: str, frame: bytes, out: memoryview) ->
 
 def read_chunk(store: Datastore, digest: str, length: int) -> bytes:
     """The `length` raw bytes named `digest`; ImageError if missing or corrupt."""
-    if digest == codec.zero_digest(length):
+    if digest == store.zero_name(length):
         return codec.zeros(length)
     data = decode(store, digest, store.read_frame(digest))
-    if len(data) != length or codec.digest(data) != digest:
+    if len(data) != length or store.name(data) != digest:
         raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
     return data
 
@@ -100,21 +103,9 @@ def read_chunk_into(store: Datastore, digest: str, frames: bytearray,
         codec.decompress_into(frame, contents, digest, None if base is None else
                               base_bytes(store, base, digest, checked=False))
         pieces = [contents]
-    if codec.sha256_of(pieces) != digest:
+    if store.name_of_pieces(pieces) != digest:
         raise ImageError(f"chunk {digest} is corrupt (content does not match its name)")
     return Contents(pieces)
-
-
-def stored_base(store: Datastore, digest: str) -> Optional[str]:
-    """The base stored chunk `digest` is a delta against, or None; read from its first bytes."""
-    path = store.chunk_path(digest)
-    try:
-        with open(path, "rb") as handle:
-            return codec.delta_base(handle.read(codec.DELTA_HEADER_SIZE))
-    except FileNotFoundError:
-        raise ImageError(f"chunk {digest} is missing from {store.root}") from None
-    except OSError as exc:
-        raise StoreError(f"cannot read chunk {digest}: {describe(exc)}") from None
 
 
 def bases_named_by_files(store: Datastore, digests: Iterable[str]) -> set[str]:
@@ -126,7 +117,7 @@ def bases_named_by_files(store: Datastore, digests: Iterable[str]) -> set[str]:
     """
     def needs(digest: str) -> Optional[str]:
         try:
-            return stored_base(store, digest)
+            return store.stored_base(digest)
         except ImageError:
             return None  # missing: reported by whoever needs it
 

@@ -12,18 +12,22 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Optional
 
-from ..base.errors import ImageError, StoreError, translated
+from ..base.errors import ImageError, StoreError, reason, translated
 from ..base.progress import Progress
+from ..base.syscalls import fsync_dir
 from .codec import DIGEST_RE
 from .manifest import NAME as MANIFEST_NAME
-from .manifest import Manifest
-from .store import TEMP_SUFFIX, Datastore, check_disk_id, fsync_dir, write_atomically
+from .manifest import Manifest, utc_text
+from .sealing import Tampered
+from .store import (PLAIN_IMAGE_FILES, PROTECTED_NAME, REFERENCES_NAME, SUMMARY_NAME,
+                    TEMP_SUFFIX, Datastore, check_disk_id, write_atomically)
 
 STAMP_FORMAT = "%Y-%m-%dT%H-%M-%SZ"
 # The chunk list of an image: one line per chunk of the disk, in order.
@@ -59,9 +63,11 @@ class Image:
         path = Path(path).resolve()
         if not path.is_dir():
             raise ImageError(f"{path}: no such image directory")
-        manifest = Manifest.load(path)
+        if not (path / MANIFEST_NAME).exists():
+            raise ImageError(f"{path}: not an image (no {MANIFEST_NAME})")
         # images/<disk>/<stamp> inside the datastore root
         store = store or Datastore.open(path.parent.parent.parent)
+        manifest = read_manifest(store, path)
         if manifest.chunk_size != store.chunk_size:
             raise ImageError(f"{path}: chunk size {manifest.chunk_size} differs from the datastore's")
         return cls(path, manifest, store)
@@ -99,7 +105,7 @@ class Image:
     def _read_index(self) -> list["IndexEntry"]:
         index_path = self.path / INDEX_NAME
         try:
-            text = index_path.read_text()
+            text = self.store.read_image_file(self.path, INDEX_NAME).decode()
         except FileNotFoundError:
             raise ImageError(f"{index_path}: missing index") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -121,6 +127,112 @@ class Image:
 
     def chunk_length(self, position: int) -> int:
         return min(self.chunk_size, self.size - position * self.chunk_size)
+
+    def read_file(self, name: str) -> bytes:
+        """One of the image's files, opened when sealed; OSError as raised, Tampered."""
+        return self.store.read_image_file(self.path, name)
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Replace the manifest (and, in an encrypted store, the summary shown without the key)."""
+        write_image_files(self.store, self.path, manifest, write_atomically)
+        self.manifest = manifest
+
+
+def protection(image_dir: Path) -> Optional[dict]:
+    """{"at", "note"} while the image is protected (prune and deletion refuse it), else None."""
+    try:
+        record = json.loads((image_dir / PROTECTED_NAME).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = {}  # unreadable, still there: protected all the same
+    return {"at": str(record.get("at", "")), "note": str(record.get("note", ""))}
+
+
+def protect(image_dir: Path, note: str, now: dt.datetime) -> None:
+    """Protect the image (no key needed: the mark is plain in an encrypted store too)."""
+    if not (image_dir / MANIFEST_NAME).is_file():
+        raise ImageError(f"{image_dir}: not an image (no {MANIFEST_NAME})")
+    with translated(StoreError, f"cannot protect {image_dir}"):
+        write_atomically(image_dir / PROTECTED_NAME, json.dumps(
+            {"at": utc_text(now), "note": note}).encode() + b"\n")
+        fsync_dir(image_dir)
+
+
+def unprotect(image_dir: Path) -> bool:
+    """Whether the image was protected."""
+    with translated(StoreError, f"cannot unprotect {image_dir}"):
+        try:
+            (image_dir / PROTECTED_NAME).unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(image_dir)
+    return True
+
+
+def read_manifest(store: Datastore, image_dir: Path) -> Manifest:
+    path = image_dir / MANIFEST_NAME
+    try:
+        text = store.read_image_file(image_dir, MANIFEST_NAME)
+    except FileNotFoundError:
+        raise ImageError(f"{image_dir}: not an image (no {MANIFEST_NAME})") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: unreadable manifest ({reason(exc)})") from None
+    return Manifest.parse(text, path)
+
+
+def references(store: Datastore, image_dir: Path) -> set[str]:
+    """Every chunk an image needs, bases included, read without the key in an encrypted
+    store (its `references`); in a plain one, its index names them (bases as the files
+    name them are the caller's to add)."""
+    if not store.encrypted:
+        return {name for entry in Image.open(image_dir, store).entries() for name in entry if name}
+    path = image_dir / REFERENCES_NAME
+    try:
+        names = path.read_text().split()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ImageError(f"{path}: unreadable ({exc})") from None
+    if not all(DIGEST_RE.match(name) for name in names):
+        raise ImageError(f"{path}: corrupt (a line is not a chunk's name)")
+    return set(names)
+
+
+def references_text(entries: list[IndexEntry]) -> str:
+    """An encrypted image's `references`: sorted, so they tell nothing of where each chunk is."""
+    return "".join(f"{name}\n" for name in sorted({name for entry in entries
+                                                   for name in entry if name}))
+
+
+def write_image_files(store: Datastore, folder: Path, manifest: Manifest, write, *,
+                      placed: Optional[Path] = None) -> None:
+    """Write the manifest into `folder` with `write(path, data)`, sealed for the image at
+    `placed` (default: `folder`); in an encrypted store, its summary first."""
+    if store.encrypted:
+        write(folder / SUMMARY_NAME, json.dumps(manifest.summary(), sort_keys=True).encode())
+    write(folder / MANIFEST_NAME, store.image_file(placed or folder, MANIFEST_NAME,
+                                                   manifest.as_json().encode()))
+
+
+def reseal(store: Datastore, image_dir: Path, placed: Path) -> None:
+    """Seal the sealed files of the image in `image_dir` for its new place `placed` (their
+    context names the place), the manifest excepted, each replaced whole; one resealed
+    by an earlier, interrupted run is left as it is."""
+    if not store.encrypted:
+        return
+    with translated(StoreError, f"cannot reseal the files of {image_dir}"):
+        names = sorted(entry.name for entry in os.scandir(image_dir) if entry.is_file()
+                       and not entry.name.startswith(".") and entry.name != MANIFEST_NAME
+                       and entry.name not in PLAIN_IMAGE_FILES)
+        for name in names:
+            try:
+                store.read_image_file(image_dir, name, placed=placed)
+                continue
+            except Tampered:
+                pass
+            write_atomically(image_dir / name, store.image_file(
+                placed, name, store.read_image_file(image_dir, name)))
 
 
 class ImageWriter:
@@ -152,10 +264,19 @@ class ImageWriter:
         if isinstance(data, str):
             data = data.encode()
         with translated(StoreError, f"cannot write {name} of the image"):
-            write_atomically(self.tmp / name, data)
+            write_atomically(self.tmp / name, self.store.image_file(self.tmp, name, data))
+
+    def write_index(self, entries: list[IndexEntry]) -> str:
+        """Write the index (and an encrypted store's `references`); the index's text."""
+        text = "".join(entry.line() for entry in entries)
+        self.write(INDEX_NAME, text)
+        if self.store.encrypted:
+            self.write(REFERENCES_NAME, references_text(entries))
+        return text
 
     def commit(self, manifest: Manifest) -> Path:
-        self.write(MANIFEST_NAME, manifest.as_json())
+        with translated(StoreError, "cannot write the image's manifest"):
+            write_image_files(self.store, self.tmp, manifest, write_atomically)
         with translated(StoreError, "cannot publish the image"):
             fsync_dir(self.tmp)
             os.rename(self.tmp, self.final)

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..base.errors import BadKey, describe
-from .store import fsync_dir
+from ..base.syscalls import fsync_dir
 
 MASTER_SIZE = 32
 FILE_FORMAT = 1

@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..base.errors import ImageError, reason
+from ..base.errors import ImageError
 from .codec import DIGEST_RE, LEVELS
 
 FORMAT = 1
 NAME = "manifest.json"
+SUMMARY_FIELDS = ("size", "chunk_size", "chunks", "created", "seconds", "level", "mode", "status",
+                  "stored_bytes", "new_bytes", "bad_bytes")
 MODES = ("raw", "used")
 STATUS_COMPLETE = "complete"
 STATUS_READ_ERRORS = "complete-with-read-errors"
@@ -216,20 +218,18 @@ class Manifest:
         return cls(**values, unknown=unknown)
 
     @classmethod
-    def load(cls, image_dir: Path) -> "Manifest":
-        """The manifest of the image in `image_dir`."""
-        path = image_dir / NAME
-        try:
-            text = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"{image_dir}: not an image (no {NAME})") from None
-        except OSError as exc:
-            raise ImageError(f"{path}: unreadable manifest ({reason(exc)})") from None
+    def parse(cls, text: bytes, path: Path) -> "Manifest":
+        """The manifest in `text`, read from `path`."""
         try:
             data = json.loads(text)
         except ValueError as exc:  # UnicodeDecodeError included
             raise ImageError(f"{path}: unreadable manifest (not JSON: {exc})") from None
         return cls.from_dict(data, path)
+
+    def summary(self) -> dict:
+        """What an encrypted image shows without its key (docs/architecture.md, "Encrypted
+        datastores"): its sizes and times, nothing of the disk's identity or contents."""
+        return {name: getattr(self, name) for name in SUMMARY_FIELDS}
 
     def as_dict(self) -> dict:
         """The manifest as manifest.json holds it; optional fields that are unset are left out."""

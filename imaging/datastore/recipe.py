@@ -1,5 +1,9 @@
-"""RESTORE.txt: how to restore an image with nothing but a shell, zstd, dd, od and tr."""
+"""RESTORE.txt: how to restore an image with nothing but a shell, zstd, dd, od and tr
+(and openssl, for an image in an encrypted datastore)."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 NAME = "RESTORE.txt"
 
@@ -52,8 +56,81 @@ echo "restored $n chunks to $target"
 """
 
 
-def render(*, disk_id: str, created: str, size: int, chunk_size: int, sha256: str,
-           image_dir: str) -> str:
-    chunks = -(-size // chunk_size)
-    return TEMPLATE.format(disk_id=disk_id, created=created, size=size, chunks=chunks,
-                           chunk_size=chunk_size, sha256=sha256, image_dir=image_dir)
+SEALED_TEMPLATE = """\
+# Restore this disk image with stock tools only: a POSIX shell, openssl, zstd, dd, od,
+# tr, head, tail and sed. The datastore is encrypted: the key's line of text (what
+# `imaging key show` prints last, and the paper copy holds) opens it.
+#
+#   disk      {disk_id}
+#   taken     {created}
+#   size      {size} bytes ({chunks} chunks of {chunk_size} bytes)
+#   key       {fingerprint}
+#
+# Run it as a script, naming the target disk (everything on it is overwritten):
+#
+#   IMAGING_KEY='imaging-key-1-...' sh {image_dir}/RESTORE.txt /dev/sdX
+#
+# Every file it reads is sealed (docs/architecture.md, "Sealed files"): `imgseal1`,
+# a 16-byte IV, AES-256-CTR ciphertext, and an HMAC-SHA256 tag over a line naming the
+# file and everything before the tag. The keys come from the master key by
+# HMAC-SHA256(master, "imaging <purpose> v1" 0x01). A file that fails its tag stops
+# the script before anything of it is written. Opened, `index` lists the chunks in
+# disk order; each chunk opens to a zstd frame, or to a delta (a skippable frame
+# naming its base, then a frame to decompress with the base as dictionary).
+set -eu
+target="${{1:?usage: IMAGING_KEY=... sh RESTORE.txt TARGET}}"
+image=$(cd "$(dirname "$0")" && pwd)
+chunks="$image/../../../chunks"
+place="images/$(basename "$(dirname "$image")")/$(basename "$image")"
+hex=$(printf '%s' "${{IMAGING_KEY:?set IMAGING_KEY to the key as imaging key show prints it}}" |
+      tr -d ' \n' | tr 'A-F' 'a-f')
+hex=${{hex#imaging-key-1-}}
+hex=$(printf '%s' "$hex" | tr -d '-' | cut -c1-64)
+subkey() {{ printf "imaging $1 v1\001" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$hex" | sed 's/.*= //'; }}
+fingerprint=$(subkey fingerprint | cut -c1-16 | sed 's/..../&-/g; s/-$//')
+[ "$fingerprint" = "{fingerprint}" ] || {{ echo "IMAGING_KEY is key $fingerprint, not {fingerprint}" >&2; exit 2; }}
+enc=$(subkey encryption)
+mac=$(subkey mac)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+unseal() {{  # FILE CONTEXT: the plain bytes of a sealed file, once its tag is right
+    [ -f "$1" ] || {{ echo "$2: missing ($1)" >&2; exit 3; }}
+    body=$(( $(wc -c < "$1") - 32 ))
+    [ "$body" -ge 24 ] || {{ echo "$2: not a sealed file" >&2; exit 3; }}
+    want=$(tail -c 32 "$1" | od -An -v -tx1 | tr -d ' \n')
+    got=$({{ printf '%s\n' "$2"; head -c "$body" "$1"; }} |
+          openssl dgst -sha256 -mac HMAC -macopt "hexkey:$mac" | sed 's/.*= //')
+    [ "$got" = "$want" ] || {{ echo "$2: fails its check: changed, moved or another key" >&2; exit 3; }}
+    iv=$(head -c 24 "$1" | tail -c 16 | od -An -v -tx1 | tr -d ' \n')
+    head -c "$body" "$1" | tail -c +25 | openssl enc -d -aes-256-ctr -K "$enc" -iv "$iv"
+}}
+chunk() {{ rest=${{1#??}}; printf '%s\n' "$chunks/${{1%"$rest"}}/$1.zst"; }}
+unseal "$image/index" "index $place" > "$work/index"
+n=0
+while read -r name _; do
+    unseal "$(chunk "$name")" "chunk $name" > "$work/frame"
+    head=$(od -An -tx1 -N40 "$work/frame" | tr -d ' \n')
+    case $head in
+    5e2a4d1820000000*)
+        base=${{head#5e2a4d1820000000}}
+        unseal "$(chunk "$base")" "chunk $base" > "$work/base"
+        zstd -dcq "$work/base" > "$work/base_raw"
+        zstd -dcq -D "$work/base_raw" "$work/frame" > "$work/raw" ;;
+    *)
+        zstd -dcq "$work/frame" > "$work/raw" ;;
+    esac
+    dd if="$work/raw" of="$target" bs={chunk_size} seek=$n conv=notrunc status=none
+    n=$((n + 1))
+done < "$work/index"
+echo "restored $n chunks to $target"
+"""
+
+
+def render(manifest, image_dir: Path, fingerprint: Optional[str] = None) -> str:
+    """The script restoring the image `manifest` describes, placed at `image_dir`, in a
+    datastore encrypted with the key of `fingerprint` if one is named."""
+    fields = dict(disk_id=image_dir.parent.name, created=manifest.created, size=manifest.size,
+                  chunks=manifest.chunks, chunk_size=manifest.chunk_size, image_dir=image_dir)
+    if fingerprint:
+        return SEALED_TEMPLATE.format(fingerprint=fingerprint, **fields)
+    return TEMPLATE.format(sha256=manifest.sha256, **fields)

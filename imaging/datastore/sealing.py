@@ -27,8 +27,17 @@ TAG_SIZE = 32
 OVERHEAD = len(MAGIC) + IV_SIZE + TAG_SIZE
 
 
+def looks_sealed(data: bytes | memoryview) -> bool:
+    """Whether `data` has a sealed file's shape (its check needs the key)."""
+    return len(data) >= OVERHEAD and data[:len(MAGIC)] == MAGIC
+
+
 class Tampered(ImageError):
     """A sealed file whose check fails: changed, moved, or sealed under another key."""
+
+    def __init__(self, context: str, problem: str) -> None:
+        super().__init__(f"{context}: {problem}")
+        self.problem = problem
 
 
 class Sealer:
@@ -42,6 +51,13 @@ class Sealer:
         """The name of a chunk holding `raw`: keyed, so equal only for equal bytes."""
         return hmac.new(self._chunk_id, raw, hashlib.sha256).hexdigest()
 
+    def chunk_name_of(self, pieces) -> str:
+        """`chunk_name` of the bytes of consecutive `pieces`."""
+        mac = hmac.new(self._chunk_id, digestmod=hashlib.sha256)
+        for piece in pieces:
+            mac.update(piece)
+        return mac.hexdigest()
+
     def seal(self, plain: bytes | memoryview, context: str) -> bytes:
         iv = secrets.token_bytes(IV_SIZE)
         encryptor = Cipher(algorithms.AES(self._encryption), modes.CTR(iv)).encryptor()
@@ -51,15 +67,25 @@ class Sealer:
     def open(self, sealed: bytes | memoryview, context: str) -> bytes:
         """The plain bytes of `sealed`, once its check passes; Tampered if it does not."""
         sealed = memoryview(sealed)
-        if len(sealed) < OVERHEAD or sealed[:len(MAGIC)] != MAGIC:
-            raise Tampered(f"{context}: not a sealed file (no {MAGIC.decode()} header)")
+        if not looks_sealed(sealed):
+            raise Tampered(context, f"not a sealed file (no {MAGIC.decode()} header)")
         body, tag = sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
         if not hmac.compare_digest(self._tag(context, body), tag):
-            raise Tampered(f"{context}: fails its check: changed, moved or sealed under another "
-                           "key since it was written")
+            raise Tampered(context, "fails its check: changed, moved or sealed under another key "
+                                    "since it was written")
         iv = bytes(body[len(MAGIC):len(MAGIC) + IV_SIZE])
         decryptor = Cipher(algorithms.AES(self._encryption), modes.CTR(iv)).decryptor()
         return decryptor.update(body[len(MAGIC) + IV_SIZE:]) + decryptor.finalize()
+
+    def peek(self, head: bytes) -> bytes:
+        """The first plain bytes of a sealed file from its first bytes, unchecked (its tag
+        is at its end): for a decision that a later full read checks anyway."""
+        start = len(MAGIC) + IV_SIZE
+        if len(head) < start or head[:len(MAGIC)] != MAGIC:
+            return b""
+        decryptor = Cipher(algorithms.AES(self._encryption),
+                           modes.CTR(bytes(head[len(MAGIC):start]))).decryptor()
+        return decryptor.update(head[start:])
 
     def _tag(self, context: str, body: bytes | memoryview) -> bytes:
         if "\n" in context:

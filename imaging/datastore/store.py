@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import re
@@ -22,14 +23,21 @@ from typing import Iterator, Optional, Sequence
 
 from ..base.errors import ImageError, StoreError, describe, reason, translated
 from ..base.progress import Progress
-from ..base.syscalls import start_writeback, syncfs
+from ..base.syscalls import fsync_dir, start_writeback, syncfs
 from ..disks.inventory import host_name, safe_id
+from . import codec, keyring
 from .codec import MAX_BASE_SIZE
+from .recipe import NAME as RECIPE_NAME
+from .sealing import OVERHEAD as SEAL_OVERHEAD
+from .sealing import Sealer
+from .verification import RECORD_NAME as VERIFY_NAME
 
 # Format 2: an index line may name the base of a delta chunk (see codec).
-# Format 1 datastores are read, and written without deltas.
+# Format 1 datastores are read, and written without deltas. Format 3 is format 2
+# encrypted: chunk files and image files sealed, chunks named by a keyed hash.
 FORMAT = 2
-READABLE_FORMATS = (1, 2)
+ENCRYPTED_FORMAT = 3
+READABLE_FORMATS = (1, 2, ENCRYPTED_FORMAT)
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 CHUNK_SUFFIX = ".zst"
 # What a file or folder is called while it is written, after a dot: gc removes old ones.
@@ -64,14 +72,6 @@ REHOME_LOCK = ".rehome.lock"
 DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,199}$")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either absent or complete."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -87,6 +87,25 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+# In an encrypted store: what an image shows without the key (the manifest's sizes and
+# times), and every chunk it needs, sorted (what gc and sync need without the key).
+SUMMARY_NAME = "summary.json"
+REFERENCES_NAME = "references"
+# There while the image is protected from prune and deletion: when and why, as JSON.
+PROTECTED_NAME = "protected"
+# The files of an image in an encrypted store that stay readable without its key: those,
+# the script that restores it, verify's last outcome and the protection.
+PLAIN_IMAGE_FILES = frozenset({SUMMARY_NAME, REFERENCES_NAME, RECIPE_NAME, VERIFY_NAME,
+                               PROTECTED_NAME})
+
+
+def image_context(image_dir: Path, name: str) -> str:
+    """What a sealed file of an image is: its name and the image's place, whatever folder
+    it is written in first (`.STAMP.tmp`, a sync's own)."""
+    stamp = image_dir.name.lstrip(".").split(".")[0]
+    return f"{name} images/{image_dir.parent.name}/{stamp}"
+
+
 def check_disk_id(disk_id: str) -> str:
     if not DISK_ID_RE.match(disk_id or "") or ".." in disk_id:
         raise StoreError(f"invalid disk id {disk_id!r}: use letters, digits and ._:+- only")
@@ -94,10 +113,14 @@ def check_disk_id(disk_id: str) -> str:
 
 
 class Datastore:
-    def __init__(self, root: Path, chunk_size: int, format: int = FORMAT) -> None:
+    def __init__(self, root: Path, chunk_size: int, format: int = FORMAT,
+                 fingerprint: Optional[str] = None) -> None:
         self.root = root
         self.chunk_size = chunk_size
         self.format = format
+        self.fingerprint = fingerprint  # of the key that encrypts it; None: not encrypted
+        self._sealer: Optional[Sealer] = None
+        self._zero_names: dict[int, str] = {}
         self.chunks_dir = root / "chunks"
         self.images_dir = root / "images"
         self.jobs_dir = root / "jobs"
@@ -119,27 +142,102 @@ class Datastore:
         chunk_size = settings.get("chunk_size")
         if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % 4096:
             raise StoreError(f"{config}: invalid chunk_size {chunk_size!r}")
-        return cls(root, chunk_size, store_format)
+        fingerprint = settings.get("key")
+        if (store_format == ENCRYPTED_FORMAT) != isinstance(fingerprint, str):
+            raise StoreError(f"{config}: format {store_format} with key {fingerprint!r}")
+        return cls(root, chunk_size, store_format, fingerprint)
 
     @classmethod
-    def open_or_create(cls, root: os.PathLike | str,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Datastore":
+    def open_or_create(cls, root: os.PathLike | str, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       encrypt_with: Optional[str] = None) -> "Datastore":
+        """The datastore at `root`, made if absent: encrypted with the key of fingerprint
+        `encrypt_with` (held by the keyring) when one is named."""
         root = Path(root)
         if (root / CONFIG_NAME).exists():
             store = cls.open(root)
+            if encrypt_with and store.fingerprint != encrypt_with:
+                raise keyring.KeyNeeded(
+                    f"{root} is encrypted with key {store.fingerprint}, not {encrypt_with}"
+                    if store.fingerprint else
+                    f"{root} is not encrypted: leave the key out, or name a new datastore "
+                    "to encrypt")
             make_private(root)
             return store
         if chunk_size <= 0 or chunk_size % 4096:
             raise StoreError(f"chunk size must be a positive multiple of 4096, not {chunk_size}")
+        settings = ({"format": ENCRYPTED_FORMAT, "chunk_size": chunk_size, "key": encrypt_with}
+                    if encrypt_with else {"format": FORMAT, "chunk_size": chunk_size})
         with translated(StoreError, f"cannot create datastore {root}"):
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             make_private(root)
             for sub in ("chunks", "images", "jobs"):
                 (root / sub).mkdir(exist_ok=True)
-            write_atomically(root / CONFIG_NAME,
-                             json.dumps({"format": FORMAT, "chunk_size": chunk_size}).encode() + b"\n")
+            write_atomically(root / CONFIG_NAME, json.dumps(settings).encode() + b"\n")
             fsync_dir(root)
-        return cls(root, chunk_size)
+        return cls(root, chunk_size, settings["format"], encrypt_with)
+
+    @property
+    def settings(self) -> dict:
+        """What datastore.json holds (a copy keeps it)."""
+        found = {"format": self.format, "chunk_size": self.chunk_size}
+        return dict(found, key=self.fingerprint) if self.encrypted else found
+
+    # -- encryption (docs/architecture.md, "Encrypted datastores") --------
+    @property
+    def encrypted(self) -> bool:
+        return self.fingerprint is not None
+
+    @property
+    def sealer(self) -> Sealer:
+        """The sealer of this store's key; KeyNeeded if this process does not hold it."""
+        if self._sealer is None:
+            self._sealer = keyring.sealer_for(self.fingerprint, self.root)
+        return self._sealer
+
+    def name(self, raw) -> str:
+        """The name of a chunk holding `raw`: its SHA-256, or its keyed hash when encrypted."""
+        return self.sealer.chunk_name(raw) if self.encrypted else codec.digest(raw)
+
+    def name_of_pieces(self, pieces) -> str:
+        return self.sealer.chunk_name_of(pieces) if self.encrypted else codec.sha256_of(pieces)
+
+    def zero_name(self, length: int) -> str:
+        """The name of a chunk of `length` zero bytes."""
+        if not self.encrypted:
+            return codec.zero_digest(length)
+        if length not in self._zero_names:
+            self._zero_names[length] = self.sealer.chunk_name(codec.zeros(length))
+        return self._zero_names[length]
+
+    def chunk_file(self, digest: str, frame: bytes) -> bytes:
+        """What a chunk's file holds: its frame, sealed when encrypted."""
+        return self.sealer.seal(frame, f"chunk {digest}") if self.encrypted else frame
+
+    def frame_of(self, digest: str, data) -> bytes | memoryview:
+        """The frame in a chunk's file; Tampered if a sealed one fails its check."""
+        return self.sealer.open(data, f"chunk {digest}") if self.encrypted else data
+
+    def stored_size(self, frame_size: int) -> int:
+        return frame_size + SEAL_OVERHEAD if self.encrypted else frame_size
+
+    def image_file(self, image_dir: Path, name: str, data: bytes) -> bytes:
+        """What `name` of the image in `image_dir` holds on disk: `data`, sealed when the
+        store is encrypted (but for the files that must be read without the key)."""
+        if not self.encrypted or name in PLAIN_IMAGE_FILES:
+            return data
+        return self.sealer.seal(data, image_context(image_dir, name))
+
+    def read_image_file(self, image_dir: Path, name: str, *,
+                        placed: Optional[Path] = None) -> bytes:
+        """The contents of `name` in the image in `image_dir`, opened when sealed (for the
+        image at `placed`, by default `image_dir`).
+
+        OSError as the file system raised it; Tampered if a sealed file fails its check.
+        """
+        data = (image_dir / name).read_bytes()
+        if not self.encrypted or name in PLAIN_IMAGE_FILES:
+            return data
+        return self.sealer.open(data, image_context(placed or image_dir, name))
 
     @property
     def deltas(self) -> bool:
@@ -164,19 +262,26 @@ class Datastore:
         except OSError as exc:
             raise StoreError(f"cannot mark chunk {digest} as in use: {describe(exc)}") from None
 
-    def write_chunk(self, digest: str, frame: bytes) -> None:
+    def write_chunk(self, digest: str, frame: bytes) -> int:
+        """Store `frame` as chunk `digest`, replacing any file there; the bytes stored."""
         path = self.chunk_path(digest)
+        data = self.chunk_file(digest, frame)
         with translated(StoreError, f"cannot write chunk {digest[:16]}"):
             try:
-                write_atomically(path, frame)
+                write_atomically(path, data)
             except FileNotFoundError:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(path, frame)
+                write_atomically(path, data)
+        return len(data)
 
     def chunk_batch(self) -> "ChunkBatch":
         return ChunkBatch(self)
 
     def read_frame(self, digest: str) -> bytes:
+        return self.frame_of(digest, self.read_chunk_file(digest))
+
+    def read_chunk_file(self, digest: str) -> bytes:
+        """A chunk's file as it is stored (sealed, in an encrypted store)."""
         path = self.chunk_path(digest)
         try:
             return path.read_bytes()
@@ -199,7 +304,23 @@ class Datastore:
             raise ImageError(f"chunk {digest} is missing from {self.root}") from None
         except OSError as exc:
             raise StoreError(f"cannot read chunk {digest}: {exc.strerror}") from None
-        return target[:filled]
+        return self.frame_of(digest, target[:filled])
+
+    def stored_base(self, digest: str) -> Optional[str]:
+        """The base stored chunk `digest` is a delta against, or None; read from its first bytes.
+
+        In an encrypted store they are decrypted unchecked: the whole file's check waits
+        for whoever reads the chunk, and a base named wrongly fails that read.
+        """
+        try:
+            with open(self.chunk_path(digest), "rb") as handle:
+                head = handle.read((SEAL_OVERHEAD if self.encrypted else 0)
+                                   + codec.DELTA_HEADER_SIZE)
+        except FileNotFoundError:
+            raise ImageError(f"chunk {digest} is missing from {self.root}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read chunk {digest}: {describe(exc)}") from None
+        return codec.delta_base(self.sealer.peek(head) if self.encrypted else head)
 
     def quarantine(self, digest: str) -> Path:
         """Set a corrupt chunk aside so the next backup of that data stores it afresh."""
@@ -238,15 +359,26 @@ class Datastore:
 
     # -- running jobs (for garbage collection and prune) -----------------
     def register(self, kind: str, what: str, *, images: Sequence[str] = (),
-                 progress: Optional[Progress] = None) -> "Registration":
+                 progress: Optional[Progress] = None) -> contextlib.AbstractContextManager:
         """Register a running job here for as long as a `with` block runs.
 
         `kind` is what the job does (backup and import write chunks no image
         references yet; restore, export, verify, recompress and mount read
         `images`, each named "<disk-id>/<stamp>"); `what` describes it to
         people. A heartbeat that fails stops the job through `progress`.
+        A read-only datastore takes no registration: nothing here changes it.
         """
+        if self.read_only:
+            return contextlib.nullcontext()
         return Registration(self, kind, what, tuple(images), progress)
+
+    @functools.cached_property
+    def read_only(self) -> bool:
+        """Mounted read-only (a remote through rclone, a disk mounted ro): only read here."""
+        try:
+            return bool(os.statvfs(self.root).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
 
     def clock(self) -> float:
         """Now, by the clock that stamps files here: the file server's, over NFS.
@@ -467,22 +599,27 @@ class ChunkBatch:
         self._pending_bytes = 0
         self._lock = threading.Lock()
 
-    def add(self, digest: str, frame: bytes, *, replace: bool = False) -> None:
+    def add(self, digest: str, frame: bytes, *, replace: bool = False) -> int:
         """Queue a chunk; unless `replace`, a file that lands under its name first is kept.
+        Returns the bytes its file holds.
 
         Two backups may store the same new chunk at once, each its own way (whole,
         or as a delta); whichever lands first stays, so a chunk file that an
         image may already use as a base is never swapped for a delta.
         """
+        return self.add_file(digest, self.store.chunk_file(digest, frame), replace=replace)
+
+    def add_file(self, digest: str, data: bytes, *, replace: bool = False) -> int:
+        """`add` a chunk's file as it is stored (sealed already, in an encrypted store)."""
         path = self.store.chunk_path(digest)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
         with translated(StoreError, f"cannot write chunk {digest[:16]}"):
             try:
                 try:
-                    _write_and_start_writeback(tmp, frame)
+                    _write_and_start_writeback(tmp, data)
                 except FileNotFoundError:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _write_and_start_writeback(tmp, frame)
+                    _write_and_start_writeback(tmp, data)
             except BaseException:
                 # Also when the retry in a new folder fails: no partial file stays behind.
                 with contextlib.suppress(OSError):
@@ -490,7 +627,8 @@ class ChunkBatch:
                 raise
         with self._lock:
             self._pending.append((tmp, path, replace))
-            self._pending_bytes += len(frame)
+            self._pending_bytes += len(data)
+        return len(data)
 
     def due(self) -> bool:
         return self._pending_bytes >= self.flush_bytes

@@ -88,7 +88,7 @@ def layout_text(image: Image) -> Optional[str]:
     """The image's layout.sf, None if the disk had no partition table."""
     path = image.path / layout.LAYOUT_NAME
     try:
-        return path.read_text()
+        return image.read_file(layout.LAYOUT_NAME).decode()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
@@ -188,7 +188,7 @@ class ImageReader:
         return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
     def holds_zeros(self, position: int) -> bool:
-        return self._entries[position][0] == codec.zero_digest(self.image.chunk_length(position))
+        return self._entries[position][0] == self.image.store.zero_name(self.image.chunk_length(position))
 
     @contextlib.contextmanager
     def lent(self, position: int) -> Iterator[Contents]:
@@ -200,7 +200,7 @@ class ImageReader:
         it there. All-zero and cached chunks are lent from where they are.
         """
         (digest, base), length = self._entries[position], self.image.chunk_length(position)
-        if digest == codec.zero_digest(length):
+        if digest == self.image.store.zero_name(length):
             yield Contents([memoryview(codec.zeros(length))])
             return
         with self._lock:
@@ -305,7 +305,7 @@ class ImageReader:
 
     def _load(self, position: int) -> bytes:
         (digest, base), length = self._entries[position], self.image.chunk_length(position)
-        if digest == codec.zero_digest(length):
+        if digest == self.image.store.zero_name(length):
             return codec.zeros(length)
         with self._lock:
             loading = self._cache.get(position)

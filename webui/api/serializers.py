@@ -81,12 +81,14 @@ class ImageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Image
         fields = ["id", "disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
-                  "bad_bytes", "sha256", "created", "seconds", "verified"]
+                  "bad_bytes", "sha256", "created", "seconds", "verified", "encrypted",
+                  "protected"]
 
 
 # What image_listing() reads: ImageSerializer's fields as columns.
 IMAGE_COLUMNS = ["id", "disk_id", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
-                 "bad_bytes", "sha256", "created", "seconds", "verify_ok"]
+                 "bad_bytes", "sha256", "created", "seconds", "verify_ok", "encrypted",
+                 "protected"]
 _DATETIME = serializers.DateTimeField()
 
 
@@ -97,7 +99,8 @@ def image_listing(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
              "status": row["status"], "size": row["size"], "stored_bytes": row["stored_bytes"],
              "new_bytes": row["new_bytes"], "bad_bytes": row["bad_bytes"], "sha256": row["sha256"],
              "created": _DATETIME.to_representation(row["created"]), "seconds": row["seconds"],
-             "verified": bool(row["verify_ok"])} for row in rows]
+             "verified": bool(row["verify_ok"]), "encrypted": row["encrypted"],
+             "protected": row["protected"]} for row in rows]
 
 
 class DatastoreSerializer(serializers.ModelSerializer):

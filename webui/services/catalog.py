@@ -187,13 +187,15 @@ def _moved_rows(datastore: Datastore, records: list) -> dict:
 
 IMAGE_FIELDS = ["path", "disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
                 "bad_bytes", "sha256", "level", "created", "seconds", "mounted_rw",
-                "verified_at", "verify_ok", "partitions", "bad_ranges"]
+                "verified_at", "verify_ok", "partitions", "bad_ranges", "encrypted", "protected"]
 
 
 def _copy_record(image: Image, record, disk: Disk) -> None:
     image.disk, image.stamp = disk, record.stamp
     image.mode, image.status, image.level = record.mode, record.status, record.level
-    image.size, image.sha256 = record.size, record.sha256
+    # An encrypted image listed without its key shows no SHA-256 (docs/architecture.md,
+    # "Encrypted datastores": the web server never holds a key).
+    image.size, image.sha256 = record.size, record.sha256 or ""
     image.stored_bytes, image.new_bytes = record.stored_bytes, record.new_bytes
     image.bad_bytes, image.seconds = record.bad_bytes, record.seconds
     image.mounted_rw = bool(record.mounted_rw)
@@ -202,6 +204,7 @@ def _copy_record(image: Image, record, disk: Disk) -> None:
     image.verify_ok = record.verify_ok
     image.partitions = record.partitions or []
     image.bad_ranges = record.bad_ranges or []
+    image.encrypted, image.protected = record.encrypted, record.protected
 
 
 def _disks_for(records: list) -> dict[str, Disk]:

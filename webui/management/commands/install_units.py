@@ -20,6 +20,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from imaging.datastore import keyring
 from webui import launcher
 from webui.env import READ_NAMES, QUOTABLE
 
@@ -68,7 +69,9 @@ def unit_text(service: str, env_file: Path, bind: str, local_redis: bool) -> str
 
 
 def environment_text() -> str:
-    values = {name: os.environ[name] for name in READ_NAMES if os.environ.get(name)}
+    # The worker's key of encrypted datastores too (serve drops it for the other services).
+    carried = [*READ_NAMES, keyring.KEY_FILE_VARIABLE, keyring.PASSPHRASE_VARIABLE]
+    values = {name: os.environ[name] for name in carried if os.environ.get(name)}
     values["DATA_DIR"] = str(settings.DATA_DIR)
     for name, value in values.items():
         if not QUOTABLE.fullmatch(value):

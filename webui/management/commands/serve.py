@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from imaging.datastore import keyring
 from webui import launcher
 from webui.env import private_directory
 
@@ -78,8 +79,16 @@ def specs(names: list[str], bind: str, logs: Path,
         launcher.BEAT: lambda service: launcher.BEAT_READY_LINE in service.log(),
     }
     env = service_env(disk_files)
-    return [launcher.ServiceSpec(name, command_for(name, bind), env, logs / f"{name}.log",
-                                 ready[name]) for name in names]
+    return [launcher.ServiceSpec(name, command_for(name, bind), env if name == launcher.WORKER
+                                 else without_keys(env), logs / f"{name}.log", ready[name])
+            for name in names]
+
+
+def without_keys(env: dict[str, str]) -> dict[str, str]:
+    """The environment of every service but the worker: the key of an encrypted datastore and
+    its passphrase reach the process that backs up and restores, never the web server."""
+    return {name: value for name, value in env.items()
+            if name not in (keyring.KEY_FILE_VARIABLE, keyring.PASSPHRASE_VARIABLE)}
 
 
 def supervise(supervisor: launcher.Supervisor, stop_requested) -> None:
@@ -123,7 +132,9 @@ class Command(BaseCommand):
                 raise CommandError("--exec runs one service")
             command = command_for(services[0], bind)
             sys.stdout.flush()
-            os.execvpe(command[0], command, service_env())
+            env = service_env()
+            os.execvpe(command[0], command,
+                       env if services[0] == launcher.WORKER else without_keys(env))
         logs = private_directory(settings.DATA_DIR / "logs")
         supervisor = launcher.Supervisor(specs(list(dict.fromkeys(services)), bind, logs),
                                          self.say)
