@@ -36,6 +36,10 @@ sorted file listing, so the same disk gets the same sequence every run:
 That writes ~10-30 MiB of files a night; the disk blocks that really changed
 (4 KiB blocks, journal and metadata included) are measured too.
 
+After each night's backups, ours (raw mode) and restic's repositories are copied
+off site to an SFTP server on loopback, and ours against `rclone copy` of the same
+folder (bench/offsite.py).
+
 Sizes are the apparent sizes of all regular files in each repository
 directory (bench.system.tree_bytes; borg's and restic's local caches live
 outside them); times are wall seconds of each night's backup, each ending
@@ -62,6 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import offsite
 from bench.measure import CommandFailed, timed
 from bench.peers import GZIP_SLICES, Bench, gzip_on_original
 from bench.system import LINUX_TYPE, MiB, exit_cleanly_on_signals, mounted_partition, tree_bytes
@@ -74,6 +79,8 @@ SVG_PATH = REPO_ROOT / "docs" / "history.svg"
 
 NIGHTS = 14
 SEED = 1
+RESTIC_REPOSITORY = "restic-repo"
+OURS_RAW_STORE = "ours-raw"
 REPORTED_NIGHTS = (0, 1, 7, 14)
 GZIP_SAMPLE = 64 * MiB
 BLOCK = 4096
@@ -340,10 +347,14 @@ def _borg(disk: Path, workdir: Path) -> Callable[[int], tuple[float, int]]:
     return back_up
 
 
+def _restic_env(workdir: Path) -> dict[str, str]:
+    return os.environ | {"RESTIC_PASSWORD": "history",
+                         "RESTIC_CACHE_DIR": str(workdir / "restic-cache")}
+
+
 def _restic(disk: Path, workdir: Path) -> Callable[[int], tuple[float, int]]:
-    repository = workdir / "restic-repo"
-    env = os.environ | {"RESTIC_PASSWORD": "history",
-                        "RESTIC_CACHE_DIR": str(workdir / "restic-cache")}
+    repository = workdir / RESTIC_REPOSITORY
+    env = _restic_env(workdir)
 
     def back_up(night: int) -> tuple[float, int]:
         if night == 0:
@@ -378,7 +389,7 @@ def tools(disk: Path, workdir: Path, gzip_sample: int = GZIP_SAMPLE) -> list[Too
                  "slices, per night" if gzip_sample < disk.stat().st_size else "")
     candidates = [
         (Tool("ours-raw", "ours, raw mode", "ours, raw",
-              _ours(disk, workdir / "ours-raw", "raw")), None),
+              _ours(disk, workdir / OURS_RAW_STORE, "raw")), None),
         (Tool("ours-used", "ours, used mode", "ours, used",
               _ours(disk, workdir / "ours-used", "used")), None),
         (Tool("borg", "borg --compression zstd,3 --read-special", "borg (zstd,3)",
@@ -405,6 +416,7 @@ class History:
     seconds: float = 0.0
     # The machine's 1-minute load average when the section started and ended.
     load: tuple[float, float] = (0.0, 0.0)
+    copies: offsite.Offsite | None = None  # each night's off-site copies (bench/offsite.py)
 
     def tool(self, key: str) -> Tool | None:
         return next((tool for tool in self.tools if tool.key == key), None)
@@ -437,22 +449,31 @@ def run_history(pristine: Path, workdir: Path, nights: int = NIGHTS, seed: int =
     missing = [name for name in ("borg", "restic", "gzip")
                if name not in {tool.key for tool in selected}]
     history = History(disk_size=disk.stat().st_size, seed=seed, tools=selected, missing=missing)
-    before = block_digests(disk)
-    history.written.append(0)
-    history.changed.append(0)
-    _back_up_all(history, 0, progress)
-    for night in range(1, nights + 1):
-        progress(f"history night {night}: changing the disk")
-        plan, written = change_disk(disk, night, seed)
-        after = block_digests(disk)  # also reads the disk into the page cache for every tool
-        history.written.append(written)
-        history.changed.append(BLOCK * sum(old != new for old, new in zip(before, after)))
-        history.plans.append({"night": night, "rewritten_files": len(plan.rewrites),
-                              "log_bytes": sum(count for _, count in plan.logs),
-                              "upgraded_files": len(plan.upgrade),
-                              "deleted_files": len(plan.deletions), "moved": list(plan.move)})
-        before = after
-        _back_up_all(history, night, progress)
+    restic = history.tool("restic")
+    with offsite.offsite(workdir, workdir / OURS_RAW_STORE,
+                         workdir / RESTIC_REPOSITORY if restic else None,
+                         _restic_env(workdir)) as copies:
+        history.copies = copies
+        before = block_digests(disk)
+        history.written.append(0)
+        history.changed.append(0)
+        _back_up_all(history, 0, progress)
+        if copies:
+            copies.after_night(0, progress)
+        for night in range(1, nights + 1):
+            progress(f"history night {night}: changing the disk")
+            plan, written = change_disk(disk, night, seed)
+            after = block_digests(disk)  # also reads the disk into the page cache for every tool
+            history.written.append(written)
+            history.changed.append(BLOCK * sum(old != new for old, new in zip(before, after)))
+            history.plans.append({"night": night, "rewritten_files": len(plan.rewrites),
+                                  "log_bytes": sum(count for _, count in plan.logs),
+                                  "upgraded_files": len(plan.upgrade),
+                                  "deleted_files": len(plan.deletions), "moved": list(plan.move)})
+            before = after
+            _back_up_all(history, night, progress)
+            if copies:
+                copies.after_night(night, progress)
     history.seconds = time.perf_counter() - started
     history.load = (load_at_start, os.getloadavg()[0])
     return history
@@ -508,7 +529,9 @@ def target_lines(history: History) -> list[str]:
     compare(f"History: ours used-mode datastore vs ours raw after {last} nights", used_size)
     compare("History: first backup (night 0), ours raw size vs borg's", first_size)
     compare("History: first backup (night 0), ours raw throughput vs borg's", first_throughput)
-    return lines
+    restic = history.tool("restic")
+    return lines + offsite.target_lines(history.copies, ours.sizes if ours else [None],
+                                        restic.sizes if restic else [None])
 
 
 def table(history: History) -> str:
@@ -564,6 +587,7 @@ def as_json(history: History) -> dict:
                              "seconds": [None if s is None else round(s, 3)
                                          for s in tool.seconds]}
                   for tool in history.tools},
+        "offsite": history.copies.as_json() if history.copies else None,
         "targets": target_lines(history),
     }
 

@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, Optional, Protocol
 
 from .base import rclone, tools
 from .base.rclone import shown
-from .base.errors import Cancelled, ImageError, StoreError, translated
+from .base.errors import ImageError, StoreError, translated
+from .base.pipeline import ordered_map
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore import codec
 from .datastore.chunks import bases_named_by_files, decode
@@ -57,9 +58,10 @@ class SyncResult:
     copied: list[str]  # "<disk>/<stamp>" of each image copied
     present: list[str]  # ... of each image the destination held already
     chunks_sent: int
-    bytes_sent: int
+    bytes_sent: int  # of the chunks' files
     chunks_present: int
     seconds: float
+    image_bytes_sent: int = 0  # of the images' files
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,7 +84,7 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
         copy = Local(Path(target), src)
     wanted = _images(src, disks, last)
     result = SyncResult(str(src.root), copy.name, [], [], 0, 0, 0, 0.0)
-    names = [f"{path.parent.name}/{path.name}" for path in wanted]
+    names = names_of(wanted)
     with src.register(READING, f"sync to {copy.name}", images=names, progress=progress), \
             copy.registered(f"sync from {src.root}", progress):
         missing = [path for path, name in zip(wanted, names) if not copy.holds_image(name)]
@@ -94,41 +96,50 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
         sending: list[str] = []
         handled: set[str] = set()
 
-        def send(digest: str) -> None:
+        def looked_at(digest: str) -> Optional[tuple[bytes, Optional[str]]]:
+            """What of the chunk is to go (in a worker: reading and checking it is most of
+            a sync's work), None if nothing."""
+            if copy.holds_chunk(digest):
+                return None
+            return _checked_file(src, digest, lengths.get(digest))
+
+        def send(digest: str, checked: Optional[tuple[bytes, Optional[str]]]) -> None:
             if digest in handled:
                 return
             handled.add(digest)
-            if copy.holds_chunk(digest):
-                result.chunks_present += 1
-                return
-            checked = _checked_file(src, digest, lengths.get(digest))
             if checked is None:
                 result.chunks_present += 1
                 return
             data, base = checked
-            if base is not None:
-                send(base)  # the base its file names now, which a later backup may have changed
+            if base is not None and base not in handled:
+                # the base its file names now, which a later backup may have changed
+                send(base, looked_at(base))
             sending.append(digest)
             copy.send_chunk(digest, data)
             result.bytes_sent += len(data)
 
         try:
-            for digest in order:
-                if progress.cancelled():
-                    raise Cancelled()
-                send(digest)
+            for digest, checked in ordered_map(
+                    lambda digest: None if digest in handled else looked_at(digest), order,
+                    cancelled=progress.cancelled, name="sync"):
+                send(digest, checked)
                 progress.advance(1)
-            copy.flush_chunks(sending)
+            copy.publish(sending, missing)
         except BaseException:
             copy.discard_chunks()
             raise
         result.chunks_sent = len(sending)
-        for path in missing:
-            copy.send_image(path)
-            result.copied.append(f"{path.parent.name}/{path.name}")
+        result.copied = names_of(missing)
+        result.image_bytes_sent = sum((path / name).stat().st_size for path in missing
+                                      for name in _image_files(path))
     progress.finish()
     result.seconds = time.monotonic() - started
     return result
+
+
+def names_of(images: Iterable[Path]) -> list[str]:
+    """"<disk>/<stamp>" of each image folder."""
+    return [f"{path.parent.name}/{path.name}" for path in images]
 
 
 class Destination(Protocol):
@@ -144,13 +155,12 @@ class Destination(Protocol):
     def send_chunk(self, digest: str, data: bytes) -> None:
         """Send (or queue) a chunk's file (as stored), checked."""
 
-    def flush_chunks(self, digests: list[str]) -> None:
-        """The chunks queued, sent; an error if one did not arrive whole."""
+    def publish(self, digests: list[str], images: list[Path]) -> None:
+        """The chunks queued, sent (an error if one did not arrive whole), then the images,
+        each listed there only once its manifest is."""
 
     def discard_chunks(self) -> None:
         """The chunks queued and not sent, forgotten (the sync failed)."""
-
-    def send_image(self, image_dir: Path) -> None: ...
 
 
 def _needed_chunks(src: Datastore, images: list[Path]) -> dict[str, Optional[int]]:
@@ -239,13 +249,15 @@ class Local:
         if self.batch.due():
             self.batch.flush()
 
-    def flush_chunks(self, digests: list[str]) -> None:
+    def publish(self, digests: list[str], images: list[Path]) -> None:
         self.batch.flush()
+        for image_dir in images:
+            self._send_image(image_dir)
 
     def discard_chunks(self) -> None:
         self.batch.discard()
 
-    def send_image(self, image_dir: Path) -> None:
+    def _send_image(self, image_dir: Path) -> None:
         disk, stamp = image_dir.parent.name, image_dir.name
         folder = self.store.images_dir / disk
         final = folder / stamp
@@ -269,8 +281,15 @@ class Local:
 
 
 class Remote:
-    """A datastore wherever rclone reaches: what is there is listed once (names and sizes),
-    the chunks it lacks go up in one rclone run, an image's files with its manifest last."""
+    """A datastore wherever rclone reaches: what is there is listed once (names and sizes);
+    the chunks it lacks and the images' files but their manifests go up in one rclone run,
+    are listed again, then the manifests go up in another.
+
+    rclone's own check after each upload is skipped (`--ignore-checksum`): on SFTP it
+    re-reads every file at the remote with md5sum, which doubled the time of a copy here,
+    while the sizes listed after the upload and the chunks' names (verify --read-data
+    downloads and re-hashes them) check what arrived, and the transport (SSH, TLS)
+    authenticates what travels."""
 
     def __init__(self, remote: str, src: Datastore, bwlimit: Optional[str],
                  progress: Progress) -> None:
@@ -278,12 +297,13 @@ class Remote:
         self.name = shown(rclone.PREFIX + remote)
         self.sizes: dict[str, int] = {}
         self.options = ["--bwlimit", bwlimit] if bwlimit else []
-        _check_compatible(self.name, self._settings(), src)
-        self.chunks = self._listing("chunks")
+        there = self._listing()
+        _check_compatible(self.name, self._settings(CONFIG_NAME in there), src)
+        self.files = there
         # An image is there once its manifest is, whole.
-        self.manifests = {name.rsplit("/", 1)[0]: size
-                          for name, size in self._listing("images").items()
-                          if name.endswith("/" + MANIFEST_NAME)}
+        self.manifests = {name[len("images/"):-len("/" + MANIFEST_NAME)]: size
+                          for name, size in there.items()
+                          if name.startswith("images/") and name.endswith("/" + MANIFEST_NAME)}
 
     def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -294,52 +314,47 @@ class Remote:
             there == (self.src.images_dir / name / MANIFEST_NAME).stat().st_size
 
     def holds_chunk(self, digest: str) -> bool:
-        there = self.chunks.get(_relative(digest))
+        there = self.files.get(_relative(digest))
         try:
             return there is not None and there == self.src.chunk_path(digest).stat().st_size
         except FileNotFoundError:
             return False  # the source lacks it: checking it says why
 
     def send_chunk(self, digest: str, data: bytes) -> None:
-        # Sent with the others by flush_chunks, in one rclone run, from the same file.
+        # Sent with the others by publish, in one rclone run, from the same file.
         self.sizes[digest] = len(data)
 
-    def flush_chunks(self, digests: list[str]) -> None:
-        if not digests:
-            return
-        with self._file_list(_relative(digest) for digest in digests) as listing:
-            self._rclone("copy", str(self.src.chunks_dir), self._path("chunks"),
-                         "--files-from", listing, "--no-traverse",
-                         failure=f"cannot send {len(digests)} chunks to {self.name}")
-        # rclone passes over a listed file that is gone: the images go up only once every
-        # chunk is there, whole.
-        arrived = self._listing("chunks")
+    def publish(self, digests: list[str], images: list[Path]) -> None:
+        image_files = [(image_dir, _image_files(image_dir)) for image_dir in images]
+        with self._file_list([*(_relative(digest) for digest in digests),
+                              *(f"images/{name}/{file}" for (image_dir, files), name
+                                in zip(image_files, names_of(images)) for file in files[:-1])]
+                             ) as listing:
+            self._rclone("copy", str(self.src.root), self.remote, "--files-from", listing,
+                         "--no-traverse", "--ignore-checksum",
+                         failure=f"cannot send {len(digests)} chunks and {len(images)} images "
+                                 f"to {self.name}")
+        # rclone passes over a listed file that is gone: the images are published only once
+        # every chunk is there, whole.
+        arrived = self._listing("chunks") if digests else {}
         for digest in digests:
             if arrived.get(_relative(digest)) != self.sizes[digest]:
                 raise StoreError(f"chunk {digest} did not arrive whole at {self.name}: "
                                  "no image sent; run the sync again")
+        if images:
+            with self._file_list(f"images/{name}/{MANIFEST_NAME}"
+                                 for name in names_of(images)) as listing:
+                self._rclone("copy", str(self.src.root), self.remote, "--files-from", listing,
+                             "--no-traverse", "--ignore-checksum",
+                             failure=f"cannot send the manifests of {len(images)} images to "
+                                     f"{self.name}")
 
     def discard_chunks(self) -> None:
         pass
 
-    def send_image(self, image_dir: Path) -> None:
-        name = f"{image_dir.parent.name}/{image_dir.name}"
-        there = self._path(f"images/{name}")
-        *files, manifest = _image_files(image_dir)
-        with self._file_list(files) as listing:
-            self._rclone("copy", str(image_dir), there, "--files-from", listing,
-                         "--no-traverse", failure=f"cannot send image {name} to {self.name}")
-        self._rclone("copyto", str(image_dir / manifest), f"{there}/{manifest}",
-                     failure=f"cannot send the manifest of {name}")
-
-    def _settings(self) -> dict:
-        # The first contact: a remote nobody answers for fails at once, not after rclone's
-        # retries (transfers keep them).
-        found = self._rclone("lsf", self.remote, "--files-only", "--include", CONFIG_NAME,
-                             "--retries", "1", "--low-level-retries", "1")
-        if found.returncode not in (0, rclone.NO_DIRECTORY):
-            raise StoreError(f"cannot reach {self.name}: {shown(tools.complaint(found))}")
-        if found.returncode == 0 and CONFIG_NAME in found.stdout.split():
+    def _settings(self, present: bool) -> dict:
+        """Its datastore.json, written with the source's settings if it has none."""
+        if present:
             text = self._rclone("cat", self._path(CONFIG_NAME),
                                 failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
             try:
@@ -353,20 +368,23 @@ class Remote:
                      failure=f"cannot create a datastore at {self.name}")
         return config
 
-    def _listing(self, folder: str) -> dict[str, int]:
-        """Each file under `folder` there, by its path below it, with its size."""
-        done = self._rclone("lsf", self._path(folder), "-R", "--files-only", "--format", "ps",
-                            "--separator", "\t")
+    def _listing(self, folder: Optional[str] = None) -> dict[str, int]:
+        """Each file under `folder` there (the whole remote if None), by its path below the
+        remote, with its size. The first contact: a remote nobody answers for fails at
+        once, not after rclone's retries (transfers keep them)."""
+        done = self._rclone("lsf", self._path(folder) if folder else self.remote, "-R",
+                            "--files-only", "--format", "ps", "--separator", "\t",
+                            *(() if folder else ("--retries", "1", "--low-level-retries", "1")))
         if done.returncode == rclone.NO_DIRECTORY:
             return {}  # not there yet: nothing under it
         if done.returncode != 0:
-            raise StoreError(f"cannot list {folder} at {self.name}: "
-                             f"{shown(tools.complaint(done))}")
+            raise StoreError(f"cannot {'list ' + folder + ' at' if folder else 'reach'} "
+                             f"{self.name}: {shown(tools.complaint(done))}")
         sizes = {}
         for line in done.stdout.splitlines():
             path, _, size = line.rpartition("\t")
             if path and size.isdigit() and not path.startswith(".") and "/." not in path:
-                sizes[path] = int(size)
+                sizes[f"{folder}/{path}" if folder else path] = int(size)
         return sizes
 
     def _path(self, relative: str) -> str:
@@ -386,8 +404,8 @@ class Remote:
 
 
 def _relative(digest: str) -> str:
-    """A chunk's file, below the chunks folder."""
-    return f"{digest[:2]}/{digest}{CHUNK_SUFFIX}"
+    """A chunk's file, below the datastore's folder."""
+    return f"chunks/{digest[:2]}/{digest}{CHUNK_SUFFIX}"
 
 
 def _check_compatible(name: str, settings: dict, src: Datastore) -> None:

@@ -19,6 +19,7 @@ from test_delta_chunks import CHUNK, edited
 
 from imaging.datastore import keyring, keys
 from imaging.datastore.image import Image
+from imaging.datastore.sealing import MAGIC
 from imaging.datastore.store import Datastore
 
 # A line of text the disk holds many times over: no file of the store may show it.
@@ -85,7 +86,7 @@ def test_nothing_stored_shows_the_disk_or_names_a_chunk_by_its_content(encrypted
     assert set(summary) == {"size", "chunk_size", "chunks", "created", "seconds", "level", "mode",
                             "status", "stored_bytes", "new_bytes", "bad_bytes"}
     for sealed in ("manifest.json", "index", "mbr.bin", "badblocks.map"):
-        assert (image / sealed).read_bytes().startswith(b"imgseal1"), sealed
+        assert (image / sealed).read_bytes().startswith(MAGIC), sealed
 
 
 def test_restore_is_byte_identical_and_listing_needs_no_key(encrypted, tmp_path):

@@ -9,16 +9,18 @@ downloaded through the file browser byte for byte.
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 
+from django.utils import timezone
 from playwright.sync_api import expect
 from engine import MiB, sha256_of
 from support.devices import loop_device, mounted
 from support.disks import PartSpec
 
 from webui import services
-from webui.models import Image, Job, Schedule
+from webui.models import Image, ImageCopy, Job, Schedule
 
 pytest_plugins = ["support.browser"]
 
@@ -205,8 +207,8 @@ def test_a_viewer_sees_no_job_buttons(lab, alice_page, bob_page):
     # The same pages give staff the buttons: the check above looks where they are.
     assert {"restore", "verify", "export", "delete", "backup"} <= staff_actions[pages[1]]
     assert "cancel" in staff_actions[f"/jobs/{running.pk}/"]
-    assert {"gc", "verify-datastore"} <= staff_actions["/datastores/"]
-    assert len(staff_forms["/datastores/"]) == 2
+    assert {"gc", "verify-datastore", "add-remote"} <= staff_actions["/datastores/"]
+    assert len(staff_forms["/datastores/"]) == 3
 
     alice.open(f"/jobs/{running.pk}/")
     alice.page.on("dialog", lambda dialog: dialog.accept())
@@ -230,6 +232,15 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
         job = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="raw",
                                              datastore=lab.datastore).pk)
         assert job.state == Job.State.SUCCEEDED, job.error
+    # An off-site copy of the newest image, as a sync job that ended well leaves it.
+    offsite = services.add_remote("rclone::sftp,host=nas.lan,user=backup,pass=hunter2:/copies",
+                                  label="b2-bucket", bwlimit="8M")
+    synced = timezone.now() - dt.timedelta(hours=6)
+    Job.objects.create(kind="sync", state=Job.State.SUCCEEDED, host=system_disk.host,
+                       datastore=lab.datastore, destination=offsite, started=synced,
+                       finished=synced + dt.timedelta(minutes=3))
+    ImageCopy.objects.create(image=Image.objects.filter(disk=system_disk).first(),
+                             datastore=offsite, synced_at=synced)
     running = lab.in_own_thread(services.start_backup, archive_disk, mode="raw",
                                 datastore=lab.datastore)
     image = Image.objects.filter(disk=system_disk).first()
@@ -258,6 +269,7 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
                 desktop.page.wait_for_timeout(2000)
             if name in captured:
                 screenshots(desktop, name, scheme)
+            assert "hunter2" not in desktop.page.content(), path
         backgrounds[scheme] = desktop.page.evaluate(
             "getComputedStyle(document.body).backgroundColor")
         open_restore_dialog(desktop)

@@ -92,7 +92,8 @@ class AccessTests(PageTestCase):
         self.assertIn(f'data-url="/api/disks/{self.d1.pk}/backup/"', disk)
         self.assertIn(f'data-url="/api/images/{self.image.pk}/verify/"', disk)
         self.assertEqual(self.actions(self.page(f"/jobs/{self.job.pk}/")), ["cancel"])
-        self.assertEqual(set(self.actions(self.page("/datastores/"))), {"gc", "verify-datastore"})
+        self.assertEqual(set(self.actions(self.page("/datastores/"))),
+                         {"gc", "verify-datastore", "add-remote"})
 
     def test_staff_pages_and_actions_refuse_a_viewer(self):
         for path in ("/schedules/new/", f"/schedules/{self.schedule.pk}/",

@@ -30,11 +30,16 @@ class ScheduleForm(forms.ModelForm):
     grace_minutes = forms.IntegerField(
         label="Grace time (minutes)", min_value=0, max_value=365 * 24 * 60,
         help_text="How late a backup may come before the disk counts as overdue.")
+    offsite_hours = forms.IntegerField(
+        label="Off-site copy within (hours)", min_value=1, max_value=365 * 24, required=False,
+        help_text="Flag the disk when its newest image with an off-site copy is older than "
+                  "this; empty: no off-site rule.")
 
     class Meta:
         model = Schedule
-        fields = ["kind", "disk", "datastore", "cron", "time_zone", "mode", "level", "deltas",
-                  *RETENTION_FIELDS, "notify_urls", "notify_on_success", "enabled"]
+        fields = ["kind", "disk", "datastore", "destination", "after_backup", "cron", "time_zone",
+                  "mode", "level", "deltas", *RETENTION_FIELDS, "notify_urls",
+                  "notify_on_success", "enabled"]
         field_classes = {"disk": DiskChoiceField}
         labels = {
             "kind": "What to run", "cron": "When (cron)", "time_zone": "Time zone",
@@ -42,6 +47,8 @@ class ScheduleForm(forms.ModelForm):
             **{field: rule.capitalize() for field, rule in zip(RETENTION_FIELDS, RETENTION_RULES)},
             "notify_urls": "Notification URLs", "notify_on_success": "Also notify on success",
             "enabled": "On", "deltas": "Store changes as deltas",
+            "destination": "Copy to", "after_backup": "Also copy each new image as its backup "
+                                                     "ends",
         }
         help_texts = {
             "cron": "minute hour day-of-month month day-of-week, like 0 3 * * * for 03:00 daily",
@@ -67,6 +74,10 @@ class ScheduleForm(forms.ModelForm):
                                        for kind in services.registry.KINDS.values()
                                        if kind.scheduled_as]
         self.fields["grace_minutes"].initial = int(self.instance.grace.total_seconds() // 60)
+        if self.instance.offsite_within is not None:
+            self.fields["offsite_hours"].initial = int(
+                self.instance.offsite_within.total_seconds() // 3600)
+        self.fields["destination"].empty_label = "— none (only a copy schedule copies) —"
         for name in RETENTION_FIELDS:
             self.fields[name].widget.attrs["min"] = 0
         self.fields["level"].widget.attrs.update(min=MIN_LEVEL, max=MAX_LEVEL)
@@ -80,6 +91,12 @@ class ScheduleForm(forms.ModelForm):
         minutes = cleaned.get("grace_minutes")
         if minutes is not None:
             self.instance.grace = dt.timedelta(minutes=minutes)
+        hours = cleaned.get("offsite_hours")
+        self.instance.offsite_within = (dt.timedelta(hours=hours)
+                                        if hours and cleaned.get("kind") == Schedule.Kind.BACKUP
+                                        else None)
+        if cleaned.get("kind") != Schedule.Kind.SYNC:
+            cleaned["destination"], cleaned["after_backup"] = None, False
         if cleaned.get("kind") == Schedule.Kind.BACKUP:
             try:
                 validate_retention({rule: cleaned.get(field) or 0

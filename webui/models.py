@@ -24,6 +24,8 @@ from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.dispatch import Signal
 from django.utils import timezone
 
+from imaging.base import rclone
+
 from .formatting import size
 from .parameters import BACKUP_MODES, DEFAULT_LEVEL, LEVEL_VALIDATORS, RETENTION_RULES
 
@@ -145,7 +147,17 @@ class HostAccess(models.Model):
 
 class Datastore(models.Model):
     path = models.CharField(max_length=4096, unique=True,
-                            help_text="the same path on every host that uses it")
+                            help_text="the same path on every host that uses it, or an rclone: "
+                                      "remote (a copy that sync jobs fill)")
+    label = models.CharField(max_length=63, blank=True,
+                             help_text='what people call it: "NAS", "b2-bucket"')
+    offsite = models.BooleanField(default=False, help_text="away from the machines it copies: "
+                                                           "a fire or a burglary spares it")
+    bwlimit = models.CharField(max_length=32, blank=True,
+                               help_text="rclone's --bwlimit for copies to it (8M, 1M:off...)")
+    # The key's fingerprint when its chunks and images are sealed ("" for a plain store):
+    # from its datastore.json when scanned, from its source when a sync made it.
+    fingerprint = models.CharField(max_length=32, blank=True)
     total_bytes = models.BigIntegerField(default=0)
     free_bytes = models.BigIntegerField(default=0)
     chunk_count = models.BigIntegerField(default=0)
@@ -162,7 +174,21 @@ class Datastore(models.Model):
         ordering = ["path"]
 
     def __str__(self) -> str:
-        return self.path
+        return self.label or self.shown_path
+
+    @property
+    def is_remote(self) -> bool:
+        return rclone.is_remote(self.path)
+
+    @property
+    def shown_path(self) -> str:
+        """The path with what an rclone connection string holds secret as ***: what pages,
+        the API and notifications show."""
+        return rclone.shown(self.path)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.fingerprint)
 
     @property
     def used_bytes(self) -> int:
@@ -177,6 +203,7 @@ class Datastore(models.Model):
 class Protection(enum.StrEnum):
     FAILED = "failed"
     OVERDUE = "overdue"
+    NO_OFFSITE = "no-offsite"  # backed up, but no off-site copy as recent as its schedule asks
     DUE = "due"
     FRESH = "fresh"
     UNSCHEDULED = "unscheduled"
@@ -197,7 +224,9 @@ class DiskQuerySet(ChangeSignallingQuerySet):
                             .order_by("created"))
         return (self.select_related("host")
                 .annotate(last_backup=Subquery(newest_image.values("created")[:1]),
-                          last_backup_state=Subquery(last_backup_job.values("state")[:1]))
+                          last_backup_state=Subquery(last_backup_job.values("state")[:1]),
+                          last_offsite=Subquery(ImageCopy.objects.offsite_of(OuterRef("pk"))
+                                                .values("image__created")[:1]))
                 .prefetch_related(Prefetch("schedules", queryset=backup_schedules,
                                            to_attr="enabled_backup_schedules")))
 
@@ -273,6 +302,20 @@ class Disk(models.Model):
     def last_image(self) -> Optional["Image"]:
         return self.images.order_by("-created").first()
 
+    def last_offsite_at(self) -> Optional[dt.datetime]:
+        """When the newest image with a copy in an off-site datastore was taken."""
+        if hasattr(self, "last_offsite"):  # with_protection_facts()
+            return self.last_offsite
+        return (ImageCopy.objects.offsite_of(self.pk).values_list("image__created", flat=True)
+                .first())
+
+    def offsite_due_at(self, schedule: "Schedule") -> Optional[dt.datetime]:
+        """When the disk lacks an off-site copy as recent as `schedule` asks (None: it asks
+        for none). Counted from the schedule's start while no image has one."""
+        if schedule.offsite_within is None:
+            return None
+        return (self.last_offsite_at() or schedule.created) + schedule.offsite_within
+
     def last_backup_job(self) -> Optional["Job"]:
         return (self.jobs.filter(kind=Job.BACKUP, state__in=Job.FINISHED_STATES)
                 .order_by("-finished").first())
@@ -294,6 +337,9 @@ class Disk(models.Model):
         due_at = self.due_at(schedule)
         if now >= due_at + schedule.grace:
             return Protection.OVERDUE
+        offsite_due_at = self.offsite_due_at(schedule)
+        if offsite_due_at is not None and now >= offsite_due_at:
+            return Protection.NO_OFFSITE
         if now >= due_at:
             return Protection.DUE
         return Protection.FRESH
@@ -316,11 +362,14 @@ class Disk(models.Model):
         return None
 
     def going_bad_after(self) -> Optional[dt.datetime]:
-        """When, without a new backup, protection next turns overdue (None: never by itself)."""
+        """When, without a new backup or copy, protection next turns bad (None: never by
+        itself)."""
         schedule = self.backup_schedule()
         if schedule is None:
             return None
-        return self.due_at(schedule) + schedule.grace
+        overdue_at = self.due_at(schedule) + schedule.grace
+        offsite_due_at = self.offsite_due_at(schedule)
+        return overdue_at if offsite_due_at is None else min(overdue_at, offsite_due_at)
 
 
 class Image(models.Model):
@@ -371,6 +420,30 @@ class Image(models.Model):
         return self.size / self.stored_bytes if self.stored_bytes else None
 
 
+class ImageCopyQuerySet(ChangeSignallingQuerySet):
+    def offsite_of(self, disk) -> "ImageCopyQuerySet":
+        """The disk's images' copies in off-site datastores, newest image first."""
+        return self.filter(image__disk=disk, datastore__offsite=True).order_by("-image__created")
+
+
+class ImageCopy(models.Model):
+    """An image that a sync job found or put in another datastore: its copy there."""
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="copies")
+    datastore = models.ForeignKey(Datastore, on_delete=models.CASCADE, related_name="copies_held")
+    synced_at = models.DateTimeField(help_text="when the sync that found or made it there began")
+
+    objects = ImageCopyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["datastore__label", "datastore__path"]
+        constraints = [models.UniqueConstraint(fields=["image", "datastore"],
+                                               name="one_copy_per_datastore")]
+
+    def __str__(self) -> str:
+        return f"{self.image} in {self.datastore}"
+
+
 class JobQuerySet(ChangeSignallingQuerySet):
     def lost(self, now: dt.datetime) -> "JobQuerySet":
         """Running, but their worker stopped beating: it died with them."""
@@ -415,6 +488,8 @@ class Job(models.Model):
                                     related_name="restore_jobs")
     datastore = models.ForeignKey(Datastore, null=True, blank=True, on_delete=models.SET_NULL,
                                   related_name="jobs")
+    destination = models.ForeignKey(Datastore, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="sync_jobs", help_text="where a sync copies to")
     schedule = models.ForeignKey("Schedule", null=True, blank=True, on_delete=models.SET_NULL,
                                  related_name="jobs")
     params = models.JSONField(default=dict, blank=True)
@@ -464,11 +539,20 @@ class Schedule(models.Model):
         BACKUP = "backup"
         VERIFY = "verify"
         GC = "gc"
+        SYNC = "sync"
 
     kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.BACKUP)
     disk = models.ForeignKey(Disk, null=True, blank=True, on_delete=models.CASCADE,
                              related_name="schedules", help_text="the disk backed up")
     datastore = models.ForeignKey(Datastore, on_delete=models.PROTECT, related_name="schedules")
+    destination = models.ForeignKey(Datastore, null=True, blank=True, on_delete=models.PROTECT,
+                                    related_name="syncs_in",
+                                    help_text="where a sync schedule copies the datastore to")
+    after_backup = models.BooleanField(
+        default=False, help_text="a sync schedule also copies each new image as its backup ends")
+    offsite_within = models.DurationField(
+        null=True, blank=True, help_text="a backup schedule wants the disk's newest off-site "
+                                         "copy no older than this; none: no off-site rule")
     cron = models.CharField(max_length=100, default="0 3 * * *", validators=[validate_cron])
     time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
     mode = models.CharField(max_length=8, default="used",
@@ -505,6 +589,23 @@ class Schedule(models.Model):
             raise ValidationError({"disk": "a backup schedule names its disk"})
         if self.kind != self.Kind.BACKUP and self.disk_id is not None:
             raise ValidationError({"disk": f"a {self.kind} schedule is per datastore, not per disk"})
+        if self.kind == self.Kind.SYNC:
+            if self.destination_id is None:
+                raise ValidationError({"destination": "a sync schedule names the datastore it "
+                                                      "copies to"})
+            if self.destination_id == self.datastore_id:
+                raise ValidationError({"destination": "a datastore is no copy of itself: name "
+                                                      "another"})
+            if self.datastore_id is not None and self.datastore.is_remote:
+                raise ValidationError({"datastore": "a sync copies from a datastore folder, not "
+                                                    "from an rclone: remote"})
+        elif self.destination_id is not None or self.after_backup:
+            raise ValidationError({"destination": f"a {self.kind} schedule copies nothing"})
+        if self.offsite_within is not None and self.kind != self.Kind.BACKUP:
+            raise ValidationError({"offsite_within": "an off-site rule belongs to a backup "
+                                                     "schedule"})
+        if self.offsite_within is not None and self.offsite_within <= dt.timedelta(0):
+            raise ValidationError({"offsite_within": "give a positive time"})
 
     def next_run_after(self, moment: dt.datetime) -> dt.datetime:
         return self.next_runs(moment, 1)[0]

@@ -14,7 +14,8 @@ from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from .formatting import duration, size
-from .models import Datastore, Disk, Host, Image, Job, Protection, Schedule
+from .models import Datastore, Disk, Host, Image, ImageCopy, Job, Protection, Schedule
+from .services.copies import copies_of
 from .services.registry import KINDS, held_disk_ids
 
 HISTORY_PAGE_SIZE = 25
@@ -45,11 +46,21 @@ class DiskStatus:
 
 
 def disks_with_status(disks: Iterable[Disk], now: Optional[dt.datetime] = None) -> list[Disk]:
-    """The disks, each given `.status` (a DiskStatus)."""
+    """The disks, each given `.status` (a DiskStatus) and `.copies` (a CopiesLine of its
+    newest image, with_last_image() disks only)."""
     now = now or timezone.now()
     disks = list(disks)
+    newest = [disk.last_image_id for disk in disks if getattr(disk, "last_image_id", None)]
+    copies: dict[int, list[ImageCopy]] = {}
+    for copy in ImageCopy.objects.filter(image_id__in=newest).select_related("datastore"):
+        copies.setdefault(copy.image_id, []).append(copy)
+    stores = {store.pk: store for store in Datastore.objects.filter(
+        pk__in={disk.last_image_store for disk in disks if getattr(disk, "last_image_id", None)})}
     for disk in disks:
         disk.status = disk_status(disk, now)
+        if getattr(disk, "last_image_id", None):
+            disk.copies = CopiesLine.of(stores[disk.last_image_store],
+                                        copies.get(disk.last_image_id, []))
     return disks
 
 
@@ -58,7 +69,25 @@ def with_last_image(disks):
     newest = Image.objects.filter(disk=OuterRef("pk")).order_by("-created")
     return (disks.with_protection_facts()
             .annotate(last_bad_bytes=Subquery(newest.values("bad_bytes")[:1]),
-                      last_mounted_rw=Subquery(newest.values("mounted_rw")[:1])))
+                      last_mounted_rw=Subquery(newest.values("mounted_rw")[:1]),
+                      last_image_id=Subquery(newest.values("pk")[:1]),
+                      last_image_store=Subquery(newest.values("datastore")[:1])))
+
+
+@dataclasses.dataclass
+class CopiesLine:
+    """Where an image is kept: its datastore and its on-site copies; its off-site copies,
+    each with when it was last found or put there ("on site: NAS; off site: b2, 6 h ago")."""
+
+    onsite: list[tuple[Datastore, Optional[dt.datetime]]]
+    offsite: list[tuple[Datastore, Optional[dt.datetime]]]
+
+    @classmethod
+    def of(cls, home: Datastore, copies: Iterable[ImageCopy]) -> "CopiesLine":
+        places = [(home, None)] + sorted(((copy.datastore, copy.synced_at) for copy in copies),
+                                         key=lambda place: str(place[0]))
+        return cls([place for place in places if not place[0].offsite],
+                   [place for place in places if place[0].offsite])
 
 
 def disk_status(disk: Disk, now: Optional[dt.datetime] = None) -> DiskStatus:
@@ -80,6 +109,9 @@ def disk_status(disk: Disk, now: Optional[dt.datetime] = None) -> DiskStatus:
         tone, label = Tone.BAD, "Last backup failed"
     elif protection == Protection.OVERDUE:
         tone, label = Tone.BAD, "Overdue"
+    elif protection == Protection.NO_OFFSITE:
+        tone, label = Tone.BAD, "No off-site copy"
+        notes.append(f"no off-site copy newer than {duration(schedule.offsite_within.total_seconds())}")
     elif never:
         tone, label = Tone.BAD, "Never backed up"
     elif protection == Protection.DUE:
@@ -142,10 +174,14 @@ def dashboard(now: Optional[dt.datetime] = None) -> dict:
 
 def datastores() -> list[Datastore]:
     """Each datastore, given `.saved_bytes`: how many more disk bytes its images hold than
-    it stores."""
+    it stores, `.copies`: where it is copied to, and `.sources`: the stores copied to it."""
     stores = list(Datastore.objects.all())
     for store in stores:
         store.saved_bytes = max(store.logical_bytes - store.chunk_bytes, 0)
+        store.copies = copies_of(store)
+    for store in stores:
+        store.sources = [source for source in stores
+                         if any(copy.destination.pk == store.pk for copy in source.copies)]
     return stores
 
 

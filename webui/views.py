@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import zoneinfo
+from typing import Optional
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -209,11 +210,15 @@ def schedules(request: HttpRequest) -> HttpResponse:
     })
 
 
+def _row_id(text: str) -> Optional[int]:
+    """A row id given in a query or a form, or None: what the `id` URL converter takes."""
+    return int(text) if text.isdigit() and len(text) <= 18 else None
+
+
 @staff_required
 def schedule_new(request: HttpRequest) -> HttpResponse:
-    disk = None
-    if request.GET.get("disk", "").isdigit() and len(request.GET["disk"]) < 19:
-        disk = Disk.objects.filter(pk=int(request.GET["disk"])).first()
+    disk_id = _row_id(request.GET.get("disk", ""))
+    disk = Disk.objects.filter(pk=disk_id).first() if disk_id is not None else None
     return _schedule_form(request, Schedule(disk=disk, datastore=_default_datastore(disk)))
 
 
@@ -315,6 +320,41 @@ def datastore_verify(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.info(request, "Nothing to verify: the datastore holds no images.")
     return redirect("datastores")
+
+
+@staff_required
+@require_POST
+def datastore_add_remote(request: HttpRequest) -> HttpResponse:
+    try:
+        store = services.add_remote(request.POST.get("path", ""),
+                                    label=request.POST.get("label", ""),
+                                    offsite=request.POST.get("offsite") == "on",
+                                    bwlimit=request.POST.get("bwlimit", ""))
+    except services.Refused as refused:
+        messages.error(request, f"No remote added: {refused}")
+        return redirect("datastores")
+    messages.success(request, f"Added {store}: copy a datastore to it with a copy schedule, "
+                              "or with Copy now below.")
+    return redirect("datastores")
+
+
+@staff_required
+@require_POST
+def datastore_sync(request: HttpRequest, pk: int) -> HttpResponse:
+    """Copy the datastore now to the one the form names."""
+    source = get_object_or_404(Datastore, pk=pk)
+    destination_id = _row_id(request.POST.get("destination", ""))
+    destination = (Datastore.objects.filter(pk=destination_id).first()
+                   if destination_id is not None else None)
+    if destination is None:
+        messages.error(request, "No copy: choose the datastore to copy to.")
+        return redirect("datastores")
+    try:
+        job = services.start_sync(source, destination, request.user)
+    except services.Refused as refused:
+        messages.error(request, f"No copy: {refused}")
+        return redirect("datastores")
+    return redirect("job", job.pk)
 
 
 @login_required

@@ -42,6 +42,10 @@ def remote_of(place: str) -> str:
     remote = place[len(PREFIX):]
     if not remote:
         raise StoreError("name the remote after rclone: (rclone:NAME:PATH)")
+    if remote.startswith("-") or any(ord(char) < 32 for char in remote):
+        # rclone would read a leading dash as one of its own options
+        raise StoreError(f"{shown(place)} is no remote: it starts with - or holds a control "
+                         "character")
     return remote
 
 

@@ -72,6 +72,7 @@ class DatastoreUsage:
     chunk_bytes: int  # compressed, as stored
     image_count: int  # readable images
     logical_bytes: int  # the sum of their disk sizes
+    fingerprint: str  # of the key it is encrypted with; "" for a plain store
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -177,7 +178,8 @@ def datastore_usage(store_dir: os.PathLike | str) -> DatastoreUsage:
     images = [record for record in list_images(store.root) if record.size is not None]
     return DatastoreUsage(str(store.root), space.f_blocks * space.f_frsize,
                           space.f_bavail * space.f_frsize, chunk_count, chunk_bytes,
-                          len(images), sum(record.size for record in images))
+                          len(images), sum(record.size for record in images),
+                          store.fingerprint or "")
 
 
 def _chunks(store: Datastore) -> tuple[int, int]:

@@ -70,40 +70,23 @@ SEALED_TEMPLATE = """\
 #
 #   IMAGING_KEY='imaging-key-1-...' sh {image_dir}/RESTORE.txt /dev/sdX
 #
-# Every file it reads is sealed (docs/architecture.md, "Sealed files"): `imgseal1`,
-# a 16-byte IV, AES-256-CTR ciphertext, and an HMAC-SHA256 tag over a line naming the
-# file and everything before the tag. The keys come from the master key by
-# HMAC-SHA256(master, "imaging <purpose> v1" 0x01). A file that fails its tag stops
-# the script before anything of it is written. Opened, `index` lists the chunks in
-# disk order; each chunk opens to a zstd frame, or to a delta (a skippable frame
-# naming its base, then a frame to decompress with the base as dictionary).
+# Every file it reads is sealed (docs/architecture.md, "Sealed files"): `imgseal2`,
+# a 16-byte IV, AES-256-CTR ciphertext, and a 16-byte AES-256-GMAC tag (its nonce the
+# IV's first 12 bytes) over a line naming the file and everything before the tag. The
+# keys come from the master key by HMAC-SHA256(master, "imaging <purpose> v1" 0x01). A
+# file that fails its tag stops the script before anything of it is written. Opened,
+# `index` lists the chunks in disk order; each chunk opens to a zstd frame, or to a
+# delta (a skippable frame naming its base, then a frame to decompress with the base
+# as dictionary).
 set -eu
 target="${{1:?usage: IMAGING_KEY=... sh RESTORE.txt TARGET}}"
 image=$(cd "$(dirname "$0")" && pwd)
 chunks="$image/../../../chunks"
 place="images/$(basename "$(dirname "$image")")/$(basename "$image")"
-hex=$(printf '%s' "${{IMAGING_KEY:?set IMAGING_KEY to the key as imaging key show prints it}}" |
-      tr -d ' \n' | tr 'A-F' 'a-f')
-hex=${{hex#imaging-key-1-}}
-hex=$(printf '%s' "$hex" | tr -d '-' | cut -c1-64)
-subkey() {{ printf "imaging $1 v1\001" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$hex" | sed 's/.*= //'; }}
-fingerprint=$(subkey fingerprint | cut -c1-16 | sed 's/..../&-/g; s/-$//')
+{unseal}fingerprint=$(subkey fingerprint | cut -c1-16 | sed 's/..../&-/g; s/-$//')
 [ "$fingerprint" = "{fingerprint}" ] || {{ echo "IMAGING_KEY is key $fingerprint, not {fingerprint}" >&2; exit 2; }}
-enc=$(subkey encryption)
-mac=$(subkey mac)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-unseal() {{  # FILE CONTEXT: the plain bytes of a sealed file, once its tag is right
-    [ -f "$1" ] || {{ echo "$2: missing ($1)" >&2; exit 3; }}
-    body=$(( $(wc -c < "$1") - 32 ))
-    [ "$body" -ge 24 ] || {{ echo "$2: not a sealed file" >&2; exit 3; }}
-    want=$(tail -c 32 "$1" | od -An -v -tx1 | tr -d ' \n')
-    got=$({{ printf '%s\n' "$2"; head -c "$body" "$1"; }} |
-          openssl dgst -sha256 -mac HMAC -macopt "hexkey:$mac" | sed 's/.*= //')
-    [ "$got" = "$want" ] || {{ echo "$2: fails its check: changed, moved or another key" >&2; exit 3; }}
-    iv=$(head -c 24 "$1" | tail -c 16 | od -An -v -tx1 | tr -d ' \n')
-    head -c "$body" "$1" | tail -c +25 | openssl enc -d -aes-256-ctr -K "$enc" -iv "$iv"
-}}
 chunk() {{ rest=${{1#??}}; printf '%s\n' "$chunks/${{1%"$rest"}}/$1.zst"; }}
 unseal "$image/index" "index $place" > "$work/index"
 n=0
@@ -125,6 +108,29 @@ done < "$work/index"
 echo "restored $n chunks to $target"
 """
 
+# The subkeys from IMAGING_KEY, and `unseal FILE CONTEXT`: the plain bytes of a sealed
+# file once its tag is right, exit 3 if not. Shared by RESTORE.txt and its tests.
+UNSEAL = r"""hex=$(printf '%s' "${IMAGING_KEY:?set IMAGING_KEY to the key as imaging key show prints it}" |
+      tr -d ' \n' | tr 'A-F' 'a-f')
+hex=${hex#imaging-key-1-}
+hex=$(printf '%s' "$hex" | tr -d '-' | cut -c1-64)
+subkey() { printf "imaging $1 v1\001" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$hex" | sed 's/.*= //'; }
+enc=$(subkey encryption)
+mac=$(subkey mac)
+unseal() {
+    [ -f "$1" ] || { echo "$2: missing ($1)" >&2; exit 3; }
+    body=$(( $(wc -c < "$1") - 16 ))
+    [ "$body" -ge 24 ] || { echo "$2: not a sealed file" >&2; exit 3; }
+    iv=$(head -c 24 "$1" | tail -c 16 | od -An -v -tx1 | tr -d ' \n')
+    want=$(tail -c 16 "$1" | od -An -v -tx1 | tr -d ' \n')
+    got=$({ printf '%s\n' "$2"; head -c "$body" "$1"; } |
+          openssl mac -cipher AES-256-GCM -macopt "hexkey:$mac" -macopt "hexiv:$(printf '%s' "$iv" | cut -c1-24)" GMAC |
+          tr 'A-F' 'a-f')
+    [ "$got" = "$want" ] || { echo "$2: fails its check: changed, moved or another key" >&2; exit 3; }
+    head -c "$body" "$1" | tail -c +25 | openssl enc -d -aes-256-ctr -K "$enc" -iv "$iv"
+}
+"""
+
 
 def render(manifest, image_dir: Path, fingerprint: Optional[str] = None) -> str:
     """The script restoring the image `manifest` describes, placed at `image_dir`, in a
@@ -132,5 +138,5 @@ def render(manifest, image_dir: Path, fingerprint: Optional[str] = None) -> str:
     fields = dict(disk_id=image_dir.parent.name, created=manifest.created, size=manifest.size,
                   chunks=manifest.chunks, chunk_size=manifest.chunk_size, image_dir=image_dir)
     if fingerprint:
-        return SEALED_TEMPLATE.format(fingerprint=fingerprint, **fields)
+        return SEALED_TEMPLATE.format(fingerprint=fingerprint, unseal=UNSEAL, **fields)
     return TEMPLATE.format(sha256=manifest.sha256, **fields)

@@ -48,6 +48,7 @@ function markPreset() {
 function showKind() {
   const backup = kind.value === "backup";
   for (const part of form.querySelectorAll("[data-backup-only]")) part.hidden = !backup;
+  for (const part of form.querySelectorAll("[data-sync-only]")) part.hidden = kind.value !== "sync";
   if (!backup) form.elements.disk.value = "";
 }
 

@@ -104,15 +104,21 @@ def image_listing(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DatastoreSerializer(serializers.ModelSerializer):
-    """Where images are kept: usage, chunks, deduplication, last gc and verify."""
+    """Where images are kept: usage, chunks, deduplication, last gc and verify; for an
+    rclone: remote that copies fill, its path with what a connection string holds secret
+    as ***."""
 
+    path = serializers.CharField(source="shown_path", read_only=True)
     used_bytes = serializers.IntegerField(read_only=True)
     dedup_ratio = serializers.FloatField(read_only=True, allow_null=True,
                                          help_text="disk bytes each stored byte stands for")
+    remote = serializers.BooleanField(source="is_remote", read_only=True)
+    encrypted = serializers.BooleanField(read_only=True)
 
     class Meta:
         model = Datastore
-        fields = ["id", "path", "total_bytes", "free_bytes", "used_bytes", "chunk_count",
+        fields = ["id", "path", "label", "remote", "offsite", "bwlimit", "encrypted",
+                  "fingerprint", "total_bytes", "free_bytes", "used_bytes", "chunk_count",
                   "chunk_bytes", "image_count", "logical_bytes", "dedup_ratio", "scanned_at",
                   "last_gc", "last_verify"]
 
@@ -128,13 +134,17 @@ class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
 
     class Meta:
         model = Schedule
-        fields = ["id", "kind", "disk", "datastore", "cron", "time_zone", "mode", "level",
-                  "deltas", *(f"keep_{rule}" for rule in RETENTION_RULES), "enabled", "grace",
+        fields = ["id", "kind", "disk", "datastore", "destination", "after_backup", "cron",
+                  "time_zone", "mode", "level", "deltas",
+                  *(f"keep_{rule}" for rule in RETENTION_RULES), "enabled", "grace",
+                  "offsite_within",
                   "notify_urls", "notify_url_count",
                   "notify_on_success", "created", "next_run"]
         read_only_fields = ["created"]
         extra_kwargs = {"grace": {"min_value": dt.timedelta(0),
-                                  "max_value": dt.timedelta(days=365)}}
+                                  "max_value": dt.timedelta(days=365)},
+                        "offsite_within": {"min_value": dt.timedelta(hours=1),
+                                           "max_value": dt.timedelta(days=365)}}
 
     def get_fields(self):
         fields = super().get_fields()

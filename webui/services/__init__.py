@@ -7,6 +7,7 @@ work. Views, tasks, consumers, admin and commands call these functions
 from . import files, hosts, kinds, readcache, registry
 from .catalog import (CatalogChange, datastore_at, default_datastore, delete_image,
                       report_inventory, report_local_inventory, rescan)
+from .copies import add_remote, copies_of
 from .delivery import resend_lost_jobs
 from .errors import Refused, Unavailable
 from .notifications import notify
@@ -26,15 +27,17 @@ start_export = kinds.KINDS["export"].start
 start_import = kinds.KINDS["import"].start
 start_prune = kinds.KINDS["prune"].start
 start_gc = kinds.KINDS["gc"].start
+start_sync = kinds.KINDS["sync"].start
 
 __all__ = [
-    "CatalogChange", "Refused", "WORKER_LOST", "cancel_job", "check_jobs", "check_protection",
+    "CatalogChange", "Refused", "WORKER_LOST", "add_remote", "cancel_job", "copies_of", "check_jobs", "check_protection",
     "claim_job", "datastore_at", "default_datastore", "delete_image",
     "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "kinds", "registry",
     "job_control", "job_snapshot", "notify", "readcache", "rehome_host_less_disks",
     "report_inventory", "report_local_inventory", "rescan", "run_schedule",
     "start_backup", "start_export", "start_gc", "start_import",
-    "start_prune", "start_recompress", "start_restore", "start_verify", "start_verify_latest",
+    "start_prune", "start_recompress", "start_restore", "start_sync", "start_verify",
+    "start_verify_latest",
     "sync_schedule", "sync_schedules", "unschedule",
     "Unavailable", "resend_lost_jobs",
 ]

@@ -136,7 +136,7 @@ def store_catalog(datastore: Datastore, records: Optional[list], usage: Any,
     """Make the datastore's Image rows (all, or one disk's) what the catalog listed."""
     now = now or timezone.now()
     for name in ("total_bytes", "free_bytes", "chunk_count", "chunk_bytes", "image_count",
-                 "logical_bytes"):
+                 "logical_bytes", "fingerprint"):
         setattr(datastore, name, getattr(usage, name))
     datastore.scanned_at = now
     datastore.save()

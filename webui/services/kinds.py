@@ -10,7 +10,9 @@ adding a kind is one entry here and its engine call.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import zoneinfo
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
@@ -18,6 +20,7 @@ from typing import Any, ClassVar, Iterable, Optional
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 
 import imaging.backup
 import imaging.export
@@ -28,12 +31,13 @@ import imaging.prune
 import imaging.recompress
 import imaging.restore
 import imaging.datastore.store
+import imaging.sync
 import imaging.verify
 from imaging.base.errors import ImagingError, TargetError
 from imaging.base.progress import Progress
 
 from ..formatting import short_time, size
-from ..models import Datastore, Disk, Host, HostAccess, Image, Job, Schedule
+from ..models import Datastore, Disk, Host, HostAccess, Image, ImageCopy, Job, Schedule
 from ..parameters import DEFAULT_LEVEL, validate_level, validate_mode, validate_retention
 from .catalog import default_datastore
 from .delivery import enqueue
@@ -134,7 +138,7 @@ class JobKind:
         if job.disk_id:
             return f"{self.label} of {job.disk.title} on {job.disk.host}"
         if job.datastore_id:
-            return f"{self.label} of {job.datastore.path}"
+            return f"{self.label} of {job.datastore}"
         return self.label
 
     def title(self, job: Job) -> str:
@@ -236,13 +240,21 @@ class Backup(MakingImages):
             update_alert(job.disk, now)
 
     def follow_up(self, job: Job) -> None:
-        # After the backup is committed: a prune that cannot start (its disk busy, Redis
-        # gone) changes nothing of it.
+        # After the backup is committed: a prune or a copy that cannot start (its disk
+        # busy, Redis gone) changes nothing of it.
         if job.schedule_id and job.schedule.kind == Schedule.Kind.BACKUP:
             try:
                 KINDS["prune"].start(job.schedule)
             except Refused as exc:
                 log.warning("no prune after %s: %s", job, exc)
+        if job.disk_id and job.datastore_id:
+            for schedule in Schedule.objects.filter(kind=Schedule.Kind.SYNC, enabled=True,
+                                                    after_backup=True, datastore=job.datastore):
+                try:
+                    KINDS["sync"].start(job.datastore, schedule.destination, schedule=schedule,
+                                        disk=job.disk)
+                except Refused as exc:
+                    log.warning("no copy after %s: %s", job, exc)
 
 
 class Restore(JobKind):
@@ -491,3 +503,70 @@ class GarbageCollection(JobKind):
         return [f"Removed {result['removed']:,} unused chunks, freed "
                 f"{size(result.get('freed_bytes'))}; kept {result.get('kept_recent', 0):,} "
                 "a running backup may still need"]
+
+
+class Sync(JobKind):
+    """A copy of a datastore's images that another datastore (a folder, or an rclone:
+    remote) lacks: only missing chunks travel; the destination keeps its own retention."""
+
+    name, label, doing = "sync", "Copy", "copying"
+    scheduled_as = "Copy the datastore to another"
+
+    def start(self, datastore: Datastore, destination: Datastore, user=None, *,
+              schedule: Optional[Schedule] = None, disk: Optional[Disk] = None) -> Job:
+        """Copy the images of `datastore` (of `disk` only, if named) to `destination`."""
+        if destination.pk == datastore.pk:
+            raise Refused("a datastore is no copy of itself: name another")
+        if datastore.is_remote:
+            raise Refused(f"{datastore} is an rclone: remote: a copy starts from a datastore "
+                          "folder")
+        return self.create(user, host=datastore_host(datastore, disk.host if disk else None),
+                           disk=disk, datastore=datastore, destination=destination,
+                           schedule=schedule)
+
+    def start_scheduled(self, schedule: Schedule) -> list[Job]:
+        return [self.start(schedule.datastore, schedule.destination, schedule=schedule)]
+
+    def run(self, job: Job, progress: Progress) -> Any:
+        destination = job.destination
+        return imaging.sync.sync(
+            job.datastore.path, destination.path,
+            disks=[job.disk.stable_id] if job.disk_id else None,
+            bwlimit=(destination.bwlimit or None) if destination.is_remote else None,
+            progress=progress)
+
+    def finished(self, job: Job, now) -> None:
+        """The images the sync copied or found there have a copy in the destination, which
+        is sealed with the source's key if the source is."""
+        result = Job.objects.filter(pk=job.pk).values_list("result", flat=True).first() or {}
+        since = job.started or now
+        source = Datastore.objects.get(pk=job.datastore_id)
+        destination = job.destination
+        names = set(result.get("copied") or ()) | set(result.get("present") or ())
+        images = list(Image.objects.filter(datastore=source).filter(functools.reduce(
+            operator.or_, (Q(disk__stable_id=disk_id, stamp=stamp)
+                           for disk_id, _, stamp in (name.rpartition("/") for name in names)),
+            Q(pk=None))))
+        held = set(ImageCopy.objects.filter(datastore=destination, image__in=images)
+                   .values_list("image_id", flat=True))
+        ImageCopy.objects.bulk_create([ImageCopy(image=image, datastore=destination,
+                                                 synced_at=since)
+                                       for image in images if image.pk not in held])
+        Datastore.objects.filter(pk=destination.pk).update(fingerprint=source.fingerprint)
+        for disk in Disk.objects.filter(images__in=images).distinct():
+            update_alert(disk, now)
+
+    def describe(self, job: Job) -> str:
+        what = f" of {job.disk.title}" if job.disk_id else ""
+        return f"{self.label}{what} from {job.datastore} to {job.destination}"
+
+    def title(self, job: Job) -> str:
+        return f"{self.label} job #{job.pk} to {job.destination}"
+
+    def result_lines(self, result: dict) -> list[str]:
+        if "chunks_sent" not in result:
+            return []
+        return [f"Copied {len(result.get('copied') or ())} image(s); "
+                f"{len(result.get('present') or ())} were there already",
+                f"Sent {result['chunks_sent']:,} chunks ({size(result.get('bytes_sent'))}); "
+                f"{result.get('chunks_present', 0):,} were there already"]

@@ -14,11 +14,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from ..formatting import duration
 from ..models import Disk, Protection, StatusChange
 from .notifications import notify
 
 # Protection flips worth telling someone about: going bad, and coming back.
-BAD = (Protection.OVERDUE, Protection.FAILED)
+BAD = (Protection.OVERDUE, Protection.FAILED, Protection.NO_OFFSITE)
 
 
 def _next_alert(disk: Disk, state: Protection) -> Optional[dt.datetime]:
@@ -77,6 +78,13 @@ def _flip_message(disk: Disk, old: Optional[Protection], new: Protection) -> Opt
     if new == Protection.OVERDUE:
         return (f"Disk {disk} is overdue",
                 f"The backup scheduled for {disk.due_at():%Y-%m-%d %H:%M} UTC did not come; {since}.")
+    if new == Protection.NO_OFFSITE:
+        offsite = disk.last_offsite_at()
+        newest = (f"its newest off-site copy is of the image from {offsite:%Y-%m-%d %H:%M} UTC"
+                  if offsite else "no image of it has an off-site copy")
+        return (f"Disk {disk} has no recent off-site copy",
+                f"Its schedule asks for an off-site copy within "
+                f"{duration(disk.backup_schedule().offsite_within.total_seconds())}; {newest}.")
     if old in BAD and new.protected:
         return f"Disk {disk} is protected again", f"{since.capitalize()}."
     return None
