@@ -62,6 +62,7 @@ class SyncResult:
     chunks_present: int
     seconds: float
     image_bytes_sent: int = 0  # of the images' files
+    held: list[str] = dataclasses.field(default_factory=list)  # every image there after it
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +133,7 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
         result.copied = names_of(missing)
         result.image_bytes_sent = sum((path / name).stat().st_size for path in missing
                                       for name in _image_files(path))
+        result.held = sorted(set(copy.images()) | set(result.copied))
     progress.finish()
     result.seconds = time.monotonic() - started
     return result
@@ -148,6 +150,9 @@ class Destination(Protocol):
     def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager: ...
 
     def holds_image(self, name: str) -> bool: ...
+
+    def images(self) -> list[str]:
+        """Every image there ("<disk>/<stamp>"), whichever datastore it came from."""
 
     def holds_chunk(self, digest: str) -> bool:
         """Whether a whole copy of the chunk is there (then it counts as in use)."""
@@ -235,6 +240,9 @@ class Local:
     def holds_image(self, name: str) -> bool:
         return (self.store.images_dir / name).is_dir()
 
+    def images(self) -> list[str]:
+        return names_of(self.store.image_dirs())
+
     def holds_chunk(self, digest: str) -> bool:
         if not self.store.touch_chunk(digest):
             return False
@@ -312,6 +320,9 @@ class Remote:
         there = self.manifests.get(name)
         return there is not None and \
             there == (self.src.images_dir / name / MANIFEST_NAME).stat().st_size
+
+    def images(self) -> list[str]:
+        return list(self.manifests)
 
     def holds_chunk(self, digest: str) -> bool:
         there = self.files.get(_relative(digest))

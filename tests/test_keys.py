@@ -140,7 +140,7 @@ def test_a_missing_or_damaged_key_file_is_one_line(tmp_path, content, error):
 
 def test_the_subkeys_are_what_openssl_derives_in_a_shell():
     key = keys.generate()
-    for purpose in ("encryption", "mac", "chunk-id", "fingerprint"):
+    for purpose in ("encryption", "gmac", "chunk-id", "fingerprint"):
         shell = subprocess.run(
             ["sh", "-c", f"printf 'imaging {purpose} v1\\001' | openssl dgst -sha256 -mac HMAC "
                          f"-macopt hexkey:{key.master.hex()} | sed 's/.*= //'"],

@@ -13,7 +13,8 @@ from imaging.datastore.sealing import MAGIC, OVERHEAD, Sealer, Tampered
 
 # What an encrypted image's RESTORE.txt does for each chunk: derive the subkeys from the
 # key's line, check the tag, then decrypt; here also decompress.
-SHELL_OPEN = "set -eu\n" + recipe.UNSEAL + 'unseal "$1" "$2" > "$1.frame"\nzstd -dcq "$1.frame"\n'
+SHELL_OPEN = ("set -eu\nwork=$(mktemp -d)\ntrap 'rm -rf \"$work\"' EXIT\n" + recipe.UNSEAL
+              + 'unseal "$1" "$2" > "$work/frame"\nzstd -dcq "$work/frame"\n')
 
 
 @pytest.fixture
@@ -83,3 +84,10 @@ def test_a_shell_with_openssl_opens_a_sealed_chunk_from_the_keys_line(key, tmp_p
                            capture_output=True, timeout=60)
     assert (other.returncode, other.stdout, other.stderr) == (
         3, b"", b"chunk other: fails its check: changed, moved or another key\n")
+
+
+def test_a_file_of_the_first_seal_format_is_named_as_such(key):
+    first = b"imgseal1" + bytes(16) + b"frame" + bytes(32)
+    with pytest.raises(Tampered, match=r"^chunk x: sealed in the first format \(imgseal1, "
+                                       r"HMAC-SHA256\), which this version does not open$"):
+        Sealer(key).open(first, "chunk x")

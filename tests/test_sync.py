@@ -44,7 +44,9 @@ def test_a_copy_holds_every_image_and_restores_byte_identical(source, tmp_path):
     store, disk = source
     copy = tmp_path / "copy"
     result = sync(store, copy)
-    assert published(copy) == published(store) and len(result.copied) == 3
+    assert published(copy) == published(store) == result.held and len(result.copied) == 3
+    assert result.image_bytes_sent == sum(p.stat().st_size for p in (store / "images").rglob("*")
+                                          if p.is_file() and p.name != "verify.json")
     stored = {p.name for p in (store / "chunks").rglob("*.zst")}
     assert {p.name for p in (copy / "chunks").rglob("*.zst")} == stored
     assert result.chunks_sent == len(stored) and result.chunks_present == 0

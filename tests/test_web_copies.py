@@ -75,6 +75,12 @@ class RemoteTests(BaseTestCase):
                 ({"path": "rclone:"}, "name the remote after rclone:"),
                 ({"path": "rclone:--config=/etc/shadow"}, "it starts with - or holds a control"),
                 ({"path": "rclone:b2:x", "bwlimit": "fast"}, "bandwidth limit 'fast'"),
+                ({"path": "rclone:b2:x", "bwlimit": "1" * 40}, "bandwidth limit '111"),
+                ({"path": "rclone::local:/etc"}, "backend 'local': a copy goes to a storage"),
+                ({"path": "rclone::alias,remote=/root:x"}, "backend 'alias'"),
+                ({"path": "rclone::webdav,url=http://h,bearer_token_command=id:x"},
+                 "may not run a command on the worker's host"),
+                ({"path": "rclone:b2:" + "x" * 2000}, "longer than 1024 characters"),
                 ({"path": "rclone:b2:x", "label": "<script>"}, "name '<script>'"),
                 ({"path": "rclone:b2:bucket"}, "rclone:b2:bucket is a datastore already")]:
             page = self.client.post("/datastores/remotes/", fields, follow=True)
@@ -84,6 +90,11 @@ class RemoteTests(BaseTestCase):
             self.assertTrue(said[0].startswith("No remote added: "), said)
             self.assertIn(message, html.unescape(said[0]))
         self.assertEqual(Datastore.objects.filter(path__startswith="rclone:").count(), 1)
+        for junk in ("²", "1" * 40, "", "-1"):
+            page = self.client.post(f"/datastores/{self.datastore.pk}/sync/",
+                                    {"destination": junk}, follow=True)
+            self.assertEqual(page.status_code, 200)
+            self.assertIn("No copy: choose the datastore to copy to.", page.content.decode())
 
     def test_a_copy_starts_from_a_folder_to_another_datastore_only(self):
         remote = services.add_remote("rclone:b2:bucket")
@@ -92,9 +103,12 @@ class RemoteTests(BaseTestCase):
             job = services.start_sync(self.datastore, remote, self.alice)
             for source, destination, refusal in [
                     (self.datastore, self.datastore, "no copy of itself"),
-                    (remote, self.datastore, "is an rclone: remote")]:
+                    (remote, self.datastore, "is an rclone: remote, which copies fill")]:
                 with self.assertRaisesRegex(services.Refused, refusal):
                     services.start_sync(source, destination, self.alice)
+            with self.assertRaisesRegex(services.Refused, "rclone:b2:bucket is an rclone: "
+                                                          "remote, which copies fill"):
+                services.start_gc(remote, self.alice)
         self.assertEqual((job.kind, job.datastore, job.destination, job.host), ("sync", self.datastore,
                                                                               remote, self.h1))
         self.assertEqual(len(sent), 1)
@@ -110,15 +124,15 @@ class CopyScheduleTests(BaseTestCase):
 
     def test_a_copy_schedule_names_another_datastore_through_the_form_and_the_api(self):
         form = {"kind": "sync", "datastore": self.datastore.pk, "destination": self.remote.pk,
-                "after_backup": "on", "cron": "0 5 * * *", "time_zone": "UTC",
+                "after_backup": "on", "copy_last": 5, "cron": "0 5 * * *", "time_zone": "UTC",
                 "mode": "used", "level": 3, "keep_last": 7, "keep_hourly": 0, "keep_daily": 14,
                 "keep_weekly": 8, "keep_monthly": 12, "keep_yearly": 0, "grace_minutes": 60,
                 "enabled": "on"}
         response = self.client.post("/schedules/new/", form)
         self.assertEqual(response.status_code, 302, response.content.decode()[:3000])
         schedule = Schedule.objects.get(kind="sync")
-        self.assertEqual((schedule.datastore, schedule.destination, schedule.after_backup),
-                         (self.datastore, self.remote, True))
+        self.assertEqual((schedule.datastore, schedule.destination, schedule.after_backup,
+                          schedule.copy_last), (self.datastore, self.remote, True, 5))
         self.assertIn("Copy <code>/srv/datastore</code> to b2-bucket",
                       self.client.get("/schedules/").content.decode())
         for body, field in [({"kind": "sync", "datastore": self.datastore.pk}, "destination"),
@@ -134,15 +148,15 @@ class CopyScheduleTests(BaseTestCase):
 
     def test_each_backup_of_the_datastore_starts_its_after_backup_copies(self):
         Schedule.objects.create(kind="sync", datastore=self.datastore, destination=self.remote,
-                                after_backup=True)
+                                after_backup=True, copy_last=3)
         Schedule.objects.create(kind="sync", datastore=self.datastore, destination=self.remote,
                                 after_backup=False)
         backup = self.make_job(state=Job.State.SUCCEEDED, schedule=self.schedule)
         with enqueued() as sent, self.captureOnCommitCallbacks(execute=True):
             KINDS["backup"].follow_up(backup)
         copy = Job.objects.get(kind="sync")
-        self.assertEqual((copy.datastore, copy.destination, copy.disk), (self.datastore, self.remote,
-                                                                          self.d1))
+        self.assertEqual((copy.datastore, copy.destination, copy.disk, copy.params),
+                         (self.datastore, self.remote, self.d1, {"last": 3}))
         self.assertEqual(sorted(message[1][0] for message in sent),
                          sorted(Job.objects.filter(kind__in=["sync", "prune"])
                                 .values_list("pk", flat=True)))
@@ -152,11 +166,16 @@ class CopyScheduleTests(BaseTestCase):
         old = self.make_image(created=utc(2026, 3, 9, 3))
         new = self.make_image(created=utc(2026, 3, 10, 3))
         other = self.make_image(self.d2, created=utc(2026, 3, 10, 3))
+        # Copied before, since pruned at the destination: the sync's listing says so.
+        ImageCopy.objects.create(image=other, datastore=self.remote, synced_at=utc(2026, 3, 9))
         job = self.make_job("sync", Job.State.RUNNING, datastore=self.datastore,
                             destination=self.remote, started=utc(2026, 3, 10, 4))
         services.finish_job(job, {"source": "/srv/datastore", "destination": "rclone:b2:bucket",
                                   "copied": [f"{self.d1.stable_id}/{new.stamp}"],
                                   "present": [f"{self.d1.stable_id}/{old.stamp}"],
+                                  "held": [f"{self.d1.stable_id}/{old.stamp}",
+                                           f"{self.d1.stable_id}/{new.stamp}",
+                                           "disk-of-another-store/2026-01-01T00-00-00Z"],
                                   "chunks_sent": 3, "bytes_sent": 12 * MiB,
                                   "chunks_present": 9, "seconds": 2.0}, now=utc(2026, 3, 10, 5))
         self.assertEqual(sorted(ImageCopy.objects.values_list("image_id", "datastore_id",

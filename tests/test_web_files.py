@@ -132,6 +132,18 @@ class FileBrowserTests(BaseTestCase):
         self.assertNotIn(f'href="{self.folder_url("2")}"', html)
         self.assertIn("holds swap: files can be read from ext2, ext3, ext4", html)
 
+    def test_an_encrypted_image_says_why_the_web_lists_no_files(self):
+        Image.objects.filter(pk=self.image.pk).update(encrypted=True)
+        self.client.force_login(self.alice)
+        index = self.client.get(f"/images/{self.image.pk}/files/")
+        self.assertEqual([p.readable for p in index.context["partitions"]], [False, False])
+        self.assertNotIn(f'href="{self.folder_url()}"', index.content.decode())
+        for url in (self.folder_url(), self.download_url()):
+            refused = self.client.get(url)
+            self.assertEqual(refused.status_code, 400)
+            self.assertIn("partition 1 is sealed with its datastore's key, which only the "
+                          "workers hold", refused.content.decode())
+
     def test_a_raw_image_notes_no_filesystems_and_the_engine_probes_them_when_opened(self):
         store = self.folder / "raw-store"
         imaging.backup.backup(str(self.source), store, disk_id="lab-raw")

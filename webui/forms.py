@@ -14,7 +14,7 @@ from imaging.base.errors import ImagingError
 
 from . import services
 from .formatting import size
-from .models import Disk, Schedule
+from .models import Datastore, Disk, Schedule
 from .parameters import DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, RETENTION_RULES, validate_retention
 
 RETENTION_FIELDS = [f"keep_{rule}" for rule in RETENTION_RULES]
@@ -37,7 +37,8 @@ class ScheduleForm(forms.ModelForm):
 
     class Meta:
         model = Schedule
-        fields = ["kind", "disk", "datastore", "destination", "after_backup", "cron", "time_zone",
+        fields = ["kind", "disk", "datastore", "destination", "after_backup", "copy_last",
+                  "cron", "time_zone",
                   "mode", "level", "deltas", *RETENTION_FIELDS, "notify_urls",
                   "notify_on_success", "enabled"]
         field_classes = {"disk": DiskChoiceField}
@@ -49,6 +50,7 @@ class ScheduleForm(forms.ModelForm):
             "enabled": "On", "deltas": "Store changes as deltas",
             "destination": "Copy to", "after_backup": "Also copy each new image as its backup "
                                                      "ends",
+            "copy_last": "Copy the newest (images per disk)",
         }
         help_texts = {
             "cron": "minute hour day-of-month month day-of-week, like 0 3 * * * for 03:00 daily",
@@ -78,6 +80,7 @@ class ScheduleForm(forms.ModelForm):
             self.fields["offsite_hours"].initial = int(
                 self.instance.offsite_within.total_seconds() // 3600)
         self.fields["destination"].empty_label = "— none (only a copy schedule copies) —"
+        self.fields["datastore"].queryset = Datastore.objects.folders()
         for name in RETENTION_FIELDS:
             self.fields[name].widget.attrs["min"] = 0
         self.fields["level"].widget.attrs.update(min=MIN_LEVEL, max=MAX_LEVEL)
@@ -96,7 +99,7 @@ class ScheduleForm(forms.ModelForm):
                                         if hours and cleaned.get("kind") == Schedule.Kind.BACKUP
                                         else None)
         if cleaned.get("kind") != Schedule.Kind.SYNC:
-            cleaned["destination"], cleaned["after_backup"] = None, False
+            cleaned["destination"], cleaned["after_backup"], cleaned["copy_last"] = None, False, None
         if cleaned.get("kind") == Schedule.Kind.BACKUP:
             try:
                 validate_retention({rule: cleaned.get(field) or 0

@@ -18,7 +18,7 @@ from typing import Optional
 from croniter import CroniterBadDateError, croniter
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import RegexValidator
+from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import OuterRef, Prefetch, Q, Subquery
 from django.dispatch import Signal
@@ -145,6 +145,12 @@ class HostAccess(models.Model):
         return f"imaging_host_{safe}_{hashlib.sha256(self.host.name.encode()).hexdigest()[:6]}"
 
 
+class DatastoreQuerySet(ChangeSignallingQuerySet):
+    def folders(self) -> "DatastoreQuerySet":
+        """The datastores images are written to: not the rclone: remotes copies fill."""
+        return self.exclude(path__startswith=rclone.PREFIX)
+
+
 class Datastore(models.Model):
     path = models.CharField(max_length=4096, unique=True,
                             help_text="the same path on every host that uses it, or an rclone: "
@@ -168,7 +174,7 @@ class Datastore(models.Model):
     last_gc = models.DateTimeField(null=True, blank=True)
     last_verify = models.DateTimeField(null=True, blank=True)
 
-    objects = ChangeSignallingQuerySet.as_manager()
+    objects = DatastoreQuerySet.as_manager()
 
     class Meta:
         ordering = ["path"]
@@ -550,6 +556,10 @@ class Schedule(models.Model):
                                     help_text="where a sync schedule copies the datastore to")
     after_backup = models.BooleanField(
         default=False, help_text="a sync schedule also copies each new image as its backup ends")
+    copy_last = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)],
+        help_text="a sync schedule copies the newest N images of each disk (none: every image); "
+                  "the destination's own prune keeps what it keeps of them")
     offsite_within = models.DurationField(
         null=True, blank=True, help_text="a backup schedule wants the disk's newest off-site "
                                          "copy no older than this; none: no off-site rule")
@@ -581,7 +591,7 @@ class Schedule(models.Model):
         ordering = ["created"]
 
     def __str__(self) -> str:
-        what = self.disk.stable_id if self.disk_id else self.datastore.path
+        what = self.disk.stable_id if self.disk_id else str(self.datastore)
         return f"{self.kind} {what} at {self.cron!r}"
 
     def clean(self) -> None:
@@ -589,6 +599,9 @@ class Schedule(models.Model):
             raise ValidationError({"disk": "a backup schedule names its disk"})
         if self.kind != self.Kind.BACKUP and self.disk_id is not None:
             raise ValidationError({"disk": f"a {self.kind} schedule is per datastore, not per disk"})
+        if self.datastore_id is not None and self.datastore.is_remote:
+            raise ValidationError({"datastore": f"{self.datastore} is an rclone: remote, which "
+                                                "copies fill: name a datastore folder"})
         if self.kind == self.Kind.SYNC:
             if self.destination_id is None:
                 raise ValidationError({"destination": "a sync schedule names the datastore it "
@@ -596,10 +609,7 @@ class Schedule(models.Model):
             if self.destination_id == self.datastore_id:
                 raise ValidationError({"destination": "a datastore is no copy of itself: name "
                                                       "another"})
-            if self.datastore_id is not None and self.datastore.is_remote:
-                raise ValidationError({"datastore": "a sync copies from a datastore folder, not "
-                                                    "from an rclone: remote"})
-        elif self.destination_id is not None or self.after_backup:
+        elif self.destination_id is not None or self.after_backup or self.copy_last:
             raise ValidationError({"destination": f"a {self.kind} schedule copies nothing"})
         if self.offsite_within is not None and self.kind != self.Kind.BACKUP:
             raise ValidationError({"offsite_within": "an off-site rule belongs to a backup "

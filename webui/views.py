@@ -7,6 +7,7 @@ a datastore, schedules) are forms posted here. Only staff may change anything.
 from __future__ import annotations
 
 import functools
+import re
 import tempfile
 import zoneinfo
 from typing import Optional
@@ -212,7 +213,7 @@ def schedules(request: HttpRequest) -> HttpResponse:
 
 def _row_id(text: str) -> Optional[int]:
     """A row id given in a query or a form, or None: what the `id` URL converter takes."""
-    return int(text) if text.isdigit() and len(text) <= 18 else None
+    return int(text) if re.fullmatch(r"[0-9]{1,18}", text) else None
 
 
 @staff_required
@@ -261,7 +262,7 @@ def _schedule_form(request: HttpRequest, schedule: Schedule) -> HttpResponse:
 def _default_datastore(disk) -> Datastore:
     schedule = disk.backup_schedule() if disk is not None else None
     return schedule.datastore if schedule is not None else (
-        Datastore.objects.first() or services.default_datastore())
+        Datastore.objects.folders().first() or services.default_datastore())
 
 
 @login_required

@@ -25,9 +25,11 @@ PACKAGE = "rclone"
 # rclone's "directory not found" exit status.
 NO_DIRECTORY = 3
 # What a connection string may hold that nobody else should read: shown as ***.
-SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|password|key|token|secret|user)[\w-]*=)"
-                           r"('[^']*'|\"[^\"]*\"|[^,:]*)", re.IGNORECASE)
+SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|key|token|secret|user|credential|grant|"
+                           r"connection_string|header|auth|sas|account)[\w-]*=)"
+                           r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[^,:]*)", re.IGNORECASE)
 URL_USER = re.compile(r"(://)[^/@'\"]*@")
+URL_QUERY = re.compile(r"(://[^?'\"\s]*\?)[^'\"\s,]*")
 # How long a mount may take to appear: rclone reaches the remote first.
 MOUNT_WAIT = 30.0
 MOUNT_POLL = 0.05
@@ -52,7 +54,7 @@ def remote_of(place: str) -> str:
 def shown(text: str) -> str:
     """`text` with what a remote's connection string holds secret (passwords, keys, tokens,
     users, a URL's user and password) as ***: for messages, results and registrations."""
-    return URL_USER.sub(r"\1***@", SECRET_OPTION.sub(r"\1***", text))
+    return URL_QUERY.sub(r"\1***", URL_USER.sub(r"\1***@", SECRET_OPTION.sub(r"\1***", text)))
 
 
 def joined(remote: str, relative: str) -> str:

@@ -47,7 +47,7 @@ class Key:
     master: bytes
 
     def derived(self, purpose: str) -> bytes:
-        """The 32-byte key for `purpose` ("encryption", "mac", "chunk-id", "fingerprint")."""
+        """The 32-byte key for `purpose` ("encryption", "gmac", "chunk-id", "fingerprint")."""
         return HKDFExpand(hashes.SHA256(), 32, f"imaging {purpose} v1".encode()).derive(
             self.master)
 

@@ -83,10 +83,10 @@ target="${{1:?usage: IMAGING_KEY=... sh RESTORE.txt TARGET}}"
 image=$(cd "$(dirname "$0")" && pwd)
 chunks="$image/../../../chunks"
 place="images/$(basename "$(dirname "$image")")/$(basename "$image")"
-{unseal}fingerprint=$(subkey fingerprint | cut -c1-16 | sed 's/..../&-/g; s/-$//')
-[ "$fingerprint" = "{fingerprint}" ] || {{ echo "IMAGING_KEY is key $fingerprint, not {fingerprint}" >&2; exit 2; }}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+{unseal}fingerprint=$(subkey fingerprint | cut -c1-16 | sed 's/..../&-/g; s/-$//')
+[ "$fingerprint" = "{fingerprint}" ] || {{ echo "IMAGING_KEY is key $fingerprint, not {fingerprint}" >&2; exit 2; }}
 chunk() {{ rest=${{1#??}}; printf '%s\n' "$chunks/${{1%"$rest"}}/$1.zst"; }}
 unseal "$image/index" "index $place" > "$work/index"
 n=0
@@ -109,25 +109,27 @@ echo "restored $n chunks to $target"
 """
 
 # The subkeys from IMAGING_KEY, and `unseal FILE CONTEXT`: the plain bytes of a sealed
-# file once its tag is right, exit 3 if not. Shared by RESTORE.txt and its tests.
+# file once its tag is right, exit 3 if not; it needs $work, a private folder. Shared by
+# RESTORE.txt and its tests.
 UNSEAL = r"""hex=$(printf '%s' "${IMAGING_KEY:?set IMAGING_KEY to the key as imaging key show prints it}" |
       tr -d ' \n' | tr 'A-F' 'a-f')
 hex=${hex#imaging-key-1-}
 hex=$(printf '%s' "$hex" | tr -d '-' | cut -c1-64)
 subkey() { printf "imaging $1 v1\001" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$hex" | sed 's/.*= //'; }
 enc=$(subkey encryption)
-mac=$(subkey mac)
-unseal() {
+mac=$(subkey gmac)
+unseal() {  # read from a copy in $work: the file checked is the file decrypted
     [ -f "$1" ] || { echo "$2: missing ($1)" >&2; exit 3; }
-    body=$(( $(wc -c < "$1") - 16 ))
+    cp "$1" "$work/sealed"
+    body=$(( $(wc -c < "$work/sealed") - 16 ))
     [ "$body" -ge 24 ] || { echo "$2: not a sealed file" >&2; exit 3; }
-    iv=$(head -c 24 "$1" | tail -c 16 | od -An -v -tx1 | tr -d ' \n')
-    want=$(tail -c 16 "$1" | od -An -v -tx1 | tr -d ' \n')
-    got=$({ printf '%s\n' "$2"; head -c "$body" "$1"; } |
+    iv=$(head -c 24 "$work/sealed" | tail -c 16 | od -An -v -tx1 | tr -d ' \n')
+    want=$(tail -c 16 "$work/sealed" | od -An -v -tx1 | tr -d ' \n')
+    got=$({ printf '%s\n' "$2"; head -c "$body" "$work/sealed"; } |
           openssl mac -cipher AES-256-GCM -macopt "hexkey:$mac" -macopt "hexiv:$(printf '%s' "$iv" | cut -c1-24)" GMAC |
           tr 'A-F' 'a-f')
     [ "$got" = "$want" ] || { echo "$2: fails its check: changed, moved or another key" >&2; exit 3; }
-    head -c "$body" "$1" | tail -c +25 | openssl enc -d -aes-256-ctr -K "$enc" -iv "$iv"
+    head -c "$body" "$work/sealed" | tail -c +25 | openssl enc -d -aes-256-ctr -K "$enc" -iv "$iv"
 }
 """
 

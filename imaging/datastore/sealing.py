@@ -1,7 +1,7 @@
 """Sealing: what an encrypted datastore writes in place of a chunk's frame or an image's file
 (docs/architecture.md, "Sealed files").
 
-Encrypt-then-MAC with AES-256-CTR and AES-256-GMAC under the key's `encryption` and `mac`
+Encrypt-then-MAC with AES-256-CTR and AES-256-GMAC under the key's `encryption` and `gmac`
 subkeys, chosen because stock openssl opens it (`openssl enc` has no AEAD mode; `openssl
 mac` computes GMAC), so a sealed image restores with a shell: a sealed file is MAGIC, a
 random 16-byte IV, the ciphertext, and the GMAC (its nonce the IV's first 12 bytes) of the
@@ -25,6 +25,7 @@ from ..base.errors import ImageError
 from .keys import Key
 
 MAGIC = b"imgseal2"
+FIRST_MAGIC = b"imgseal1"
 IV_SIZE = 16
 NONCE_SIZE = 12  # GMAC's, taken from the IV: a random 96-bit nonce per file
 TAG_SIZE = 16
@@ -50,7 +51,7 @@ class Sealer:
     def __init__(self, key: Key) -> None:
         self.fingerprint = key.fingerprint
         self._encryption = key.derived("encryption")
-        self._mac = key.derived("mac")
+        self._mac = key.derived("gmac")
         self._chunk_id = key.derived("chunk-id")
 
     def chunk_name(self, raw: bytes | memoryview) -> str:
@@ -81,6 +82,9 @@ class Sealer:
         """The plain bytes of `sealed`, once its check passes; Tampered if it does not."""
         sealed = memoryview(sealed)
         if not looks_sealed(sealed):
+            if sealed[:len(MAGIC)] == FIRST_MAGIC:
+                raise Tampered(context, "sealed in the first format (imgseal1, HMAC-SHA256), "
+                                        "which this version does not open")
             raise Tampered(context, f"not a sealed file (no {MAGIC.decode()} header)")
         body, tag = sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
         iv = bytes(body[len(MAGIC):HEADER_SIZE])

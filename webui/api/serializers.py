@@ -134,7 +134,8 @@ class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
 
     class Meta:
         model = Schedule
-        fields = ["id", "kind", "disk", "datastore", "destination", "after_backup", "cron",
+        fields = ["id", "kind", "disk", "datastore", "destination", "after_backup", "copy_last",
+                  "cron",
                   "time_zone", "mode", "level", "deltas",
                   *(f"keep_{rule}" for rule in RETENTION_RULES), "enabled", "grace",
                   "offsite_within",
@@ -176,7 +177,7 @@ class BackupSerializer(StrictSerializer):
 
     mode = serializers.ChoiceField(choices=BACKUP_MODES, required=False)
     level = serializers.IntegerField(min_value=MIN_LEVEL, max_value=MAX_LEVEL, required=False)
-    datastore = serializers.PrimaryKeyRelatedField(queryset=Datastore.objects.all(),
+    datastore = serializers.PrimaryKeyRelatedField(queryset=Datastore.objects.folders(),
                                                    required=False)
     deltas = serializers.BooleanField(
         required=False, help_text="store changed chunks as deltas against the previous image's")

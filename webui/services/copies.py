@@ -16,9 +16,17 @@ from ..models import Datastore, Image, ImageCopy, Job, Schedule
 from .errors import Refused
 
 # rclone's --bwlimit without its timetable: a rate, or upload:download rates (8M, 1M:off).
-RATE = r"(?:off|\d+(?:\.\d+)?[BKMGTP]?)"
+RATE = r"(?:off|[0-9]{1,9}(?:\.[0-9]{1,3})?[BKMGTP]?)"
 BWLIMIT_RE = re.compile(rf"^{RATE}(?::{RATE})?$", re.IGNORECASE)
 LABEL_RE = re.compile(r"^[\w][\w .+-]{0,62}$")
+MAX_REMOTE = 1024
+# The backends a connection string may name: where copies go. Not local, alias, union or
+# combine (a folder of the worker's host), nor wrappers of another remote.
+STORAGE_BACKENDS = {"azureblob", "b2", "box", "drive", "dropbox", "ftp", "gcs",
+                    "googlecloudstorage", "hdfs", "koofr", "mega", "onedrive", "opendrive",
+                    "pcloud", "s3", "seafile", "sftp", "smb", "storj", "swift", "webdav", "zoho"}
+# Options that run a command on the worker's host, whatever the backend.
+COMMAND_OPTION = re.compile(r"(?:^|,)[\w-]*(?:command|ssh)[\w-]*=", re.IGNORECASE)
 
 
 def add_remote(path: str, *, label: str = "", offsite: bool = True,
@@ -32,8 +40,9 @@ def add_remote(path: str, *, label: str = "", offsite: bool = True,
         rclone.remote_of(path)
     except ImagingError as exc:
         raise Refused(str(exc)) from None
-    if len(path) > Datastore._meta.get_field("path").max_length:
-        raise Refused("the remote is longer than 4096 characters")
+    if len(path) > MAX_REMOTE:
+        raise Refused(f"the remote is longer than {MAX_REMOTE} characters")
+    _check_connection_string(rclone.remote_of(path))
     if label and not LABEL_RE.match(label):
         raise Refused(f"name {label!r}: up to 63 letters, digits, spaces and ._+-")
     if bwlimit and not BWLIMIT_RE.match(bwlimit):
@@ -45,6 +54,21 @@ def add_remote(path: str, *, label: str = "", offsite: bool = True,
                                             bwlimit=bwlimit)
     except IntegrityError:
         raise Refused(f"{rclone.shown(path)} is a datastore already") from None
+
+
+def _check_connection_string(remote: str) -> None:
+    """A connection string (`:backend,option=value:path`) names a storage backend and runs
+    nothing: the worker runs rclone as root. A configured remote (`name:path`) is the
+    host's own rclone.conf, which root wrote."""
+    if not remote.startswith(":"):
+        return
+    backend = re.split(r"[,:]", remote[1:], maxsplit=1)[0].lower()
+    if backend not in STORAGE_BACKENDS:
+        raise Refused(f"backend {backend!r}: a copy goes to a storage backend "
+                      f"({', '.join(sorted(STORAGE_BACKENDS))})")
+    if COMMAND_OPTION.search(remote):
+        raise Refused("a remote's options may not run a command on the worker's host "
+                      "(options named like command or ssh)")
 
 
 @dataclasses.dataclass

@@ -146,6 +146,9 @@ def partitions(image: Image) -> list[BrowsablePartition]:
         # engine when the partition is opened, which names one it cannot read.
         problem = None if fstype is None or fstype in READABLE_FILESYSTEMS else (
             f"holds {fstype}: files can be read from {imaging.reading.files.COVERED}")
+        if image.encrypted:
+            problem = ("is sealed with its datastore's key, which only the workers hold: "
+                       "read its files on a worker's host (imaging files --key), or restore it")
         found.append(BrowsablePartition(int(number.group(1)), part.get("size") or 0, fstype,
                                         part.get("label"), problem))
     return sorted(found, key=lambda part: part.number)

@@ -10,9 +10,7 @@ adding a kind is one entry here and its engine call.
 """
 from __future__ import annotations
 
-import functools
 import logging
-import operator
 import zoneinfo
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
@@ -20,7 +18,6 @@ from typing import Any, ClassVar, Iterable, Optional
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
 
 import imaging.backup
 import imaging.export
@@ -75,6 +72,10 @@ class JobKind:
         serialize writers), so of two requests for one disk only one can win.
         """
         job = Job(kind=self.name, host=host, requested_by=requester(user), **fields)
+        if job.datastore_id and job.datastore.is_remote:
+            raise Refused(f"{job.datastore} is an rclone: remote, which copies fill: {self.label} "
+                          "works on a datastore folder (prune and gc of a remote copy run on the "
+                          "host that holds its files)")
         holds = self.held_disks(job)
         if HostAccess.objects.filter(host=host, revoked_at__isnull=False).exists():
             raise Refused(f"host {host.name}'s access was revoked: it runs no jobs until it "
@@ -514,15 +515,14 @@ class Sync(JobKind):
 
     def start(self, datastore: Datastore, destination: Datastore, user=None, *,
               schedule: Optional[Schedule] = None, disk: Optional[Disk] = None) -> Job:
-        """Copy the images of `datastore` (of `disk` only, if named) to `destination`."""
+        """Copy the images of `datastore` (of `disk` only, if named; the newest its schedule
+        says of each disk) to `destination`."""
         if destination.pk == datastore.pk:
             raise Refused("a datastore is no copy of itself: name another")
-        if datastore.is_remote:
-            raise Refused(f"{datastore} is an rclone: remote: a copy starts from a datastore "
-                          "folder")
         return self.create(user, host=datastore_host(datastore, disk.host if disk else None),
                            disk=disk, datastore=datastore, destination=destination,
-                           schedule=schedule)
+                           schedule=schedule,
+                           params={"last": schedule.copy_last if schedule else None})
 
     def start_scheduled(self, schedule: Schedule) -> list[Job]:
         return [self.start(schedule.datastore, schedule.destination, schedule=schedule)]
@@ -531,27 +531,28 @@ class Sync(JobKind):
         destination = job.destination
         return imaging.sync.sync(
             job.datastore.path, destination.path,
-            disks=[job.disk.stable_id] if job.disk_id else None,
+            disks=[job.disk.stable_id] if job.disk_id else None, last=job.params.get("last"),
             bwlimit=(destination.bwlimit or None) if destination.is_remote else None,
             progress=progress)
 
     def finished(self, job: Job, now) -> None:
-        """The images the sync copied or found there have a copy in the destination, which
-        is sealed with the source's key if the source is."""
+        """The source's images the destination holds now have a copy there (and no others:
+        its own prune may have removed some); it is sealed with the source's key if the
+        source is."""
         result = Job.objects.filter(pk=job.pk).values_list("result", flat=True).first() or {}
         since = job.started or now
         source = Datastore.objects.get(pk=job.datastore_id)
         destination = job.destination
-        names = set(result.get("copied") or ()) | set(result.get("present") or ())
-        images = list(Image.objects.filter(datastore=source).filter(functools.reduce(
-            operator.or_, (Q(disk__stable_id=disk_id, stamp=stamp)
-                           for disk_id, _, stamp in (name.rpartition("/") for name in names)),
-            Q(pk=None))))
-        held = set(ImageCopy.objects.filter(datastore=destination, image__in=images)
-                   .values_list("image_id", flat=True))
+        there = {tuple(name.split("/")) for name in result.get("held") or ()}
+        images = [image for image in Image.objects.filter(datastore=source)
+                  .select_related("disk").only("pk", "stamp", "disk__stable_id")
+                  if (image.disk.stable_id, image.stamp) in there]
+        copies = ImageCopy.objects.filter(datastore=destination, image__datastore=source)
+        copies.exclude(image__in=images).delete()
+        recorded = set(copies.values_list("image_id", flat=True))
         ImageCopy.objects.bulk_create([ImageCopy(image=image, datastore=destination,
                                                  synced_at=since)
-                                       for image in images if image.pk not in held])
+                                       for image in images if image.pk not in recorded])
         Datastore.objects.filter(pk=destination.pk).update(fingerprint=source.fingerprint)
         for disk in Disk.objects.filter(images__in=images).distinct():
             update_alert(disk, now)
