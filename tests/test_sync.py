@@ -17,7 +17,7 @@ from test_delta_chunks import CHUNK, edited
 from imaging.backup import backup
 from imaging.datastore.image import Image
 from imaging.datastore.store import Datastore
-from imaging.sync import sync
+from imaging.sync import LOCAL_BATCH_BYTES, sync
 
 
 def published(store: Path) -> list[str]:
@@ -111,10 +111,16 @@ def test_a_destination_of_another_chunk_size_is_refused(source, tmp_path):
         f"{store.resolve()} of {CHUNK}: a copy needs the same chunk size")
 
 
+KILLED_SYNC_CHUNKS = 128
+LOCAL_BATCH_CHUNKS = LOCAL_BATCH_BYTES // CHUNK  # what a copy makes durable at once
+
+
 def test_a_sync_killed_midway_lists_no_half_image_and_its_rerun_resends_little(tmp_path):
     disk = tmp_path / "big.img"
-    with open(disk, "wb") as handle:  # incompressible: each chunk takes time to check
-        for seed in range(48):
+    # Incompressible, and many chunks: progress events come a few times a second, and a
+    # sync checks several chunks a second per core, so the kill must land well before the end.
+    with open(disk, "wb") as handle:
+        for seed in range(KILLED_SYNC_CHUNKS):
             handle.write(os.urandom(CHUNK))
     store = tmp_path / "store"
     backup(str(disk), store, disk_id="big")
@@ -125,19 +131,19 @@ def test_a_sync_killed_midway_lists_no_half_image_and_its_rerun_resends_little(t
     try:
         for line in run.stderr:  # JSON progress lines: kill past the first durable batch
             event = json.loads(line)
-            if event.get("phase") == "sync" and event["done"] >= event["total"] // 2 > 0:
+            if event.get("phase") == "sync" and event["done"] > LOCAL_BATCH_CHUNKS:
                 os.kill(run.pid, signal.SIGKILL)
                 break
     finally:
         run.kill()
         run.wait()
     sent_before = {p.name for p in (copy / "chunks").rglob("*.zst")}
-    # Chunks become durable in batches of 64 MiB (16 here): what was in flight is sent again.
-    assert 16 <= len(sent_before) < 48
+    # Chunks become durable in batches: what was in flight is sent again.
+    assert LOCAL_BATCH_CHUNKS <= len(sent_before) < KILLED_SYNC_CHUNKS
     assert published(copy) == []
     rerun = sync(store, copy)
     assert rerun.chunks_present == len(sent_before)
-    assert rerun.chunks_sent + rerun.chunks_present == 48
+    assert rerun.chunks_sent + rerun.chunks_present == KILLED_SYNC_CHUNKS
     assert published(copy) == published(store)
     image = Datastore.open(copy).image_dirs("big")[0]
     imaging("restore", image, tmp_path / "restored.img")
