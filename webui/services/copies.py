@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from imaging.base import rclone
 from imaging.base.errors import ImagingError
 
-from ..models import Datastore, Image, ImageCopy, Job, Schedule
+from ..models import Datastore, Job, Schedule
 from .errors import Refused
 
 # rclone's --bwlimit without its timetable: a rate, or upload:download rates (8M, 1M:off).
@@ -37,12 +37,12 @@ def add_remote(path: str, *, label: str = "", offsite: bool = True,
         raise Refused("a remote starts with rclone: and what rclone takes as a remote path "
                       "(rclone:NAME:PATH, or rclone::webdav,url='...':PATH)")
     try:
-        rclone.remote_of(path)
+        remote = rclone.remote_of(path)
     except ImagingError as exc:
         raise Refused(str(exc)) from None
     if len(path) > MAX_REMOTE:
         raise Refused(f"the remote is longer than {MAX_REMOTE} characters")
-    _check_connection_string(rclone.remote_of(path))
+    _check_connection_string(remote)
     if label and not LABEL_RE.match(label):
         raise Refused(f"name {label!r}: up to 63 letters, digits, spaces and ._+-")
     if bwlimit and not BWLIMIT_RE.match(bwlimit):
@@ -99,10 +99,3 @@ def copies_of(source: Datastore) -> list[Copy]:
                            scheduled.filter(destination=destination).count()))
     return copies
 
-
-def copies_of_image(image: Optional[Image]) -> list[ImageCopy]:
-    """The image's copies, on-site ones first."""
-    if image is None:
-        return []
-    return sorted(image.copies.select_related("datastore"),
-                  key=lambda copy: (copy.datastore.offsite, str(copy.datastore)))
