@@ -27,6 +27,7 @@ from .datastore import codec, keyring, keys
 from .datastore.catalog import ImageRecord, list_images
 from .datastore.image import protect, unprotect
 from .datastore.keyring import KEY_FILE_VARIABLE, PASSPHRASE_VARIABLE
+from .datastore.remote import RemoteStore, split_image
 from .disks import layout
 from .disks.inventory import inventory
 from .export import export
@@ -220,13 +221,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    protect(Path(args.image).resolve(), args.note or "", dt.datetime.now(dt.timezone.utc))
+    now = dt.datetime.now(dt.timezone.utc)
+    if rclone.is_remote(args.image):
+        root, image = split_image(rclone.remote_of(args.image))
+        RemoteStore(root).protect(image, args.note or "", now)
+    else:
+        protect(Path(args.image).resolve(), args.note or "", now)
     print(f"{args.image}: protected: prune and deletion keep it until `imaging unprotect`")
     return 0
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
-    was = unprotect(Path(args.image).resolve())
+    if rclone.is_remote(args.image):
+        root, image = split_image(rclone.remote_of(args.image))
+        was = RemoteStore(root).unprotect(image)
+    else:
+        was = unprotect(Path(args.image).resolve())
     print(f"{args.image}: {'no longer protected' if was else 'was not protected'}")
     return 0
 
@@ -442,40 +452,44 @@ def _held_key(args: argparse.Namespace) -> Optional[keys.Key]:
 # an image (rclone:REMOTE/images/DISK/STAMP) or a datastore (rclone:REMOTE).
 READS_REMOTE = {"restore": "image", "verify": "image", "export": "image", "files": "image",
                 "extract": "image", "list": "store"}
+# What each registers as at the remote while it reads an image (prune spares the image).
+READER_KINDS = {"restore": "restore", "verify": "verify", "export": "export", "files": "mount",
+                "extract": "mount"}
+# The commands that reach an rclone: remote themselves.
+TAKES_REMOTE = {"sync", "prune", "gc", "protect", "unprotect"}
 
 
 @contextlib.contextmanager
 def _remote_mounted(args: argparse.Namespace) -> Iterator[None]:
     """Where the command names a datastore or an image on an rclone: remote, that remote
-    mounted read-only while it runs, the argument pointing into the mount; `args.remote` is
-    the name to show (None for a local one)."""
+    mounted read-only while it runs, the argument pointing into the mount, and a reader of
+    an image registered there; `args.remote` is the name to show (None for a local one)."""
     args.remote = None
     named = [value for value in vars(args).values() if rclone.is_remote(value)]
-    if not named or args.command == "sync":
+    if not named or args.command in TAKES_REMOTE:
         yield
         return
     attribute = READS_REMOTE.get(args.command)
     place = getattr(args, attribute, None) if attribute else None
     if not rclone.is_remote(place):
         raise StoreError(f"{args.command} takes a datastore folder, not an rclone: remote "
-                         "(on a remote: list, verify, restore, export, files, extract, and sync "
-                         "to it)")
+                         "(on a remote: list, verify, restore, export, files, extract, prune, "
+                         "gc, protect, unprotect, and sync to it)")
     remote = rclone.remote_of(place)
-    root, image = (remote, None) if attribute == "store" else _split_image(remote)
-    with rclone.mounted(root) as point:
+    root, image = (remote, None) if attribute == "store" else split_image(remote)
+    with contextlib.ExitStack() as held:
+        if image is not None:
+            name = image.partition("/")[2]
+            held.enter_context(RemoteStore(root).register(
+                READER_KINDS[args.command], f"{args.command} {name}", images=[name]))
+        point = held.enter_context(rclone.mounted(root))
         args.remote = rclone.shown(place)
         setattr(args, attribute, str(point if image is None else point / image))
         yield
 
 
-def _split_image(remote: str) -> tuple[str, str]:
-    """(the datastore, images/DISK/STAMP) of an image's remote path."""
-    head, found, tail = remote.rpartition("images/")
-    if not found or tail.strip("/").count("/") != 1:
-        raise StoreError(f"{rclone.shown(rclone.PREFIX + remote)}: an image on a remote is "
-                         "rclone:REMOTE/images/DISK/STAMP")
-    root = head if head.endswith(":") else head.rstrip("/")
-    return root, found + tail.strip("/")
+REMOTE_STORE_HELP = "datastore folder, or rclone:REMOTE for one rclone reaches"
+REMOTE_IMAGE_HELP = "image directory, or rclone:REMOTE/images/DISK/STAMP"
 
 
 def with_progress(sub: argparse.ArgumentParser) -> None:
@@ -599,7 +613,7 @@ def _store_commands(add) -> None:
 
     sub = add("prune", cmd_prune, "remove a disk's images that no --keep rule keeps "
               "(Proxmox Backup Server's rules)")
-    sub.add_argument("--store", required=True)
+    sub.add_argument("--store", required=True, help=REMOTE_STORE_HELP)
     sub.add_argument("--disk", required=True)
     for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         sub.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
@@ -608,7 +622,7 @@ def _store_commands(add) -> None:
 
     sub = add("gc", cmd_gc, "delete chunks no image references, never one a running job may "
               "still need")
-    sub.add_argument("--store", required=True)
+    sub.add_argument("--store", required=True, help=REMOTE_STORE_HELP)
     sub.add_argument("--safety-margin", type=float, default=DEFAULT_SAFETY_MARGIN, metavar="SECONDS",
                      help="also keep chunks touched this long before the oldest running backup "
                           f"or import started, for clock skew between hosts (default "
@@ -631,11 +645,11 @@ def _store_commands(add) -> None:
 
     sub = add("protect", cmd_protect, "keep an image whatever prune's rules say, and refuse "
               "its deletion, until unprotected (its datastore's key is not needed)")
-    sub.add_argument("image", help="image directory")
+    sub.add_argument("image", help=REMOTE_IMAGE_HELP)
     sub.add_argument("--note", help="why, shown with it (\"before the upgrade\")")
 
     sub = add("unprotect", cmd_unprotect, "let prune and deletion remove an image again")
-    sub.add_argument("image", help="image directory")
+    sub.add_argument("image", help=REMOTE_IMAGE_HELP)
 
     sub = add("rehome", cmd_rehome, "move the images of disks an older engine named without "
               "their host (dev-vda, QEMU's serials) to their host's disk id")

@@ -42,12 +42,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .base import rclone
 from .base.errors import Cancelled, ImageError, ImagingError, StoreError, translated
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore.chunks import bases_named_by_files
 from .datastore.codec import DIGEST_RE
+from .datastore import remote
 from .datastore.image import references
-from .datastore.store import BAD_SUFFIX, CHUNK_SUFFIX, TEMP_SUFFIX, Datastore, Job
+from .datastore.manifest import NAME as MANIFEST_NAME
+from .datastore.remote import RemoteStore
+from .datastore.store import (BAD_SUFFIX, CHUNK_SUFFIX, TEMP_SUFFIX, UNDATED_WRITING_KINDS,
+                              Datastore, Job)
 from .prune import DELETING_SUFFIX
 
 # Clock skew between hosts sharing the store, and coarse file timestamps.
@@ -76,13 +81,17 @@ def cutoff_time(jobs: list[Job], images: set[str], now: float, safety_margin: fl
     """Chunks last touched before this are needed by no running job but through `images`."""
     if any(image not in images for job in jobs for image in job.images):
         return float("-inf")  # a reader of an image gone meanwhile: keep every chunk
+    if any(job.kind in UNDATED_WRITING_KINDS for job in jobs):
+        return float("-inf")
     return min([now] + [job.started for job in jobs if job.writes]) - safety_margin
 
 
-def referenced_chunks(store: Datastore) -> tuple[set[str], set[str]]:
-    """("<disk-id>/<stamp>" of every complete image, the digests they reference)."""
+def referenced_chunks(store: Datastore,
+                      image_dirs: Optional[list[Path]] = None) -> tuple[set[str], set[str]]:
+    """("<disk-id>/<stamp>" of every complete image (of `image_dirs`, default all), the
+    digests they reference)."""
     images, digests = set(), set()
-    for path in store.image_dirs():
+    for path in store.image_dirs() if image_dirs is None else image_dirs:
         try:
             digests |= references(store, path)
         except ImageError as exc:
@@ -121,13 +130,19 @@ def collect(store_dir: os.PathLike | str, *, safety_margin: float = DEFAULT_SAFE
             temp_grace: float = DEFAULT_TEMP_GRACE,
             progress: Optional[Progress] = None) -> GcResult:
     """`safety_margin`: seconds of clock skew between hosts and file timestamp coarseness
-    to allow for; chunks touched that long before the oldest running writer began stay too."""
+    to allow for; chunks touched that long before the oldest running writer began stay too.
+    `store_dir` is a datastore's folder or `rclone:` and a remote datastore."""
     if safety_margin < 0:
         raise ImagingError(f"the safety margin must not be negative ({safety_margin:g} s): it "
                            "would delete chunks a running backup has just counted on")
     started = time.monotonic()
-    store = Datastore.open(store_dir)
     progress = progress or Progress("gc", 0, unit=UNIT_CHUNKS)
+    if rclone.is_remote(store_dir):
+        result = collect_remote(RemoteStore(rclone.remote_of(str(store_dir)),
+                                            cancelled=progress.cancelled), progress)
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
+    store = Datastore.open(store_dir)
     with store.collecting(), translated(StoreError, "garbage collection failed"):
         now = store.clock()
         jobs = store.running_jobs()
@@ -147,6 +162,50 @@ def collect(store_dir: os.PathLike | str, *, safety_margin: float = DEFAULT_SAFE
         result.temp_removed += store.forget_dead_jobs()
     progress.finish()
     result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def collect_remote(store: RemoteStore, progress: Progress) -> GcResult:
+    """Garbage collection at a remote, alone there: it does not start while a sync, a prune
+    or another collection runs there, nor they while it runs (remote.py says how), so no
+    chunk is new and every unreferenced one goes. Also removed: the files of images whose
+    manifest is missing (a sync or prune that died midway) and stale job tokens. The
+    images' indexes are read through a read-only mount; deletions go in one rclone run."""
+    store.check_datastore()
+    with store.register(remote.COLLECTING, "garbage collection", progress=progress,
+                        excludes=lambda job: job.writes):
+        files = store.listing(hidden=True)
+        folders: dict[str, list[str]] = {}
+        for path in files:
+            if path.startswith("images/") and path.count("/") == 3:
+                folders.setdefault(path.rpartition("/")[0], []).append(path)
+        complete = sorted(folder for folder, paths in folders.items()
+                          if f"{folder}/{MANIFEST_NAME}" in paths)
+        with rclone.mounted(store.remote) as point:
+            images, referenced = referenced_chunks(Datastore.open(point),
+                                                   [point / folder for folder in complete])
+        jobs = store.running_jobs()
+        chunks = {path: size for path, size in files.items() if path.startswith("chunks/")
+                  and path.endswith(CHUNK_SUFFIX)
+                  and DIGEST_RE.match(path.rpartition("/")[2][:-len(CHUNK_SUFFIX)])}
+        unreferenced = [path for path in chunks
+                        if path.rpartition("/")[2][:-len(CHUNK_SUFFIX)] not in referenced]
+        result = GcResult(len(images), len(referenced), 0, 0, 0, 0, 0, 0.0)
+        if any(image not in images for job in jobs for image in job.images):
+            # a reader of an image gone meanwhile: only it knows which chunks it still needs
+            result.kept_recent, unreferenced = len(unreferenced), []
+        halves = [path for folder, paths in folders.items() if folder not in complete
+                  for path in paths]
+        progress.start_phase("gc", len(chunks), unit=UNIT_CHUNKS)
+        if unreferenced or halves:
+            store.delete(unreferenced + halves)
+            store.remove_empty_folders("images")
+        result.removed = len(unreferenced)
+        result.temp_removed = len({path.rpartition("/")[0] for path in halves})
+        result.freed_bytes = sum(files[path] for path in unreferenced + halves)
+        progress.advance(len(chunks))
+        result.temp_removed += store.forget_dead_jobs()
+    progress.finish()
     return result
 
 

@@ -28,13 +28,17 @@ import datetime as dt
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
+from .base import rclone
 from .base.errors import Cancelled, ImagingError, StoreError, translated
 from .base.progress import UNIT_IMAGES, Progress
-from .datastore.image import parse_stamp, protection
 from .base.syscalls import fsync_dir
-from .datastore.store import Datastore, Job, check_disk_id
+from .datastore import remote
+from .datastore.image import parse_stamp, protection
+from .datastore.manifest import NAME as MANIFEST_NAME
+from .datastore.remote import RemoteStore
+from .datastore.store import PROTECTED_NAME, Datastore, Job, check_disk_id
 
 DELETING_SUFFIX = ".deleting"
 # Rule name and the strftime pattern that names its period (None: every image is its own).
@@ -146,44 +150,126 @@ def remove_image(store: Datastore, path: Path) -> Optional[Job]:
     return None
 
 
+class Images(Protocol):
+    """A disk's images where they lie, as prune sees them."""
+    folder: Path
+
+    def stamps(self) -> dict[str, bool]:
+        """Each image's folder name, and whether it is protected."""
+
+    def holding(self, progress: Progress) -> contextlib.AbstractContextManager:
+        """While removing: no garbage collection."""
+
+    def reader_of(self, image: Path) -> Optional[Job]: ...
+
+    def remove(self, image: Path) -> Optional[Job]:
+        """Remove it, unless a running job reads it: then that job."""
+
+
+class LocalImages:
+    def __init__(self, store: Datastore, disk_id: str) -> None:
+        self.store, self.folder = store, store.images_dir / disk_id
+        self.disk_id = disk_id
+
+    def stamps(self) -> dict[str, bool]:
+        return {path.name: protection(path) is not None
+                for path in self.store.image_dirs(self.disk_id)}
+
+    def holding(self, progress: Progress) -> contextlib.AbstractContextManager:
+        return self.store.pruning()
+
+    def reader_of(self, image: Path) -> Optional[Job]:
+        return reader_of(self.store, image)
+
+    def remove(self, image: Path) -> Optional[Job]:
+        return remove_image(self.store, image)
+
+
+class RemoteImages:
+    """A disk's images at an rclone remote: an image is there while its manifest is. One
+    is removed as a local one is: its manifest hidden first (moved aside), its readers
+    looked for, then its folder deleted, or the manifest put back for a reader."""
+
+    def __init__(self, store: RemoteStore, disk_id: str) -> None:
+        store.check_datastore()
+        self.store, self.disk_id = store, disk_id
+        self.folder = Path("images", disk_id)
+
+    def stamps(self) -> dict[str, bool]:
+        files: dict[str, set[str]] = {}
+        for path in self.store.listing(str(self.folder)):
+            stamp, _, name = path[len(str(self.folder)) + 1:].partition("/")
+            files.setdefault(stamp, set()).add(name)
+        return {stamp: PROTECTED_NAME in names for stamp, names in files.items()
+                if MANIFEST_NAME in names}
+
+    def holding(self, progress: Progress) -> contextlib.AbstractContextManager:
+        return self.store.register(remote.PRUNING, f"prune of {self.disk_id}",
+                                   progress=progress, excludes=remote.is_collecting)
+
+    def reader_of(self, image: Path) -> Optional[Job]:
+        name = f"{self.disk_id}/{image.name}"
+        return next((job for job in self.store.running_jobs() if job.reads(name)), None)
+
+    def remove(self, image: Path) -> Optional[Job]:
+        if PROTECTED_NAME in {path.rpartition("/")[2] for path in self.store.listing(str(image))}:
+            raise StoreError(f"{self.store.name}/{image} is protected: unprotect it first "
+                             "(imaging unprotect)")
+        reader = self.reader_of(image)
+        if reader is not None:
+            return reader
+        manifest, hidden = f"{image}/{MANIFEST_NAME}", f"{image}/.{MANIFEST_NAME}{DELETING_SUFFIX}"
+        self.store.move(manifest, hidden)
+        reader = self.reader_of(image)
+        if reader is not None:
+            self.store.move(hidden, manifest)
+            return reader
+        self.store.purge(str(image))
+        return None
+
+
 def prune(store_dir: os.PathLike | str, disk_id: str, retention: Retention, *,
           dry_run: bool = False, progress: Optional[Progress] = None,
           tz: Optional[dt.tzinfo] = None) -> PruneResult:
     """Keep what `retention` says among the disk's images and remove the rest, newest first.
+    `store_dir` is a datastore's folder or `rclone:` and a remote datastore.
 
     A dry run removes nothing; it still defers the images being read now.
     """
     retention.check()
-    store = Datastore.open(store_dir)
     disk_id = check_disk_id(disk_id)
-    moments, unrecognised = {}, []
-    for path in store.image_dirs(disk_id):
+    progress = progress or Progress("prune", 0, unit=UNIT_IMAGES)
+    images: Images = RemoteImages(RemoteStore(rclone.remote_of(str(store_dir)),
+                                              cancelled=progress.cancelled), disk_id) \
+        if rclone.is_remote(store_dir) else LocalImages(Datastore.open(store_dir), disk_id)
+    moments, unrecognised, protected = {}, [], set()
+    for name, is_protected in images.stamps().items():
         try:
-            moments[path.name] = parse_stamp(path.name)
+            moments[name] = parse_stamp(name)
         except ValueError:
-            unrecognised.append(path)
-    folder = store.images_dir / disk_id
-    # Kept besides what the rules keep, and never counted by them.
-    protected = {name for name in moments if protection(folder / name) is not None}
+            unrecognised.append(images.folder / name)
+            continue
+        if is_protected:
+            protected.add(name)  # kept besides what the rules keep, and never counted by them
     kept = select({name: moment for name, moment in moments.items() if name not in protected},
                   retention, tz)
     kept.update((name, "protected") for name in protected)
-    decisions = [PruneDecision(folder / name, name in kept, kept.get(name, ""))
+    decisions = [PruneDecision(images.folder / name, name in kept, kept.get(name, ""))
                  for name in sorted(moments, key=moments.get, reverse=True)]
     # Never delete what is not named like an image.
-    decisions += [PruneDecision(path, True, "not named like an image") for path in unrecognised]
+    decisions += [PruneDecision(path, True, "not named like an image")
+                  for path in sorted(unrecognised)]
     doomed = sum(not decision.keep for decision in decisions)
-    progress = progress or Progress("prune", doomed, unit=UNIT_IMAGES)
     progress.start_phase("prune", doomed, unit=UNIT_IMAGES)
     removed, deferred = [], []
-    with contextlib.nullcontext() if dry_run else store.pruning():
+    with contextlib.nullcontext() if dry_run else images.holding(progress):
         for position, decision in enumerate(decisions):
             if decision.keep:
                 continue
             if progress.cancelled():
                 raise Cancelled()
             image = decision.image
-            reader = reader_of(store, image) if dry_run else remove_image(store, image)
+            reader = images.reader_of(image) if dry_run else images.remove(image)
             if reader is not None:
                 decisions[position] = PruneDecision(
                     image, True, f"being read by {reader.what} on {reader.host}")

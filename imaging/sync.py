@@ -23,30 +23,26 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Protocol
+from typing import Iterable, Optional, Protocol
 
-from .base import rclone, tools
-from .base.rclone import shown
+from .base import rclone
 from .base.errors import ImageError, StoreError, translated
 from .base.pipeline import ordered_map
 from .base.progress import UNIT_CHUNKS, Progress
-from .datastore import codec
+from .datastore import codec, remote
 from .datastore.chunks import bases_named_by_files, decode
 from .datastore.image import Image, references
 from .datastore.keyring import KeyNeeded
+from .datastore.remote import RemoteStore
 from .datastore.manifest import NAME as MANIFEST_NAME
 from .datastore.sealing import looks_sealed
 from .base.syscalls import fsync_dir
-from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, TEMP_SUFFIX, ChunkBatch, Datastore,
-                              write_atomically)
+from .datastore.store import (CHUNK_SUFFIX, CONFIG_NAME, SYNC_READING, SYNC_WRITING,
+                              TEMP_SUFFIX, ChunkBatch, Datastore, write_atomically)
 from .datastore.verification import RECORD_NAME
 
-# The source is only read; at the destination a sync writes chunks no image names yet.
-READING = "sync-out"
-WRITING = "sync-in"
 # A local copy makes its chunks durable a batch at a time: a killed sync sends this again.
 LOCAL_BATCH_BYTES = 64 * 1024 * 1024
 
@@ -86,7 +82,7 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
     wanted = _images(src, disks, last)
     result = SyncResult(str(src.root), copy.name, [], [], 0, 0, 0, 0.0)
     names = names_of(wanted)
-    with src.register(READING, f"sync to {copy.name}", images=names, progress=progress), \
+    with src.register(SYNC_READING, f"sync to {copy.name}", images=names, progress=progress), \
             copy.registered(f"sync from {src.root}", progress):
         missing = [path for path, name in zip(wanted, names) if not copy.holds_image(name)]
         result.present = [name for path, name in zip(wanted, names) if path not in missing]
@@ -235,7 +231,7 @@ class Local:
         self.batch = ChunkBatch(self.store, flush_bytes=LOCAL_BATCH_BYTES)
 
     def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
-        return self.store.register(WRITING, what, progress=progress)
+        return self.store.register(SYNC_WRITING, what, progress=progress)
 
     def holds_image(self, name: str) -> bool:
         return (self.store.images_dir / name).is_dir()
@@ -301,11 +297,11 @@ class Remote:
 
     def __init__(self, remote: str, src: Datastore, bwlimit: Optional[str],
                  progress: Progress) -> None:
-        self.remote, self.src, self.progress = remote, src, progress
-        self.name = shown(rclone.PREFIX + remote)
+        self.store = RemoteStore(remote, options=["--bwlimit", bwlimit] if bwlimit else [],
+                                 cancelled=progress.cancelled)
+        self.src, self.name = src, self.store.name
         self.sizes: dict[str, int] = {}
-        self.options = ["--bwlimit", bwlimit] if bwlimit else []
-        there = self._listing()
+        there = self.store.listing()
         _check_compatible(self.name, self._settings(CONFIG_NAME in there), src)
         self.files = there
         # An image is there once its manifest is, whole.
@@ -314,7 +310,8 @@ class Remote:
                           if name.startswith("images/") and name.endswith("/" + MANIFEST_NAME)}
 
     def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        return self.store.register(SYNC_WRITING, what, progress=progress,
+                                   excludes=remote.is_collecting)
 
     def holds_image(self, name: str) -> bool:
         there = self.manifests.get(name)
@@ -337,37 +334,34 @@ class Remote:
 
     def publish(self, digests: list[str], images: list[Path]) -> None:
         image_files = [(image_dir, _image_files(image_dir)) for image_dir in images]
-        with self._file_list([*(_relative(digest) for digest in digests),
-                              *(f"images/{name}/{file}" for (image_dir, files), name
-                                in zip(image_files, names_of(images)) for file in files[:-1])]
-                             ) as listing:
-            self._rclone("copy", str(self.src.root), self.remote, "--files-from", listing,
-                         "--no-traverse", "--ignore-checksum",
-                         failure=f"cannot send {len(digests)} chunks and {len(images)} images "
-                                 f"to {self.name}")
+        self._copy([*(_relative(digest) for digest in digests),
+                    *(f"images/{name}/{file}" for (image_dir, files), name
+                      in zip(image_files, names_of(images)) for file in files[:-1])],
+                   f"cannot send {len(digests)} chunks and {len(images)} images to {self.name}")
         # rclone passes over a listed file that is gone: the images are published only once
         # every chunk is there, whole.
-        arrived = self._listing("chunks") if digests else {}
+        arrived = self.store.listing("chunks") if digests else {}
         for digest in digests:
             if arrived.get(_relative(digest)) != self.sizes[digest]:
                 raise StoreError(f"chunk {digest} did not arrive whole at {self.name}: "
                                  "no image sent; run the sync again")
         if images:
-            with self._file_list(f"images/{name}/{MANIFEST_NAME}"
-                                 for name in names_of(images)) as listing:
-                self._rclone("copy", str(self.src.root), self.remote, "--files-from", listing,
-                             "--no-traverse", "--ignore-checksum",
-                             failure=f"cannot send the manifests of {len(images)} images to "
-                                     f"{self.name}")
+            self._copy([f"images/{name}/{MANIFEST_NAME}" for name in names_of(images)],
+                       f"cannot send the manifests of {len(images)} images to {self.name}")
 
     def discard_chunks(self) -> None:
         pass
 
+    def _copy(self, names: list[str], failure: str) -> None:
+        with self.store.file_list(names) as listing:
+            self.store.run("copy", str(self.src.root), self.store.remote, "--files-from",
+                           listing, "--no-traverse", "--ignore-checksum", failure=failure)
+
     def _settings(self, present: bool) -> dict:
         """Its datastore.json, written with the source's settings if it has none."""
         if present:
-            text = self._rclone("cat", self._path(CONFIG_NAME),
-                                failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
+            text = self.store.run("cat", self.store.path(CONFIG_NAME),
+                                  failure=f"cannot read {CONFIG_NAME} of {self.name}").stdout
             try:
                 config = json.loads(text)
                 found = {"chunk_size": int(config["chunk_size"]), "format": int(config["format"])}
@@ -375,43 +369,8 @@ class Remote:
             except (ValueError, KeyError, TypeError):
                 raise StoreError(f"{self.name}: unreadable {CONFIG_NAME}") from None
         config = self.src.settings
-        self._rclone("rcat", self._path(CONFIG_NAME), input=json.dumps(config).encode() + b"\n",
-                     failure=f"cannot create a datastore at {self.name}")
+        self.store.write(CONFIG_NAME, json.dumps(config).encode() + b"\n")
         return config
-
-    def _listing(self, folder: Optional[str] = None) -> dict[str, int]:
-        """Each file under `folder` there (the whole remote if None), by its path below the
-        remote, with its size. The first contact: a remote nobody answers for fails at
-        once, not after rclone's retries (transfers keep them)."""
-        done = self._rclone("lsf", self._path(folder) if folder else self.remote, "-R",
-                            "--files-only", "--format", "ps", "--separator", "\t",
-                            *(() if folder else ("--retries", "1", "--low-level-retries", "1")))
-        if done.returncode == rclone.NO_DIRECTORY:
-            return {}  # not there yet: nothing under it
-        if done.returncode != 0:
-            raise StoreError(f"cannot {'list ' + folder + ' at' if folder else 'reach'} "
-                             f"{self.name}: {shown(tools.complaint(done))}")
-        sizes = {}
-        for line in done.stdout.splitlines():
-            path, _, size = line.rpartition("\t")
-            if path and size.isdigit() and not path.startswith(".") and "/." not in path:
-                sizes[f"{folder}/{path}" if folder else path] = int(size)
-        return sizes
-
-    def _path(self, relative: str) -> str:
-        return rclone.joined(self.remote, relative)
-
-    @contextlib.contextmanager
-    def _file_list(self, names: Iterable[str]) -> Iterator[str]:
-        with tempfile.NamedTemporaryFile("w", prefix="imaging-sync-", suffix=".txt") as listing:
-            listing.write("".join(f"{name}\n" for name in names))
-            listing.flush()
-            yield listing.name
-
-    def _rclone(self, command: str, *arguments: str, failure: Optional[str] = None,
-                input: Optional[bytes] = None):
-        return rclone.run(command, *arguments, options=self.options, failure=failure,
-                          input=input, cancelled=self.progress.cancelled)
 
 
 def _relative(digest: str) -> str:

@@ -30,7 +30,10 @@ run_pytest() {  # pytest's exit 5 (no test collected) fails the run as well
 
 failed=0
 echo "== every test, on SQLite"
-(unset DATABASE_URL; run_pytest tests) || failed=1
-echo "== the web tests, on PostgreSQL at $postgres_url"
-DATABASE_URL=$postgres_url run_pytest tests/test_web_*.py || failed=1
+(unset DATABASE_URL; run_pytest --durations=30 tests) || failed=1
+# The browser's tests drive the pages' scripts and layout, which no database changes;
+# every other web test runs again on PostgreSQL.
+echo "== the web tests but the browser's, on PostgreSQL at $postgres_url"
+DATABASE_URL=$postgres_url run_pytest --durations=20 \
+    $(ls tests/test_web_*.py | grep -v '^tests/test_web_browser\.py$') || failed=1
 exit "$failed"

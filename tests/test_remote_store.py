@@ -124,13 +124,17 @@ def test_an_encrypted_copy_off_site_restores_with_the_key_alone(history, tmp_pat
 
 def test_what_only_a_folder_takes_is_refused_on_a_remote_in_one_line(tmp_path):
     with webdav_server(tmp_path) as (_, remote_store):
-        for command in (["gc", "--store", remote_store],
+        for command in (["rehome", "--store", remote_store],
                         ["backup", tmp_path / "x.img", "--store", remote_store]):
             line = one_error_line(imaging(*command, check=False))
             assert line == (f"imaging: error: {command[0]} takes a datastore folder, not an "
                             "rclone: remote (on a remote: list, verify, restore, export, files, "
-                            "extract, and sync to it)")
+                            "extract, prune, gc, protect, unprotect, and sync to it)")
         line = one_error_line(imaging("restore", f"{remote_store}/d/stamp", tmp_path / "o.img",
                                       check=False))
         assert line.endswith("an image on a remote is rclone:REMOTE/images/DISK/STAMP")
+        for command in (["gc", "--store", remote_store],
+                        ["prune", "--store", remote_store, "--disk", "d", "--keep-last", "1"]):
+            line = one_error_line(imaging(*command, check=False))
+            assert line == f"imaging: error: {remote_store}: not a datastore (no datastore.json)"
         assert not Path(tmp_path / "o.img").exists()

@@ -149,13 +149,16 @@ def protection(image_dir: Path) -> Optional[dict]:
     return {"at": str(record.get("at", "")), "note": str(record.get("note", ""))}
 
 
+def protection_mark(note: str, now: dt.datetime) -> bytes:
+    """The file that protects an image (plain in an encrypted store too: no key needed)."""
+    return json.dumps({"at": utc_text(now), "note": note}).encode() + b"\n"
+
+
 def protect(image_dir: Path, note: str, now: dt.datetime) -> None:
-    """Protect the image (no key needed: the mark is plain in an encrypted store too)."""
     if not (image_dir / MANIFEST_NAME).is_file():
         raise ImageError(f"{image_dir}: not an image (no {MANIFEST_NAME})")
     with translated(StoreError, f"cannot protect {image_dir}"):
-        write_atomically(image_dir / PROTECTED_NAME, json.dumps(
-            {"at": utc_text(now), "note": note}).encode() + b"\n")
+        write_atomically(image_dir / PROTECTED_NAME, protection_mark(note, now))
         fsync_dir(image_dir)
 
 

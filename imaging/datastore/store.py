@@ -60,7 +60,12 @@ JOB_STALE = 180.0
 JOB_LAPSE = JOB_STALE - NFS_ATTRIBUTE_CACHE
 # Kinds of job that only read chunks some image references; every other kind
 # (backup, import, and any this engine does not know) may hold new ones.
-READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount", "sync-out"})
+# A sync registers at its source as a reader, at its destination as a writer.
+SYNC_READING, SYNC_WRITING = "sync-out", "sync-in"
+READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount", SYNC_READING})
+# Kinds of job whose new chunks may bear old mtimes: rclone gives a chunk it uploads its
+# source's mtime, so while a sync into this folder runs, gc here keeps every unreferenced chunk.
+UNDATED_WRITING_KINDS = frozenset({SYNC_WRITING})
 CLOCK_NAME = ".clock"
 # Held by the one running garbage collection.
 GC_LOCK = ".gc.lock"
