@@ -52,14 +52,16 @@ def _serving(argv: list[str], port: int, what: str, log: Path) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def webdav_server(folder: Path) -> Iterator[tuple[Path, str]]:
-    """(the folder served, the `rclone:` remote of `store` inside it)."""
+def webdav_server(folder: Path, *, read_only: bool = False) -> Iterator[tuple[Path, str]]:
+    """(the folder served, the `rclone:` remote of `store` inside it); `read_only`: it
+    refuses every change, as a remote reached with read-only credentials does."""
     served = folder / "served"
-    served.mkdir()
+    served.mkdir(exist_ok=True)
     port = free_port()
     # No directory cache: the tests change files behind the server's back.
     with _serving(["rclone", "serve", "webdav", str(served), "--addr", f"127.0.0.1:{port}",
-                   "--dir-cache-time", "0s"], port, "WebDAV", folder / "webdav.log"):
+                   "--dir-cache-time", "0s", *(["--read-only"] if read_only else [])],
+                  port, "WebDAV", folder / "webdav.log"):
         yield served, f"rclone::webdav,url='http://127.0.0.1:{port}':store"
 
 

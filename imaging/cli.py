@@ -474,14 +474,18 @@ def _remote_mounted(args: argparse.Namespace) -> Iterator[None]:
     if not rclone.is_remote(place):
         raise StoreError(f"{args.command} takes a datastore folder, not an rclone: remote "
                          "(on a remote: list, verify, restore, export, files, extract, prune, "
-                         "gc, protect, unprotect, and sync to it)")
+                         "gc, protect, unprotect, and sync to and from it)")
     remote = rclone.remote_of(place)
     root, image = (remote, None) if attribute == "store" else split_image(remote)
+    store = RemoteStore(root)
+    store.check_datastore()
     with contextlib.ExitStack() as held:
         if image is not None:
             name = image.partition("/")[2]
-            held.enter_context(RemoteStore(root).register(
-                READER_KINDS[args.command], f"{args.command} {name}", images=[name]))
+            # Not required: the disaster drill may hold read-only credentials.
+            held.enter_context(store.register(READER_KINDS[args.command],
+                                              f"{args.command} {name}", images=[name],
+                                              required=False))
         point = held.enter_context(rclone.mounted(root))
         args.remote = rclone.shown(place)
         setattr(args, attribute, str(point if image is None else point / image))
@@ -631,7 +635,8 @@ def _store_commands(add) -> None:
 
     sub = add("sync", cmd_sync, "copy the images a second datastore lacks, and only the "
               "chunks it lacks; an image appears there once all it needs is there")
-    sub.add_argument("source", help="datastore to copy from")
+    sub.add_argument("source", help="datastore to copy from: a folder, or rclone: and a "
+                     "remote path (a pull, from a NAS)")
     sub.add_argument("destination", help="datastore to copy to (created if absent): a folder, "
                      "or rclone: and a remote path rclone takes (rclone:nas:backups/store)")
     sub.add_argument("--disk", action="append", metavar="ID",

@@ -47,12 +47,11 @@ from .base.errors import Cancelled, ImageError, ImagingError, StoreError, transl
 from .base.progress import UNIT_CHUNKS, Progress
 from .datastore.chunks import bases_named_by_files
 from .datastore.codec import DIGEST_RE
-from .datastore import remote
 from .datastore.image import references
 from .datastore.manifest import NAME as MANIFEST_NAME
 from .datastore.remote import RemoteStore
-from .datastore.store import (BAD_SUFFIX, CHUNK_SUFFIX, TEMP_SUFFIX, UNDATED_WRITING_KINDS,
-                              Datastore, Job)
+from .datastore.store import (BAD_SUFFIX, CHUNK_SUFFIX, COLLECTING, TEMP_SUFFIX,
+                              UNDATED_WRITING_KINDS, Datastore, Job)
 from .prune import DELETING_SUFFIX
 
 # Clock skew between hosts sharing the store, and coarse file timestamps.
@@ -83,7 +82,8 @@ def cutoff_time(jobs: list[Job], images: set[str], now: float, safety_margin: fl
         return float("-inf")  # a reader of an image gone meanwhile: keep every chunk
     if any(job.kind in UNDATED_WRITING_KINDS for job in jobs):
         return float("-inf")
-    return min([now] + [job.started for job in jobs if job.writes]) - safety_margin
+    return min([now] + [job.started for job in jobs
+                        if job.writes and job.kind != COLLECTING]) - safety_margin
 
 
 def referenced_chunks(store: Datastore,
@@ -143,7 +143,10 @@ def collect(store_dir: os.PathLike | str, *, safety_margin: float = DEFAULT_SAFE
         result.seconds = round(time.monotonic() - started, 3)
         return result
     store = Datastore.open(store_dir)
-    with store.collecting(), translated(StoreError, "garbage collection failed"):
+    # Registered, so that a sync into this folder through a remote waits (remote.py).
+    with store.collecting(), \
+            store.register(COLLECTING, "garbage collection", progress=progress), \
+            translated(StoreError, "garbage collection failed"):
         now = store.clock()
         jobs = store.running_jobs()
         images, referenced = referenced_chunks(store)
@@ -172,12 +175,15 @@ def collect_remote(store: RemoteStore, progress: Progress) -> GcResult:
     manifest is missing (a sync or prune that died midway) and stale job tokens. The
     images' indexes are read through a read-only mount; deletions go in one rclone run."""
     store.check_datastore()
-    with store.register(remote.COLLECTING, "garbage collection", progress=progress,
+    with store.register(COLLECTING, "garbage collection", progress=progress,
                         excludes=lambda job: job.writes):
         files = store.listing(hidden=True)
         folders: dict[str, list[str]] = {}
         for path in files:
-            if path.startswith("images/") and path.count("/") == 3:
+            # A hidden image folder is a local writer's (a backup's into the folder a
+            # server serves as this remote): not this collection's.
+            if path.startswith("images/") and path.count("/") == 3 and "/." not in \
+                    path.rpartition("/")[0]:
                 folders.setdefault(path.rpartition("/")[0], []).append(path)
         complete = sorted(folder for folder, paths in folders.items()
                           if f"{folder}/{MANIFEST_NAME}" in paths)

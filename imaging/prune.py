@@ -28,7 +28,7 @@ import datetime as dt
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 from .base import rclone
 from .base.errors import Cancelled, ImagingError, StoreError, translated
@@ -38,7 +38,7 @@ from .datastore import remote
 from .datastore.image import parse_stamp, protection
 from .datastore.manifest import NAME as MANIFEST_NAME
 from .datastore.remote import RemoteStore
-from .datastore.store import PROTECTED_NAME, Datastore, Job, check_disk_id
+from .datastore.store import PROTECTED_NAME, PRUNING, Datastore, Job, check_disk_id
 
 DELETING_SUFFIX = ".deleting"
 # Rule name and the strftime pattern that names its period (None: every image is its own).
@@ -175,8 +175,12 @@ class LocalImages:
         return {path.name: protection(path) is not None
                 for path in self.store.image_dirs(self.disk_id)}
 
-    def holding(self, progress: Progress) -> contextlib.AbstractContextManager:
-        return self.store.pruning()
+    @contextlib.contextmanager
+    def holding(self, progress: Progress) -> Iterator[None]:
+        # Registered, so that a sync into this folder through a remote waits (remote.py).
+        with self.store.pruning(), self.store.register(PRUNING, f"prune of {self.disk_id}",
+                                                       progress=progress):
+            yield
 
     def reader_of(self, image: Path) -> Optional[Job]:
         return reader_of(self.store, image)
@@ -204,8 +208,8 @@ class RemoteImages:
                 if MANIFEST_NAME in names}
 
     def holding(self, progress: Progress) -> contextlib.AbstractContextManager:
-        return self.store.register(remote.PRUNING, f"prune of {self.disk_id}",
-                                   progress=progress, excludes=remote.is_collecting)
+        return self.store.register(PRUNING, f"prune of {self.disk_id}",
+                                   progress=progress, excludes=remote.deletes_or_uploads)
 
     def reader_of(self, image: Path) -> Optional[Job]:
         name = f"{self.disk_id}/{image.name}"

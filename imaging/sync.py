@@ -25,7 +25,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Protocol
+from typing import Iterable, Iterator, Optional, Protocol
 
 from .base import rclone
 from .base.errors import ImageError, StoreError, translated
@@ -68,22 +68,46 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
          disks: Optional[Iterable[str]] = None, last: Optional[int] = None,
          bwlimit: Optional[str] = None, progress: Optional[Progress] = None) -> SyncResult:
     """Copy the images of `source` (of `disks`, the `last` N of each) that `destination`
-    lacks; the destination is created, with the source's chunk size, if absent."""
+    lacks; the destination is created, with the source's chunk size, if absent. Either may
+    be `rclone:` and a remote: a sync from one (a pull) reads it through a read-only
+    mount and registers there as its reader."""
     started = time.monotonic()
     progress = progress or Progress("sync", 0)
-    src = Datastore.open(source)
-    target = str(destination)
-    if rclone.is_remote(target):
-        copy: Destination = Remote(rclone.remote_of(target), src, bwlimit, progress)
-    else:
-        if bwlimit is not None:
-            raise StoreError("a bandwidth limit applies to a copy to an rclone: remote only")
-        copy = Local(Path(target), src)
-    wanted = _images(src, disks, last)
-    result = SyncResult(str(src.root), copy.name, [], [], 0, 0, 0, 0.0)
+    with _source(source, progress) as (src, origin):
+        target = str(destination)
+        if rclone.is_remote(target):
+            copy: Destination = Remote(rclone.remote_of(target), src, bwlimit, progress)
+        else:
+            if bwlimit is not None:
+                raise StoreError("a bandwidth limit applies to a copy to an rclone: remote only")
+            copy = Local(Path(target), src)
+        result = _sync(src, origin, copy, _images(src, disks, last), progress)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+@contextlib.contextmanager
+def _source(source: os.PathLike | str,
+            progress: Progress) -> Iterator[tuple[Datastore, Optional[RemoteStore]]]:
+    """The datastore to copy from: a folder, or a remote mounted read-only, with the remote
+    beside it (its readers register there)."""
+    if not rclone.is_remote(source):
+        yield Datastore.open(source), None
+        return
+    origin = RemoteStore(rclone.remote_of(str(source)), cancelled=progress.cancelled)
+    origin.check_datastore()
+    with rclone.mounted(origin.remote) as point:
+        yield Datastore.open(point), origin
+
+
+def _sync(src: Datastore, origin: Optional[RemoteStore], copy: "Destination",
+          wanted: list[Path], progress: Progress) -> SyncResult:
+    source_name = origin.name if origin else str(src.root)
+    result = SyncResult(source_name, copy.name, [], [], 0, 0, 0, 0.0)
     names = names_of(wanted)
-    with src.register(SYNC_READING, f"sync to {copy.name}", images=names, progress=progress), \
-            copy.registered(f"sync from {src.root}", progress):
+    with (origin or src).register(SYNC_READING, f"sync to {copy.name}", images=names,
+                                  progress=progress), \
+            copy.registered(f"sync from {source_name}", progress):
         missing = [path for path, name in zip(wanted, names) if not copy.holds_image(name)]
         result.present = [name for path, name in zip(wanted, names) if path not in missing]
         lengths = _needed_chunks(src, missing)
@@ -131,7 +155,6 @@ def sync(source: os.PathLike | str, destination: os.PathLike | str, *,
                                       for name in _image_files(path))
         result.held = sorted(set(copy.images()) | set(result.copied))
     progress.finish()
-    result.seconds = time.monotonic() - started
     return result
 
 
@@ -301,17 +324,23 @@ class Remote:
                                  cancelled=progress.cancelled)
         self.src, self.name = src, self.store.name
         self.sizes: dict[str, int] = {}
-        there = self.store.listing()
-        _check_compatible(self.name, self._settings(CONFIG_NAME in there), src)
-        self.files = there
-        # An image is there once its manifest is, whole.
-        self.manifests = {name[len("images/"):-len("/" + MANIFEST_NAME)]: size
-                          for name, size in there.items()
-                          if name.startswith("images/") and name.endswith("/" + MANIFEST_NAME)}
+        self.files: dict[str, int] = {}
+        self.manifests: dict[str, int] = {}
+        _check_compatible(self.name, self._settings(CONFIG_NAME in self.store.top_files()), src)
 
-    def registered(self, what: str, progress: Progress) -> contextlib.AbstractContextManager:
-        return self.store.register(SYNC_WRITING, what, progress=progress,
-                                   excludes=remote.is_collecting)
+    @contextlib.contextmanager
+    def registered(self, what: str, progress: Progress) -> Iterator[None]:
+        """Registered, no prune or gc there; then what is there is listed (a chunk a gc
+        deleted before is not counted on)."""
+        with self.store.register(SYNC_WRITING, what, progress=progress,
+                                 excludes=remote.deletes):
+            self.files = self.store.listing()
+            # An image is there once its manifest is, whole.
+            self.manifests = {name[len("images/"):-len("/" + MANIFEST_NAME)]: size
+                              for name, size in self.files.items()
+                              if name.startswith("images/")
+                              and name.endswith("/" + MANIFEST_NAME)}
+            yield
 
     def holds_image(self, name: str) -> bool:
         there = self.manifests.get(name)

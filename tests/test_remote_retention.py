@@ -93,6 +93,35 @@ def test_gc_and_a_sync_at_one_remote_take_turns(copied):
     assert not list((served / "jobs").iterdir())
 
 
+def test_a_prune_and_a_sync_at_one_remote_take_turns_and_an_unreadable_token_stops_both(
+        copied):
+    store, _, served, remote = copied
+    images = published(served)
+    with RemoteStore(remote[len("rclone:"):]).register("sync-in", "sync from elsewhere"):
+        refused = imaging("prune", "--store", remote, "--disk", "d", "--keep-last", "1",
+                          check=False)
+    assert one_error_line(refused).startswith(
+        "imaging: error: prune of d did not start: sync from elsewhere runs at ")
+    (served / "jobs" / "half-written").write_text('{"kind": "sync-')
+    for command in (["prune", "--store", remote, "--disk", "d", "--keep-last", "1"],
+                    ["sync", store, remote]):
+        line = one_error_line(imaging(*command, check=False))
+        assert "did not start: an unreadable registration (half-written) runs at " in line
+    assert published(served) == images
+
+
+def test_a_restore_from_a_remote_reached_read_only_works_unregistered(tmp_path):
+    disk, store = tmp_path / "d.img", tmp_path / "store"
+    disk.write_bytes(text_like(2 * CHUNK, seed=7))
+    image = backup(str(disk), store, disk_id="d").image
+    with webdav_server(tmp_path) as (served, remote):
+        imaging("sync", store, remote)
+    with webdav_server(tmp_path, read_only=True) as (served, remote):
+        imaging("restore", f"{remote}/images/d/{image.name}", tmp_path / "restored.img")
+        assert sha256_of(tmp_path / "restored.img") == sha256_of(disk)
+        assert not list((served / "store" / "jobs").iterdir())
+
+
 def test_prune_at_a_remote_defers_an_image_being_read(copied):
     _, _, served, remote = copied
     oldest = published(served)[0]

@@ -129,7 +129,7 @@ def test_what_only_a_folder_takes_is_refused_on_a_remote_in_one_line(tmp_path):
             line = one_error_line(imaging(*command, check=False))
             assert line == (f"imaging: error: {command[0]} takes a datastore folder, not an "
                             "rclone: remote (on a remote: list, verify, restore, export, files, "
-                            "extract, prune, gc, protect, unprotect, and sync to it)")
+                            "extract, prune, gc, protect, unprotect, and sync to and from it)")
         line = one_error_line(imaging("restore", f"{remote_store}/d/stamp", tmp_path / "o.img",
                                       check=False))
         assert line.endswith("an image on a remote is rclone:REMOTE/images/DISK/STAMP")

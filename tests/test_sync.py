@@ -213,3 +213,22 @@ def test_a_password_in_the_remote_never_shows(source, webdav, tmp_path):
     result = imaging("sync", store, secret, "--disk", "e", "--json", check=False)
     shown = result.stdout + result.stderr
     assert "s3cret" not in shown and "hunter2" not in shown and "***" in shown
+
+
+def test_a_pull_from_a_remote_copies_into_a_folder_byte_identical(source, webdav, tmp_path):
+    store, disk = source
+    served, remote = webdav
+    imaging("sync", store, remote)
+    pulled = json.loads(imaging("sync", remote, tmp_path / "pulled", "--json").stdout)
+    assert pulled["source"] == remote and len(pulled["copied"]) == 3
+    assert published(tmp_path / "pulled") == published(store)
+    assert {p.name for p in (tmp_path / "pulled" / "chunks").rglob("*.zst")} == \
+        {p.name for p in (store / "chunks").rglob("*.zst")}
+    newest = Datastore.open(tmp_path / "pulled").image_dirs("d")[-1]
+    imaging("restore", newest, tmp_path / "restored.img")
+    assert sha256_of(tmp_path / "restored.img") == sha256_of(disk)
+    again = json.loads(imaging("sync", remote, tmp_path / "pulled", "--json").stdout)
+    assert (again["copied"], again["chunks_sent"]) == ([], 0)
+    assert not list((served / "store" / "jobs").iterdir())  # its reader's token went
+    unknown = imaging("sync", remote, tmp_path / "pulled", "--disk", "nosuch", check=False)
+    assert one_error_line(unknown) == f"imaging: error: {remote} holds no image of disk nosuch"

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from . import tools
-from .errors import StoreError
+from .errors import ImagingError, StoreError
 
 PREFIX = "rclone:"
 PACKAGE = "rclone"
-# rclone's "directory not found" exit status.
+# rclone's "directory not found" and "file not found" exit statuses.
 NO_DIRECTORY = 3
+NO_FILE = 4
 # What a connection string may hold that nobody else should read: shown as ***.
 SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|key|token|secret|user|credential|grant|"
                            r"connection_string|header|auth|sas|account)[\w-]*=)"
@@ -89,7 +90,14 @@ def mounted(remote: str) -> Iterator[Path]:
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
         _wait_for_mount(point, process, errors, remote)
-        yield point
+        try:
+            yield point
+        except ImagingError as exc:
+            # Messages name the remote, not this private folder.
+            if exc.args and isinstance(exc.args[0], str):
+                exc.args = (exc.args[0].replace(str(point), shown(PREFIX + remote)),
+                            *exc.args[1:])
+            raise
     finally:
         if os.path.ismount(point):
             tools.run("fusermount3", "fuse3", ["-u", "-z", str(point)], kind=StoreError)

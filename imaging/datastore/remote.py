@@ -1,13 +1,13 @@
 """A datastore at an rclone remote, reached file by file (docs/architecture.md, "Remote
 datastores").
 
-There is no lock and no rename at a remote (an S3 bucket has neither), so the jobs that
-change one take turns through tokens in its `jobs/` folder, as a local store's jobs do,
-written and listed with rclone: each job uploads its token, then lists the others. Of two
-jobs that exclude each other, whichever lists second sees the first; if both see each
-other, both stop, and neither has changed anything yet. A sync into the remote (a writer),
-a prune and a garbage collection (which deletes only while no writer or prune runs) are
-such jobs; a reader of an image registers, and prune spares that image.
+There is no lock at a remote (and no atomic rename on an S3 bucket), so the jobs that
+change one take turns through tokens in its `jobs/` folder, in a local store's token
+format, written and listed with rclone: each job uploads its token, then lists the
+others. Of two jobs that exclude each other, whichever lists second sees the first; if
+both see each other, both stop, and neither has changed anything yet. A sync into the
+remote and a prune exclude each other and a gc; a gc runs beside readers only; a reader
+of an image registers, and prune spares that image.
 
 Liveness is the token's modification time, renewed every REMOTE_HEARTBEAT by uploading it
 again, against the lister's clock: REMOTE_STALE is long enough for minutes of clock skew
@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -26,20 +27,21 @@ import time
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from ..base import rclone, tools
-from ..base.errors import ImageError, StoreError
+from ..base.errors import ImageError, ImagingError, StoreError
 from ..base.progress import Progress
 from ..base.rclone import shown
 from ..disks.inventory import host_name, safe_id
 from .image import protection_mark
 from .manifest import NAME as MANIFEST_NAME
-from .store import CONFIG_NAME, PROTECTED_NAME, Job
+from .store import (COLLECTING, CONFIG_NAME, PROTECTED_NAME, PRUNING, SYNC_WRITING,
+                    UNKNOWN_KIND, Job)
 
 JOBS_FOLDER = "jobs"
 REMOTE_HEARTBEAT = 60.0
 REMOTE_STALE = 900.0
-# Kinds of registration at a remote that deletes.
-PRUNING = "prune"
-COLLECTING = "gc"
+# A job whose heartbeat went this long without landing (a suspended host) may look dead.
+REMOTE_LAPSE = REMOTE_STALE - 2 * REMOTE_HEARTBEAT
+RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|z|[+-]\d\d:\d\d)$")
 
 
 class RemoteStore:
@@ -56,18 +58,17 @@ class RemoteStore:
         return rclone.joined(self.remote, relative)
 
     def run(self, command: str, *arguments: str, failure: Optional[str] = None,
-            input: Optional[bytes] = None, options: Optional[Sequence[str]] = None):
+            input: Optional[bytes] = None, options: Optional[Sequence[str]] = None,
+            cancellable: bool = True):
         return rclone.run(command, *arguments, options=self.options if options is None
-                          else options, failure=failure, input=input, cancelled=self.cancelled)
+                          else options, failure=failure, input=input,
+                          cancelled=self.cancelled if cancellable else None)
 
     def listing(self, folder: Optional[str] = None, *, hidden: bool = False) -> dict[str, int]:
         """Each file under `folder` there (the whole remote if None), by its path below the
-        remote, with its size; hidden ones (a name starting with a dot) only if `hidden`.
-        The first contact: a remote nobody
-        answers for fails at once, not after rclone's retries (transfers keep them)."""
+        remote, with its size; hidden ones (a name starting with a dot) only if `hidden`."""
         done = self.run("lsf", self.path(folder) if folder else self.remote, "-R",
-                        "--files-only", "--format", "ps", "--separator", "\t",
-                        *(() if folder else ("--retries", "1", "--low-level-retries", "1")))
+                        "--files-only", "--format", "ps", "--separator", "\t")
         if done.returncode == rclone.NO_DIRECTORY:
             return {}  # not there yet: nothing under it
         if done.returncode != 0:
@@ -81,13 +82,18 @@ class RemoteStore:
                 sizes[f"{folder}/{path}" if folder else path] = int(size)
         return sizes
 
-    def check_datastore(self) -> None:
-        """That a datastore is there (the first contact, failing at once if nobody answers)."""
+    def top_files(self) -> set[str]:
+        """The files at the top of the remote folder (none if it is not there yet): the
+        first contact, failing at once if nobody answers."""
         done = self.run("lsf", self.remote, "--files-only", "--retries", "1",
                         "--low-level-retries", "1", options=())
         if done.returncode not in (0, rclone.NO_DIRECTORY):
             raise StoreError(f"cannot reach {self.name}: {shown(tools.complaint(done))}")
-        if CONFIG_NAME not in done.stdout.splitlines():
+        return set(done.stdout.splitlines()) if done.returncode == 0 else set()
+
+    def check_datastore(self) -> None:
+        """That a datastore is there."""
+        if CONFIG_NAME not in self.top_files():
             raise StoreError(f"{self.name}: not a datastore (no {CONFIG_NAME})")
 
     def move(self, relative: str, to: str) -> None:
@@ -95,12 +101,13 @@ class RemoteStore:
         self.run("moveto", self.path(relative), self.path(to),
                  failure=f"cannot move {relative} at {self.name}")
 
-    def write(self, relative: str, data: bytes, options: Optional[Sequence[str]] = None) -> None:
+    def write(self, relative: str, data: bytes, options: Optional[Sequence[str]] = None,
+              cancellable: bool = True) -> None:
         self.run("rcat", self.path(relative), input=data, options=options,
-                 failure=f"cannot write {relative} at {self.name}")
+                 cancellable=cancellable, failure=f"cannot write {relative} at {self.name}")
 
-    def delete_file(self, relative: str) -> None:
-        self.run("deletefile", self.path(relative),
+    def delete_file(self, relative: str, cancellable: bool = True) -> None:
+        self.run("deletefile", self.path(relative), cancellable=cancellable,
                  failure=f"cannot delete {relative} at {self.name}")
 
     def delete(self, relatives: Iterable[str]) -> None:
@@ -143,15 +150,19 @@ class RemoteStore:
     # -- running jobs -------------------------------------------------------
     def register(self, kind: str, what: str, *, images: Sequence[str] = (),
                  progress: Optional[Progress] = None,
-                 excludes: Callable[[Job], bool] = lambda job: False) -> "RemoteRegistration":
+                 excludes: Callable[[Job], bool] = lambda job: False,
+                 required: bool = True) -> "RemoteRegistration":
         """A token here while a `with` block runs. The block does not begin while a job
-        that `excludes` names runs here (a StoreError saying which)."""
+        that `excludes` names runs here (a StoreError saying which). A registration not
+        `required` (a reader's) that cannot be written lets the block run without it."""
         return RemoteRegistration(self, Job(kind, what, host_name(), os.getpid(), time.time(),
-                                            tuple(images)), progress, excludes)
+                                            tuple(images)), progress, excludes, required)
 
-    def registrations(self) -> list[tuple[str, Job, float]]:
-        """(token, job, age of its last heartbeat in seconds) of every token here."""
-        done = self.run("lsjson", self.path(JOBS_FOLDER), "--files-only", options=())
+    def registrations(self, mine: str = "") -> list[tuple[str, Job, float]]:
+        """(token, job, age of its last heartbeat in seconds) of every token here but
+        `mine`."""
+        done = self.run("lsjson", self.path(JOBS_FOLDER), "--files-only", options=(),
+                        cancellable=False)
         if done.returncode == rclone.NO_DIRECTORY:
             return []
         if done.returncode != 0:
@@ -166,18 +177,22 @@ class RemoteStore:
         now = time.time()
         found = []
         for token, beat in entries:
-            if token.startswith("."):
+            if token.startswith(".") or token == mine:
                 continue
-            text = self.run("cat", self.path(f"{JOBS_FOLDER}/{token}"), options=())
-            if text.returncode != 0:
+            text = self.run("cat", self.path(f"{JOBS_FOLDER}/{token}"), options=(),
+                            cancellable=False)
+            if text.returncode in (rclone.NO_DIRECTORY, rclone.NO_FILE):
                 continue  # that job ended meanwhile
+            if text.returncode != 0:
+                raise StoreError(f"cannot read the job {token} registered at {self.name}: "
+                                 f"{shown(tools.complaint(text))}")
+            # A token caught half rewritten parses as an unknown job: every job stops for it.
             found.append((token, Job.parse(text.stdout.encode(), token), now - beat))
         return found
 
     def running_jobs(self, *, mine: str = "") -> list[Job]:
         """Every job registered here with a fresh heartbeat, but the token `mine`."""
-        return [job for token, job, age in self.registrations()
-                if age <= REMOTE_STALE and token != mine]
+        return [job for _, job, age in self.registrations(mine) if age <= REMOTE_STALE]
 
     def forget_dead_jobs(self) -> int:
         dead = [token for token, _, age in self.registrations() if age > REMOTE_STALE]
@@ -186,8 +201,14 @@ class RemoteStore:
         return len(dead)
 
 
-def is_collecting(job: Job) -> bool:
-    return job.kind == COLLECTING
+def deletes(job: Job) -> bool:
+    """Whether the job deletes there: a sync does not run beside it."""
+    return job.kind in (PRUNING, COLLECTING, UNKNOWN_KIND)
+
+
+def deletes_or_uploads(job: Job) -> bool:
+    """Whether the job deletes or uploads images there: a prune does not run beside it."""
+    return deletes(job) or job.kind == SYNC_WRITING
 
 
 class RemoteRegistration:
@@ -195,8 +216,10 @@ class RemoteRegistration:
     heartbeat that fails stops the job through `progress`, as a local one does."""
 
     def __init__(self, store: RemoteStore, job: Job, progress: Optional[Progress],
-                 excludes: Callable[[Job], bool]) -> None:
+                 excludes: Callable[[Job], bool], required: bool) -> None:
         self.store, self.job, self.progress, self.excludes = store, job, progress, excludes
+        self.required = required
+        self.registered = False
         self.token = f"{safe_id(job.host)}-{job.pid}-{secrets.token_hex(4)}"
         self.error: Optional[StoreError] = None
         self._stopped = threading.Event()
@@ -204,16 +227,24 @@ class RemoteRegistration:
                                          daemon=True)
 
     def __enter__(self) -> "RemoteRegistration":
-        self._upload()
+        try:
+            self._upload()
+        except StoreError:
+            if self.required:
+                raise
+            return self  # a reader with read-only credentials reads unregistered
         try:
             self._check_alone()
         except BaseException:
             self._remove()
             raise
+        self.registered = True
         self._beating.start()
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        if not self.registered:
+            return
         self._stopped.set()
         self._beating.join()
         self._remove()
@@ -227,24 +258,31 @@ class RemoteRegistration:
                                  f"{self.store.name} (on {job.host}): run it once that is done")
 
     def _upload(self) -> None:
-        # No rate limit on a token: a heartbeat must not wait behind the chunks.
+        # No rate limit on a token (a heartbeat must not wait behind the chunks), and no
+        # cancel: a cancelled job still takes its token away.
         self.store.write(f"{JOBS_FOLDER}/{self.token}",
-                         json.dumps(self.job.as_dict()).encode() + b"\n", options=())
+                         json.dumps(self.job.as_dict()).encode() + b"\n", options=(),
+                         cancellable=False)
 
     def _remove(self) -> None:
         with contextlib.suppress(StoreError):  # left behind, it goes stale; gc removes it
-            self.store.delete_file(f"{JOBS_FOLDER}/{self.token}")
+            self.store.delete_file(f"{JOBS_FOLDER}/{self.token}", cancellable=False)
 
     def _beat(self) -> None:
+        last = time.monotonic()
         while not self._stopped.wait(REMOTE_HEARTBEAT):
+            silent = time.monotonic() - last
             try:
+                if silent > REMOTE_LAPSE:
+                    raise StoreError(f"no heartbeat for {silent:.0f} s")
                 self._upload()
-            except StoreError as exc:
+            except ImagingError as exc:
                 self.error = StoreError(f"{self.job.what} stopped: its heartbeat at "
                                         f"{self.store.name} failed ({exc})")
                 if self.progress is not None:
                     self.progress.abort(self.error)
                 return
+            last = time.monotonic()
 
 
 def split_image(remote: str) -> tuple[str, str]:
@@ -259,8 +297,9 @@ def split_image(remote: str) -> tuple[str, str]:
 
 def _moment(text: str) -> float:
     """UNIX time of rclone's RFC 3339 modification time (nanoseconds cut to micro)."""
-    head, dot, rest = text.partition(".")
-    if dot:
-        digits = "".join(char for char in rest if char.isdigit())
-        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    found = RFC3339.match(text)
+    if found is None:
+        raise ValueError(text)
+    head, fraction, zone = found.groups()
+    return dt.datetime.fromisoformat(
+        f"{head}{(fraction or '')[:7]}{'+00:00' if zone in 'Zz' else zone}").timestamp()

@@ -60,8 +60,12 @@ JOB_STALE = 180.0
 JOB_LAPSE = JOB_STALE - NFS_ATTRIBUTE_CACHE
 # Kinds of job that only read chunks some image references; every other kind
 # (backup, import, and any this engine does not know) may hold new ones.
+# What an unreadable registration counts as: a writer that started at the epoch.
+UNKNOWN_KIND = "unknown"
 # A sync registers at its source as a reader, at its destination as a writer.
 SYNC_READING, SYNC_WRITING = "sync-out", "sync-in"
+# Jobs that delete register too: at a remote, syncs and they take turns through the tokens.
+PRUNING, COLLECTING = "prune", "gc"
 READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount", SYNC_READING})
 # Kinds of job whose new chunks may bear old mtimes: rclone gives a chunk it uploads its
 # source's mtime, so while a sync into this folder runs, gc here keeps every unreferenced chunk.
@@ -511,7 +515,7 @@ class Job:
         except (ValueError, KeyError, TypeError, AttributeError):
             # Nothing says what it may need: it holds back every chunk (a writer
             # that started at the epoch) until its heartbeat goes stale.
-            return cls("unknown", f"an unreadable registration ({name})", "?", 0, 0.0)
+            return cls(UNKNOWN_KIND, f"an unreadable registration ({name})", "?", 0, 0.0)
 
 
 class Registration:
