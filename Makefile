@@ -16,10 +16,11 @@ RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip 
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
 # tests; docker-compose: checking docker-compose.yml; zbar-tools: reading a paper key's QR
 # code back; openssh-server: an SFTP server on loopback for the remote datastore tests; borg,
-# restic, time: the benchmark's peers.
+# restic, time: the benchmark's peers; lvm2, cryptsetup-bin, xfsprogs, btrfs-progs: LVM,
+# LUKS, XFS and Btrfs test disks made by their own tools.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
 	docker-compose curl libfuse3-dev pkg-config gcc gddrescue zbar-tools openssh-server borgbackup \
-	restic time
+	restic time lvm2 cryptsetup-bin xfsprogs btrfs-progs
 
 # What the virtualenv gets: everything for a developer; the Docker image takes requirements.txt.
 REQUIREMENTS ?= requirements-test.txt

@@ -28,7 +28,7 @@ from .datastore.catalog import ImageRecord, list_images
 from .datastore.image import protect, unprotect
 from .datastore.keyring import KEY_FILE_VARIABLE, PASSPHRASE_VARIABLE
 from .datastore.remote import RemoteStore, split_image
-from .disks import layout
+from .disks import layout, lvm
 from .disks.inventory import inventory
 from .export import export
 from .gc import DEFAULT_SAFETY_MARGIN, collect
@@ -496,6 +496,15 @@ REMOTE_STORE_HELP = "datastore folder, or rclone:REMOTE for one rclone reaches"
 REMOTE_IMAGE_HELP = "image directory, or rclone:REMOTE/images/DISK/STAMP"
 
 
+def partition_or_volume(text: str) -> int | str:
+    """A partition's number, or a logical volume's VG/LV."""
+    if text.isdigit():
+        return int(text)
+    if lvm.VOLUME_NAME.fullmatch(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a partition number nor VG/LV")
+
+
 def with_progress(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json-progress", action="store_true",
                      help="progress as JSON lines on stderr")
@@ -562,7 +571,8 @@ def _disk_commands(add) -> None:
     sub = add("files", cmd_files, f"list a folder of a partition without mounting it "
               f"(reads {COVERED})")
     sub.add_argument("image", help="image directory")
-    sub.add_argument("partition", type=int, help="partition number")
+    sub.add_argument("partition", type=partition_or_volume,
+                     help="partition number, or an LVM logical volume as VG/LV (vg0/root)")
     sub.add_argument("path", nargs="?", default="/", help="folder or file (default: /)")
     sub.add_argument("--json", action="store_true", help="print the listing as one JSON object")
     with_key(sub)
@@ -570,7 +580,8 @@ def _disk_commands(add) -> None:
     sub = add("extract", cmd_extract, "copy files or folders out of a partition without "
               f"mounting it, with their modes and times (reads {COVERED})")
     sub.add_argument("image", help="image directory")
-    sub.add_argument("partition", type=int, help="partition number")
+    sub.add_argument("partition", type=partition_or_volume,
+                     help="partition number, or an LVM logical volume as VG/LV (vg0/root)")
     sub.add_argument("paths", nargs="+", metavar="PATH", help="file or folder in the partition")
     sub.add_argument("--to", required=True, metavar="DIR",
                      help="where they go (created if absent); nothing is written outside it")

@@ -128,7 +128,7 @@ def test_a_filesystem_without_tools_is_one_clear_line(standard):
     image_dir, _ = standard
     line = one_error_line(imaging("files", image_dir, 3, check=False))
     assert line == ("imaging: error: partition 3 holds swap: files and extract read ext2, "
-                    "ext3, ext4, FAT (vfat) and NTFS")
+                    "ext3, ext4, FAT (vfat), NTFS, XFS and Btrfs")
     line = one_error_line(imaging("extract", image_dir, 9, "/x", "--to", "/nonexistent",
                                   check=False))
     assert line == f"imaging: error: {image_dir} has no partition 9 (its partitions: 1, 2, 3)"
@@ -209,12 +209,18 @@ def crafted_disk(path: Path, outside: Path) -> Path:
 def crafted(tmp_path_factory):
     requires_root_loop_fuse()
     folder = tmp_path_factory.mktemp("crafted")
-    outside = folder / "outside"
-    outside.mkdir()
-    (outside / "victim").write_bytes(b"keep me\n")
+    outside = a_folder_outside(folder)
     disk = crafted_disk(folder / "disk.img", outside)
     image = backup(str(disk), folder / "store", disk_id="crafted", chunk_size=CHUNK).image
     return image, outside
+
+
+def a_folder_outside(folder: Path) -> Path:
+    """A folder beside the image holding one file, which no extract may touch."""
+    outside = folder / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"keep me\n")
+    return outside
 
 
 def outside_is_untouched(outside: Path) -> None:

@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 from engine import MiB, imaging, last_line, one_error_line, sha256_of
 from support.devices import loop_device, mounted, requires_loop, run
-from support.disks import DELETED_FILE_MARKER, Disk, PartSpec, build_disk
+from support.disks import DELETED_FILE_MARKER, Disk, PartSpec, build_disk, make_luks
 
 from imaging.datastore.image import Image
 from imaging.disks import usedmap
 from imaging.disks.device import Source
 
 MTOOLS_ENV = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-LUKS1_MAGIC = b"LUKS\xba\xbe\x00\x01"
 
 
 @pytest.fixture
@@ -41,10 +40,8 @@ def _build(folder: Path, label: str) -> Disk:
     }[label]
     disk = build_disk(folder / f"{label}.img", 128 * MiB, label, specs, seed=7)
     if label == "gpt":
-        # Partition 4 looks encrypted to blkid (a LUKS1 signature over noise).
-        with open(disk.path, "r+b") as image:
-            image.seek(disk.partitions[3].start)
-            image.write(LUKS1_MAGIC)
+        # Partition 4 is encrypted: a LUKS2 header made by cryptsetup over its noise.
+        make_luks(disk.path, disk.partitions[3], folder)
     return disk
 
 
@@ -88,7 +85,8 @@ def test_manifest_records_how_each_partition_was_mapped(restored):
             assert entry["mapped"].startswith("full: ")
             assert entry["used_bytes"] == part.size
     if disk.label == "gpt":
-        assert by_number[4]["mapped"] == "full: encrypted (crypto_LUKS)"
+        assert by_number[4]["mapped"] == \
+            "full: encrypted (LUKS2): its files need its passphrase"
         assert by_number[5]["mapped"] == "full: no filesystem recognised"
     swap = next(e for e in manifest["partitions"] if e["filesystem"] == "swap")
     assert swap["used_bytes"] == 4096

@@ -11,7 +11,7 @@ import pytest
 from django.test import override_settings
 from engine import MiB, write_random
 from support.devices import loop_device, requires_loop, requires_root_loop_fuse
-from support.disks import PartSpec, build_disk
+from support.disks import PartSpec, build_disk, make_luks
 from support.faulty import faulty_disk
 from support.web import PLAIN_STATIC, BaseTestCase
 
@@ -203,3 +203,27 @@ class DeleteImageTests(BaseTestCase):
         shutil.rmtree(self.first.image)
         self.client.post(f"/images/{self.image.pk}/delete/")
         self.assertFalse(Image.objects.filter(pk=self.image.pk).exists())
+
+
+@override_settings(STORAGES=PLAIN_STATIC)
+class EncryptedPartitionTests(BaseTestCase):
+    def test_an_encrypted_partition_is_said_to_be_stored_in_full_and_why(self):
+        requires_loop()
+        self.folder = Path(self.enterContext(tempfile.TemporaryDirectory()))
+        self.store = self.folder / "store"
+        disk = build_disk(self.folder / "vault.img", 40 * MiB, "gpt",
+                          [PartSpec(24 * MiB, "ext4"), PartSpec(8 * MiB, "raw-noise")])
+        make_luks(disk.path, disk.partitions[1], self.folder)
+        imaging.backup.backup(str(disk.path), self.store, disk_id="vault", mode="used")
+        services.rescan(self.store)
+        image = Image.objects.get()
+        self.client.force_login(self.alice)
+        html = self.client.get(f"/images/{image.pk}/restore/?fragment=1").content.decode()
+        layout = html.split("<div data-image-layout>", 1)[1].split("</section>", 1)[0]
+        self.assertIn("<strong>crypto_LUKS</strong> <span class=\"meta\">Linux filesystem</span>"
+                      "<br><span class=\"meta\">stored in full: encrypted (LUKS2): its files "
+                      "need its passphrase</span>", layout)
+        files = self.client.get(f"/images/{image.pk}/files/").content.decode()
+        self.assertIn("Partition 2 <span class=\"meta\">crypto_LUKS", files)
+        self.assertIn("— holds crypto_LUKS, stored in full: encrypted (LUKS2): its files need "
+                      "its passphrase</span>", files)

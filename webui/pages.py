@@ -426,7 +426,8 @@ def partition_rows(partitions: Optional[list]) -> list[dict]:
         rows.append({"name": entry.get("name") or "", "start": entry.get("start"),
                      "size": entry.get("size"), "fstype": entry.get("fstype") or "",
                      "type": PARTITION_TYPES.get(kind, entry.get("type") or ""),
-                     "label": entry.get("label") or ""})
+                     "label": entry.get("label") or "",
+                     "stored_in_full": entry.get("stored_in_full") or ""})
     return rows
 
 

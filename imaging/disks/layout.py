@@ -16,6 +16,8 @@ MBR_SIZE = 512
 MBR_NAME = "mbr.bin"
 # An image's copy of `sfdisk --dump` of its disk.
 LAYOUT_NAME = "layout.sf"
+# How a used-mode manifest says a partition was read in full: "full: <why>".
+FULL_PREFIX = "full: "
 _DUMP_FIELD = re.compile(r'(\w+)=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)')
 # Debian's name for the util-linux package that ships sfdisk.
 SFDISK_PACKAGE = "fdisk"
@@ -55,8 +57,10 @@ def partitions(source: str) -> list[dict]:
 
 def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> list[dict]:
     """Partitions of an `sfdisk --dump` text; `probed`: a used-mode manifest's partition notes,
-    whose filesystems are matched by start."""
+    whose filesystems, and why one was stored in full ("stored"), are matched by start."""
     filesystems = {note["start"]: note.get("filesystem") for note in probed}
+    in_full = {note["start"]: str(note["mapped"]).removeprefix(FULL_PREFIX) for note in probed
+               if str(note.get("mapped", "")).startswith(FULL_PREFIX)}
     found = []
     for line in text.splitlines():
         header, _, value = line.partition(":")
@@ -72,5 +76,6 @@ def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> li
         start = int(values["start"]) * sector_size
         found.append({"name": Path(node.strip()).name, "start": start,
                       "size": int(values["size"]) * sector_size, "type": values.get("type"),
-                      "fstype": filesystems.get(start), "label": values.get("name") or None})
+                      "fstype": filesystems.get(start), "label": values.get("name") or None,
+                      **({"stored_in_full": in_full[start]} if start in in_full else {})})
     return found

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from ..base import tools
 from ..base.errors import ImagingError, SourceError, SourceInUse, translated
-from . import layout, mounts
+from . import layout, lvm, mounts
 from .device import Range, Source, merge
 
 # blkid TYPE -> the partclone.<tool> that maps that filesystem.
@@ -51,6 +51,17 @@ METHOD_DUMPE2FS = "dumpe2fs"
 METHOD_PARTCLONE = "partclone"
 METHOD_SWAP = "swap-header"
 METHOD_EXTENDED = "extended: holds logical partitions, which are mapped on their own"
+METHOD_LVM = "lvm: its volumes mapped on their own, free extents skipped"
+LVM_MEMBER = "LVM2_member"
+# blkid TYPE -> how people name it: encrypted volumes, and members of what partclone
+# cannot map (read in full, said so).
+ENCRYPTION_NAMES = {"crypto_LUKS": "LUKS", "BitLocker": "BitLocker", "VeraCrypt": "VeraCrypt"}
+MEMBER_NAMES = {
+    "linux_raid_member": "an md RAID member: its array is read whole, as the disk holds it",
+    "zfs_member": "a ZFS pool member: partclone cannot map ZFS",
+    "ddf_raid_member": "a hardware RAID (DDF) member",
+    "isw_raid_member": "an Intel RAID member",
+}
 
 
 def _never() -> bool:
@@ -62,13 +73,26 @@ class Unmappable(ImagingError):
 
 
 @dataclasses.dataclass
+class VolumeMap:
+    """An LVM logical volume of a PV partition, mapped as a partition is."""
+
+    name: str  # "vg0/root"
+    start: int  # absolute; 0 for a volume that is not one range of the disk
+    size: int
+    filesystem: Optional[str]
+    mapped: str
+    free: list[Range]
+
+
+@dataclasses.dataclass
 class PartitionMap:
     number: int
     start: int
     size: int
     filesystem: Optional[str]
-    mapped: str  # a METHOD_* or "full: <reason>"
+    mapped: str  # a METHOD_* or layout.FULL_PREFIX and why
     free: list[Range]  # absolute ranges its filesystem says hold nothing
+    volumes: list[VolumeMap] = dataclasses.field(default_factory=list)  # of an LVM2 PV
 
     @property
     def is_container(self) -> bool:
@@ -108,6 +132,12 @@ class UsedPlan:
                 "filesystem": part.filesystem,
                 "used_bytes": _overlap(self.read, part.start, part.size),
                 "mapped": part.mapped,
+                **({"volumes": [{
+                    "name": volume.name, "start": volume.start, "size": volume.size,
+                    "filesystem": volume.filesystem, "mapped": volume.mapped,
+                    "used_bytes": _overlap(self.read, volume.start, volume.size)
+                    if volume.start else volume.size,
+                } for volume in part.volumes]} if part.volumes else {}),
             } for part in self.partitions],
         }
         if self.forced_past:
@@ -215,20 +245,60 @@ def map_partition(source: Source, entry: dict, cancelled: CancelPoll = _never) -
     try:
         if start + size > source.size:
             raise Unmappable("partition extends past the end of the disk")
-        filesystem, usage = probe(source.path, start, size, cancelled)
-        free, method = _free_ranges(source, start, size, filesystem, usage, cancelled)
+        filesystem, usage, version = probe(source.path, start, size, cancelled)
+        if filesystem == LVM_MEMBER:
+            return _map_physical_volume(source, number, start, size, cancelled)
+        free, method = _free_ranges(source, start, size, filesystem, usage, version, cancelled)
     except Unmappable as reason:
-        return PartitionMap(number, start, size, filesystem, f"full: {reason}", [])
+        return PartitionMap(number, start, size, filesystem, f"{layout.FULL_PREFIX}{reason}", [])
     return PartitionMap(number, start, size, filesystem, method, free)
 
 
-def probe(path: str, start: int, size: int,
-          cancelled: CancelPoll = _never) -> tuple[Optional[str], Optional[str]]:
-    """(TYPE, USAGE) that `blkid -p` finds at start..start+size; TYPE None if nothing."""
+def _map_physical_volume(source: Source, number: int, start: int, size: int,
+                         cancelled: CancelPoll) -> PartitionMap:
+    """An LVM2 PV: its label and metadata read in full, its free extents skipped, each
+    logical volume that is one range of it mapped as a partition is."""
+    def read(offset: int, length: int) -> bytes:
+        try:
+            return os.pread(source.fd, length, start + offset)
+        except OSError as exc:
+            raise Unmappable(f"cannot read its LVM metadata: {exc.strerror}") from None
+
+    try:
+        pv = lvm.read_pv(read, size)
+    except lvm.LvmError as exc:
+        raise Unmappable(f"LVM2 PV: {exc}") from None
+    volumes = [_map_volume(source, start, volume, cancelled) for volume in pv.volumes]
+    free = merge([(start + offset, length) for offset, length in pv.free()]
+                 + [kept for volume in volumes for kept in volume.free])
+    return PartitionMap(number, start, size, LVM_MEMBER, METHOD_LVM, free, volumes)
+
+
+def _map_volume(source: Source, pv_start: int, volume: lvm.LogicalVolume,
+                cancelled: CancelPoll) -> VolumeMap:
+    if not volume.contiguous:
+        return VolumeMap(volume.name, 0, volume.size, None, f"{layout.FULL_PREFIX}{volume.layout}", [])
+    start = pv_start + volume.start
+    filesystem = None
+    try:
+        if start + volume.size > source.size:
+            raise Unmappable("volume extends past the end of the disk")
+        filesystem, usage, version = probe(source.path, start, volume.size, cancelled)
+        free, method = _free_ranges(source, start, volume.size, filesystem, usage, version,
+                                    cancelled)
+    except Unmappable as reason:
+        return VolumeMap(volume.name, start, volume.size, filesystem, f"{layout.FULL_PREFIX}{reason}", [])
+    return VolumeMap(volume.name, start, volume.size, filesystem, method, free)
+
+
+def probe(path: str, start: int, size: int, cancelled: CancelPoll = _never
+          ) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(TYPE, USAGE, VERSION) that `blkid -p` finds at start..start+size; TYPE None if
+    nothing."""
     result = _run("blkid", "util-linux", ["--probe", "--output", "export", "--offset",
                                           str(start), "--size", str(size), path], cancelled)
     if result.returncode == 2:
-        return None, None
+        return None, None, None
     if result.returncode == 8:
         raise Unmappable("blkid finds signatures of more than one filesystem")
     if result.returncode != 0:
@@ -236,15 +306,21 @@ def probe(path: str, start: int, size: int,
     found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     if "TYPE" not in found and "PTTYPE" in found:
         raise Unmappable(f"holds a partition table ({found['PTTYPE']})")
-    return found.get("TYPE"), found.get("USAGE")
+    return found.get("TYPE"), found.get("USAGE"), found.get("VERSION")
 
 
 def _free_ranges(source: Source, start: int, size: int, filesystem: Optional[str],
-                 usage: Optional[str], cancelled: CancelPoll) -> tuple[list[Range], str]:
+                 usage: Optional[str], version: Optional[str],
+                 cancelled: CancelPoll) -> tuple[list[Range], str]:
     if filesystem is None:
         raise Unmappable("no filesystem recognised")
     if usage == "crypto":
-        raise Unmappable(f"encrypted ({filesystem})")
+        named = ENCRYPTION_NAMES.get(filesystem, filesystem)
+        if named == "LUKS" and version:
+            named += version  # LUKS1 or LUKS2
+        raise Unmappable(f"encrypted ({named}): its files need its passphrase")
+    if filesystem in MEMBER_NAMES:
+        raise Unmappable(MEMBER_NAMES[filesystem])
     if filesystem == "swap":
         return swap_free(source, start, size), METHOD_SWAP
     if filesystem == "swsuspend":

@@ -1,11 +1,14 @@
-"""Files from an image's partitions, without mounting a filesystem in the kernel.
+"""Files from an image's partitions and logical volumes.
 
 An image's filesystem is untrusted input: a kernel driver meeting a crafted
 one may crash or worse. The partition is exposed read-only through a private
 FUSE mount (mount.privately_mounted) and read by the filesystem's own
 user-space tools: e2fsprogs' debugfs (catastrophic mode: no bitmaps read) for
 ext2/3/4, mtools for FAT, ntfs-3g's ntfsls, ntfsinfo and ntfscat for NTFS.
-Other filesystems get one clear error. An ext4 file's data is copied (or
+XFS and Btrfs, which have no such tools, are mounted by the kernel read-only
+in a mount namespace of their own (_KernelMounted; docs/architecture.md,
+"Files from XFS and Btrfs", says what that risks). Other filesystems get one
+clear error. An ext4 file's data is copied (or
 streamed) from where debugfs's extent map puts it, straight from the image's
 chunks; everything else goes through the tools.
 
@@ -34,7 +37,10 @@ import datetime as dt
 import os
 import re
 import secrets
+import select
+import signal
 import stat
+import subprocess
 import tempfile
 import time
 import weakref
@@ -54,7 +60,7 @@ from .filesystems import EXT, identify
 from .mount import ImageReader
 
 FILE, DIRECTORY, SYMLINK, OTHER = "file", "directory", "symlink", "other"
-COVERED = "ext2, ext3, ext4, FAT (vfat) and NTFS"
+COVERED = "ext2, ext3, ext4, FAT (vfat), NTFS, XFS and Btrfs"
 # Directories listed, and files copied, per run of a tool.
 BATCH = 128
 _TYPES = {stat.S_IFREG: FILE, stat.S_IFDIR: DIRECTORY, stat.S_IFLNK: SYMLINK}
@@ -101,7 +107,7 @@ class Entry:
 @dataclasses.dataclass
 class Listing:
     image: str
-    partition: int
+    partition: int | str  # a partition's number, or a logical volume's name
     filesystem: str
     path: str
     entries: list[Entry]
@@ -115,7 +121,7 @@ class Listing:
 @dataclasses.dataclass
 class ExtractResult:
     image: str
-    partition: int
+    partition: int | str  # a partition's number, or a logical volume's name
     filesystem: str
     to: str
     files: int
@@ -148,6 +154,9 @@ class _Tool:
 
     def root(self) -> Node:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Whatever the tool holds open, let go."""
 
     def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
         """The entries of each directory, without "." and ".."."""
@@ -666,7 +675,128 @@ def _parsed_time(text: str, form: str, zone: Optional[dt.tzinfo]) -> Optional[in
     return int(moment.timestamp()) * 10**9
 
 
-_TOOLS = {**{kind: _Ext for kind in EXT}, "vfat": _Fat, "ntfs": _Ntfs}
+class _KernelMounted(_Tool):
+    """A filesystem through the kernel's own read-only mount, in a mount namespace of its
+    own (docs/architecture.md, "Files from XFS and Btrfs", says why and what it risks).
+
+    `unshare --mount` runs a shell that mounts the partition's file (from the image's
+    private FUSE view, through a read-only loop device that goes with the mount) without
+    replaying any log, without devices, set-user-ID or executables, then waits while this
+    process lives: the mount exists only in that shell's namespace, read here through
+    /proc/PID/root. Killing the shell's process group ends the namespace, the mount and
+    the loop device."""
+
+    OPTIONS = ""
+    READY = b"mounted\n"
+    MOUNT_WAIT = 30.0
+    GONE_WAIT = 10.0
+    SCRIPT = ('mount -t "$1" -o "loop,$2" "$3" "$4" && echo mounted && '
+              'while kill -0 "$5" 2>/dev/null; do sleep 1; done')
+
+    def __init__(self, device: Path, reader: ImageReader, part: mount.Partition) -> None:
+        super().__init__(device, reader, part)
+        self._point = Path(tempfile.mkdtemp(prefix="imaging-fs-"))
+        self._process = tools.started(
+            "unshare", "util-linux",
+            ["--mount", "--propagation", "private", "--", "sh", "-c", self.SCRIPT, "sh",
+             self.name, self.OPTIONS, str(device), str(self._point), str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True)
+        try:
+            self._root = self._wait_for_mount()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for_mount(self) -> Path:
+        ready, _, _ = select.select([self._process.stdout], [], [], self.MOUNT_WAIT)
+        if ready and self._process.stdout.readline() == self.READY:
+            return Path(f"/proc/{self._process.pid}/root") / self._point.relative_to("/")
+        self._stop()
+        problem = tools.last_line(self._process.stderr.read()) or "it did not come up in time"
+        raise ImagingError(f"the kernel does not mount this {self.name}: "
+                           f"{problem.replace(str(self.device), 'the partition')}")
+
+    def _stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        self._process.wait()
+
+    def close(self) -> None:
+        """The namespace ended, and with it the mount; back once its loop device let go of
+        the partition's file (which the image's FUSE view then unmounts)."""
+        self._stop()
+        for stream in (self._process.stdout, self._process.stderr):
+            stream.close()
+        deadline = time.monotonic() + self.GONE_WAIT
+        while tools.run("losetup", "util-linux", ["--noheadings", "--associated",
+                                                  str(self.device)]).stdout.strip():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            self._point.rmdir()
+
+    def root(self) -> Node:
+        return self._node(b"/", b"")
+
+    def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
+        return [self._list(directory) for directory in dirs]
+
+    def _path(self, handle: bytes) -> Path:
+        """Where the entry `handle` (its path in the filesystem, relative) is read."""
+        return self._root / os.fsdecode(handle) if handle else self._root
+
+    def _list(self, directory: Node) -> list[Node]:
+        try:
+            with os.scandir(self._path(directory.handle)) as entries:
+                names = sorted(os.fsencode(entry.name) for entry in entries)
+        except OSError as exc:
+            raise ImagingError(f"cannot list /{os.fsdecode(directory.handle)}: "
+                               f"{describe(exc)}") from None
+        prefix = directory.handle + b"/" if directory.handle else b""
+        return [self._node(name, prefix + name) for name in names]
+
+    def _node(self, name: bytes, handle: bytes) -> Node:
+        # Every name comes from a listing (one component, never . or ..) of a folder that
+        # lstat called a folder: no path here goes through a link.
+        path = self._path(handle)
+        try:
+            info = os.lstat(path)
+            target = os.readlink(path) if stat.S_ISLNK(info.st_mode) else None
+        except OSError as exc:
+            raise ImagingError(f"cannot read /{os.fsdecode(handle)}: {describe(exc)}") from None
+        kind = _TYPES.get(stat.S_IFMT(info.st_mode), OTHER)
+        return Node(name, kind, info.st_size if kind == FILE else 0, stat.S_IMODE(info.st_mode),
+                    info.st_mtime_ns, info.st_atime_ns, handle,
+                    os.fsencode(target) if target is not None else None)
+
+    def copy(self, jobs: Sequence[tuple[Node, int]]) -> dict[int, str]:
+        problems: dict[int, str] = {}
+        for number, (node, fd) in enumerate(jobs):
+            try:
+                source = os.open(self._path(node.handle), os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    while os.sendfile(fd, source, None, STREAM_STEP):
+                        pass
+                finally:
+                    os.close(source)
+            except OSError as exc:
+                problems[number] = f"cannot read it: {describe(exc)}"
+        return self._checked_copy(jobs, problems)
+
+
+class _Xfs(_KernelMounted):
+    # nouuid: a copy of a filesystem this host has mounted has its UUID.
+    name, OPTIONS = "xfs", "ro,norecovery,nouuid,nodev,nosuid,noexec"
+
+
+class _Btrfs(_KernelMounted):
+    name, OPTIONS = "btrfs", "ro,rescue=nologreplay,nodev,nosuid,noexec"
+
+
+_TOOLS = {**{kind: _Ext for kind in EXT}, "vfat": _Fat, "ntfs": _Ntfs, "xfs": _Xfs,
+          "btrfs": _Btrfs}
 
 
 def _probed_chunks(reader: ImageReader, part: mount.Partition) -> list[int]:
@@ -708,15 +838,16 @@ def _shown(names: Sequence[bytes]) -> str:
     return "/" + "/".join(os.fsdecode(name) for name in names)
 
 
-def _lookup(tool: _Tool, names: list[bytes], number: int) -> Node:
+def _lookup(tool: _Tool, names: list[bytes], where: str) -> Node:
+    """The node at `names` in the partition or volume `where` ("partition 1") names."""
     node = tool.root()
     for depth, name in enumerate(names):
         if node.kind != DIRECTORY:
-            raise ImagingError(f"{_shown(names[:depth])}: not a directory in partition {number}")
+            raise ImagingError(f"{_shown(names[:depth])}: not a directory in {where}")
         match = tool.child(node, name, details=depth == len(names) - 1)
         if match is None:
             raise ImagingError(f"{_shown(names[:depth + 1])}: no such file or directory "
-                               f"in partition {number}")
+                               f"in {where}")
         node = match
     return node
 
@@ -748,9 +879,9 @@ class FileSession:
     thread at a time.
     """
 
-    def __init__(self, image_dir: os.PathLike | str, number: int, *,
+    def __init__(self, image_dir: os.PathLike | str, number: int | str, *,
                  progress: Optional[Progress] = None) -> None:
-        self.number = number
+        self.number = number  # a partition's, or a logical volume's name ("vg0/root")
         self._started = time.monotonic()
         self._progress = progress or Progress("files", 0)
         self._undo = contextlib.ExitStack()
@@ -760,9 +891,10 @@ class FileSession:
             image = self._undo.enter_context(reading(
                 image_dir, "mount", self._progress, f" to read files of partition {number}"))
             self.image = str(image.path)
-            part = mount.partition(image, number)
             self.reader = ImageReader(image, loans=COPY_WORKERS * 2)
             self._undo.callback(self.reader.stop_reading_ahead)
+            part = mount.partition_or_volume(image, self.reader, number)
+            self._shown = part.shown
             self.reader.read_ahead(_probed_chunks(self.reader, part))
             self._exposure = self._undo.enter_context(mount.privately_mounted(image, self.reader))
             device = self._exposure.path(part)
@@ -801,10 +933,11 @@ class FileSession:
             kind, self._probing = self._probing.result(), None
             if kind not in _TOOLS:
                 holds = f"holds {kind}" if kind else "holds no filesystem blkid recognises"
-                self._refusal = ImagingError(f"partition {self.number} {holds}: files and "
+                self._refusal = ImagingError(f"{self._shown} {holds}: files and "
                                              f"extract read {COVERED}")
             elif not isinstance(self._tool, _TOOLS[kind]):
                 self._tool = _TOOLS[kind](self._device, self.reader, self._part)
+                self._undo.callback(self._tool.close)  # before the image's view goes
             self._kind = kind
         if self._refusal is not None:
             with self._exposure.checked():  # blkid may have found nothing for a failed read
@@ -834,7 +967,7 @@ class FileSession:
         next name alone: whether the entry is a file or a folder is known without listing
         its own folder."""
         names = _components(path)
-        return self._answer(lambda tool: _lookup(tool, names, self.number))
+        return self._answer(lambda tool: _lookup(tool, names, self._shown))
 
     def children(self, folder: Node) -> list[Node]:
         """The entries of `folder`, in the order the filesystem keeps them."""
@@ -933,7 +1066,7 @@ class FileSession:
         result's `skipped`, with the reason.
         """
         wanted = [_components(path) for path in paths]
-        nodes = self._answer(lambda tool: [_lookup(tool, names, self.number) for names in wanted])
+        nodes = self._answer(lambda tool: [_lookup(tool, names, self._shown) for names in wanted])
         self._progress.start_phase("extract", 0)
         to_fd = _open_target(Path(to))
         try:
@@ -952,7 +1085,7 @@ class FileSession:
         return round(time.monotonic() - self._started, 3)
 
 
-def list_files(image_dir: os.PathLike | str, number: int, path: str = "/", *,
+def list_files(image_dir: os.PathLike | str, number: int | str, path: str = "/", *,
                progress: Optional[Progress] = None) -> Listing:
     """The entries of directory `path` (or the one entry `path` names) in partition `number`."""
     progress = progress or Progress("files", 0)
@@ -1172,7 +1305,7 @@ def _open_target(to: Path) -> int:
         raise TargetError(f"cannot extract into {to}: {describe(exc)}") from None
 
 
-def extract(image_dir: os.PathLike | str, number: int, paths: Sequence[str],
+def extract(image_dir: os.PathLike | str, number: int | str, paths: Sequence[str],
             to: os.PathLike | str, *, overwrite: bool = False,
             progress: Optional[Progress] = None) -> ExtractResult:
     """Copy files or folders `paths` of partition `number` into the directory `to`

@@ -6,15 +6,16 @@ cache; it counts the chunk bytes it decompressed, which is how a caller shows
 that reading one file read only that file's chunks.
 
 `mount` exposes an image through libfuse 3 (the mfusepy binding) as
-DIR/disk and one file per partition of its layout.sf, DIR/p1, DIR/p2, ...
-Nothing can write through it: it is mounted read-only and an open for writing
+DIR/disk and one file per partition of its layout.sf, DIR/p1, DIR/p2, ..., and one
+per LVM logical volume that is one range of the disk, named as /dev/mapper names it
+(DIR/vg0-root), read from the PV's own metadata (disks/lvm.py). Nothing can write through it: it is mounted read-only and an open for writing
 is refused with EROFS. It serves until `umount DIR` (or `fusermount3 -u DIR`),
 Ctrl-C or SIGTERM, registered in the datastore as a reader of its image all
 along, so prune defers the image and garbage collection keeps its chunks.
 
 `exposed` makes the same mount in a private temporary directory for the length
 of a `with` block: how files, extract and verify --fsck hand a partition to the
-filesystems' own user-space tools without mounting a filesystem in the kernel.
+filesystems' own tools.
 A process killed while it serves one cannot unmount it: the next private mount
 made on the machine undoes it.
 """
@@ -42,7 +43,7 @@ from ..base.syscalls import ignore_signal
 from ..datastore import codec
 from ..datastore.chunks import Contents, read_chunk, read_chunk_into
 from ..datastore.image import Image, parse_stamp, reading
-from ..disks import layout
+from ..disks import layout, lvm
 from ..disks.mounts import read_mounts
 
 # Decompressed chunks kept for reads that come back to them (4 MiB each by default).
@@ -70,14 +71,21 @@ Numbered = TypeVar("Numbered")
 class Partition:
     """A partition of an image's layout, in bytes."""
 
-    number: int
+    number: int  # of a logical volume: of the partition holding it
     start: int
     size: int
     type: Optional[str] = None  # the partition type sfdisk printed (MBR id or GPT GUID)
+    volume: Optional[str] = None  # "vg0/root": an LVM logical volume inside partition `number`
 
     @property
     def name(self) -> str:
-        return f"p{self.number}"
+        """Its file in the image's view: p1, or vg0-root."""
+        return lvm.file_name(self.volume) if self.volume else f"p{self.number}"
+
+    @property
+    def shown(self) -> str:
+        """How messages name it: partition 1, or volume vg0/root."""
+        return f"volume {self.volume}" if self.volume else f"partition {self.number}"
 
     @property
     def end(self) -> int:
@@ -120,6 +128,37 @@ def partitions(image: Image) -> list[Partition]:
 def partition(image: Image, number: int) -> Partition:
     """Partition `number` of the image; ImageError naming those it has if there is none."""
     return numbered(partitions(image), number, str(image.path))
+
+
+def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition]:
+    """The LVM logical volumes of the image's PV partitions that are each one range of the
+    disk, read from the PVs' own metadata; a PV that cannot be read holds none here."""
+    found = []
+    for part in parts:
+        try:
+            if not lvm.is_pv(reader.pread(part.start,
+                                          min(part.size, lvm.LABEL_SECTORS * lvm.SECTOR))):
+                continue
+            pv = lvm.read_pv(lambda offset, length: reader.pread(part.start + offset, length),
+                             part.size)
+        except ImagingError:
+            continue  # unreadable (a corrupt chunk): whoever reads the partition says so
+        found += [Partition(part.number, part.start + volume.start, volume.size,
+                            volume=volume.name) for volume in pv.volumes if volume.contiguous]
+    return sorted(found, key=lambda volume: volume.volume or "")
+
+
+def partition_or_volume(image: Image, reader: "ImageReader", which: int | str) -> Partition:
+    """Partition `which` (a number) or the logical volume `which` ("vg0/root")."""
+    if isinstance(which, int):
+        return partition(image, which)
+    found = volumes(partitions(image), reader)
+    match = next((volume for volume in found if volume.volume == which), None)
+    if match is None:
+        have = ", ".join(volume.volume or "" for volume in found) or "none"
+        raise ImageError(f"{image.path} has no logical volume {which} that is one range of "
+                         f"the disk (its volumes: {have})")
+    return match
 
 
 def numbered(parts: Sequence[Numbered], number: int, owner: str) -> Numbered:
@@ -472,6 +511,7 @@ def mount(image_dir: os.PathLike | str, mountpoint: os.PathLike | str, *,
     with reading(image_dir, "mount", progress, f" at {mountpoint}") as image:
         reader = ImageReader(image)
         parts = partitions(image)
+        parts += volumes(parts, reader)
         names = ["disk", *(part.name for part in parts)]
         stopped = threading.Event()
         failure: list[ImagingError] = []
@@ -528,6 +568,7 @@ class Exposure:
     partitions: list[Partition]
     reader: ImageReader
     served: _ImageFiles = dataclasses.field(repr=False)  # knows the first read that failed
+    volumes: list[Partition] = dataclasses.field(default_factory=list)  # LVM's, as files too
 
     @property
     def disk(self) -> Path:
@@ -571,12 +612,13 @@ def privately_mounted(image: Image, reader: Optional[ImageReader] = None) -> Ite
     undo_abandoned_mounts()
     reader = reader or ImageReader(image)
     parts = partitions(image)
+    logical = volumes(parts, reader)
     # Named after this process, so whoever finds one left behind knows whose it was.
     root = Path(tempfile.mkdtemp(prefix=f"{PRIVATE_MOUNT_PREFIX}{os.getpid()}-"))
     ready = threading.Event()
     failure: list[BaseException] = []
 
-    files = _ImageFiles(reader, parts, ready.set)
+    files = _ImageFiles(reader, parts + logical, ready.set)
 
     def serve() -> None:
         try:
@@ -595,7 +637,7 @@ def privately_mounted(image: Image, reader: Optional[ImageReader] = None) -> Ite
                     raise failure[0]
                 raise ImagingError(f"cannot mount {image.path} at {root}: "
                                    f"{failure[0] if failure else 'libfuse did not answer'}")
-        yield Exposure(root, parts, reader, files)
+        yield Exposure(root, parts, reader, files, logical)
     finally:
         try:
             unmount(root)

@@ -238,6 +238,21 @@ def _fill_swap(path: Path, part: Part, rng: random.Random) -> None:
         run("mkswap", "-U", _seeded_uuid(rng), "-L", f"part{part.number}", device)
 
 
+def make_luks(path: Path, part: Part, scratch: Path) -> None:
+    """Encrypt partition `part` of the disk at `path` as LUKS2 (passphrase "passphrase"):
+    cryptsetup's header written over its first 2 MiB."""
+    header = scratch / f"luks-{part.number}.img"
+    with open(header, "wb") as file:
+        file.truncate(part.size)
+    run("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--luks2-metadata-size",
+        "16k", "--luks2-keyslots-size", "1m", "--pbkdf", "pbkdf2",
+        "--pbkdf-force-iterations", "1000", "--key-file", "-", header, input=b"passphrase")
+    with open(path, "r+b") as image:
+        image.seek(part.start)
+        image.write(header.read_bytes()[:2 * MiB])
+    header.unlink()
+
+
 def _write_deleted_file_content(path: Path, size: int, rng: random.Random) -> None:
     block_noise = DELETED_BLOCK_SIZE - len(DELETED_FILE_MARKER)
     with open(path, "wb") as file:

@@ -38,7 +38,7 @@ from . import filesessions
 from .errors import Refused
 from .filesessions import TooMany  # noqa: F401  (raised by browse and download)
 
-READABLE_FILESYSTEMS = (*EXT, "vfat", "ntfs")
+READABLE_FILESYSTEMS = (*EXT, "vfat", "ntfs", "xfs", "btrfs")
 MAX_PATH = 4096
 STREAM_STEP = imaging.reading.files.STREAM_STEP
 TAR_CONTENT_TYPE, FILE_CONTENT_TYPE = "application/x-tar", "application/octet-stream"
@@ -145,6 +145,8 @@ def partitions(image: Image) -> list[BrowsablePartition]:
         # Only a used-mode backup notes its filesystems: an unknown one is probed by the
         # engine when the partition is opened, which names one it cannot read.
         problem = None if fstype is None or fstype in READABLE_FILESYSTEMS else (
+            f"holds {fstype}, stored in full: {part['stored_in_full']}"
+            if part.get("stored_in_full") else
             f"holds {fstype}: files can be read from {imaging.reading.files.COVERED}")
         if image.encrypted:
             problem = ("is sealed with its datastore's key, which only the workers hold: "
