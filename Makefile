@@ -7,20 +7,21 @@ PY := $(VENV)/bin/python
 # What the engine runs on every host (the Docker image installs only these):
 # util-linux/fdisk: sfdisk, lsblk, losetup, mount; e2fsprogs and partclone: used
 # mode's block maps; zstd: RESTORE.txt; gzip, xz, 7-Zip: importing classic backups;
-# fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g: files, extract and verify --fsck;
+# fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g, xfsprogs, btrfs-progs: files,
+# extract and verify --fsck;
 # openssl: deriving a key's subkeys in a shell, as an encrypted image's RESTORE.txt does;
 # rclone: sync to remote datastores.
 RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full \
-	fuse3 mtools dosfstools ntfs-3g openssl rclone
+	fuse3 mtools dosfstools ntfs-3g openssl rclone xfsprogs btrfs-progs
 # The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
 # tests; docker-compose: checking docker-compose.yml; zbar-tools: reading a paper key's QR
 # code back; openssh-server: an SFTP server on loopback for the remote datastore tests; borg,
-# restic, time: the benchmark's peers; lvm2, cryptsetup-bin, xfsprogs, btrfs-progs: LVM,
-# LUKS, XFS and Btrfs test disks made by their own tools.
+# restic, time: the benchmark's peers; lvm2, cryptsetup-bin: LVM and LUKS test disks made
+# by their own tools.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
 	docker-compose curl libfuse3-dev pkg-config gcc gddrescue zbar-tools openssh-server borgbackup \
-	restic time lvm2 cryptsetup-bin xfsprogs btrfs-progs
+	restic time lvm2 cryptsetup-bin
 
 # What the virtualenv gets: everything for a developer; the Docker image takes requirements.txt.
 REQUIREMENTS ?= requirements-test.txt

@@ -116,7 +116,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"chunk {problem.digest}: {problem.reason}"
               + ("" if problem.reason == MISSING or args.remote else " (set aside as .bad)"))
     for check in result.filesystems or ():
-        print(f"partition {check.number} ({check.type or 'no filesystem'}): {check.result}: "
+        print(f"{check.shown} ({check.type or 'no filesystem'}): {check.result}: "
               f"{printable(check.detail)}")
     if not result.ok:
         print(f"{name}: {len(result.problems)} of {result.chunks} chunks bad", file=sys.stderr)
@@ -125,9 +125,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
           f"{name}: all {result.chunks} distinct chunks there (not read: --read-data "
           "downloads and checks them)")
     if result.filesystems_clean is False:
-        dirty = [str(check.number) for check in result.filesystems if check.result == "dirty"]
-        print(f"{name}: filesystem check failed on partition {', '.join(dirty)}",
-              file=sys.stderr)
+        dirty = [check.shown for check in result.filesystems if check.result == "dirty"]
+        print(f"{name}: filesystem check failed on {', '.join(dirty)}", file=sys.stderr)
         return 1
     return 0
 
@@ -554,8 +553,9 @@ def _disk_commands(add) -> None:
     sub = add("verify", cmd_verify, "re-hash every chunk an image needs")
     sub.add_argument("image")
     sub.add_argument("--fsck", action="store_true",
-                     help="also check every partition's filesystem, read-only (e2fsck -fn, "
-                          "fsck.vfat -n, ntfsfix -n), and record the result")
+                     help="also check every partition's and logical volume's filesystem, "
+                          "read-only (e2fsck -fn, fsck.vfat -n, ntfsfix -n, xfs_repair -n, "
+                          "btrfs check --readonly), and record the result")
     sub.add_argument("--read-data", action="store_true",
                      help="of an image on an rclone: remote, download and check every chunk "
                           "(without it, only see that each is there); always done on a folder")

@@ -119,3 +119,10 @@ def test_a_path_through_a_link_is_not_followed_and_a_missing_one_is_one_line(
     assert line == "imaging: error: /climb: not a directory in partition 1"
     line = one_error_line(imaging("files", image, 2, "/nothing", check=False))
     assert line == "imaging: error: /nothing: no such file or directory in partition 2"
+
+
+def test_verify_fsck_checks_xfs_and_btrfs_with_their_own_checkers(disk_and_image):
+    _, image, _ = disk_and_image
+    lines = imaging("verify", image, "--fsck").stdout.splitlines()
+    assert any(line.startswith("partition 1 (xfs): clean") for line in lines), lines
+    assert any(line.startswith("partition 2 (btrfs): clean") for line in lines), lines

@@ -32,10 +32,15 @@ class ChunkProblem:
 class FilesystemCheck:
     """A restore drill's finding on one partition."""
 
-    number: int  # partition number
+    number: int  # partition number (of the PV, for a logical volume)
     type: Optional[str]  # the filesystem blkid found, None if none
     result: str  # CLEAN, DIRTY or NOT_CHECKED
     detail: str  # the checker's last line of output, or why it was not checked
+    volume: Optional[str] = None  # "vg0/root": an LVM logical volume in the partition
+
+    @property
+    def shown(self) -> str:
+        return f"volume {self.volume}" if self.volume else f"partition {self.number}"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -44,12 +49,14 @@ class FilesystemCheck:
     def from_dict(cls, record: dict) -> "FilesystemCheck":
         """One entry of verify.json's "filesystems"; ValueError if malformed."""
         try:
-            check = cls(record["number"], record["type"], record["result"], record["detail"])
+            check = cls(record["number"], record["type"], record["result"], record["detail"],
+                        record.get("volume"))
         except (KeyError, TypeError):
             raise ValueError("not a filesystem check") from None
         if type(check.number) is not int or check.result not in FILESYSTEM_RESULTS \
                 or not isinstance(check.detail, str) \
-                or not (check.type is None or isinstance(check.type, str)):
+                or not (check.type is None or isinstance(check.type, str)) \
+                or not (check.volume is None or isinstance(check.volume, str)):
             raise ValueError("not a filesystem check")
         return check
 

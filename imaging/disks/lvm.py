@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import struct
+import zlib
 from typing import Callable, Optional
 
 from ..base.errors import ImagingError
@@ -26,9 +27,17 @@ LABEL_TYPE = b"LVM2 001"
 LABEL_SECTORS = 4
 MDA_MAGIC = b" LVM2 x[5A%r0N*>"
 MDA_HEADER_SIZE = 512
+SEGMENT_KEY = re.compile(r"segment\d+")
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9+_.-]+/[A-Za-z0-9+_.-]+$")
-# The metadata text is short; anything larger is not what LVM writes.
-MAX_METADATA = 16 * 1024 * 1024
+# The metadata text is short (a few KiB for dozens of volumes), and nests a few levels.
+MAX_METADATA = 1024 * 1024
+MAX_DEPTH = 8
+# A raw location's flag: LVM no longer keeps this area's copy up to date.
+RAW_LOCN_IGNORED = 1
+CRC_INITIAL = 0xF597A6CF
+SEGMENT_TYPES = frozenset({"striped", "mirror", "snapshot", "thin-pool", "thin", "cache",
+                           "cache-pool", "writecache", "vdo", "vdo-pool", "integrity", "error",
+                           "zero"})
 Read = Callable[[int, int], bytes]  # (offset within the PV, length) -> bytes
 
 
@@ -86,13 +95,21 @@ def is_pv(head: bytes) -> bool:
 
 
 def read_pv(read: Read, size: int) -> PhysicalVolume:
-    """The PV whose bytes `read` gives (`size` bytes long); LvmError if it cannot be read."""
+    """The PV whose bytes `read` gives (`size` bytes long); LvmError if it cannot be read, or
+    says anything that does not add up (a backup then reads the PV in full)."""
     label = _label(read)
     uuid, metadata_areas = _pv_header(read, label)
-    if not metadata_areas:
-        raise LvmError("its PV has no metadata area (its volume group's text is on another PV)")
-    text = _metadata_text(read, metadata_areas[0], size)
-    return _volume_group(parse(text), uuid)
+    problem = "its PV has no metadata area (its volume group's text is on another PV)"
+    for area in metadata_areas:
+        try:
+            return described(_metadata_text(read, area, size), uuid, size)
+        except _Ignored as ignored:
+            problem = str(ignored)
+    raise LvmError(problem)
+
+
+class _Ignored(LvmError):
+    """A metadata area LVM no longer keeps up to date: another may be."""
 
 
 def _label(read: Read) -> int:
@@ -106,6 +123,8 @@ def _label(read: Read) -> int:
 def _pv_header(read: Read, label: int) -> tuple[str, list[tuple[int, int]]]:
     """(the PV's UUID without dashes, [(offset, size)] of its metadata areas)."""
     (offset,) = struct.unpack_from("<I", read(label + 20, 4))
+    if not 32 <= offset <= SECTOR - 40 - 32:
+        raise LvmError("its PV header lies outside the label sector")
     header = read(label + offset, SECTOR - offset)
     uuid = header[:32].decode("ascii", "replace")
     areas: list[list[tuple[int, int]]] = [[], []]  # data areas, then metadata areas
@@ -122,6 +141,11 @@ def _pv_header(read: Read, label: int) -> tuple[str, list[tuple[int, int]]]:
     return uuid, areas[1]
 
 
+def checksum(data: bytes) -> int:
+    """LVM's CRC-32 of `data` (the usual polynomial, its own initial value, no final xor)."""
+    return ~zlib.crc32(data, ~CRC_INITIAL & 0xFFFFFFFF) & 0xFFFFFFFF
+
+
 def _metadata_text(read: Read, area: tuple[int, int], size: int) -> str:
     area_offset, area_size = area
     if area_offset + area_size > size or area_size <= MDA_HEADER_SIZE:
@@ -129,19 +153,26 @@ def _metadata_text(read: Read, area: tuple[int, int], size: int) -> str:
     header = read(area_offset, MDA_HEADER_SIZE)
     if header[4:20] != MDA_MAGIC:
         raise LvmError("its metadata area has no LVM2 header")
-    text_offset, text_size = struct.unpack_from("<QQ", header, 40)
-    if text_size == 0 or text_size > MAX_METADATA or text_offset >= area_size:
+    if checksum(header[4:]) != struct.unpack_from("<I", header, 0)[0]:
+        raise LvmError("its metadata area's header fails its checksum")
+    text_offset, text_size, text_checksum, flags = struct.unpack_from("<QQII", header, 40)
+    if flags & RAW_LOCN_IGNORED:
+        raise _Ignored("its metadata area is set to be ignored")
+    if text_size == 0 or text_size > min(MAX_METADATA, area_size - MDA_HEADER_SIZE) \
+            or not MDA_HEADER_SIZE <= text_offset < area_size:
         raise LvmError("its metadata area holds no volume group")
     # A circular buffer after the header: the text may wrap to the buffer's start.
     first = min(text_size, area_size - text_offset)
     data = read(area_offset + text_offset, first)
     if first < text_size:
         data += read(area_offset + MDA_HEADER_SIZE, text_size - first)
+    if checksum(data) != text_checksum:
+        raise LvmError("its volume group's metadata fails its checksum")
     return data.rstrip(b"\0").decode("utf-8", "replace")
 
 
 _TOKEN = re.compile(r'\s*(?:#[^\n]*\n?|([\w.+-]+)\s*=|([\w.+-]+)\s*\{|(\})|"((?:[^"\\]|\\.)*)"'
-                    r'|(\[)|(\])|(,)|(-?\d+))')
+                    r'|(\[)|(\])|(,)|(-?\d{1,20})(?![\d]))')
 
 
 def parse(text: str) -> dict:
@@ -159,11 +190,11 @@ def parse(text: str) -> dict:
             break
         position = found.end()
         name, section, close, string, opening, closing, _, number = found.groups()
-        if found.group(0).strip().startswith("#") or found.group(7):
-            continue
         if name is not None:
             key = name
         elif section is not None:
+            if len(stack) > MAX_DEPTH:
+                raise LvmError("its metadata nests deeper than LVM's")
             child: dict = {}
             stack[-1][section] = child
             stack.append(child)
@@ -174,6 +205,8 @@ def parse(text: str) -> dict:
         elif opening is not None:
             values = []
         elif closing is not None:
+            if key is None or values is None:
+                raise LvmError("a list without a name in the metadata")
             stack[-1][key] = values
             values, key = None, None
         elif string is not None or number is not None:
@@ -186,59 +219,116 @@ def parse(text: str) -> dict:
     return root
 
 
-def _volume_group(metadata: dict, uuid: str) -> PhysicalVolume:
+def described(text: str, uuid: str, size: int) -> PhysicalVolume:
+    """The PV whose UUID (without dashes) is `uuid` and which is `size` bytes long, as the
+    group's metadata `text` says; LvmError if the text says anything that does not add up."""
+    try:
+        return _described(parse(text), uuid, size)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, StopIteration):
+        raise LvmError("its metadata does not describe this PV as LVM writes it") from None
+
+
+def _described(metadata: dict, uuid: str, size: int) -> PhysicalVolume:
     groups = [(name, value) for name, value in metadata.items()
               if isinstance(value, dict) and "physical_volumes" in value]
     if len(groups) != 1:
         raise LvmError("its metadata names no volume group")
     group, vg = groups[0]
-    try:
-        extent_size = int(vg["extent_size"]) * SECTOR
-        pvs = vg["physical_volumes"]
-        mine = next(name for name, pv in pvs.items()
-                    if str(pv.get("id", "")).replace("-", "") == uuid)
-        pv = pvs[mine]
-        data_start, extents = int(pv["pe_start"]) * SECTOR, int(pv["pe_count"])
-    except (KeyError, TypeError, ValueError, StopIteration, AttributeError):
-        raise LvmError("its metadata does not describe this PV") from None
+    extent_size = _count(vg["extent_size"]) * SECTOR
+    pvs = vg["physical_volumes"]
+    mine = next(name for name, pv in pvs.items()
+                if str(pv.get("id", "")).replace("-", "") == uuid)
+    data_start, extents = _count(pvs[mine]["pe_start"]) * SECTOR, _count(pvs[mine]["pe_count"])
+    if extent_size == 0 or data_start < LABEL_SECTORS * SECTOR \
+            or data_start + extents * extent_size > size:
+        raise LvmError("its extents, as its metadata places them, do not fit in it")
+    lvs = {name: lv for name, lv in (vg.get("logical_volumes") or {}).items()}
+    if not all(isinstance(lv, dict) for lv in lvs.values()):
+        raise LvmError("its metadata's volumes are not sections")
+    inside = _inside_others(lvs)
     volumes, used = [], []
-    for name, lv in (vg.get("logical_volumes") or {}).items():
-        if not isinstance(lv, dict):
-            continue
-        segments = [value for key, value in lv.items()
-                    if key.startswith("segment") and isinstance(value, dict)]
-        here = [(segment, stripe) for segment in segments
-                for stripe in _stripes_on(segment, mine)]
-        if not here:
-            continue
-        for segment, first in here:
-            count = int(segment.get("extent_count", 0)) // max(int(segment.get(
-                "stripe_count", 1)), 1)
-            used.append((first, count))
-        volumes.append(_volume(f"{group}/{name}", lv, segments, here, data_start, extent_size,
-                               len(pvs)))
+    for name, lv in lvs.items():
+        segments = [value for key, value in lv.items() if SEGMENT_KEY.fullmatch(key)]
+        areas = [area for segment in segments for area in _areas(segment, mine, set(pvs))]
+        for first, count in areas:
+            if first + count > extents:
+                raise LvmError(f"volume {group}/{name} lies past the PV's last extent")
+        used += areas
+        if areas:
+            volumes.append(_volume(f"{group}/{name}", lv, segments, areas, inside.get(name),
+                                   data_start, extent_size))
+    ordered = sorted(used)
+    if any(first < end for (_, end), (first, _) in zip(
+            [(f, f + c) for f, c in ordered], ordered[1:])):
+        raise LvmError("two of its volumes claim the same extents")
     return PhysicalVolume(group, data_start, extent_size, extents, volumes, used)
 
 
-def _stripes_on(segment: dict, pv: str) -> list[int]:
-    """The first extent of each stripe of `segment` on the PV named `pv` there."""
-    stripes = segment.get("stripes") or []
-    return [int(stripes[i + 1]) for i in range(0, len(stripes) - 1, 2) if stripes[i] == pv]
+def _count(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(value)
+    return value
 
 
-def _volume(name: str, lv: dict, segments: list[dict], here: list[tuple[dict, int]],
-            data_start: int, extent_size: int, pv_count: int) -> LogicalVolume:
-    kinds = {str(segment.get("type", "")) for segment in segments}
-    size = sum(int(segment.get("extent_count", 0)) for segment in segments) * extent_size
-    if kinds - {"striped"}:
-        named = {"thin-pool": "thin pool", "thin": "thin volume", "snapshot": "snapshot",
-                 "mirror": "mirror", "raid1": "RAID1", "cache": "cached volume"}
-        kind = next(iter(sorted(kinds - {"striped"})))
-        return LogicalVolume(name, 0, size, named.get(kind, kind))
-    if len(segments) != 1 or len(here) != 1:
+def _segment_type(segment: dict) -> str:
+    kind = segment["type"]
+    if not isinstance(kind, str) or not (kind in SEGMENT_TYPES or kind.startswith("raid")):
+        raise LvmError(f"its metadata has a segment of type {kind!r}, which this engine does "
+                       "not know")
+    return kind
+
+
+def _areas(segment: object, mine: str, pvs: set[str]) -> list[tuple[int, int]]:
+    """(first extent, extents) of each area of `segment` on the PV named `mine`: whatever
+    list names PVs (stripes, or a pvmove's mirrors)."""
+    if not isinstance(segment, dict):
+        raise TypeError(segment)
+    kind, count = _segment_type(segment), _count(segment["extent_count"])
+    stripes = _count(segment.get("stripe_count", 1)) if kind == "striped" else 1
+    if stripes == 0 or kind == "striped" and (not isinstance(segment["stripes"], list)
+                                              or len(segment["stripes"]) != 2 * stripes):
+        raise ValueError(stripes)
+    found = []
+    for value in segment.values():
+        if not isinstance(value, list):
+            continue
+        for position in range(0, len(value) - 1, 2):
+            pv, first = value[position], value[position + 1]
+            if isinstance(pv, str) and pv in pvs and pv == mine:
+                found.append((_count(first), count // stripes))
+    return found
+
+
+def _inside_others(lvs: dict) -> dict[str, str]:
+    """{LV name: what it is part of} of the LVs another volume names in its segments (a thin
+    pool's data, a RAID image, a mirror leg, a cache's origin, a snapshot's origin or store):
+    they hold another volume's blocks, or blocks a snapshot still needs, so their filesystems
+    (if blkid finds one) are never mapped."""
+    inside = {}
+    for name, lv in lvs.items():
+        for key, segment in lv.items():
+            if not SEGMENT_KEY.fullmatch(key) or not isinstance(segment, dict):
+                continue
+            for value in segment.values():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, str) and item in lvs and item != name:
+                        inside[item] = f"part of {_segment_type(segment)} volume {name}"
+    return inside
+
+
+def _volume(name: str, lv: dict, segments: list[dict], areas: list[tuple[int, int]],
+            inside: Optional[str], data_start: int, extent_size: int) -> LogicalVolume:
+    kinds = {_segment_type(segment) for segment in segments}
+    size = sum(_count(segment["extent_count"]) for segment in segments) * extent_size
+    status = lv.get("status") or []
+    if inside is not None or not isinstance(status, list) or "VISIBLE" not in status:
+        return LogicalVolume(name, 0, size, inside or "a hidden volume")
+    if kinds != {"striped"}:
+        return LogicalVolume(name, 0, size, " and ".join(sorted(kinds)))
+    if len(segments) != 1 or len(areas) != 1:
         return LogicalVolume(name, 0, size, f"{len(segments)} segments" if len(segments) > 1
-                             else f"on {pv_count} PVs")
-    segment, first = here[0]
-    if int(segment.get("stripe_count", 1)) != 1:
-        return LogicalVolume(name, 0, size, f"striped over {segment['stripe_count']} PVs")
-    return LogicalVolume(name, data_start + first * extent_size, size, "linear")
+                             else "on more than one PV")
+    if _count(segments[0].get("stripe_count", 1)) != 1:
+        return LogicalVolume(name, 0, size, f"striped over {segments[0]['stripe_count']} PVs")
+    (first, count), = areas
+    return LogicalVolume(name, data_start + first * extent_size, count * extent_size, "linear")

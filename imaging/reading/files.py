@@ -33,6 +33,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import datetime as dt
 import os
 import re
@@ -682,26 +683,32 @@ class _KernelMounted(_Tool):
     `unshare --mount` runs a shell that mounts the partition's file (from the image's
     private FUSE view, through a read-only loop device that goes with the mount) without
     replaying any log, without devices, set-user-ID or executables, then waits while this
-    process lives: the mount exists only in that shell's namespace, read here through
-    /proc/PID/root. Killing the shell's process group ends the namespace, the mount and
-    the loop device."""
+    process keeps its standard input open: the mount exists only in that shell's
+    namespace, read here through /proc/PID/root (the shell, not reaped before the session
+    ends, keeps its id). Killing the shell's process group ends the namespace, the mount
+    and the loop device."""
 
     OPTIONS = ""
     READY = b"mounted\n"
     MOUNT_WAIT = 30.0
     GONE_WAIT = 10.0
-    SCRIPT = ('mount -t "$1" -o "loop,$2" "$3" "$4" && echo mounted && '
-              'while kill -0 "$5" 2>/dev/null; do sleep 1; done')
+    # Holds the mount until its standard input ends: when the session closes it, or when
+    # this process dies, however.
+    SCRIPT = 'mount -t "$1" -o "loop,$2" "$3" "$4" && echo mounted && read -r _'
 
     def __init__(self, device: Path, reader: ImageReader, part: mount.Partition) -> None:
         super().__init__(device, reader, part)
         self._point = Path(tempfile.mkdtemp(prefix="imaging-fs-"))
-        self._process = tools.started(
-            "unshare", "util-linux",
-            ["--mount", "--propagation", "private", "--", "sh", "-c", self.SCRIPT, "sh",
-             self.name, self.OPTIONS, str(device), str(self._point), str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True)
+        try:
+            self._process = tools.started(
+                "unshare", "util-linux",
+                ["--mount", "--propagation", "private", "--", "sh", "-c", self.SCRIPT, "sh",
+                 self.name, self.OPTIONS, str(device), str(self._point)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True)
+        except BaseException:
+            self._point.rmdir()
+            raise
         try:
             self._root = self._wait_for_mount()
         except BaseException:
@@ -718,22 +725,24 @@ class _KernelMounted(_Tool):
                            f"{problem.replace(str(self.device), 'the partition')}")
 
     def _stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signal.SIGKILL)
-        self._process.wait()
+        if self._process.returncode is None:  # once reaped, its id may be another's
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
 
     def close(self) -> None:
         """The namespace ended, and with it the mount; back once its loop device let go of
-        the partition's file (which the image's FUSE view then unmounts)."""
+        the partition's file (which the image's FUSE view then unmounts), or GONE_WAIT on."""
         self._stop()
-        for stream in (self._process.stdout, self._process.stderr):
+        for stream in (self._process.stdin, self._process.stdout, self._process.stderr):
             stream.close()
         deadline = time.monotonic() + self.GONE_WAIT
-        while tools.run("losetup", "util-linux", ["--noheadings", "--associated",
-                                                  str(self.device)]).stdout.strip():
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        with contextlib.suppress(ImagingError):
+            while tools.run("losetup", "util-linux", ["--noheadings", "--associated",
+                                                      str(self.device)]).stdout.strip():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         with contextlib.suppress(OSError):
             self._point.rmdir()
 
@@ -742,6 +751,16 @@ class _KernelMounted(_Tool):
 
     def list_dirs(self, dirs: Sequence[Node]) -> list[list[Node]]:
         return [self._list(directory) for directory in dirs]
+
+    def child(self, directory: Node, name: bytes, *, details: bool = True) -> Optional[Node]:
+        """One lstat, not a listing: `name` is one checked component of a wanted path."""
+        handle = directory.handle + b"/" + name if directory.handle else name
+        try:
+            return self._node(name, handle)
+        except ImagingError:
+            if os.path.lexists(self._path(handle)):
+                raise
+            return None
 
     def _path(self, handle: bytes) -> Path:
         """Where the entry `handle` (its path in the filesystem, relative) is read."""
@@ -775,8 +794,11 @@ class _KernelMounted(_Tool):
         problems: dict[int, str] = {}
         for number, (node, fd) in enumerate(jobs):
             try:
-                source = os.open(self._path(node.handle), os.O_RDONLY | os.O_NOFOLLOW)
+                source = os.open(self._path(node.handle),
+                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 try:
+                    if not stat.S_ISREG(os.fstat(source).st_mode):
+                        raise OSError(errno.EINVAL, "not a regular file")
                     while os.sendfile(fd, source, None, STREAM_STEP):
                         pass
                 finally:

@@ -145,7 +145,10 @@ def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition
             continue  # unreadable (a corrupt chunk): whoever reads the partition says so
         found += [Partition(part.number, part.start + volume.start, volume.size,
                             volume=volume.name) for volume in pv.volumes if volume.contiguous]
-    return sorted(found, key=lambda volume: volume.volume or "")
+    # Two PVs of disks installed alike (two ubuntu-vg/ubuntu-lv): neither is shown.
+    names = collections.Counter(volume.volume for volume in found)
+    return sorted((volume for volume in found if names[volume.volume] == 1),
+                  key=lambda volume: volume.volume or "")
 
 
 def partition_or_volume(image: Image, reader: "ImageReader", which: int | str) -> Partition:
