@@ -52,17 +52,25 @@ def _serving(argv: list[str], port: int, what: str, log: Path) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def webdav_server(folder: Path, *, read_only: bool = False) -> Iterator[tuple[Path, str]]:
+def webdav_server(folder: Path, *, read_only: bool = False,
+                  login: tuple[str, str] | None = None) -> Iterator[tuple[Path, str]]:
     """(the folder served, the `rclone:` remote of `store` inside it); `read_only`: it
-    refuses every change, as a remote reached with read-only credentials does."""
+    refuses every change, as a remote reached with read-only credentials does; `login`:
+    (user, password) it asks for, which the remote then carries."""
     served = folder / "served"
     served.mkdir(exist_ok=True)
     port = free_port()
+    asked = ["--user", login[0], "--pass", login[1]] if login else []
     # No directory cache: the tests change files behind the server's back.
     with _serving(["rclone", "serve", "webdav", str(served), "--addr", f"127.0.0.1:{port}",
-                   "--dir-cache-time", "0s", *(["--read-only"] if read_only else [])],
+                   "--dir-cache-time", "0s", *(["--read-only"] if read_only else []), *asked],
                   port, "WebDAV", folder / "webdav.log"):
-        yield served, f"rclone::webdav,url='http://127.0.0.1:{port}':store"
+        credentials = ""
+        if login:
+            obscured = subprocess.run(["rclone", "obscure", login[1]], capture_output=True,
+                                      text=True, check=True).stdout.strip()
+            credentials = f",user={login[0]},pass={obscured}"
+        yield served, f"rclone::webdav,url='http://127.0.0.1:{port}'{credentials}:store"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ from support.remotes import webdav_server
 from test_delta_chunks import CHUNK, edited
 
 from imaging.backup import backup
+from imaging.base import rclone, tools
+from imaging.base.errors import StoreError
 from imaging.datastore.image import Image
 from imaging.datastore.store import Datastore
 from imaging.sync import LOCAL_BATCH_BYTES, sync
@@ -232,3 +234,38 @@ def test_a_pull_from_a_remote_copies_into_a_folder_byte_identical(source, webdav
     assert not list((served / "store" / "jobs").iterdir())  # its reader's token went
     unknown = imaging("sync", remote, tmp_path / "pulled", "--disk", "nosuch", check=False)
     assert one_error_line(unknown) == f"imaging: error: {remote} holds no image of disk nosuch"
+
+
+def test_a_remote_s_password_reaches_rclone_by_its_environment_never_its_arguments(
+        source, tmp_path, monkeypatch):
+    store, disk = source
+    seen = []
+    started, ran = tools.started, tools.run
+
+    def watched(function):
+        def call(tool, package, arguments, **options):
+            if tool == "rclone":
+                seen.append((list(arguments), options.get("env") or {}))
+            return function(tool, package, arguments, **options)
+        return call
+
+    monkeypatch.setattr(tools, "started", watched(started))
+    monkeypatch.setattr(tools, "run", watched(ran))
+    with webdav_server(tmp_path, login=("ann", "s3cret")) as (served, remote):
+        obscured = remote.split("pass=", 1)[1].split(":", 1)[0]
+        result = sync(store, remote, disks=["d"])
+        assert published(served / "store") == \
+            sorted(f"d/{path.name}" for path in Datastore.open(store).image_dirs("d"))
+        assert len(result.copied) == 2
+        with rclone.mounted(rclone.remote_of(remote)) as point:  # a long-lived rclone too
+            assert sorted(os.listdir(point / "images" / "d")) == \
+                sorted(p.name for p in Datastore.open(store).image_dirs("d"))
+        wrong = remote.replace(obscured, obscured[:-4] + "AAAA")
+        with pytest.raises(StoreError) as refused:
+            sync(store, wrong, disks=["d"])
+    assert seen and all(obscured[:-4] not in " ".join(arguments) for arguments, _ in seen)
+    passwords = [env["RCLONE_CONFIG_IMAGING0_PASS"] for arguments, env in seen
+                 if "imaging0:" in " ".join(arguments)]
+    assert obscured in passwords and set(passwords) == {obscured, obscured[:-4] + "AAAA"}
+    assert obscured[:-4] not in str(refused.value) and "pass=***" in str(refused.value)
+    assert disk.exists()

@@ -8,6 +8,7 @@ connection string holds secret never shows in a message (`shown`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -31,6 +32,9 @@ SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|key|token|secret|user|credent
                            r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[^,:]*)", re.IGNORECASE)
 URL_USER = re.compile(r"(://)[^/@'\"]*@")
 URL_QUERY = re.compile(r"(://[^?'\"\s]*\?)[^'\"\s,]*")
+# A remote path with options: a name (or :type), then ,option=value ... and :path.
+CONNECTION_HEAD = re.compile(r"(:?[\w.-]+)(?=,)")
+OPTION_NAME = re.compile(r"([\w-]+)=")
 # How long a mount may take to appear: rclone reaches the remote first.
 MOUNT_WAIT = 30.0
 MOUNT_POLL = 0.05
@@ -64,15 +68,95 @@ def joined(remote: str, relative: str) -> str:
         f"{remote.rstrip('/')}/{relative}"
 
 
+@dataclasses.dataclass
+class _Hidden:
+    """Command-line arguments with every connection string's options moved into rclone's
+    configuration variables (RCLONE_CONFIG_NAME_OPTION): a process's arguments are readable
+    by every local user, its environment by its owner only."""
+
+    arguments: list[str]
+    env: dict[str, str]
+    named: dict[str, str]  # "imaging0:" -> the connection it stands for, as shown
+
+    def told(self, text: str) -> str:
+        """`text` (rclone's words) naming each remote as the user wrote it, secrets as ***."""
+        for alias, connection in self.named.items():
+            text = text.replace(alias, connection)
+        return shown(text)
+
+
+def _hidden(arguments: Sequence[str]) -> _Hidden:
+    hidden = _Hidden([], dict(os.environ), {})
+    for argument in arguments:
+        parsed = _connection(argument)
+        if parsed is None:
+            hidden.arguments.append(argument)
+            continue
+        name, options, path = parsed
+        if name.startswith(":"):  # made on the fly: a name of its own, and its type
+            alias = f"imaging{len(hidden.named)}"
+            hidden.env[f"RCLONE_CONFIG_{alias.upper()}_TYPE"] = name[1:]
+            hidden.named[f"{alias}:"] = shown(argument[:len(argument) - len(path)])
+        else:  # a configured remote whose options the string overrides
+            alias = name
+        for option, value in options:
+            hidden.env[f"RCLONE_CONFIG_{alias.upper()}_{option.upper().replace('-', '_')}"] = value
+        hidden.arguments.append(f"{alias}:{path}")
+    return hidden
+
+
+def _connection(argument: str) -> Optional[tuple[str, list[tuple[str, str]], str]]:
+    """(the remote's name or :type, [(option, value)], the path) of a remote path that
+    carries options, in rclone's syntax (`:webdav,url='http://h:8080',pass=x:store`,
+    quotes doubled inside quotes); None for anything else."""
+    found = CONNECTION_HEAD.match(argument)
+    if found is None:
+        return None
+    name, position, options = found.group(1), found.end(), []
+    while position < len(argument) and argument[position] == ",":
+        option = OPTION_NAME.match(argument, position + 1)
+        if option is None:
+            return None
+        position = option.end()
+        if position < len(argument) and argument[position] in "'\"":
+            quote, value = argument[position], []
+            position += 1
+            while position < len(argument):
+                if argument[position] == quote:
+                    if argument[position + 1:position + 2] != quote:
+                        break
+                    position += 1
+                value.append(argument[position])
+                position += 1
+            else:
+                return None  # no closing quote
+            position += 1
+            text = "".join(value)
+        else:
+            end = len(argument)
+            for stop in ",:":
+                found_at = argument.find(stop, position)
+                end = min(end, found_at) if found_at >= 0 else end
+            text, position = argument[position:end], end
+        options.append((option.group(1), text))
+    if not options or position >= len(argument) or argument[position] != ":":
+        return None
+    return name, options, argument[position + 1:]
+
+
 def run(command: str, *arguments: str, options: Sequence[str] = (),
         failure: Optional[str] = None, input: Optional[bytes] = None,
         cancelled: Optional[Callable[[], bool]] = None) -> subprocess.CompletedProcess:
     """`rclone COMMAND ARGUMENTS OPTIONS`, its output as text (unless `input` is given)."""
+    hidden = _hidden([command, *arguments, *options])
     try:
-        return tools.run("rclone", PACKAGE, [command, *arguments, *options], kind=StoreError,
-                         failure=failure, input=input, text=input is None, cancelled=cancelled)
-    except StoreError as exc:  # rclone quotes the remote, secrets and all
-        raise StoreError(shown(str(exc))) from None
+        done = tools.run("rclone", PACKAGE, hidden.arguments, kind=StoreError, failure=failure,
+                         input=input, text=input is None, cancelled=cancelled, env=hidden.env)
+    except StoreError as exc:  # rclone quotes the remote
+        raise StoreError(hidden.told(str(exc))) from None
+    if isinstance(done.stderr, str):
+        done.stderr = hidden.told(done.stderr)
+    return done
 
 
 @contextlib.contextmanager
@@ -83,13 +167,13 @@ def mounted(remote: str) -> Iterator[Path]:
     point = folder / "store"
     point.mkdir()
     errors = folder / "rclone.log"
+    hidden = _hidden(["mount", remote, str(point), "--read-only", "--dir-cache-time", "5s"])
     with open(errors, "wb") as log:
-        process = tools.started("rclone", PACKAGE, ["mount", remote, str(point), "--read-only",
-                                                    "--dir-cache-time", "5s"],
-                                kind=StoreError, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        process = tools.started("rclone", PACKAGE, hidden.arguments, kind=StoreError,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=log, env=hidden.env)
     try:
-        _wait_for_mount(point, process, errors, remote)
+        _wait_for_mount(point, process, errors, remote, hidden)
         try:
             yield point
         except ImagingError as exc:
@@ -110,10 +194,11 @@ def mounted(remote: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait_for_mount(point: Path, process: subprocess.Popen, errors: Path, remote: str) -> None:
+def _wait_for_mount(point: Path, process: subprocess.Popen, errors: Path, remote: str,
+                    hidden: _Hidden) -> None:
     deadline = time.monotonic() + MOUNT_WAIT
     while not os.path.ismount(point):
         if process.poll() is not None or time.monotonic() > deadline:
             problem = tools.last_line(errors.read_bytes()) or "it did not appear in time"
-            raise StoreError(f"cannot mount {shown(PREFIX + remote)}: {shown(problem)}")
+            raise StoreError(f"cannot mount {shown(PREFIX + remote)}: {hidden.told(problem)}")
         time.sleep(MOUNT_POLL)
