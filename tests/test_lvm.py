@@ -36,7 +36,12 @@ DISK_SIZE = 264 * MiB
 @pytest.fixture(scope="module")
 def lvm_disk(tmp_path_factory):
     requires_root_loop_fuse()
-    folder = tmp_path_factory.mktemp("lvm")
+    return build_lvm_disk(tmp_path_factory.mktemp("lvm"))
+
+
+def build_lvm_disk(folder):
+    """A /boot partition, then a PV of vg0 holding root (ext4), home (FAT) and srv (XFS),
+    its free extents full of stale random bytes."""
     disk = build_disk(folder / "disk.img", DISK_SIZE, "gpt",
                       [PartSpec(32 * MiB, "ext4"), PartSpec(224 * MiB, "empty")], seed=21,
                       tail_noise=False)

@@ -27,6 +27,8 @@ from support.devices import loop_device, mounted, requires_root_loop_fuse, run
 from support.disks import PartSpec, build_disk
 from support.fuse import unmount_own_image_mounts
 from support.web import PLAIN_STATIC, BaseTestCase, LabMixin, enqueued
+from test_files_kernel_mounted import kernel_mounted
+from test_lvm import SRV, build_lvm_disk
 
 import imaging.backup
 from imaging.datastore.store import Datastore
@@ -87,13 +89,18 @@ def body(response) -> bytes:
     return async_to_sync(gathered)()
 
 
-@override_settings(STORAGES=PLAIN_STATIC)
-class FileBrowserTests(BaseTestCase):
+class UsedImageTestCase(BaseTestCase):
+    """One used-mode image of the disk `built` makes, in the catalog, for every test."""
+
+    @classmethod
+    def built(cls, folder: Path) -> Path:
+        raise NotImplementedError
+
     @classmethod
     def setUpClass(cls):
         requires_root_loop_fuse()
         cls.folder = Path(tempfile.mkdtemp(prefix="web-files-"))
-        cls.source = build_known_disk(cls.folder)
+        cls.source = cls.built(cls.folder)
         cls.store = cls.folder / "store"
         imaging.backup.backup(str(cls.source), cls.store, disk_id="lab", mode="used")
         super().setUpClass()
@@ -111,6 +118,11 @@ class FileBrowserTests(BaseTestCase):
 
     def tearDown(self):
         self.assertEqual(unmount_own_image_mounts(self.folder), [])
+
+
+@override_settings(STORAGES=PLAIN_STATIC)
+class FileBrowserTests(UsedImageTestCase):
+    built = staticmethod(build_known_disk)
 
     def folder_url(self, partition="1") -> str:
         return f"/images/{self.image.pk}/files/{partition}/"
@@ -365,3 +377,43 @@ class PartitionRestoreTests(LabMixin, TransactionTestCase):
         self.assertEqual(started.status_code, 202, started.content)
         self.assertEqual(Job.objects.get(kind="restore").params,
                          {"verify": True, "partition": 1})
+
+
+@override_settings(STORAGES=PLAIN_STATIC)
+class LogicalVolumeBrowserTests(UsedImageTestCase):
+    """A used-mode image of an LVM disk: each logical volume is browsed as a partition is,
+    addressed as VG-LV, as the image's view names it."""
+
+    @classmethod
+    def built(cls, folder: Path) -> Path:
+        cls.disk = build_lvm_disk(folder)
+        return cls.disk.path
+
+    def test_each_volume_is_listed_browsed_and_downloaded_as_vg_lv(self):
+        self.client.force_login(self.alice)
+        index = self.client.get(f"/images/{self.image.pk}/files/")
+        html = index.content.decode()
+        for name in ("home", "root", "srv"):
+            self.assertIn(f'<a href="/images/{self.image.pk}/files/vg0-{name}/">Volume vg0/'
+                          f'{name}</a>', html)
+        srv = self.client.get(f"/images/{self.image.pk}/files/vg0-srv/", {"path": "www"})
+        self.assertEqual(srv.status_code, 200)
+        self.assertEqual([entry.name for entry in srv.context["folder"].entries], ["index.html"])
+        self.assertIn("<h1>Volume vg0/srv: /www</h1>", srv.content.decode())
+        pv = self.disk.partitions[1]
+        with loop_device(self.disk.path, SRV.offset(pv.start), SRV.size, read_only=True) as device:
+            point = kernel_mounted(device, "xfs", self.folder / "srv", read_only=True)
+            try:
+                original = (point / "www" / "index.html").read_bytes()
+            finally:
+                run("umount", point)
+        download = self.client.get(f"/images/{self.image.pk}/files/vg0-srv/download/",
+                                   {"path": "www/index.html"})
+        self.assertEqual(body(download), original)
+        missing = self.client.get(f"/images/{self.image.pk}/files/vg0-swap/")
+        self.assertEqual(missing.status_code, 400)
+        self.assertEqual(missing.content.decode(),
+                         "the image has no logical volume vg0-swap whose files can be listed")
+        # A partition restore offers partitions, never a volume.
+        dialog = self.client.get(f"/images/{self.image.pk}/restore-partition/")
+        self.assertNotIn("vg0", dialog.content.decode())

@@ -81,7 +81,7 @@ def image_restore(request: HttpRequest, pk: int) -> HttpResponse:
 def image_restore_partition(request: HttpRequest, pk: int) -> HttpResponse:
     """The guarded restore of one partition, as a fragment for the disk page's dialog."""
     image = get_object_or_404(Image.objects.select_related("disk__host", "datastore"), pk=pk)
-    partitions = services.files.partitions(image)
+    partitions = services.files.partitions(image, volumes=False)
     if not partitions:
         return HttpResponseBadRequest("the image holds no partition table: restore it whole",
                                       content_type="text/plain; charset=utf-8")

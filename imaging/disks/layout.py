@@ -57,10 +57,16 @@ def partitions(source: str) -> list[dict]:
 
 def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> list[dict]:
     """Partitions of an `sfdisk --dump` text; `probed`: a used-mode manifest's partition notes,
-    whose filesystems, and why one was stored in full ("stored"), are matched by start."""
+    whose filesystems, why one was stored in full ("stored_in_full") and an LVM PV's
+    logical volumes ("volumes") are matched by start."""
     filesystems = {note["start"]: note.get("filesystem") for note in probed}
     in_full = {note["start"]: str(note["mapped"]).removeprefix(FULL_PREFIX) for note in probed
                if str(note.get("mapped", "")).startswith(FULL_PREFIX)}
+    # An LVM2 PV's logical volumes that are one range of the disk, by name.
+    volumes = {note["start"]: [{"name": volume["name"], "size": volume["size"],
+                                "fstype": volume.get("filesystem")}
+                               for volume in note.get("volumes") or () if volume.get("start")]
+               for note in probed if note.get("volumes")}
     found = []
     for line in text.splitlines():
         header, _, value = line.partition(":")
@@ -77,5 +83,6 @@ def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> li
         found.append({"name": Path(node.strip()).name, "start": start,
                       "size": int(values["size"]) * sector_size, "type": values.get("type"),
                       "fstype": filesystems.get(start), "label": values.get("name") or None,
-                      **({"stored_in_full": in_full[start]} if start in in_full else {})})
+                      **({"stored_in_full": in_full[start]} if start in in_full else {}),
+                      **({"volumes": volumes[start]} if volumes.get(start) else {})})
     return found

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 from asgiref.sync import sync_to_async
 from django.utils.dateparse import parse_datetime
 
+import imaging.disks.lvm
 import imaging.reading.files
 import imaging.reading.mount
 from imaging.base.errors import ImagingError
@@ -57,15 +58,25 @@ class Missing(Refused):
 
 @dataclasses.dataclass(frozen=True)
 class BrowsablePartition:
-    number: int
+    number: int  # of a logical volume: of the partition holding it
     size: int
     fstype: Optional[str]
     label: Optional[str]
     problem: Optional[str]  # why its files cannot be listed, or None
+    volume: Optional[str] = None  # "vg0/root": an LVM logical volume
 
     @property
     def readable(self) -> bool:
         return self.problem is None
+
+    @property
+    def key(self) -> str:
+        """How a URL names it: 1, or vg0-root."""
+        return imaging.disks.lvm.file_name(self.volume) if self.volume else str(self.number)
+
+    @property
+    def shown(self) -> str:
+        return f"volume {self.volume}" if self.volume else f"partition {self.number}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,38 +145,59 @@ class Download:
             self.pieces.close()
 
 
-def partitions(image: Image) -> list[BrowsablePartition]:
-    """The image's partitions by number, each with why its files cannot be listed, or None."""
+def partitions(image: Image, *, volumes: bool = True) -> list[BrowsablePartition]:
+    """The image's partitions by number (with the logical volumes of each LVM PV a used-mode
+    backup found, unless not `volumes`), each with why its files cannot be listed, or None."""
     found = []
     for part in image.partitions or []:
         number = _NUMBER.search(part.get("name") or "")
         if number is None:
             continue
         fstype = part.get("fstype")
-        # Only a used-mode backup notes its filesystems: an unknown one is probed by the
-        # engine when the partition is opened, which names one it cannot read.
-        problem = None if fstype is None or fstype in READABLE_FILESYSTEMS else (
-            f"holds {fstype}, stored in full: {part['stored_in_full']}"
-            if part.get("stored_in_full") else
-            f"holds {fstype}: files can be read from {imaging.reading.files.COVERED}")
-        if image.encrypted:
-            problem = ("is sealed with its datastore's key, which only the workers hold: "
-                       "read its files on a worker's host (imaging files --key), or restore it")
         found.append(BrowsablePartition(int(number.group(1)), part.get("size") or 0, fstype,
-                                        part.get("label"), problem))
-    return sorted(found, key=lambda part: part.number)
+                                        part.get("label"), _problem(image, part, fstype)))
+        found += [BrowsablePartition(int(number.group(1)), volume.get("size") or 0,
+                                     volume.get("fstype"), None,
+                                     _problem(image, volume, volume.get("fstype")),
+                                     str(volume.get("name")))
+                  for volume in (part.get("volumes") or () if volumes else ())]
+    return sorted(found, key=lambda part: (part.number, part.volume or ""))
+
+
+def _problem(image: Image, part: dict, fstype: Optional[str]) -> Optional[str]:
+    """Why the files of a partition or volume cannot be listed, or None."""
+    if image.encrypted:
+        return ("is sealed with its datastore's key, which only the workers hold: "
+                "read its files on a worker's host (imaging files --key), or restore it")
+    # Only a used-mode backup notes its filesystems: an unknown one is probed by the
+    # engine when the partition is opened, which names one it cannot read.
+    if fstype is None or fstype in READABLE_FILESYSTEMS:
+        return None
+    if part.get("stored_in_full"):
+        return f"holds {fstype}, stored in full: {part['stored_in_full']}"
+    return f"holds {fstype}: files can be read from {imaging.reading.files.COVERED}"
 
 
 def browsable_partition(image: Image, number: Any) -> BrowsablePartition:
-    """The readable partition `number` (text of digits, from a URL) names, else BadPath."""
-    if not isinstance(number, str) or not re.fullmatch(r"[0-9]{1,6}", number):
-        raise BadPath(f"a partition is named by its number, not {number!r}")
-    try:
-        part = imaging.reading.mount.numbered(partitions(image), int(number), "the image")
-    except ImagingError as missing:
-        raise BadPath(str(missing)) from None
+    """The readable partition `number` (text of digits, from a URL) names, or the logical
+    volume (vg0-root), else BadPath."""
+    if not isinstance(number, str) or not re.fullmatch(r"[0-9]{1,6}|[A-Za-z0-9+_.-]{1,255}",
+                                                        number):
+        raise BadPath(f"a partition is named by its number, a logical volume as VG-LV, not "
+                      f"{number!r}")
+    if number.isdigit():
+        try:
+            part = imaging.reading.mount.numbered(
+                partitions(image, volumes=False), int(number), "the image")
+        except ImagingError as missing:
+            raise BadPath(str(missing)) from None
+    else:
+        part = next((part for part in partitions(image)
+                     if part.volume and part.key == number), None)
+        if part is None:
+            raise BadPath(f"the image has no logical volume {number} whose files can be listed")
     if part.problem:
-        raise BadPath(f"partition {part.number} {part.problem}")
+        raise BadPath(f"{part.shown} {part.problem}")
     return part
 
 
@@ -207,7 +239,8 @@ def download(image: Image, partition: Any, path: Any, user_id: int) -> Download:
         held.enter_context(filesessions.begin(user_id))
         files = held.enter_context(_opened(image, part))
         node = _engine(lambda: files.lookup("/" + path))
-        stored = os.fsdecode(node.name) if path else f"partition-{part.number}"
+        stored = os.fsdecode(node.name) if path else \
+            (part.key if part.volume else f"partition-{part.number}")
         shown = imaging.reading.files.printable(stored)
         if node.kind == imaging.reading.files.DIRECTORY:
             pieces = _in_steps(_tar_stream(files, node, stored))
@@ -219,7 +252,8 @@ def download(image: Image, partition: Any, path: Any, user_id: int) -> Download:
 
 
 def _opened(image: Image, part: BrowsablePartition) -> imaging.reading.files.FileSession:
-    return _engine(lambda: imaging.reading.files.FileSession(image.path, part.number))
+    return _engine(lambda: imaging.reading.files.FileSession(image.path,
+                                                             part.volume or part.number))
 
 
 def _tar_stream(files: imaging.reading.files.FileSession, folder: imaging.reading.files.Node,

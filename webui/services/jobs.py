@@ -52,7 +52,8 @@ def image_partition(image: Image, number: Any):
     if isinstance(number, bool) or not isinstance(number, int):
         raise Refused(f"a partition is named by its number, not {number!r}")
     try:
-        return imaging.reading.mount.numbered(partitions(image), number, "the image")
+        return imaging.reading.mount.numbered(partitions(image, volumes=False), number,
+                                              "the image")
     except ImagingError as missing:
         raise Refused(str(missing)) from None
 
