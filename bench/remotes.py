@@ -67,8 +67,8 @@ def webdav_server(folder: Path, *, read_only: bool = False,
                   port, "WebDAV", folder / "webdav.log"):
         credentials = ""
         if login:
-            obscured = subprocess.run(["rclone", "obscure", login[1]], capture_output=True,
-                                      text=True, check=True).stdout.strip()
+            obscured = subprocess.run(["rclone", "obscure", "-"], input=login[1],
+                                      capture_output=True, text=True, check=True).stdout.strip()
             credentials = f",user={login[0]},pass={obscured}"
         yield served, f"rclone::webdav,url='http://127.0.0.1:{port}'{credentials}:store"
 

@@ -383,8 +383,9 @@ class Remote:
 
     def _copy(self, names: list[str], failure: str) -> None:
         with self.store.file_list(names) as listing:
-            self.store.run("copy", str(self.src.root), self.store.remote, "--files-from",
-                           listing, "--no-traverse", "--ignore-checksum", failure=failure)
+            self.store.run("copy", os.path.abspath(self.src.root), self.store.remote,
+                           "--files-from", listing, "--no-traverse", "--ignore-checksum",
+                           failure=failure)
 
     def _settings(self, present: bool) -> dict:
         """Its datastore.json, written with the source's settings if it has none."""

@@ -269,3 +269,21 @@ def test_a_remote_s_password_reaches_rclone_by_its_environment_never_its_argumen
     assert obscured in passwords and set(passwords) == {obscured, obscured[:-4] + "AAAA"}
     assert obscured[:-4] not in str(refused.value) and "pass=***" in str(refused.value)
     assert disk.exists()
+
+
+@pytest.mark.parametrize("written, hidden", [
+    (":s3,env_auth,secret_access_key=S3CR3T:bucket/store", {"ENV_AUTH": "true"}),
+    (":webdav,url='http://h:8080/a,b',pass='it''s':store", {"URL": "http://h:8080/a,b",
+                                                            "PASS": "it's"}),
+])
+def test_a_connection_string_is_parsed_as_rclone_writes_it(written, hidden):
+    passed = rclone._hidden(["lsf", written])
+    assert passed.arguments[1].startswith("imaging0:") and "," not in passed.arguments[1]
+    for option, value in hidden.items():
+        assert passed.env[f"RCLONE_CONFIG_IMAGING0_{option}"] == value
+
+
+def test_a_connection_string_rclone_would_not_take_is_refused_not_passed_on():
+    with pytest.raises(StoreError, match="not written as rclone takes them") as refused:
+        rclone.run("lsf", "nas,=S3CR3T:store")
+    assert "S3CR3T" not in str(refused.value)

@@ -32,9 +32,14 @@ SECRET_OPTION = re.compile(r"((?:^|,)[\w-]*(?:pass|key|token|secret|user|credent
                            r"('(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[^,:]*)", re.IGNORECASE)
 URL_USER = re.compile(r"(://)[^/@'\"]*@")
 URL_QUERY = re.compile(r"(://[^?'\"\s]*\?)[^'\"\s,]*")
-# A remote path with options: a name (or :type), then ,option=value ... and :path.
-CONNECTION_HEAD = re.compile(r"(:?[\w.-]+)(?=,)")
-OPTION_NAME = re.compile(r"([\w-]+)=")
+# A remote path with options: a name (or :type), then ,option=value ... and :path; an
+# option alone means option=true. Names as rclone takes them, in ASCII.
+CONNECTION_HEAD = re.compile(r"(:?[\w.+@ -]+)(?=,)", re.ASCII)
+OPTION_NAME = re.compile(r"([\w-]+)(=?)", re.ASCII)
+# What looks like a remote path with options, parsed or not: a comma before any : or /.
+CARRIES_OPTIONS = re.compile(r"^:?[^:/]*,")
+# The names given to connection strings made on the fly.
+ALIAS = "imaging"
 # How long a mount may take to appear: rclone reaches the remote first.
 MOUNT_WAIT = 30.0
 MOUNT_POLL = 0.05
@@ -86,15 +91,20 @@ class _Hidden:
 
 
 def _hidden(arguments: Sequence[str]) -> _Hidden:
-    hidden = _Hidden([], dict(os.environ), {})
+    hidden = _Hidden([], {name: value for name, value in os.environ.items()
+                          if not name.startswith(f"RCLONE_CONFIG_{ALIAS.upper()}")}, {})
     for argument in arguments:
         parsed = _connection(argument)
         if parsed is None:
+            if CARRIES_OPTIONS.match(argument):
+                # Never on a command line as it is: it may hold a secret.
+                raise StoreError("a remote's options are not written as rclone takes them "
+                                 "(NAME,OPTION=VALUE,...:PATH); not shown, as they may be secret")
             hidden.arguments.append(argument)
             continue
         name, options, path = parsed
         if name.startswith(":"):  # made on the fly: a name of its own, and its type
-            alias = f"imaging{len(hidden.named)}"
+            alias = f"{ALIAS}{len(hidden.named)}"
             hidden.env[f"RCLONE_CONFIG_{alias.upper()}_TYPE"] = name[1:]
             hidden.named[f"{alias}:"] = shown(argument[:len(argument) - len(path)])
         else:  # a configured remote whose options the string overrides
@@ -118,6 +128,9 @@ def _connection(argument: str) -> Optional[tuple[str, list[tuple[str, str]], str
         if option is None:
             return None
         position = option.end()
+        if not option.group(2):  # an option alone means option=true
+            options.append((option.group(1), "true"))
+            continue
         if position < len(argument) and argument[position] in "'\"":
             quote, value = argument[position], []
             position += 1

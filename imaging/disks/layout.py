@@ -63,10 +63,12 @@ def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> li
     in_full = {note["start"]: str(note["mapped"]).removeprefix(FULL_PREFIX) for note in probed
                if str(note.get("mapped", "")).startswith(FULL_PREFIX)}
     # An LVM2 PV's logical volumes that are one range of the disk, by name.
-    volumes = {note["start"]: [{"name": volume["name"], "size": volume["size"],
+    volumes = {note["start"]: [{"name": volume["name"], "size": volume.get("size") or 0,
                                 "fstype": volume.get("filesystem")}
-                               for volume in note.get("volumes") or () if volume.get("start")]
-               for note in probed if note.get("volumes")}
+                               for volume in note.get("volumes") or ()
+                               if isinstance(volume, dict) and volume.get("start")
+                               and isinstance(volume.get("name"), str)]
+               for note in probed if isinstance(note.get("volumes"), list)}
     found = []
     for line in text.splitlines():
         header, _, value = line.partition(":")

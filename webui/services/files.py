@@ -41,6 +41,7 @@ from .filesessions import TooMany  # noqa: F401  (raised by browse and download)
 
 READABLE_FILESYSTEMS = (*EXT, "vfat", "ntfs", "xfs", "btrfs")
 MAX_PATH = 4096
+MAX_NAME = 255
 STREAM_STEP = imaging.reading.files.STREAM_STEP
 TAR_CONTENT_TYPE, FILE_CONTENT_TYPE = "application/x-tar", "application/octet-stream"
 COPIED_MODE_BITS = imaging.reading.files.COPIED_MODE_BITS
@@ -159,7 +160,7 @@ def partitions(image: Image, *, volumes: bool = True) -> list[BrowsablePartition
         found += [BrowsablePartition(int(number.group(1)), volume.get("size") or 0,
                                      volume.get("fstype"), None,
                                      _problem(image, volume, volume.get("fstype")),
-                                     str(volume.get("name")))
+                                     volume["name"])
                   for volume in (part.get("volumes") or () if volumes else ())]
     return sorted(found, key=lambda part: (part.number, part.volume or ""))
 
@@ -181,11 +182,9 @@ def _problem(image: Image, part: dict, fstype: Optional[str]) -> Optional[str]:
 def browsable_partition(image: Image, number: Any) -> BrowsablePartition:
     """The readable partition `number` (text of digits, from a URL) names, or the logical
     volume (vg0-root), else BadPath."""
-    if not isinstance(number, str) or not re.fullmatch(r"[0-9]{1,6}|[A-Za-z0-9+_.-]{1,255}",
-                                                        number):
-        raise BadPath(f"a partition is named by its number, a logical volume as VG-LV, not "
-                      f"{number!r}")
-    if number.isdigit():
+    if not isinstance(number, str) or not 0 < len(number) <= MAX_NAME:
+        raise BadPath("a partition is named by its number, a logical volume as VG-LV")
+    if re.fullmatch(r"[0-9]{1,6}", number):
         try:
             part = imaging.reading.mount.numbered(
                 partitions(image, volumes=False), int(number), "the image")
