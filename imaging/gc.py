@@ -78,12 +78,17 @@ class GcResult:
 
 def cutoff_time(jobs: list[Job], images: set[str], now: float, safety_margin: float) -> float:
     """Chunks last touched before this are needed by no running job but through `images`."""
-    if any(image not in images for job in jobs for image in job.images):
-        return float("-inf")  # a reader of an image gone meanwhile: keep every chunk
-    if any(job.kind in UNDATED_WRITING_KINDS for job in jobs):
+    if reads_a_gone_image(jobs, images) or any(job.kind in UNDATED_WRITING_KINDS
+                                                for job in jobs):
         return float("-inf")
     return min([now] + [job.started for job in jobs
                         if job.writes and job.kind != COLLECTING]) - safety_margin
+
+
+def reads_a_gone_image(jobs: list[Job], images: set[str]) -> bool:
+    """Whether a job reads an image not among `images` (deleted by hand, or by a prune on a
+    host whose cache hid the reader): only it knows which chunks it still needs."""
+    return any(image not in images for job in jobs for image in job.images)
 
 
 def referenced_chunks(store: Datastore,
@@ -191,14 +196,10 @@ def collect_remote(store: RemoteStore, progress: Progress) -> GcResult:
             images, referenced = referenced_chunks(Datastore.open(point),
                                                    [point / folder for folder in complete])
         jobs = store.running_jobs()
-        chunks = {path: size for path, size in files.items() if path.startswith("chunks/")
-                  and path.endswith(CHUNK_SUFFIX)
-                  and DIGEST_RE.match(path.rpartition("/")[2][:-len(CHUNK_SUFFIX)])}
-        unreferenced = [path for path in chunks
-                        if path.rpartition("/")[2][:-len(CHUNK_SUFFIX)] not in referenced]
+        chunks = {path: digest for path in files if (digest := _chunk_digest(path))}
+        unreferenced = [path for path, digest in chunks.items() if digest not in referenced]
         result = GcResult(len(images), len(referenced), 0, 0, 0, 0, 0, 0.0)
-        if any(image not in images for job in jobs for image in job.images):
-            # a reader of an image gone meanwhile: only it knows which chunks it still needs
+        if reads_a_gone_image(jobs, images):
             result.kept_recent, unreferenced = len(unreferenced), []
         halves = [path for folder, paths in folders.items() if folder not in complete
                   for path in paths]
@@ -213,6 +214,14 @@ def collect_remote(store: RemoteStore, progress: Progress) -> GcResult:
         result.temp_removed += store.forget_dead_jobs()
     progress.finish()
     return result
+
+
+def _chunk_digest(path: str) -> Optional[str]:
+    """The digest a remote file (its path below the datastore) holds, if it is a chunk."""
+    name = path.rpartition("/")[2]
+    digest = name[:-len(CHUNK_SUFFIX)]
+    return digest if path.startswith("chunks/") and name.endswith(CHUNK_SUFFIX) \
+        and DIGEST_RE.match(digest) else None
 
 
 def _chunk_count(folder: Path) -> int:

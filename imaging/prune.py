@@ -117,8 +117,8 @@ def select(moments: dict[str, dt.datetime], retention: Retention,
     return {name: reason for name, reason in marks.items() if reason}
 
 
-def reader_of(store: Datastore, image: Path) -> Optional[Job]:
-    """A running job that reads `image`, if there is one."""
+def reader_of(store: Datastore | RemoteStore, image: Path) -> Optional[Job]:
+    """A running job that reads `image` (its folder, .../DISK/STAMP), if there is one."""
     name = f"{image.parent.name}/{image.name}"
     return next((job for job in store.running_jobs() if job.reads(name)), None)
 
@@ -212,8 +212,7 @@ class RemoteImages:
                                    progress=progress, excludes=remote.deletes_or_uploads)
 
     def reader_of(self, image: Path) -> Optional[Job]:
-        name = f"{self.disk_id}/{image.name}"
-        return next((job for job in self.store.running_jobs() if job.reads(name)), None)
+        return reader_of(self.store, image)
 
     def remove(self, image: Path) -> Optional[Job]:
         if PROTECTED_NAME in {path.rpartition("/")[2] for path in self.store.listing(str(image))}:

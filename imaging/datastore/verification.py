@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..base import errors
 from ..base.errors import ImageError
+from ..disks.lvm import place
 from .codec import DIGEST_RE
 from .manifest import TIME_FORMAT
 
@@ -40,7 +41,7 @@ class FilesystemCheck:
 
     @property
     def shown(self) -> str:
-        return f"volume {self.volume}" if self.volume else f"partition {self.number}"
+        return place(self.number, self.volume)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -87,11 +87,10 @@ def file_name(name: str) -> str:
     return f"{group.replace('-', '--')}-{volume.replace('-', '--')}"
 
 
-def is_pv(head: bytes) -> bool:
-    """Whether the first LABEL_SECTORS sectors `head` hold an LVM2 label."""
-    return any(head[sector * SECTOR:sector * SECTOR + 8] == LABEL_ID
-               and head[sector * SECTOR + 24:sector * SECTOR + 32] == LABEL_TYPE
-               for sector in range(LABEL_SECTORS))
+def place(number: int, volume: Optional[str]) -> str:
+    """How messages name partition `number`, or the logical volume `volume` inside it:
+    partition 1, volume vg0/root."""
+    return f"volume {volume}" if volume else f"partition {number}"
 
 
 def read_pv(read: Read, size: int) -> PhysicalVolume:
@@ -113,10 +112,10 @@ class _Ignored(LvmError):
 
 
 def _label(read: Read) -> int:
-    for sector in range(LABEL_SECTORS):
-        head = read(sector * SECTOR, 32)
-        if head[:8] == LABEL_ID and head[24:32] == LABEL_TYPE:
-            return sector * SECTOR
+    head = read(0, LABEL_SECTORS * SECTOR)
+    for start in range(0, LABEL_SECTORS * SECTOR, SECTOR):
+        if head[start:start + 8] == LABEL_ID and head[start + 24:start + 32] == LABEL_TYPE:
+            return start
     raise LvmError("no LVM2 label in its first four sectors")
 
 

@@ -241,21 +241,30 @@ def map_partition(source: Source, entry: dict, cancelled: CancelPoll = _never) -
     number = int(number_match.group(1)) if number_match else 0
     if entry.get("label") == "dos" and entry.get("type", "").lower() in DOS_EXTENDED_TYPES:
         return PartitionMap(number, start, size, None, METHOD_EXTENDED, [])
+    return PartitionMap(number, start, size,
+                        *_mapped(source, start, size, "partition", cancelled, volumes=True))
+
+
+def _mapped(source: Source, start: int, size: int, what: str, cancelled: CancelPoll, *,
+            volumes: bool = False) -> tuple[Optional[str], str, list[Range], list[VolumeMap]]:
+    """(filesystem, how it was mapped, free ranges, logical volumes) of the partition or
+    logical volume `what` at start..start+size; read in full, saying why, if it cannot be
+    mapped. With `volumes`, an LVM2 PV's volumes are mapped on their own."""
     filesystem = None
     try:
         if start + size > source.size:
-            raise Unmappable("partition extends past the end of the disk")
+            raise Unmappable(f"{what} extends past the end of the disk")
         filesystem, usage, version = probe(source.path, start, size, cancelled)
-        if filesystem == LVM_MEMBER:
-            return _map_physical_volume(source, number, start, size, cancelled)
+        if volumes and filesystem == LVM_MEMBER:
+            return _map_physical_volume(source, start, size, cancelled)
         free, method = _free_ranges(source, start, size, filesystem, usage, version, cancelled)
     except Unmappable as reason:
-        return PartitionMap(number, start, size, filesystem, f"{layout.FULL_PREFIX}{reason}", [])
-    return PartitionMap(number, start, size, filesystem, method, free)
+        return filesystem, f"{layout.FULL_PREFIX}{reason}", [], []
+    return filesystem, method, free, []
 
 
-def _map_physical_volume(source: Source, number: int, start: int, size: int,
-                         cancelled: CancelPoll) -> PartitionMap:
+def _map_physical_volume(source: Source, start: int, size: int, cancelled: CancelPoll
+                         ) -> tuple[str, str, list[Range], list[VolumeMap]]:
     """An LVM2 PV: its label and metadata read in full, its free extents skipped, each
     logical volume that is one range of it mapped as a partition is."""
     def read(offset: int, length: int) -> bytes:
@@ -271,24 +280,17 @@ def _map_physical_volume(source: Source, number: int, start: int, size: int,
     volumes = [_map_volume(source, start, volume, cancelled) for volume in pv.volumes]
     free = merge([(start + offset, length) for offset, length in pv.free()]
                  + [kept for volume in volumes for kept in volume.free])
-    return PartitionMap(number, start, size, LVM_MEMBER, METHOD_LVM, free, volumes)
+    return LVM_MEMBER, METHOD_LVM, free, volumes
 
 
 def _map_volume(source: Source, pv_start: int, volume: lvm.LogicalVolume,
                 cancelled: CancelPoll) -> VolumeMap:
     if not volume.contiguous:
-        return VolumeMap(volume.name, 0, volume.size, None, f"{layout.FULL_PREFIX}{volume.layout}", [])
+        return VolumeMap(volume.name, 0, volume.size, None,
+                         f"{layout.FULL_PREFIX}{volume.layout}", [])
     start = pv_start + volume.start
-    filesystem = None
-    try:
-        if start + volume.size > source.size:
-            raise Unmappable("volume extends past the end of the disk")
-        filesystem, usage, version = probe(source.path, start, volume.size, cancelled)
-        free, method = _free_ranges(source, start, volume.size, filesystem, usage, version,
-                                    cancelled)
-    except Unmappable as reason:
-        return VolumeMap(volume.name, start, volume.size, filesystem, f"{layout.FULL_PREFIX}{reason}", [])
-    return VolumeMap(volume.name, start, volume.size, filesystem, method, free)
+    filesystem, mapped, free, _ = _mapped(source, start, volume.size, "volume", cancelled)
+    return VolumeMap(volume.name, start, volume.size, filesystem, mapped, free)
 
 
 def probe(path: str, start: int, size: int, cancelled: CancelPoll = _never

@@ -85,7 +85,7 @@ class Partition:
     @property
     def shown(self) -> str:
         """How messages name it: partition 1, or volume vg0/root."""
-        return f"volume {self.volume}" if self.volume else f"partition {self.number}"
+        return lvm.place(self.number, self.volume)
 
     @property
     def end(self) -> int:
@@ -135,14 +135,11 @@ def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition
     disk, read from the PVs' own metadata; a PV that cannot be read holds none here."""
     found = []
     for part in parts:
-        try:
-            if not lvm.is_pv(reader.pread(part.start,
-                                          min(part.size, lvm.LABEL_SECTORS * lvm.SECTOR))):
-                continue
+        try:  # most partitions are no PV: read_pv says so from their first sectors
             pv = lvm.read_pv(lambda offset, length: reader.pread(part.start + offset, length),
                              part.size)
         except ImagingError:
-            continue  # unreadable (a corrupt chunk): whoever reads the partition says so
+            continue  # no PV, or an unreadable one (a corrupt chunk: its readers say so)
         found += [Partition(part.number, part.start + volume.start, volume.size,
                             volume=volume.name) for volume in pv.volumes if volume.contiguous]
     # Two PVs of disks installed alike (two ubuntu-vg/ubuntu-lv): neither is shown.

@@ -77,7 +77,7 @@ class BrowsablePartition:
 
     @property
     def shown(self) -> str:
-        return f"volume {self.volume}" if self.volume else f"partition {self.number}"
+        return imaging.disks.lvm.place(self.number, self.volume)
 
 
 @dataclasses.dataclass(frozen=True)
