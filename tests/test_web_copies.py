@@ -70,6 +70,7 @@ class RemoteTests(BaseTestCase):
     def test_a_bad_remote_is_one_line_and_adds_nothing(self):
         self.client.force_login(self.alice)
         services.add_remote("rclone:b2:bucket")
+        services.add_remote("rclone:myssh:bucket")  # a configured remote's name is its own
         for fields, message in [
                 ({"path": "/srv/other"}, "a remote starts with rclone:"),
                 ({"path": "rclone:"}, "name the remote after rclone:"),
@@ -80,6 +81,9 @@ class RemoteTests(BaseTestCase):
                 ({"path": "rclone::alias,remote=/root:x"}, "backend 'alias'"),
                 ({"path": "rclone::webdav,url=http://h,bearer_token_command=id:x"},
                  "may not run a command on the worker's host"),
+                ({"path": "rclone:nas,ssh='id':x"}, "may not run a command on the worker's host"),
+                ({"path": "rclone::sftp,host=h,ssh:x"}, "may not run a command"),
+                ({"path": "rclone:myssh:bucket"}, "rclone:myssh:bucket is a datastore already"),
                 ({"path": "rclone:b2:" + "x" * 2000}, "longer than 1024 characters"),
                 ({"path": "rclone:b2:x", "label": "<script>"}, "name '<script>'"),
                 ({"path": "rclone:b2:bucket"}, "rclone:b2:bucket is a datastore already")]:
@@ -89,7 +93,7 @@ class RemoteTests(BaseTestCase):
             self.assertEqual(len(said), 1, fields)
             self.assertTrue(said[0].startswith("No remote added: "), said)
             self.assertIn(message, html.unescape(said[0]))
-        self.assertEqual(Datastore.objects.filter(path__startswith="rclone:").count(), 1)
+        self.assertEqual(Datastore.objects.filter(path__startswith="rclone:").count(), 2)
         for junk in ("²", "1" * 40, "", "-1"):
             page = self.client.post(f"/datastores/{self.datastore.pk}/sync/",
                                     {"destination": junk}, follow=True)

@@ -25,8 +25,9 @@ MAX_REMOTE = 1024
 STORAGE_BACKENDS = {"azureblob", "b2", "box", "drive", "dropbox", "ftp", "gcs",
                     "googlecloudstorage", "hdfs", "koofr", "mega", "onedrive", "opendrive",
                     "pcloud", "s3", "seafile", "sftp", "smb", "storj", "swift", "webdav", "zoho"}
-# Options that run a command on the worker's host, whatever the backend.
-COMMAND_OPTION = re.compile(r"(?:^|,)[\w-]*(?:command|ssh)[\w-]*=", re.IGNORECASE)
+# Options that run a command on the worker's host, whatever the backend: with a value, or
+# alone (rclone reads an option alone as =true).
+COMMAND_OPTION = re.compile(r",[\w-]*(?:command|ssh)[\w-]*[=,:]", re.IGNORECASE)
 
 
 def add_remote(path: str, *, label: str = "", offsite: bool = True,
@@ -57,15 +58,15 @@ def add_remote(path: str, *, label: str = "", offsite: bool = True,
 
 
 def _check_connection_string(remote: str) -> None:
-    """A connection string (`:backend,option=value:path`) names a storage backend and runs
-    nothing: the worker runs rclone as root. A configured remote (`name:path`) is the
-    host's own rclone.conf, which root wrote."""
-    if not remote.startswith(":"):
-        return
-    backend = re.split(r"[,:]", remote[1:], maxsplit=1)[0].lower()
-    if backend not in STORAGE_BACKENDS:
-        raise Refused(f"backend {backend!r}: a copy goes to a storage backend "
-                      f"({', '.join(sorted(STORAGE_BACKENDS))})")
+    """A connection string (`:backend,option=value:path`) names a storage backend, and no
+    remote's options run anything, a configured remote's overrides (`name,option=value:path`)
+    included: the worker runs rclone as root. A configured remote itself (`name:path`) is
+    the host's own rclone.conf, which root wrote."""
+    if remote.startswith(":"):
+        backend = re.split(r"[,:]", remote[1:], maxsplit=1)[0].lower()
+        if backend not in STORAGE_BACKENDS:
+            raise Refused(f"backend {backend!r}: a copy goes to a storage backend "
+                          f"({', '.join(sorted(STORAGE_BACKENDS))})")
     if COMMAND_OPTION.search(remote):
         raise Refused("a remote's options may not run a command on the worker's host "
                       "(options named like command or ssh)")
