@@ -754,13 +754,18 @@ class _KernelMounted(_Tool):
 
     def child(self, directory: Node, name: bytes, *, details: bool = True) -> Optional[Node]:
         """One lstat, not a listing: `name` is one checked component of a wanted path."""
-        handle = directory.handle + b"/" + name if directory.handle else name
+        handle = self._handle(directory, name)
         try:
             return self._node(name, handle)
         except ImagingError:
             if os.path.lexists(self._path(handle)):
                 raise
             return None
+
+    @staticmethod
+    def _handle(directory: Node, name: bytes) -> bytes:
+        """The handle of the entry `name` of `directory`: its path, relative to the root."""
+        return directory.handle + b"/" + name if directory.handle else name
 
     def _path(self, handle: bytes) -> Path:
         """Where the entry `handle` (its path in the filesystem, relative) is read."""
@@ -773,8 +778,7 @@ class _KernelMounted(_Tool):
         except OSError as exc:
             raise ImagingError(f"cannot list /{os.fsdecode(directory.handle)}: "
                                f"{describe(exc)}") from None
-        prefix = directory.handle + b"/" if directory.handle else b""
-        return [self._node(name, prefix + name) for name in names]
+        return [self._node(name, self._handle(directory, name)) for name in names]
 
     def _node(self, name: bytes, handle: bytes) -> Node:
         # Every name comes from a listing (one component, never . or ..) of a folder that
