@@ -16,6 +16,7 @@ only ext4 timestamps vary between builds.
 
 import argparse
 import base64
+import errno
 import itertools
 import os
 import random
@@ -103,7 +104,7 @@ def _write_noise(out, count: int, rng: random.Random) -> None:
         count -= step
 
 
-def _write_stale(out, count: int, rng: random.Random) -> None:
+def write_stale(out, count: int, rng: random.Random) -> None:
     """Block-aligned pieces of other files, with zero runs between them, the way
     a previous filesystem's leftovers look after a repartition."""
     files = [f for root in STALE_SOURCES for f in _regular_files(root, excluded=[])]
@@ -129,7 +130,7 @@ def _block_aligned_excerpt(content: bytes, rng: random.Random, limit: int = 8 * 
     return content + bytes(-len(content) % BLOCK)
 
 
-def _fill_filesystem(root: Path, rng: random.Random) -> None:
+def fill_filesystem(root: Path, rng: random.Random) -> None:
     """Copy files until ~45% of the filesystem is live. A seeded share of them
     get names that are deleted later, so deleted content ends up interleaved
     with live files in the free space."""
@@ -159,7 +160,15 @@ def _fill_filesystem(root: Path, rng: random.Random) -> None:
             if doomed:
                 destination = destination.with_name(destination.name + TRASH_SUFFIX)
             destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, destination)
+            try:
+                shutil.copyfile(source, destination)
+            except OSError as error:
+                # Btrfs' statvfs counts space its metadata will take as free.
+                if error.errno != errno.ENOSPC:
+                    raise
+                destination.unlink(missing_ok=True)
+                trash.empty()
+                continue
             copied += 1
             if doomed:
                 trash.add(destination, blocks)
@@ -199,7 +208,7 @@ def build_disk(path: Path, size: int = GiB, seed: int = 1) -> None:
     with open(path, "wb") as out:
         _write_zeros(out, p2_offset)
         _write_noise(out, p2_size, rng)
-        _write_stale(out, size - tail_offset, rng)
+        write_stale(out, size - tail_offset, rng)
 
     script = (
         f"label: dos\nlabel-id: {disk_id}\n"
@@ -217,7 +226,7 @@ def build_disk(path: Path, size: int = GiB, seed: int = 1) -> None:
              "-E", f"nodiscard,lazy_itable_init=0,lazy_journal_init=0,hash_seed={fs_uuid}",
              device])
         with mounted(device) as root:
-            _fill_filesystem(root, rng)
+            fill_filesystem(root, rng)
 
 
 def change_files(disk: Path, nbytes: int = 16 * MiB, seed: int = 2) -> None:

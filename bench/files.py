@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
-from bench.system import LINUX_TYPE, MiB, mounted, partition_of_type
+from bench.system import LINUX_TYPE, MiB, command_seconds, mounted, partition_of_type
 from bench.web import _configure_django, _environment, _staff_credentials
 from imaging.backup import backup
 from imaging.base.errors import ImagingError
@@ -72,17 +72,6 @@ EXTRACT_TARGET_RATIO = 0.5
 TAR_TARGET_RATIO = 2.0
 # A download is a failure, not a slow machine, past this.
 DOWNLOAD_TIMEOUT = 3600
-
-
-def _timed(argv: list) -> float:
-    """Seconds the command took, from its start."""
-    started = time.perf_counter()
-    done = subprocess.run([str(part) for part in argv], capture_output=True, text=True,
-                          cwd=REPO_ROOT)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed: {done.stderr.strip()}")
-    return seconds
 
 
 def _drop_caches() -> None:
@@ -128,7 +117,8 @@ def measure(pristine: Path, workdir: Path) -> dict:
     """
     image, number, digest, small = _prepare(pristine, workdir)
     imaging = [sys.executable, "-m", "imaging"]
-    listing = [_timed([*imaging, "files", image, number, "/"]) for _ in range(ROUNDS)]
+    listing = [command_seconds([*imaging, "files", image, number, "/"], REPO_ROOT)
+               for _ in range(ROUNDS)]
     restored = workdir / "restored.img"
     restore(str(image), str(restored))
     part = partition_of_type(restored, LINUX_TYPE)
@@ -146,7 +136,8 @@ def measure(pristine: Path, workdir: Path) -> dict:
         with loop_device(restored, part.offset, part.size, read_only=True) as device, \
                 mounted(device) as root:
             _drop_caches()
-            catting.append(_timed(["sh", "-c", 'cat "$0" > /dev/null', root / FILE_NAME]))
+            catting.append(command_seconds(["sh", "-c", 'cat "$0" > /dev/null',
+                                            root / FILE_NAME]))
     downloading, tarring = tar_rounds(image, number, small, restored, workdir / "web", ROUNDS)
     # Both sides share the machine with whatever else runs: the figure says how much did.
     return {"list": statistics.median(listing), "extract": statistics.median(extracting),
@@ -172,8 +163,9 @@ def tar_rounds(image: Path, number: int, small: dict[str, str], restored: Path, 
             with loop_device(restored, part.offset, part.size, read_only=True) as device, \
                     mounted(device) as root:
                 _drop_caches()
-                tarring.append(_timed(["bash", "-c", 'set -o pipefail; tar -c -C "$0" "$1" '
-                                       '| cat > /dev/null', root, FOLDER_NAME]))
+                tarring.append(command_seconds(
+                    ["bash", "-c", 'set -o pipefail; tar -c -C "$0" "$1" | cat > /dev/null',
+                     root, FOLDER_NAME]))
     return downloading, tarring
 
 

@@ -34,7 +34,7 @@ from bench.system import (
 )
 from imaging.base.tools import loop_device
 from imaging.datastore import keys
-from imaging.disks import layout, usedmap
+from imaging.disks import layout, lvm, usedmap
 
 
 @dataclass
@@ -404,9 +404,11 @@ def partclone_on_original(bench: Bench) -> None:
     `partclone.<fs> -c | zstd -T0 -3` for every partition partclone knows, over
     read-only loop devices; partclone.dd for partitions without a known
     filesystem; swap as its header page (Clonezilla keeps even less: it re-runs
-    mkswap on restore); the MBR, gaps and unpartitioned space raw through
-    `zstd -T0 -3`. It drops deleted data and swap content, so its size is a
-    floor, not a peer of a bit-exact image."""
+    mkswap on restore); an LVM2 PV as its label and metadata (Clonezilla keeps
+    `vgcfgbackup`'s text) and each logical volume through partclone as a
+    partition is, its free extents left out; the MBR, gaps and unpartitioned
+    space raw through `zstd -T0 -3`. It drops deleted data and swap content, so
+    its size is a floor, not a peer of a bit-exact image."""
     disk = shlex.quote(str(bench.disk))
     output = bench.path("partclone")
     output.mkdir()
@@ -422,6 +424,14 @@ def partclone_on_original(bench: Bench) -> None:
     steps, cursor = [], 0
     with contextlib.ExitStack() as loops:
         devices = []
+
+        def partclone(start: int, size: int, filesystem: str | None, name: str) -> str:
+            device = loops.enter_context(loop_device(bench.disk, start, size, read_only=True))
+            devices.append(Path(device))
+            tool = _partclone_tool(filesystem)
+            return (f"partclone.{tool} -c -q -L {shlex.quote(str(log))} -s {device} "
+                    f"-o - | zstd -T0 -3 -q > {destination(f'{name}.{tool}.pc.zst')}")
+
         for number, entry in enumerate(layout.partitions(str(bench.disk)), start=1):
             start = entry["start"] * entry["sectorsize"]
             size = entry["size"] * entry["sectorsize"]
@@ -430,13 +440,17 @@ def partclone_on_original(bench: Bench) -> None:
             filesystem = _filesystem(bench.disk, start, size)
             if filesystem == "swap":
                 steps.append(raw_copy(start, SWAP_HEADER, f"p{number}.swap-header.zst"))
+            elif filesystem == usedmap.LVM_MEMBER:
+                pv = _physical_volume(bench.disk, start, size)
+                steps.append(raw_copy(start, pv.data_start, f"p{number}.lvm-metadata.zst"))
+                for volume in pv.volumes:
+                    volume_start = start + volume.start
+                    steps.append(partclone(
+                        volume_start, volume.size,
+                        _filesystem(bench.disk, volume_start, volume.size),
+                        lvm.file_name(volume.name)))
             else:
-                device = loops.enter_context(loop_device(bench.disk, start, size,
-                                                         read_only=True))
-                devices.append(Path(device))
-                tool = _partclone_tool(filesystem)
-                steps.append(f"partclone.{tool} -c -q -L {shlex.quote(str(log))} -s {device} "
-                             f"-o - | zstd -T0 -3 -q > {destination(f'p{number}.{tool}.pc.zst')}")
+                steps.append(partclone(start, size, filesystem, f"p{number}"))
             cursor = max(cursor, start + size)
         if cursor < bench.disk_size:
             steps.append(raw_copy(cursor, bench.disk_size - cursor, f"gap-{cursor}.zst"))
@@ -454,6 +468,18 @@ def _filesystem(disk: Path, start: int, size: int) -> str | None:
         return usedmap.probe(str(disk), start, size)[0]
     except usedmap.Unmappable:
         return None
+
+
+def _physical_volume(disk: Path, start: int, size: int) -> lvm.PhysicalVolume:
+    """The PV at start..start+size of `disk`, as Clonezilla would find it through LVM's
+    tools; its volumes must be linear, as device-mapper is what reads any other here."""
+    with open(disk, "rb") as handle:
+        pv = lvm.read_pv(lambda offset, length: os.pread(handle.fileno(), length, start + offset),
+                         size)
+    other = [volume.name for volume in pv.volumes if not volume.contiguous]
+    if other:
+        raise RuntimeError(f"the Clonezilla pipeline reads linear volumes only: {other}")
+    return pv
 
 
 def _partclone_tool(filesystem: str | None) -> str:

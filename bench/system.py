@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,16 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         raise RuntimeError(
             f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def command_seconds(argv: list, cwd: Path | None = None) -> float:
+    """Seconds the command took, from its start; RuntimeError with its stderr if it failed."""
+    started = time.perf_counter()
+    done = subprocess.run([str(part) for part in argv], capture_output=True, text=True, cwd=cwd)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed: {done.stderr.strip()}")
+    return seconds
 
 
 def size_argument(text: str) -> int:
