@@ -90,7 +90,10 @@ def body(response) -> bytes:
 
 
 class UsedImageTestCase(BaseTestCase):
-    """One used-mode image of the disk `built` makes, in the catalog, for every test."""
+    """One image (used mode, unless `mode` says) of the disk `built` makes, in the catalog,
+    for every test."""
+
+    mode = "used"
 
     @classmethod
     def built(cls, folder: Path) -> Path:
@@ -102,7 +105,7 @@ class UsedImageTestCase(BaseTestCase):
         cls.folder = Path(tempfile.mkdtemp(prefix="web-files-"))
         cls.source = cls.built(cls.folder)
         cls.store = cls.folder / "store"
-        imaging.backup.backup(str(cls.source), cls.store, disk_id="lab", mode="used")
+        imaging.backup.backup(str(cls.source), cls.store, disk_id="lab", mode=cls.mode)
         super().setUpClass()
 
     @classmethod
@@ -417,3 +420,32 @@ class LogicalVolumeBrowserTests(UsedImageTestCase):
         # A partition restore offers partitions, never a volume.
         dialog = self.client.get(f"/images/{self.image.pk}/restore-partition/")
         self.assertNotIn("vg0", dialog.content.decode())
+
+
+@override_settings(STORAGES=PLAIN_STATIC)
+class RawLogicalVolumeBrowserTests(UsedImageTestCase):
+    """A raw-mode image of an LVM disk: its manifest lists no volumes, so the file browser
+    reads them from the image."""
+
+    mode = "raw"
+
+    @classmethod
+    def built(cls, folder: Path) -> Path:
+        cls.disk = build_lvm_disk(folder)
+        return cls.disk.path
+
+    def test_volumes_are_read_from_the_image_and_the_pv_names_them(self):
+        self.assertFalse(any(part.get("volumes") for part in self.image.partitions))
+        self.client.force_login(self.alice)
+        html = self.client.get(f"/images/{self.image.pk}/files/").content.decode()
+        for name in ("home", "root", "srv"):
+            self.assertIn(f'<a href="/images/{self.image.pk}/files/vg0-{name}/">Volume vg0/'
+                          f'{name}</a>', html)
+        srv = self.client.get(f"/images/{self.image.pk}/files/vg0-srv/", {"path": "www"})
+        self.assertEqual([entry.name for entry in srv.context["folder"].entries], ["index.html"])
+        pv = self.client.get(f"/images/{self.image.pk}/files/2/")
+        self.assertEqual(pv.status_code, 404)
+        self.assertEqual(pv.context["problem"],
+                         "partition 2 is an LVM2 physical volume: name one of its logical "
+                         "volumes that is one range of the disk instead (vg0/home, vg0/root, "
+                         "vg0/srv)")

@@ -56,6 +56,7 @@ from ..base.syscalls import pwrite_all
 from ..datastore import codec
 from ..datastore.image import reading
 from ..datastore.manifest import utc_text
+from ..disks import usedmap
 from . import mount
 from .filesystems import EXT, identify
 from .mount import ImageReader
@@ -957,7 +958,13 @@ class FileSession:
         """The partition's tool, once blkid has said what the partition holds."""
         if self._probing is not None:
             kind, self._probing = self._probing.result(), None
-            if kind not in _TOOLS:
+            if kind == usedmap.LVM_MEMBER:
+                names = ", ".join(volume.volume or "" for volume in
+                                  mount.volumes([self._part], self.reader)) or "none"
+                self._refusal = ImagingError(
+                    f"{self._shown} is an LVM2 physical volume: name one of its logical "
+                    f"volumes that is one range of the disk instead ({names})")
+            elif kind not in _TOOLS:
                 holds = f"holds {kind}" if kind else "holds no filesystem blkid recognises"
                 self._refusal = ImagingError(f"{self._shown} {holds}: files and "
                                              f"extract read {COVERED}")

@@ -42,7 +42,7 @@ from ..base.progress import Progress
 from ..base.syscalls import ignore_signal
 from ..datastore import codec
 from ..datastore.chunks import Contents, read_chunk, read_chunk_into
-from ..datastore.image import Image, parse_stamp, reading
+from ..datastore.image import Image, parse_stamp, reading, reads_image
 from ..disks import layout, lvm
 from ..disks.mounts import read_mounts
 
@@ -146,6 +146,15 @@ def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition
     names = collections.Counter(volume.volume for volume in found)
     return sorted((volume for volume in found if names[volume.volume] == 1),
                   key=lambda volume: volume.volume or "")
+
+
+@reads_image("mount")
+def logical_volumes(image_dir: os.PathLike | str, *, progress: Optional[Progress] = None
+                    ) -> list[Partition]:
+    """The logical volumes the image's view shows (`volumes`), read from the image itself:
+    a raw-mode backup's manifest does not list them."""
+    image = Image.open(image_dir)
+    return volumes(partitions(image), ImageReader(image, loans=1))
 
 
 def partition_or_volume(image: Image, reader: "ImageReader", which: int | str) -> Partition:
