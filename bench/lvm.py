@@ -29,14 +29,26 @@ class Volume:
     name: str
     first_extent: int
     extents: int
+    # (first extent, extents) of each further segment, as `lvextend` adds them
+    more: tuple[tuple[int, int], ...] = ()
 
     def offset(self, pv_start: int) -> int:
-        """Bytes from the disk's start."""
+        """Bytes from the disk's start (to its first segment)."""
         return pv_start + PE_START + self.first_extent * EXTENT
 
     @property
+    def segments(self) -> list[tuple[int, int]]:
+        """(first extent, extents) of each segment, in the volume's order."""
+        return [(self.first_extent, self.extents), *self.more]
+
+    def pieces(self, pv_start: int) -> list[tuple[int, int]]:
+        """(bytes from the disk's start, length) of each segment, in the volume's order."""
+        return [(pv_start + PE_START + first * EXTENT, count * EXTENT)
+                for first, count in self.segments]
+
+    @property
     def size(self) -> int:
-        return self.extents * EXTENT
+        return sum(count for _, count in self.segments) * EXTENT
 
 
 def _uuid() -> str:
@@ -50,20 +62,28 @@ def _uuid() -> str:
     return "-".join(parts)
 
 
+def _segments_text(volume: Volume) -> str:
+    text, start = "", 0
+    for number, (first, count) in enumerate(volume.segments, start=1):
+        text += f"""
+\t\t\tsegment{number} {{
+\t\t\t\tstart_extent = {start}
+\t\t\t\textent_count = {count}
+\t\t\t\ttype = "striped"
+\t\t\t\tstripe_count = 1
+\t\t\t\tstripes = ["pv0", {first}]
+\t\t\t}}"""
+        start += count
+    return text
+
+
 def _volumes_text(volumes: list[Volume]) -> str:
     sections = "".join(f"""
 \t\t{volume.name} {{
 \t\t\tid = "{_uuid()}"
 \t\t\tstatus = ["READ", "WRITE", "VISIBLE"]
 \t\t\tflags = []
-\t\t\tsegment_count = 1
-\t\t\tsegment1 {{
-\t\t\t\tstart_extent = 0
-\t\t\t\textent_count = {volume.extents}
-\t\t\t\ttype = "striped"
-\t\t\t\tstripe_count = 1
-\t\t\t\tstripes = ["pv0", {volume.first_extent}]
-\t\t\t}}
+\t\t\tsegment_count = {len(volume.segments)}{_segments_text(volume)}
 \t\t}}
 """ for volume in volumes)
     return f"\n\tlogical_volumes {{\n{sections}\n\t}}\n"

@@ -472,13 +472,15 @@ def _filesystem(disk: Path, start: int, size: int) -> str | None:
 
 def _physical_volume(disk: Path, start: int, size: int) -> lvm.PhysicalVolume:
     """The PV at start..start+size of `disk`, as Clonezilla would find it through LVM's
-    tools; its volumes must be linear, as device-mapper is what reads any other here."""
+    tools; each of its volumes must be one range, which a loop device shows as device-mapper
+    would (this machine has none)."""
     with open(disk, "rb") as handle:
         pv = lvm.read_pv(lambda offset, length: os.pread(handle.fileno(), length, start + offset),
                          size)
     other = [volume.name for volume in pv.volumes if not volume.contiguous]
     if other:
-        raise RuntimeError(f"the Clonezilla pipeline reads linear volumes only: {other}")
+        raise RuntimeError(f"the Clonezilla pipeline here reads volumes in one range only: "
+                           f"{other}")
     return pv
 
 

@@ -172,7 +172,7 @@ def test_files_and_extract_address_a_logical_volume_as_vg_lv(lvm_disk, lvm_image
     assert (tmp_path / "srv-out" / "index.html").read_bytes() == original
     missing = imaging("files", lvm_image, "vg0/swap", "/", check=False)
     assert one_error_line(missing) == (
-        f"imaging: error: {lvm_image} has no logical volume vg0/swap that is one range of the "
+        f"imaging: error: {lvm_image} has no logical volume vg0/swap that is linear on the "
         "disk (its volumes: vg0/home, vg0/root, vg0/srv)")
     nowhere = imaging("files", lvm_image, "vg0/root", "/no/such", check=False)
     assert one_error_line(nowhere) == \
@@ -230,12 +230,17 @@ PV_SIZE = MiB + 100 * EXTENT
 def test_volumes_that_are_not_one_range_are_named_for_what_they_are():
     pv = lvm.described(GROUP_TEXT, "a" * 32, PV_SIZE)
     layouts = {volume.name: volume.layout for volume in pv.volumes}
-    assert layouts == {"vg1/plain": "linear", "vg1/split": "2 segments",
+    assert layouts == {"vg1/plain": "linear", "vg1/split": "linear in 2 segments",
                        "vg1/wide": "striped over 2 PVs",
                        "vg1/pool_tdata": "part of thin-pool volume pool",
                        "vg1/pvmove0": "a hidden volume"}
-    plain = next(volume for volume in pv.volumes if volume.name == "vg1/plain")
-    assert (plain.start, plain.size) == (MiB + 5 * EXTENT, 10 * EXTENT)
+    volumes = {volume.name: volume for volume in pv.volumes}
+    assert (volumes["vg1/plain"].pieces, volumes["vg1/plain"].size) == \
+        (((MiB + 5 * EXTENT, 10 * EXTENT),), 10 * EXTENT)
+    assert volumes["vg1/split"].pieces == ((MiB + 20 * EXTENT, 2 * EXTENT),
+                                           (MiB + 30 * EXTENT, 2 * EXTENT))
+    assert not volumes["vg1/split"].contiguous and volumes["vg1/plain"].contiguous
+    assert volumes["vg1/wide"].pieces == ()
     # Extents any volume holds (a pvmove's too) are never skipped.
     assert pv.free() == [(MiB + first * EXTENT, count * EXTENT)
                          for first, count in ((0, 5), (15, 5), (22, 8), (32, 8), (44, 6),
@@ -264,3 +269,65 @@ def test_metadata_that_does_not_add_up_is_one_error_never_a_crash(change, proble
     assert old in GROUP_TEXT
     with pytest.raises(lvm.LvmError, match=re.escape(problem)):
         lvm.described(GROUP_TEXT.replace(old, new, 1), "a" * 32, PV_SIZE)
+
+
+# 48 MiB whose second half lies before its first, as an lvextend after another volume took
+# the extents that followed leaves it.
+VAR = Volume("var", 8, 6, more=((0, 6),))
+# Larger than either half: it has to cross from the first segment into the second.
+BIG_FILE = 25 * MiB
+
+
+@pytest.fixture(scope="module")
+def extended_disk(tmp_path_factory):
+    """A PV of vg0 holding var (ext4) in two segments, stale random bytes around them; and
+    var's filesystem as one file."""
+    requires_root_loop_fuse()
+    folder = tmp_path_factory.mktemp("lvm-extended")
+    disk = build_disk(folder / "disk.img", 80 * MiB, "gpt", [PartSpec(72 * MiB, "empty")],
+                      seed=22, tail_noise=False)
+    pv = disk.partitions[0]
+    rng = random.Random(22)
+    with open(disk.path, "r+b") as image:
+        image.seek(pv.start)
+        image.write(rng.randbytes(pv.size))
+    make_physical_volume(disk.path, pv.start, pv.size, "vg0", [VAR], folder)
+    volume = folder / "var.ext4"
+    volume.write_bytes(b"")
+    os.truncate(volume, VAR.size)
+    _fill_partition(volume, Part(1, 0, VAR.size, "ext4"), rng)
+    with loop_device(volume) as device, mounted(device, folder / "var") as root:
+        (root / "big.bin").write_bytes(rng.randbytes(BIG_FILE))
+    content = volume.read_bytes()
+    with open(disk.path, "r+b") as image:
+        done = 0
+        for start, length in VAR.pieces(pv.start):
+            image.seek(start)
+            image.write(content[done:done + length])
+            done += length
+    return disk, volume
+
+
+def test_a_volume_in_two_segments_is_read_with_its_segments_in_order(extended_disk, tmp_path):
+    disk, volume = extended_disk
+    raw = backup(str(disk.path), tmp_path / "raw", disk_id="d").image
+    with privately_mounted(Image.open(raw)) as exposure:
+        assert (exposure.root / "vg0-var").read_bytes() == volume.read_bytes()
+    listing = json.loads(imaging("files", raw, "vg0/var", "/", "--json").stdout)
+    with loop_device(volume, read_only=True) as device, \
+            mounted(device, tmp_path / "var", read_only=True) as original:
+        assert sorted(entry["name"] for entry in listing["entries"]) == \
+            sorted(path.name for path in original.iterdir())
+        imaging("extract", raw, "vg0/var", "/big.bin", "--to", tmp_path / "out")
+        assert (tmp_path / "out" / "big.bin").read_bytes() == \
+            (original / "big.bin").read_bytes()
+    # Used mode stores it in full, saying why; the restore puts each segment back.
+    used = backup(str(disk.path), tmp_path / "used", disk_id="d", mode="used")
+    entry, = read_manifest(Datastore.open(tmp_path / "used"), used.image).partitions[0]["volumes"]
+    assert (entry["name"], entry["mapped"]) == ("vg0/var", "full: linear in 2 segments")
+    target = tmp_path / "restored.img"
+    target.write_bytes(b"")
+    os.truncate(target, disk.path.stat().st_size)
+    restore(used.image, str(target), allowed_targets=[str(target)])
+    for start, length in VAR.pieces(disk.partitions[0].start):
+        assert sha256_of_range(target, start, length) == sha256_of_range(disk.path, start, length)

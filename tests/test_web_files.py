@@ -446,6 +446,5 @@ class RawLogicalVolumeBrowserTests(UsedImageTestCase):
         pv = self.client.get(f"/images/{self.image.pk}/files/2/")
         self.assertEqual(pv.status_code, 404)
         self.assertEqual(pv.context["problem"],
-                         "partition 2 is an LVM2 physical volume: name one of its logical "
-                         "volumes that is one range of the disk instead (vg0/home, vg0/root, "
-                         "vg0/srv)")
+                         "partition 2 is an LVM2 physical volume: name one of its linear "
+                         "logical volumes instead (vg0/home, vg0/root, vg0/srv)")

@@ -62,7 +62,7 @@ def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> li
     filesystems = {note["start"]: note.get("filesystem") for note in probed}
     in_full = {note["start"]: str(note["mapped"]).removeprefix(FULL_PREFIX) for note in probed
                if str(note.get("mapped", "")).startswith(FULL_PREFIX)}
-    # An LVM2 PV's logical volumes that are one range of the disk, by name.
+    # An LVM2 PV's logical volumes, by name.
     volumes = {note["start"]: [{"name": volume["name"], "size": volume.get("size") or 0,
                                 "fstype": volume.get("filesystem")}
                                for volume in note.get("volumes") or ()

@@ -6,10 +6,11 @@ with a 512-byte header (magic " LVM2 x[5A%r0N*>") whose first raw location point
 newest copy of the volume group's text metadata inside the area's circular buffer. That
 text (LVM's documented format, as `vgcfgbackup` writes it) names the extent size, each
 PV's first extent (`pe_start`) and each LV's segments; a segment of type "striped" with
-one stripe is linear. An LV whose one linear segment lies on this PV is a contiguous
-byte range of it: the engine reads it as it reads a partition. Anything else (striped,
-thin pools and volumes, snapshots, mirrors and RAID, or segments on other PVs) is named
-for what it is and read in full.
+one stripe is linear. An LV whose linear segments all lie on this PV is a list of byte
+ranges of it: the engine reads it as it reads a partition, the ranges joined in the LV's
+order (one range when the LV was never extended, or extended into the extents after it).
+Anything else (striped, thin pools and volumes, snapshots, mirrors and RAID, or segments
+on other PVs) is named for what it is and read in full.
 """
 from __future__ import annotations
 
@@ -48,13 +49,22 @@ class LvmError(ImagingError):
 @dataclasses.dataclass(frozen=True)
 class LogicalVolume:
     name: str  # "vg0/root"
-    start: int  # bytes from the PV's start, for a contiguous one
+    # (bytes from the PV's start, length) of a linear one, in the LV's order; else empty.
+    pieces: tuple[tuple[int, int], ...]
     size: int
-    layout: str  # "linear", or why it is read in full ("striped over 2 PVs", "thin volume")
+    # "linear", "linear in 2 segments", or why it cannot be read from this PV alone
+    # ("striped over 2 PVs", "thin volume")
+    layout: str
 
     @property
     def contiguous(self) -> bool:
-        return self.layout == "linear"
+        """Whether it is one range of the PV, which a loop device can show as it is."""
+        return len(self.pieces) == 1
+
+    @property
+    def start(self) -> int:
+        """Bytes from the PV's start to its first byte, for a linear one."""
+        return self.pieces[0][0]
 
 
 
@@ -248,14 +258,15 @@ def _described(metadata: dict, uuid: str, size: int) -> PhysicalVolume:
     volumes, used = [], []
     for name, lv in lvs.items():
         segments = [value for key, value in lv.items() if SEGMENT_KEY.fullmatch(key)]
-        areas = [area for segment in segments for area in _areas(segment, mine, set(pvs))]
+        placed = [_areas(segment, mine, set(pvs)) for segment in segments]
+        areas = [area for found in placed for area in found]
         for first, count in areas:
             if first + count > extents:
                 raise LvmError(f"volume {group}/{name} lies past the PV's last extent")
         used += areas
         if areas:
-            volumes.append(_volume(f"{group}/{name}", lv, segments, areas, inside.get(name),
-                                   data_start, extent_size))
+            volumes.append(_volume(f"{group}/{name}", lv, list(zip(segments, placed)),
+                                   inside.get(name), data_start, extent_size))
     ordered = sorted(used)
     if any(first < end for (_, end), (first, _) in zip(
             [(f, f + c) for f, c in ordered], ordered[1:])):
@@ -315,19 +326,32 @@ def _inside_others(lvs: dict) -> dict[str, str]:
     return inside
 
 
-def _volume(name: str, lv: dict, segments: list[dict], areas: list[tuple[int, int]],
+def _volume(name: str, lv: dict, segments: list[tuple[dict, list[tuple[int, int]]]],
             inside: Optional[str], data_start: int, extent_size: int) -> LogicalVolume:
-    kinds = {_segment_type(segment) for segment in segments}
-    size = sum(_count(segment["extent_count"]) for segment in segments) * extent_size
+    """The LV `name` from its segments, each with its areas on this PV."""
+    kinds = {_segment_type(segment) for segment, _ in segments}
+    size = sum(_count(segment["extent_count"]) for segment, _ in segments) * extent_size
     status = lv.get("status") or []
     if inside is not None or not isinstance(status, list) or "VISIBLE" not in status:
-        return LogicalVolume(name, 0, size, inside or "a hidden volume")
+        return LogicalVolume(name, (), size, inside or "a hidden volume")
     if kinds != {"striped"}:
-        return LogicalVolume(name, 0, size, " and ".join(sorted(kinds)))
-    if len(segments) != 1 or len(areas) != 1:
-        return LogicalVolume(name, 0, size, f"{len(segments)} segments" if len(segments) > 1
-                             else "on more than one PV")
-    if _count(segments[0].get("stripe_count", 1)) != 1:
-        return LogicalVolume(name, 0, size, f"striped over {segments[0]['stripe_count']} PVs")
-    (first, count), = areas
-    return LogicalVolume(name, data_start + first * extent_size, count * extent_size, "linear")
+        return LogicalVolume(name, (), size, " and ".join(sorted(kinds)))
+    stripes = max(_count(segment.get("stripe_count", 1)) for segment, _ in segments)
+    if stripes != 1:
+        return LogicalVolume(name, (), size, f"striped over {stripes} PVs")
+    if any(len(areas) != 1 for _, areas in segments):
+        return LogicalVolume(name, (), size, "on more than one PV")
+    pieces: list[tuple[int, int]] = []
+    expected = 0
+    for segment, ((first, count),) in sorted(
+            segments, key=lambda placed: _count(placed[0]["start_extent"])):
+        if _count(segment["start_extent"]) != expected:
+            raise LvmError(f"volume {name}'s segments do not follow one another")
+        expected += count
+        start = data_start + first * extent_size
+        if pieces and sum(pieces[-1]) == start:  # extended into the extents right after it
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + count * extent_size)
+        else:
+            pieces.append((start, count * extent_size))
+    return LogicalVolume(name, tuple(pieces), size, "linear" if len(pieces) == 1
+                         else f"linear in {len(pieces)} segments")

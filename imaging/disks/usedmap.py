@@ -266,7 +266,9 @@ def _mapped(source: Source, start: int, size: int, what: str, cancelled: CancelP
 def _map_physical_volume(source: Source, start: int, size: int, cancelled: CancelPoll
                          ) -> tuple[str, str, list[Range], list[VolumeMap]]:
     """An LVM2 PV: its label and metadata read in full, its free extents skipped, each
-    logical volume that is one range of it mapped as a partition is."""
+    logical volume that is one range of it mapped as a partition is (one in several
+    ranges is read in full: partclone and dumpe2fs read a device, and a loop device shows
+    one range)."""
     def read(offset: int, length: int) -> bytes:
         try:
             return os.pread(source.fd, length, start + offset)

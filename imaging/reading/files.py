@@ -400,7 +400,7 @@ class _Ext(_Tool):
     def _block_size(self) -> int:
         """1024 << s_log_block_size, from the superblock debugfs opened: no run of its own."""
         if self._block is None:
-            field = self.reader.pread(self.part.start + self.SUPERBLOCK + self._LOG_BLOCK_SIZE, 4)
+            field = self.part.read(self.reader, self.SUPERBLOCK + self._LOG_BLOCK_SIZE, 4)
             log = int.from_bytes(field, "little")
             if log > self._LARGEST_LOG_BLOCK_SIZE:
                 raise ImagingError(f"the superblock gives an impossible block size "
@@ -440,7 +440,9 @@ class _Ext(_Tool):
             if physical * block + count > self.part.size:
                 raise ImagingError("its data lies outside the partition "
                                    "(a damaged or crafted filesystem)")
-            spans.append((offset, self.part.start + physical * block, count))
+            for start, length in self.part.spans(physical * block, count):
+                spans.append((offset, start, length))
+                offset += length
         return spans
 
     def _copy_extents(self, jobs: list[tuple[int, Node, int, list]]) -> dict[int, str]:
@@ -834,7 +836,8 @@ def _probed_chunks(reader: ImageReader, part: mount.Partition) -> list[int]:
     BLKID_PROBE_REACH (LUKS2's secondary headers) and its end (RAID
     signatures); the filesystems' tools start at the beginning too.
     """
-    offsets = (part.start, part.start + min(BLKID_PROBE_REACH, part.size - 1), part.end - 1)
+    offsets = [start for offset in (0, min(BLKID_PROBE_REACH, part.size - 1), part.size - 1)
+               for start, _ in part.spans(offset, 1)]
     return list(dict.fromkeys(offset // reader.chunk_size for offset in offsets))
 
 
@@ -930,7 +933,7 @@ class FileSession:
             pool.shutdown(wait=False)
             # A probe still running when the session ends is waited for before the unmount.
             self._undo.callback(concurrent.futures.wait, [self._probing])
-            magic = self.reader.pread(part.start + _Ext.SUPERBLOCK + _Ext.MAGIC, 2)
+            magic = part.read(self.reader, _Ext.SUPERBLOCK + _Ext.MAGIC, 2)
             self._tool: Optional[_Tool] = (_Ext(device, self.reader, part)
                                            if magic == _Ext.MAGIC_BYTES else None)
             self._part, self._device = part, device
@@ -962,8 +965,8 @@ class FileSession:
                 names = ", ".join(volume.volume or "" for volume in
                                   mount.volumes([self._part], self.reader)) or "none"
                 self._refusal = ImagingError(
-                    f"{self._shown} is an LVM2 physical volume: name one of its logical "
-                    f"volumes that is one range of the disk instead ({names})")
+                    f"{self._shown} is an LVM2 physical volume: name one of its linear "
+                    f"logical volumes instead ({names})")
             elif kind not in _TOOLS:
                 holds = f"holds {kind}" if kind else "holds no filesystem blkid recognises"
                 self._refusal = ImagingError(f"{self._shown} {holds}: files and "

@@ -7,8 +7,9 @@ that reading one file read only that file's chunks.
 
 `mount` exposes an image through libfuse 3 (the mfusepy binding) as
 DIR/disk and one file per partition of its layout.sf, DIR/p1, DIR/p2, ..., and one
-per LVM logical volume that is one range of the disk, named as /dev/mapper names it
-(DIR/vg0-root), read from the PV's own metadata (disks/lvm.py). Nothing can write through it: it is mounted read-only and an open for writing
+per linear LVM logical volume, its segments joined in order, named as /dev/mapper
+names it (DIR/vg0-root), read from the PV's own metadata (disks/lvm.py). Nothing can
+write through it: it is mounted read-only and an open for writing
 is refused with EROFS. It serves until `umount DIR` (or `fusermount3 -u DIR`),
 Ctrl-C or SIGTERM, registered in the datastore as a reader of its image all
 along, so prune defers the image and garbage collection keeps its chunks.
@@ -76,6 +77,8 @@ class Partition:
     size: int
     type: Optional[str] = None  # the partition type sfdisk printed (MBR id or GPT GUID)
     volume: Optional[str] = None  # "vg0/root": an LVM logical volume inside partition `number`
+    # (bytes from the disk's start, length) of each piece of a volume in several, in order
+    pieces: tuple[tuple[int, int], ...] = ()
 
     @property
     def name(self) -> str:
@@ -90,6 +93,21 @@ class Partition:
     @property
     def end(self) -> int:
         return self.start + self.size
+
+    def spans(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(bytes from the disk's start, length) of its bytes offset..offset+length, up to
+        its end."""
+        found, base, end = [], 0, min(offset + length, self.size)
+        for start, size in self.pieces or ((self.start, self.size),):
+            low, high = max(offset, base), min(end, base + size)
+            if high > low:
+                found.append((start + low - base, high - low))
+            base += size
+        return found
+
+    def read(self, reader: "ImageReader", offset: int, length: int) -> bytes:
+        """Its bytes offset..offset+length, up to its end, from the image."""
+        return b"".join(reader.pread(start, size) for start, size in self.spans(offset, length))
 
 
 def layout_text(image: Image) -> Optional[str]:
@@ -131,8 +149,8 @@ def partition(image: Image, number: int) -> Partition:
 
 
 def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition]:
-    """The LVM logical volumes of the image's PV partitions that are each one range of the
-    disk, read from the PVs' own metadata; a PV that cannot be read holds none here."""
+    """The linear LVM logical volumes (their segments all on one PV) of the image's PV
+    partitions, read from the PVs' own metadata; a PV that cannot be read holds none here."""
     found = []
     for part in parts:
         try:  # most partitions are no PV: read_pv says so from their first sectors
@@ -141,7 +159,10 @@ def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition
         except ImagingError:
             continue  # no PV, or an unreadable one (a corrupt chunk: its readers say so)
         found += [Partition(part.number, part.start + volume.start, volume.size,
-                            volume=volume.name) for volume in pv.volumes if volume.contiguous]
+                            volume=volume.name,
+                            pieces=tuple((part.start + start, size)
+                                         for start, size in volume.pieces))
+                  for volume in pv.volumes if volume.pieces]
     # Two PVs of disks installed alike (two ubuntu-vg/ubuntu-lv): neither is shown.
     names = collections.Counter(volume.volume for volume in found)
     return sorted((volume for volume in found if names[volume.volume] == 1),
@@ -165,7 +186,7 @@ def partition_or_volume(image: Image, reader: "ImageReader", which: int | str) -
     match = next((volume for volume in found if volume.volume == which), None)
     if match is None:
         have = ", ".join(volume.volume or "" for volume in found) or "none"
-        raise ImageError(f"{image.path} has no logical volume {which} that is one range of "
+        raise ImageError(f"{image.path} has no logical volume {which} that is linear on "
                          f"the disk (its volumes: {have})")
     return match
 
@@ -388,8 +409,8 @@ class _ImageFiles:
                  on_ready: Callable[[], None],
                  on_error: Optional[Callable[[ImagingError], None]] = None) -> None:
         self._reader = reader
-        self._files = {"/disk": (0, reader.size)}
-        self._files.update({f"/{part.name}": (part.start, part.size) for part in parts})
+        self._files = {"/disk": Partition(0, 0, reader.size)}
+        self._files.update({f"/{part.name}": part for part in parts})
         self._on_ready = on_ready
         created = parse_stamp(reader.image.stamp).timestamp()
         times = {key: int(created) * 10**9 for key in ("st_atime", "st_mtime", "st_ctime")}
@@ -405,7 +426,7 @@ class _ImageFiles:
             return {"st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, **self._owner}
         if path not in self._files:
             raise _fuse().FuseOSError(errno.ENOENT)
-        return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self._files[path][1],
+        return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self._files[path].size,
                 "st_blksize": self._reader.chunk_size, **self._owner}
 
     def readdir(self, path: str, fh: int) -> list[str]:
@@ -421,11 +442,8 @@ class _ImageFiles:
         return 0
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        start, length = self._files[path]
-        if offset >= length:
-            return b""
         try:
-            return self._reader.pread(start + offset, min(size, length - offset))
+            return self._files[path].read(self._reader, offset, size)
         except ImagingError as exc:
             # The reading tool sees EIO; whoever mounted it learns why, once.
             if self.failure is None:
