@@ -258,6 +258,9 @@ def test_volumes_that_are_not_one_range_are_named_for_what_they_are():
     (('type = "thin" ', 'type = "shiny" '), "segment of type 'shiny'"),
     (('stripes = ["pv0", 5]', 'stripes = 5'), "does not describe this PV"),
     (('extent_count = 10', 'extent_count = "ten"'), "does not describe this PV"),
+    (('extent_count = 10', 'extent_count = 0'), "does not describe this PV"),
+    (("start_extent = 2 extent_count = 2", "start_extent = 3 extent_count = 2"),
+     "do not follow one another"),
     (("extent_size = 8192", "extent_size = -8192"), "does not describe this PV"),
     (("extent_size = 8192", "extent_size = 1" + "0" * 30), "unreadable metadata"),
     (("vg1 {", "x { " * 20 + "vg1 {"), "nests deeper"),
@@ -324,7 +327,8 @@ def test_a_volume_in_two_segments_is_read_with_its_segments_in_order(extended_di
     # Used mode stores it in full, saying why; the restore puts each segment back.
     used = backup(str(disk.path), tmp_path / "used", disk_id="d", mode="used")
     entry, = read_manifest(Datastore.open(tmp_path / "used"), used.image).partitions[0]["volumes"]
-    assert (entry["name"], entry["mapped"]) == ("vg0/var", "full: linear in 2 segments")
+    assert (entry["name"], entry["mapped"], entry["linear"]) == \
+        ("vg0/var", "full: linear in 2 segments", True)
     target = tmp_path / "restored.img"
     target.write_bytes(b"")
     os.truncate(target, disk.path.stat().st_size)

@@ -397,8 +397,8 @@ class LogicalVolumeBrowserTests(UsedImageTestCase):
         index = self.client.get(f"/images/{self.image.pk}/files/")
         html = index.content.decode()
         for name in ("home", "root", "srv"):
-            self.assertIn(f'<a href="/images/{self.image.pk}/files/vg0-{name}/">Volume vg0/'
-                          f'{name}</a>', html)
+            self.assertEqual(html.count(f'<a href="/images/{self.image.pk}/files/vg0-{name}/">'
+                                        f'Volume vg0/{name}</a>'), 1)
         srv = self.client.get(f"/images/{self.image.pk}/files/vg0-srv/", {"path": "www"})
         self.assertEqual(srv.status_code, 200)
         self.assertEqual([entry.name for entry in srv.context["folder"].entries], ["index.html"])

@@ -62,11 +62,13 @@ def parse_dump(text: str, sector_size: int = 512, probed: list[dict] = ()) -> li
     filesystems = {note["start"]: note.get("filesystem") for note in probed}
     in_full = {note["start"]: str(note["mapped"]).removeprefix(FULL_PREFIX) for note in probed
                if str(note.get("mapped", "")).startswith(FULL_PREFIX)}
-    # An LVM2 PV's logical volumes, by name.
+    # An LVM2 PV's logical volumes that can be read as volumes, by name (a manifest older
+    # than "linear" marks them by a start).
     volumes = {note["start"]: [{"name": volume["name"], "size": volume.get("size") or 0,
                                 "fstype": volume.get("filesystem")}
                                for volume in note.get("volumes") or ()
-                               if isinstance(volume, dict) and volume.get("start")
+                               if isinstance(volume, dict)
+                               and (volume.get("linear") or volume.get("start"))
                                and isinstance(volume.get("name"), str)]
                for note in probed if isinstance(note.get("volumes"), list)}
     found = []

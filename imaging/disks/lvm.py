@@ -33,6 +33,8 @@ VOLUME_NAME = re.compile(r"^[A-Za-z0-9+_.-]+/[A-Za-z0-9+_.-]+$")
 # The metadata text is short (a few KiB for dozens of volumes), and nests a few levels.
 MAX_METADATA = 1024 * 1024
 MAX_DEPTH = 8
+# An LV extended this many times is read in full: a read of it costs a walk of its pieces.
+MAX_SEGMENTS = 256
 # A raw location's flag: LVM no longer keeps this area's copy up to date.
 RAW_LOCN_IGNORED = 1
 CRC_INITIAL = 0xF597A6CF
@@ -63,8 +65,8 @@ class LogicalVolume:
 
     @property
     def start(self) -> int:
-        """Bytes from the PV's start to its first byte, for a linear one."""
-        return self.pieces[0][0]
+        """Bytes from the PV's start to its first byte; 0 for one that is not linear."""
+        return self.pieces[0][0] if self.pieces else 0
 
 
 
@@ -294,6 +296,8 @@ def _areas(segment: object, mine: str, pvs: set[str]) -> list[tuple[int, int]]:
     if not isinstance(segment, dict):
         raise TypeError(segment)
     kind, count = _segment_type(segment), _count(segment["extent_count"])
+    if count == 0:  # LVM never writes one
+        raise ValueError(count)
     stripes = _count(segment.get("stripe_count", 1)) if kind == "striped" else 1
     if stripes == 0 or kind == "striped" and (not isinstance(segment["stripes"], list)
                                               or len(segment["stripes"]) != 2 * stripes):
@@ -341,6 +345,9 @@ def _volume(name: str, lv: dict, segments: list[tuple[dict, list[tuple[int, int]
         return LogicalVolume(name, (), size, f"striped over {stripes} PVs")
     if any(len(areas) != 1 for _, areas in segments):
         return LogicalVolume(name, (), size, "on more than one PV")
+    if len(segments) > MAX_SEGMENTS:
+        return LogicalVolume(name, (), size, f"in {len(segments)} segments, more than "
+                             f"{MAX_SEGMENTS}")
     pieces: list[tuple[int, int]] = []
     expected = 0
     for segment, ((first, count),) in sorted(

@@ -82,6 +82,7 @@ class VolumeMap:
     filesystem: Optional[str]
     mapped: str
     free: list[Range]
+    linear: bool  # readable as a volume (lvm.LogicalVolume.pieces), one range or several
 
 
 @dataclasses.dataclass
@@ -135,6 +136,7 @@ class UsedPlan:
                 **({"volumes": [{
                     "name": volume.name, "start": volume.start, "size": volume.size,
                     "filesystem": volume.filesystem, "mapped": volume.mapped,
+                    "linear": volume.linear,
                     "used_bytes": _overlap(self.read, volume.start, volume.size)
                     if volume.start else volume.size,
                 } for volume in part.volumes]} if part.volumes else {}),
@@ -289,10 +291,10 @@ def _map_volume(source: Source, pv_start: int, volume: lvm.LogicalVolume,
                 cancelled: CancelPoll) -> VolumeMap:
     if not volume.contiguous:
         return VolumeMap(volume.name, 0, volume.size, None,
-                         f"{layout.FULL_PREFIX}{volume.layout}", [])
+                         f"{layout.FULL_PREFIX}{volume.layout}", [], bool(volume.pieces))
     start = pv_start + volume.start
     filesystem, mapped, free, _ = _mapped(source, start, volume.size, "volume", cancelled)
-    return VolumeMap(volume.name, start, volume.size, filesystem, mapped, free)
+    return VolumeMap(volume.name, start, volume.size, filesystem, mapped, free, True)
 
 
 def probe(path: str, start: int, size: int, cancelled: CancelPoll = _never

@@ -440,9 +440,9 @@ class _Ext(_Tool):
             if physical * block + count > self.part.size:
                 raise ImagingError("its data lies outside the partition "
                                    "(a damaged or crafted filesystem)")
-            for start, length in self.part.spans(physical * block, count):
-                spans.append((offset, start, length))
-                offset += length
+            for start, piece in self.part.spans(physical * block, count):
+                spans.append((offset, start, piece))
+                offset += piece
         return spans
 
     def _copy_extents(self, jobs: list[tuple[int, Node, int, list]]) -> dict[int, str]:
@@ -961,7 +961,10 @@ class FileSession:
         """The partition's tool, once blkid has said what the partition holds."""
         if self._probing is not None:
             kind, self._probing = self._probing.result(), None
-            if kind == usedmap.LVM_MEMBER:
+            if kind == usedmap.LVM_MEMBER and self._part.volume:
+                self._refusal = ImagingError(f"{self._shown} holds an LVM2 physical volume "
+                                             "itself: volumes inside a volume are not read")
+            elif kind == usedmap.LVM_MEMBER:
                 names = ", ".join(volume.volume or "" for volume in
                                   mount.volumes([self._part], self.reader)) or "none"
                 self._refusal = ImagingError(

@@ -97,6 +97,8 @@ class Partition:
     def spans(self, offset: int, length: int) -> list[tuple[int, int]]:
         """(bytes from the disk's start, length) of its bytes offset..offset+length, up to
         its end."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"cannot read {length} bytes at offset {offset}")
         found, base, end = [], 0, min(offset + length, self.size)
         for start, size in self.pieces or ((self.start, self.size),):
             low, high = max(offset, base), min(end, base + size)
@@ -148,24 +150,32 @@ def partition(image: Image, number: int) -> Partition:
     return numbered(partitions(image), number, str(image.path))
 
 
-def volumes(parts: Sequence[Partition], reader: "ImageReader") -> list[Partition]:
+def volumes(parts: Sequence[Partition], reader: "ImageReader", *, strict: bool = False
+            ) -> list[Partition]:
     """The linear LVM logical volumes (their segments all on one PV) of the image's PV
-    partitions, read from the PVs' own metadata; a PV that cannot be read holds none here."""
+    partitions, read from the PVs' own metadata. A PV whose metadata does not add up holds
+    none here; so does one whose chunks cannot be read (its readers say why), unless
+    `strict`, which raises that."""
     found = []
     for part in parts:
         try:  # most partitions are no PV: read_pv says so from their first sectors
-            pv = lvm.read_pv(lambda offset, length: reader.pread(part.start + offset, length),
+            pv = lvm.read_pv(lambda offset, length: part.read(reader, offset, length),
                              part.size)
+        except lvm.LvmError:
+            continue
         except ImagingError:
-            continue  # no PV, or an unreadable one (a corrupt chunk: its readers say so)
+            if strict:
+                raise
+            continue
         found += [Partition(part.number, part.start + volume.start, volume.size,
                             volume=volume.name,
                             pieces=tuple((part.start + start, size)
                                          for start, size in volume.pieces))
                   for volume in pv.volumes if volume.pieces]
-    # Two PVs of disks installed alike (two ubuntu-vg/ubuntu-lv): neither is shown.
-    names = collections.Counter(volume.volume for volume in found)
-    return sorted((volume for volume in found if names[volume.volume] == 1),
+    # Two PVs of disks installed alike (two ubuntu-vg/ubuntu-lv), or two names that make
+    # one file name (a-/b and a/-b): none of them is shown.
+    names = collections.Counter(lvm.file_name(volume.volume or "") for volume in found)
+    return sorted((volume for volume in found if names[lvm.file_name(volume.volume or "")] == 1),
                   key=lambda volume: volume.volume or "")
 
 
@@ -175,7 +185,7 @@ def logical_volumes(image_dir: os.PathLike | str, *, progress: Optional[Progress
     """The logical volumes the image's view shows (`volumes`), read from the image itself:
     a raw-mode backup's manifest does not list them."""
     image = Image.open(image_dir)
-    return volumes(partitions(image), ImageReader(image, loans=1))
+    return volumes(partitions(image), ImageReader(image, loans=1), strict=True)
 
 
 def partition_or_volume(image: Image, reader: "ImageReader", which: int | str) -> Partition:

@@ -24,6 +24,7 @@ import functools
 import os
 import re
 import tarfile
+import threading
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -49,6 +50,7 @@ COPIED_MODE_BITS = imaging.reading.files.COPIED_MODE_BITS
 _NUMBER = re.compile(r"(\d+)$")
 # Images whose logical volumes each web process remembers, read from the image.
 VOLUME_LISTS_KEPT = 256
+_VOLUMES_READING = threading.Lock()
 Answer = TypeVar("Answer")
 
 
@@ -152,13 +154,12 @@ class Download:
 def partitions(image: Image, *, volumes: bool = True) -> list[BrowsablePartition]:
     """The image's partitions by number (with the logical volumes of each LVM PV in it,
     unless not `volumes`), each with why its files cannot be listed, or None."""
-    found, unnoted = [], False
+    found = []
     for part in image.partitions or []:
         number = _NUMBER.search(part.get("name") or "")
         if number is None:
             continue
         fstype = part.get("fstype")
-        unnoted = unnoted or fstype is None
         found.append(BrowsablePartition(int(number.group(1)), part.get("size") or 0, fstype,
                                         part.get("label"), _problem(image, part, fstype)))
         found += [BrowsablePartition(int(number.group(1)), volume.get("size") or 0,
@@ -166,8 +167,10 @@ def partitions(image: Image, *, volumes: bool = True) -> list[BrowsablePartition
                                      _problem(image, volume, volume.get("fstype")),
                                      volume["name"])
                   for volume in (part.get("volumes") or () if volumes else ())]
-    # A used-mode backup notes each PV's volumes; of other images, the image itself tells.
-    if volumes and unnoted and not image.encrypted:
+    # A used-mode backup notes each partition's filesystem and each PV's volumes; an image
+    # with nothing noted (a raw one) tells them itself.
+    noted = any(part.get("fstype") for part in image.partitions or [])
+    if volumes and not noted and not image.encrypted:
         with contextlib.suppress(ImagingError):  # browsing the partition says what is wrong
             found += [BrowsablePartition(number, size, None, None, None, name)
                       for number, size, name in _volumes_read(str(image.path))]
@@ -177,9 +180,11 @@ def partitions(image: Image, *, volumes: bool = True) -> list[BrowsablePartition
 @functools.lru_cache(maxsize=VOLUME_LISTS_KEPT)
 def _volumes_read(image_path: str) -> tuple[tuple[int, int, str], ...]:
     """(partition number, size, name) of the logical volumes in the image, read from it once
-    per process (an image never changes; a failed read is not kept)."""
-    return tuple((volume.number, volume.size, volume.volume or "")
-                 for volume in imaging.reading.mount.logical_volumes(image_path))
+    per process (an image never changes; a failed read is not kept), one image at a time:
+    each page of the file browser asks, for anyone logged in."""
+    with _VOLUMES_READING:
+        return tuple((volume.number, volume.size, volume.volume or "")
+                     for volume in imaging.reading.mount.logical_volumes(image_path))
 
 
 def _problem(image: Image, part: dict, fstype: Optional[str]) -> Optional[str]:
