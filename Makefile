@@ -10,25 +10,31 @@ PY := $(VENV)/bin/python
 # fuse3: mount; e2fsprogs, mtools, dosfstools, ntfs-3g, xfsprogs, btrfs-progs: files,
 # extract and verify --fsck;
 # openssl: deriving a key's subkeys in a shell, as an encrypted image's RESTORE.txt does;
-# rclone: sync to remote datastores.
+# rclone: sync to remote datastores; qemu-system-x86, qemu-utils, ovmf: boot tests.
 RUNTIME_PACKAGES := python3-venv fdisk util-linux e2fsprogs partclone zstd gzip xz-utils p7zip-full \
-	fuse3 mtools dosfstools ntfs-3g openssl rclone xfsprogs btrfs-progs
+	fuse3 mtools dosfstools ntfs-3g openssl rclone xfsprogs btrfs-progs qemu-system-x86 \
+	qemu-utils ovmf
 # The rest: Redis and PostgreSQL on loopback; libfuse3-dev + gcc: the faulty
 # test disk; gddrescue: the reference for read-error maps; chromium: the page
 # tests; docker-compose: checking docker-compose.yml; zbar-tools: reading a paper key's QR
 # code back; openssh-server: an SFTP server on loopback for the remote datastore tests; borg,
 # restic, time: the benchmark's peers; lvm2, cryptsetup-bin: LVM and LUKS test disks made
-# by their own tools.
+# by their own tools; extlinux, syslinux-common, systemd-boot-efi, busybox-static, cpio: the
+# bootable demo and test disks (bench/bootable.py), binutils: the boot probe's assembly.
 APT_PACKAGES := $(RUNTIME_PACKAGES) redis-server redis-tools postgresql chromium chromium-driver \
 	docker-compose curl libfuse3-dev pkg-config gcc gddrescue zbar-tools openssh-server borgbackup \
-	restic time lvm2 cryptsetup-bin
+	restic time lvm2 cryptsetup-bin extlinux syslinux-common systemd-boot-efi busybox-static cpio \
+	binutils
 
 # What the virtualenv gets: everything for a developer; the Docker image takes requirements.txt.
 REQUIREMENTS ?= requirements-test.txt
 
 .PHONY: install system-packages services run test bench install-services clean
 
-install: system-packages $(VENV)/.installed $(VENV)/wheels/.built
+# The bootable disks' tiny Linux: a kernel from Debian's linux-image package, busybox.
+BOOT_PAYLOAD := build/boot/initrd.img
+
+install: system-packages $(VENV)/.installed $(VENV)/wheels/.built $(BOOT_PAYLOAD)
 
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -51,6 +57,9 @@ $(VENV)/wheels/.built: requirements.txt | $(VENV)/.installed
 	$(PY) -m pip wheel -q --disable-pip-version-check -r requirements.txt -w $(VENV)/wheels
 	touch $@
 
+$(BOOT_PAYLOAD): bench/bootable.py bench/boot-init.sh | $(VENV)/.installed
+	$(PY) -m bench.bootable build/boot
+
 # PostgreSQL for the tests, on loopback when none answers (each test run starts its own Redis).
 services: install
 	@ops/services.sh
@@ -70,4 +79,4 @@ install-services: install
 	$(PY) manage.py install_units redis web worker beat
 
 clean:
-	rm -rf $(VENV) data tests/.build
+	rm -rf $(VENV) data build tests/.build

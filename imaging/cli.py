@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .backup import MODES, backup
+from .boot import DEFAULT_EXPECT, DEFAULT_TIMEOUT, FIRMWARES, boot
 from .base import rclone
 from .base.errors import BadKey, Cancelled, ImagingError, SourceInUse, StoreError
 from .base.progress import Progress
@@ -129,6 +130,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{name}: filesystem check failed on {', '.join(dirty)}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    result = boot(args.image, timeout=args.timeout, expect=args.expect, firmware=args.firmware,
+                  screenshot=args.screenshot, progress=_progress(args, "boot"))
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        for line in result.console:
+            print(f"  {line}")
+        print(f"{args.remote or result.image}: {result.verdict} in {result.seconds:.1f} s "
+              f"({result.firmware}, {result.accelerator}): {result.detail}")
+    return 0 if result.booted else 1
 
 
 def _stop_on_sigterm() -> None:
@@ -450,10 +464,10 @@ def _held_key(args: argparse.Namespace) -> Optional[keys.Key]:
 # The commands that read a remote datastore (mounted read-only), by the argument naming it:
 # an image (rclone:REMOTE/images/DISK/STAMP) or a datastore (rclone:REMOTE).
 READS_REMOTE = {"restore": "image", "verify": "image", "export": "image", "files": "image",
-                "extract": "image", "list": "store"}
+                "extract": "image", "boot": "image", "list": "store"}
 # What each registers as at the remote while it reads an image (prune spares the image).
 READER_KINDS = {"restore": "restore", "verify": "verify", "export": "export", "files": "mount",
-                "extract": "mount"}
+                "extract": "mount", "boot": "boot"}
 # The commands that reach an rclone: remote themselves.
 TAKES_REMOTE = {"sync", "prune", "gc", "protect", "unprotect"}
 
@@ -559,6 +573,22 @@ def _disk_commands(add) -> None:
     sub.add_argument("--read-data", action="store_true",
                      help="of an image on an rclone: remote, download and check every chunk "
                           "(without it, only see that each is there); always done on a folder")
+    with_progress(sub)
+    with_key(sub)
+
+    sub = add("boot", cmd_boot, "boot an image in a throwaway VM (qemu; nothing written, no "
+              "network) and say whether it comes up; exit status 0 only if it booted")
+    sub.add_argument("image")
+    sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                     help="seconds to wait for a verdict (default %(default)g)")
+    sub.add_argument("--expect", default=DEFAULT_EXPECT, metavar="REGEX",
+                     help="what the console or the screen shows once it is up (default: a "
+                          "login prompt, %(default)s)")
+    sub.add_argument("--firmware", choices=FIRMWARES,
+                     help="default: uefi for a GPT disk with an EFI system partition, else bios")
+    sub.add_argument("--screenshot", metavar="FILE", help="write the last screen as a PNG")
+    sub.add_argument("--json", action="store_true",
+                     help="the result as one JSON object on the last line")
     with_progress(sub)
     with_key(sub)
 

@@ -15,10 +15,11 @@ from typing import Callable, Optional
 from .errors import ImagingError
 
 # What `done` and `total` count: disk bytes for every job that reads or writes
-# a disk, whole images for prune, chunks for garbage collection.
+# a disk, whole images for prune, chunks for garbage collection, seconds for a boot test.
 UNIT_BYTES = "bytes"
 UNIT_IMAGES = "images"
 UNIT_CHUNKS = "chunks"
+UNIT_SECONDS = "seconds"  # of a wait with a deadline: a boot test's
 ProgressCallback = Callable[["ProgressEvent"], None]
 
 

@@ -58,15 +58,18 @@ JOB_STALE = 180.0
 # A job that went this long without a heartbeat (suspended, frozen, stalled
 # on the NAS) may look dead to a host behind by the attribute cache: it fails.
 JOB_LAPSE = JOB_STALE - NFS_ATTRIBUTE_CACHE
-# Kinds of job that only read chunks some image references; every other kind
-# (backup, import, and any this engine does not know) may hold new ones.
 # What an unreadable registration counts as: a writer that started at the epoch.
 UNKNOWN_KIND = "unknown"
 # A sync registers at its source as a reader, at its destination as a writer.
 SYNC_READING, SYNC_WRITING = "sync-out", "sync-in"
 # Jobs that delete register too: at a remote, syncs and they take turns through the tokens.
 PRUNING, COLLECTING = "prune", "gc"
-READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount", SYNC_READING})
+# A boot test: the image booted in a throwaway VM.
+BOOTING = "boot"
+# Kinds of job that only read chunks some image references; every other kind
+# (backup, import, and any this engine does not know) may hold new ones.
+READING_KINDS = frozenset({"restore", "export", "verify", "recompress", "mount", BOOTING,
+                           SYNC_READING})
 # Kinds of job whose new chunks may bear old mtimes: rclone gives a chunk it uploads its
 # source's mtime, so while a sync into this folder runs, gc here keeps every unreferenced chunk.
 UNDATED_WRITING_KINDS = frozenset({SYNC_WRITING})
