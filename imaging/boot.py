@@ -51,7 +51,6 @@ from .datastore.store import BOOTING, write_atomically
 from .reading.mount import ImageReader, layout_text, partitions, privately_mounted
 
 QEMU, QEMU_PACKAGE = "qemu-system-x86_64", "qemu-system-x86"
-QEMU_IMG, QEMU_IMG_PACKAGE = "qemu-img", "qemu-utils"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 OVMF_PACKAGE = "ovmf"
@@ -168,7 +167,7 @@ def probe(accel: str) -> bool:
                 "-accel", accel, "-m", "16", "-nodefaults", "-display", "none", "-no-reboot",
                 "-serial", f"file:{serial}", "-drive", f"file={disk},format=raw,if=ide"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
-        with _stopped(process):
+        with tools.stopping(process):
             deadline = time.monotonic() + PROBE_SECONDS
             while time.monotonic() < deadline and process.poll() is None:
                 if serial.exists() and PROBE_MARK in serial.read_bytes():
@@ -177,57 +176,55 @@ def probe(accel: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _stopped(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
-    """The process, ended (terminated, then killed) when the block ends."""
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @reads_image(BOOTING)
 def boot(image_dir: os.PathLike | str, *, timeout: float = DEFAULT_TIMEOUT,
          expect: str = DEFAULT_EXPECT, firmware: Optional[str] = None,
          screenshot: Optional[os.PathLike | str] = None,
          progress: Optional[Progress] = None) -> BootResult:
     """Boot the image in a throwaway VM and say how it went (see the module's notes)."""
+    image = Image.open(image_dir)
+    reader = ImageReader(image)
+    with privately_mounted(image, reader) as exposure:
+        return boot_file(exposure.root / "disk", timeout=timeout, expect=expect,
+                         firmware=firmware or firmware_of(image), screenshot=screenshot,
+                         progress=progress,
+                         zero_boot_code=not any(reader.pread(0, BOOT_CODE_SIZE)),
+                         name=str(image.path))
+
+
+def boot_file(disk: os.PathLike | str, *, disk_format: str = "raw",
+              timeout: float = DEFAULT_TIMEOUT, expect: str = DEFAULT_EXPECT,
+              firmware: str = BIOS, screenshot: Optional[os.PathLike | str] = None,
+              progress: Optional[Progress] = None, zero_boot_code: bool = False,
+              name: Optional[str] = None) -> BootResult:
+    """Boot the disk file (of qemu's `disk_format`; never written) in a throwaway VM, as
+    `boot` does an image: a restored copy, an export, or an image's view.
+    `zero_boot_code`: its first 440 bytes are zeros; `name`: what the result names."""
     progress = progress or Progress("boot", 0)
     try:
         wanted = re.compile(expect)
     except re.error as exc:
         raise ImagingError(f"the expected text {expect!r} is no regular expression: {exc}") \
             from None
-    if firmware is not None and firmware not in FIRMWARES:
+    if firmware not in FIRMWARES:
         raise ImagingError(f"firmware {firmware!r}: choose {' or '.join(FIRMWARES)}")
     if timeout <= 0:
         raise ImagingError(f"a timeout of {timeout:g} s leaves no time to boot")
-    image = Image.open(image_dir)
-    reader = ImageReader(image)
-    chosen = firmware or firmware_of(image)
-    if chosen == UEFI and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
+    if firmware == UEFI and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
         raise ImagingError(f"UEFI needs {OVMF_CODE}: install the {OVMF_PACKAGE} package")
-    empty_boot_code = not any(reader.pread(0, BOOT_CODE_SIZE))
     accel = accelerator()
-    with tempfile.TemporaryDirectory(prefix="imaging-boot-") as work, \
-            privately_mounted(image, reader) as exposure:
-        machine = _Machine(Path(work), exposure.root / "disk", image.size, chosen, accel)
+    with tempfile.TemporaryDirectory(prefix="imaging-boot-") as work:
+        machine = _Machine(Path(work), Path(disk), disk_format, firmware, accel)
         with machine.running():
             progress.start_phase("boot", int(timeout), unit=UNIT_SECONDS)
             verdict, detail, seconds = _watch(machine, wanted, timeout, progress,
-                                              empty_boot_code and chosen == BIOS)
+                                              zero_boot_code and firmware == BIOS)
             shot = machine.screenshot() if screenshot else None
         if shot is not None:
             shutil.copyfile(shot, screenshot)
         console = _printable(machine.console()).splitlines()[-CONSOLE_LINES:]
     progress.finish()
-    return BootResult(str(image.path), verdict, round(seconds, 2), accel, chosen, detail,
+    return BootResult(name or str(disk), verdict, round(seconds, 2), accel, firmware, detail,
                       console, str(screenshot) if shot is not None else None)
 
 
@@ -286,8 +283,9 @@ def _printable(data: bytes | str) -> str:
 class _Machine:
     """qemu with the disk behind a throwaway overlay, its console, firmware log and screen."""
 
-    def __init__(self, work: Path, disk: Path, size: int, firmware: str, accel: str) -> None:
-        self.work, self.disk, self.size = work, disk, size
+    def __init__(self, work: Path, disk: Path, disk_format: str, firmware: str,
+                 accel: str) -> None:
+        self.work, self.disk, self.disk_format = work, disk, disk_format
         self.firmware, self.accel = firmware, accel
         self.text = ""  # the screen's text, while it is in text mode
         self.screen_digest: Optional[str] = None
@@ -300,9 +298,9 @@ class _Machine:
 
     def _arguments(self) -> list[str]:
         overlay = self.work / "overlay.qcow2"
-        tools.run(QEMU_IMG, QEMU_IMG_PACKAGE, [
-            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(self.disk), str(overlay),
-            str(self.size)], failure="cannot make the VM's throwaway overlay")
+        tools.run(tools.QEMU_IMG, tools.QEMU_IMG_PACKAGE, [
+            "create", "-q", "-f", "qcow2", "-F", self.disk_format, "-b", str(self.disk),
+            str(overlay)], failure="cannot make the VM's throwaway overlay")
         arguments = [
             "-machine", "q35" if self.firmware == UEFI else "pc", "-accel", self.accel,
             "-m", str(MEMORY_MIB), "-nodefaults", "-no-user-config", "-vga", "std",
@@ -326,7 +324,7 @@ class _Machine:
             self._process = tools.started(QEMU, QEMU_PACKAGE, arguments,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=log)
-        with _stopped(self._process):
+        with tools.stopping(self._process):
             try:
                 self._connect()
                 yield self

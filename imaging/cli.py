@@ -31,7 +31,8 @@ from .datastore.keyring import KEY_FILE_VARIABLE, PASSPHRASE_VARIABLE
 from .datastore.remote import RemoteStore, split_image
 from .disks import layout, lvm
 from .disks.inventory import inventory
-from .export import export
+from .export import FORMATS as EXPORT_FORMATS
+from .export import ZSTD, export
 from .gc import DEFAULT_SAFETY_MARGIN, collect
 from .importer import import_archive
 from .prune import Retention, prune
@@ -266,7 +267,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     split_size = parse_size(args.split) if args.split is not None else None
     result = export(args.image, args.out, level=args.level, long_distance=args.long,
-                    split_size=split_size, progress=_progress(args, "export"))
+                    split_size=split_size, progress=_progress(args, "export"),
+                    format=args.format)
     for path in result.files:
         print(path)
     return 0
@@ -639,7 +641,7 @@ def _store_commands(add) -> None:
     with_key(sub)
 
     sub = add("export", cmd_export, "write an image as one standard zstd stream "
-              "(restore: cat OUT.* | zstd -d | dd of=/dev/sdX)")
+              "(restore: cat OUT.* | zstd -d | dd of=/dev/sdX), or as a VM's disk")
     sub.add_argument("image", help="image directory")
     sub.add_argument("out", help="output file (parts are OUT.aa, OUT.ab, ... with --split)")
     sub.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL, help="zstd level")
@@ -647,6 +649,9 @@ def _store_commands(add) -> None:
                      help="long-distance matching over a 128 MiB window (plain zstd -d still decodes)")
     sub.add_argument("--split", metavar="SIZE",
                      help="cut into parts of SIZE: 2G or 2GiB (powers of 1024), 2GB (of 1000)")
+    sub.add_argument("--format", choices=EXPORT_FORMATS, default=ZSTD,
+                     help="zstd: the stream (default); qcow2, vmdk, vhdx: a sparse VM disk, "
+                          "through qemu-img")
     with_progress(sub)
     with_key(sub)
 

@@ -1,4 +1,4 @@
-"""Export: an image as one standard zstd stream of the whole disk.
+"""Export: an image as one standard zstd stream of the whole disk, or as a VM's disk.
 
 For offline copies and the classic workflow: `zstd -d` with no options decodes
 it, because the window never exceeds the 128 MiB (2^27) zstd accepts by
@@ -15,6 +15,11 @@ of them (a swap partition, encrypted or already compressed data) gets a frame
 of its own at the fastest level, instead of costing the slow high levels
 minutes for nothing, and leaves no noise in the other frames' windows. Each
 other run is one frame that zstd compresses on every core.
+
+As a VM's disk (`format`: qcow2, vmdk or vhdx), `qemu-img convert` reads the
+image's read-only view (reading/mount.py) and writes a sparse file: an all-zero
+chunk is served without reading anything, and qemu-img leaves it unallocated.
+It too is written under a hidden name, with OUT.sha256 beside it.
 """
 from __future__ import annotations
 
@@ -25,14 +30,18 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import secrets
+import select
+import subprocess
 import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import zstandard
 
-from .base.errors import TargetError, translated
+from .base import tools
+from .base.errors import Cancelled, TargetError, translated
 from .base.pipeline import ordered_map
 from .base.progress import Progress
 from .base.splitnames import suffixes
@@ -42,6 +51,7 @@ from .datastore.image import Image, IndexEntry
 from .datastore.image import reads_image
 from .base.syscalls import fsync_dir
 from .datastore.store import write_atomically
+from .reading.mount import privately_mounted
 
 # zstd's decoders refuse larger windows unless told --long=N or --memory.
 MAX_WINDOW_LOG = 27
@@ -58,6 +68,16 @@ MIN_JOB = 1024 * 1024
 
 def checksum_path(out: Path, split: bool) -> Path:
     return out.with_name(out.name + ("-parts.sha256" if split else ".sha256"))
+
+
+ZSTD = "zstd"
+# qemu-img's output format and options for each VM disk format: a sparse file each.
+VM_FORMATS = {"qcow2": [], "vmdk": ["-o", "subformat=monolithicSparse"],
+              "vhdx": ["-o", "subformat=dynamic"]}
+FORMATS = (ZSTD, *VM_FORMATS)
+# qemu-img convert -p: "    (42.50/100%)\r" as it goes.
+PROGRESS_POLL = 0.25
+QEMU_IMG_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 @dataclasses.dataclass
@@ -258,17 +278,24 @@ def _disk_bytes(image: Image, index: list[str], progress: Progress,
 def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
            level: int = codec.DEFAULT_LEVEL, long_distance: bool = False,
            split_size: Optional[int] = None, progress: Optional[Progress] = None,
-           workers: Optional[int] = None) -> ExportResult:
+           workers: Optional[int] = None, format: str = ZSTD) -> ExportResult:
     started = time.monotonic()
+    if format not in FORMATS:
+        raise TargetError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format != ZSTD and (split_size is not None or long_distance):
+        raise TargetError(f"a {format} export is one file of its own format: --split and "
+                          "--long are for the zstd stream")
     codec.check_level(level)
     if split_size is not None and split_size <= 0:
         raise TargetError(f"invalid part size {split_size}: it must be positive")
     image = Image.open(image_dir)
-    index = image.index()
     out = Path(out)
     _check_free(out)
-    frames = _plan_frames(image)
     progress = progress or Progress("export", image.size)
+    if format != ZSTD:
+        return _vm_disk(image, out, format, progress, started)
+    index = image.index()
+    frames = _plan_frames(image)
     progress.start_phase("export", image.size)
     parts = _Parts(out, split_size)
     try:
@@ -289,3 +316,61 @@ def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
         raise
     progress.finish()
     return ExportResult(files, image.size, parts.written, round(time.monotonic() - started, 3))
+
+
+def _vm_disk(image: Image, out: Path, format: str, progress: Progress,
+             started: float) -> ExportResult:
+    """The image as a sparse VM disk of `format`, written by qemu-img from the image's view."""
+    temporary = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    progress.start_phase("export", image.size)
+    try:
+        with privately_mounted(image) as exposure:
+            process = tools.started(
+                tools.QEMU_IMG, tools.QEMU_IMG_PACKAGE,
+                ["convert", "-p", "-f", "raw", "-O", format, *VM_FORMATS[format],
+                 str(exposure.root / "disk"), str(temporary)],
+                kind=TargetError, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+            with tools.stopping(process):
+                _follow(process, image.size, progress)
+                errors = process.stderr.read()
+                if process.wait() != 0:
+                    with exposure.checked():  # a chunk the view could not read says so
+                        raise TargetError(f"cannot export to {out}: qemu-img: "
+                                          f"{tools.last_line(errors)}")
+        digest = hashlib.sha256()
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+            while piece := written.read(4 * 1024 * 1024):
+                digest.update(piece)
+        with translated(TargetError, "cannot name the export's file"):
+            os.rename(temporary, out)
+            checksums = checksum_path(out, split=False)
+            write_atomically(checksums, f"{digest.hexdigest()}  {out.name}\n".encode())
+            fsync_dir(out.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    progress.finish()
+    return ExportResult([out, checksums], image.size, out.stat().st_blocks * 512,
+                        round(time.monotonic() - started, 3))
+
+
+def _follow(process: subprocess.Popen, size: int, progress: Progress) -> None:
+    """Advance `progress` as qemu-img says it goes, until it closes its output; Cancelled
+    (the process then stopped by the caller) when asked to stop."""
+    said = b""
+    while True:
+        if progress.cancelled():
+            raise Cancelled("export cancelled")
+        ready, _, _ = select.select([process.stdout], [], [], PROGRESS_POLL)
+        if not ready:
+            continue
+        data = os.read(process.stdout.fileno(), 4096)
+        if not data:
+            return
+        said = (said + data)[-256:]
+        percents = QEMU_IMG_PROGRESS.findall(said)
+        if percents:
+            progress.advance(int(float(percents[-1]) / 100 * size) - progress.done)

@@ -31,7 +31,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def requires_qemu_and_payload() -> None:
     requires_root_loop_fuse()
-    for tool in (boot.QEMU, boot.QEMU_IMG):
+    for tool in (boot.QEMU, "qemu-img"):
         if shutil.which(tool) is None:
             requirement_missing(f"{tool} is missing: install qemu-system-x86 and qemu-utils")
     try:
@@ -183,3 +183,11 @@ def test_prune_and_gc_spare_a_booting_image_and_a_cancel_leaves_nothing(disks, t
     wait_for(lambda: not _qemu_of("imaging-boot-"), timeout=10, what="qemu to stop")
     assert set(temporary.glob("imaging-boot-*")) == before
     assert prune(store, older.parent.name, Retention(last=1)).removed == [older]
+
+
+def test_a_qcow2_export_boots_the_same_way(disks, tmp_path):
+    image = _image(disks["bios"], tmp_path / "store")
+    out = tmp_path / "bios.qcow2"
+    imaging("export", image, out, "--format", "qcow2", "-q")
+    result = boot.boot_file(out, disk_format="qcow2")
+    assert (result.verdict, result.detail) == (boot.BOOTED, bootable.LOGIN_PROMPT)

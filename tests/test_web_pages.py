@@ -403,9 +403,30 @@ class ActionTests(PageTestCase):
         job = Job.objects.get(kind="export")
         self.assertRedirects(response, f"/jobs/{job.pk}/", fetch_redirect_response=False)
         self.assertEqual(job.params, {"name": "d1-march.img.zst", "level": 19,
-                                      "long_distance": True, "split_size": 2 * GiB})
+                                      "long_distance": True, "split_size": 2 * GiB,
+                                      "format": "zstd"})
         self.assertEqual(job.requested_by, self.alice)
         self.send_task.assert_called_once_with(RUN_JOB, args=[job.pk], queue=job.host.queue)
+
+    def test_an_export_as_a_vm_disk_needs_no_level_and_takes_no_parts(self):
+        image = self.make_image(disk=self.d1)
+        self.client.force_login(self.alice)
+        # The dialog sends no zstd options for a VM disk.
+        with self.captureOnCommitCallbacks(execute=True):
+            self.client.post(f"/images/{image.pk}/export/", {"name": "d1.qcow2",
+                                                             "format": "qcow2"})
+        job = Job.objects.get(kind="export")
+        self.assertEqual((job.params["format"], job.params["level"], job.params["split_size"]),
+                         ("qcow2", 3, None))
+        response = self.client.post(f"/images/{image.pk}/export/", {
+            "name": "d1.vmdk", "format": "vmdk", "split_size": "2G"}, follow=True)
+        self.assertContains(response, "Not exported: a vmdk export is one file of its own "
+                                      "format: parts and long-distance matching are for the "
+                                      "zstd stream")
+        response = self.client.post(f"/images/{image.pk}/export/", {
+            "name": "d1.img", "format": "raw"}, follow=True)
+        self.assertContains(response, "Not exported: format: Select a valid choice.")
+        self.assertEqual(Job.objects.count(), 1)
 
     def test_an_export_name_with_a_folder_is_refused_with_the_reason(self):
         image = self.make_image(disk=self.d1)

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 import imaging.base.tools
+import imaging.export
 from imaging.base.errors import ImagingError
 
 from . import services
@@ -125,9 +126,17 @@ class ScheduleForm(forms.ModelForm):
 class ExportForm(forms.Form):
     name = forms.RegexField(regex=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$", max_length=201,
                             error_messages={"invalid": "use letters, digits and ._+- only"})
-    level = forms.IntegerField(min_value=MIN_LEVEL, max_value=MAX_LEVEL, initial=DEFAULT_LEVEL)
+    # Not sent for a VM disk, which qemu-img writes uncompressed.
+    level = forms.IntegerField(min_value=MIN_LEVEL, max_value=MAX_LEVEL, initial=DEFAULT_LEVEL,
+                               required=False)
     long_distance = forms.BooleanField(required=False)
     split_size = forms.CharField(required=False, max_length=32)
+    format = forms.TypedChoiceField(choices=[(name, name) for name in imaging.export.FORMATS],
+                                    required=False, empty_value=imaging.export.ZSTD)
+
+    def clean_level(self):
+        level = self.cleaned_data["level"]
+        return DEFAULT_LEVEL if level is None else level
 
     def clean_split_size(self):
         text = self.cleaned_data["split_size"].strip()

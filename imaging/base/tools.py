@@ -41,6 +41,27 @@ def started(tool: str, package: str, arguments: Sequence[str], *,
         return subprocess.Popen([tool, *arguments], **popen)
 
 
+# A boot test's throwaway overlays and the VM disks an export writes.
+QEMU_IMG, QEMU_IMG_PACKAGE = "qemu-img", "qemu-utils"
+# Seconds a terminated process has to end before it is killed.
+STOP_GRACE = 5.0
+
+
+@contextlib.contextmanager
+def stopping(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """The process, ended when the block ends: terminated, killed if it lingers."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 def run(tool: str, package: str, arguments: Sequence[str], *,
         kind: type[ImagingError] = ImagingError, failure: Optional[str] = None,
         input: Optional[bytes] = None, text: bool = False, stdout=subprocess.PIPE,

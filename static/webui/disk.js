@@ -82,6 +82,23 @@ async function openRestore(button) {
   openDialog(dialog, button);
 }
 
+// A VM disk format: its file extension, and no zstd options (a disabled field is not sent).
+function showExportFormat(form) {
+  const chosen = form.elements.format.selectedOptions[0];
+  const extensions = [...form.elements.format.options].map((option) => option.dataset.extension);
+  const name = form.elements.name.value;
+  const known = extensions.find((extension) => name.endsWith(extension));
+  if (known) form.elements.name.value = name.slice(0, -known.length) + chosen.dataset.extension;
+  for (const part of form.querySelectorAll("[data-stream-only]")) {
+    part.hidden = chosen.value !== "zstd";
+    for (const field of part.querySelectorAll("input")) field.disabled = part.hidden;
+  }
+}
+
+document.addEventListener("change", (event) => {
+  if (event.target.matches("[data-export-format]")) showExportFormat(event.target.form);
+});
+
 function openForm(id, button, fill) {
   const dialog = document.getElementById(id);
   const form = dialog.querySelector("form");
@@ -103,7 +120,11 @@ document.addEventListener("click", (event) => {
       openRestore(button);
       break;
     case "export":
-      openForm("export-dialog", button, (form) => { form.elements.name.value = button.dataset.name; });
+      openForm("export-dialog", button, (form) => {
+        form.elements.name.value = button.dataset.name;
+        form.elements.format.value = "zstd";
+        showExportFormat(form);
+      });
       break;
     case "delete":
       openForm("delete-dialog", button, (form) => { form.querySelector('[data-fill="taken"]').textContent = button.dataset.taken; });

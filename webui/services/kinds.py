@@ -388,22 +388,30 @@ class Export(OfAnImage):
 
     def start(self, image: Image | int, name: str, user=None, *, level: int = DEFAULT_LEVEL,
               long_distance: bool = False, split_size: Optional[int] = None,
-              host: Optional[Host] = None) -> Job:
-        """Export an image as one zstd stream into EXPORT_DIR of `host` (this host by default)."""
+              format: str = imaging.export.ZSTD, host: Optional[Host] = None) -> Job:
+        """Export an image as one zstd stream, or as a VM's disk of `format`, into EXPORT_DIR
+        of `host` (this host by default)."""
         image = image_named(image)
         checked(validate_level, level)
         if split_size is not None and split_size <= 0:
             raise Refused(f"part size {split_size} must be positive")
+        if format not in imaging.export.FORMATS:
+            raise Refused(f"format {format!r}: choose one of "
+                          f"{', '.join(imaging.export.FORMATS)}")
+        if format != imaging.export.ZSTD and (split_size is not None or long_distance):
+            raise Refused(f"a {format} export is one file of its own format: parts and "
+                          "long-distance matching are for the zstd stream")
         return self.create(user, host=host or local_host(), disk=image.disk, image=image,
                            datastore=image.datastore, params={
                                "name": plain_name(name, "export name"), "level": level,
-                               "long_distance": long_distance, "split_size": split_size})
+                               "long_distance": long_distance, "split_size": split_size,
+                               "format": format})
 
     def run(self, job: Job, progress: Progress) -> Any:
         return imaging.export.export(
             job.image.path, self.destination(job), level=job.params["level"],
             long_distance=job.params["long_distance"], split_size=job.params["split_size"],
-            progress=progress)
+            format=job.params.get("format", imaging.export.ZSTD), progress=progress)
 
     @staticmethod
     def destination(job: Job) -> Path:
