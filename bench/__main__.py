@@ -7,7 +7,7 @@ Clonezilla's partclone | zstd, bench/used_peers.py) and, in the first round
 only, "export" (our `export --level 19 --long` against recompressing to 7z,
 bench/export_peers.py; off by default, ~11 min on 1 GiB: add it with --peers,
 or use --peers all). Then a disk of other layouts (LVM, XFS, Btrfs;
-bench/layouts.py) and the web section (bench/web.py): the same backup through
+bench/layouts.py), boot tests (bench/boot.py) and the web section (bench/web.py): the same backup through
 the API and a worker against the CLI, live progress over WebSockets, and the
 JSON API over a catalog of 10,000 images.
 Prints a markdown report of the medians, also written to bench/results.md.
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import catalog, export_peers, files, history, layouts, used_peers, web
+from bench import boot, catalog, export_peers, files, history, layouts, used_peers, web
 from bench.disk import build_disk, change_files, change_footprint, describe
 from bench.peers import PEERS as TOOL_PEERS
 from bench.peers import Bench, Peer, Run, median, merge_rounds
@@ -263,6 +263,8 @@ def main() -> None:
         catalog_line = "\n\n".join([catalog_line, *files.report_lines(pristine, workdir / "files")])
         _progress("an LVM, XFS and Btrfs disk: used mode against Clonezilla, listing files")
         catalog_line = "\n\n".join([catalog_line, *layouts.report_lines(workdir / "layouts")])
+        _progress("boot tests: imaging boot against plain qemu on a restored copy")
+        catalog_line = "\n\n".join([catalog_line, *boot.report_lines(workdir / "boot")])
         _progress(f"{history.NIGHTS} nights of changes, backed up by every tool each night")
         catalog_line = "\n\n".join([catalog_line, *history.report_lines(
             pristine, workdir / "history", progress=_progress)])

@@ -23,9 +23,7 @@ Measured once each, with a warm page cache (bench.peers.Bench.measure):
 """
 
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,8 +31,7 @@ from pathlib import Path
 from bench.disk import fill_filesystem, write_stale
 from bench.lvm import EXTENT, Volume, make_physical_volume
 from bench.peers import Bench, imaging_command, ours_backup, partclone_on_original
-from bench.system import MiB, SECTOR, command_seconds, mounted, run
-from imaging.base.errors import ImagingError
+from bench.system import MiB, SECTOR, command_seconds, measured, mounted, run
 from imaging.base.tools import loop_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,17 +115,9 @@ def report_lines(workdir: Path) -> list[str]:
                "Clonezilla's partclone per partition and per volume | zstd -T0 -3")
     listing = (f"Layouts: listing the root folder (`files`, from the command's start, median "
                f"of {ROUNDS})")
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        return [f"{line}: not run ({', '.join(missing)} not installed)"
-                for line in (storing, listing)]
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        figures = measure(workdir)
-    except (ImagingError, OSError, RuntimeError, subprocess.CalledProcessError) as failure:
-        return [f"{line}: FAIL ({failure})" for line in (storing, listing)]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    figures, failed = measured([storing, listing], TOOLS, workdir, measure)
+    if figures is None:
+        return failed
     used, raw, clonezilla = figures["used"], figures["raw"], figures["clonezilla"]
     used_raw = used.output_bytes / raw.output_bytes
     slowest = max(figures["listing"].values())

@@ -8,11 +8,12 @@ when the body raises or the run is interrupted.
 import argparse
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,23 @@ def command_seconds(argv: list, cwd: Path | None = None) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed: {done.stderr.strip()}")
     return seconds
+
+
+def measured(lines: list[str], tools: list[str], workdir: Path,
+             measure: Callable[[Path], dict]) -> tuple[dict | None, list[str]]:
+    """(measure(workdir)'s figures, []), or (None, each of `lines` with why it has none: a
+    tool missing, or the failure); workdir is removed either way."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        return None, [f"{line}: not run ({', '.join(missing)} not installed)" for line in lines]
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return measure(workdir), []
+    except (ImagingError, OSError, RuntimeError, ValueError, KeyError,
+            subprocess.CalledProcessError) as failure:
+        return None, [f"{line}: FAIL ({failure})" for line in lines]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def size_argument(text: str) -> int:

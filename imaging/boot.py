@@ -38,7 +38,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -180,14 +180,16 @@ def probe(accel: str) -> bool:
 def boot(image_dir: os.PathLike | str, *, timeout: float = DEFAULT_TIMEOUT,
          expect: str = DEFAULT_EXPECT, firmware: Optional[str] = None,
          screenshot: Optional[os.PathLike | str] = None,
-         progress: Optional[Progress] = None) -> BootResult:
-    """Boot the image in a throwaway VM and say how it went (see the module's notes)."""
+         progress: Optional[Progress] = None,
+         on_screen: Optional[Callable[[bytes], None]] = None) -> BootResult:
+    """Boot the image in a throwaway VM and say how it went (see the module's notes).
+    `on_screen` is given the screen (PNG) each time it changes."""
     image = Image.open(image_dir)
     reader = ImageReader(image)
     with privately_mounted(image, reader) as exposure:
         return boot_file(exposure.root / "disk", timeout=timeout, expect=expect,
                          firmware=firmware or firmware_of(image), screenshot=screenshot,
-                         progress=progress,
+                         progress=progress, on_screen=on_screen,
                          zero_boot_code=not any(reader.pread(0, BOOT_CODE_SIZE)),
                          name=str(image.path))
 
@@ -196,7 +198,8 @@ def boot_file(disk: os.PathLike | str, *, disk_format: str = "raw",
               timeout: float = DEFAULT_TIMEOUT, expect: str = DEFAULT_EXPECT,
               firmware: str = BIOS, screenshot: Optional[os.PathLike | str] = None,
               progress: Optional[Progress] = None, zero_boot_code: bool = False,
-              name: Optional[str] = None) -> BootResult:
+              name: Optional[str] = None,
+              on_screen: Optional[Callable[[bytes], None]] = None) -> BootResult:
     """Boot the disk file (of qemu's `disk_format`; never written) in a throwaway VM, as
     `boot` does an image: a restored copy, an export, or an image's view.
     `zero_boot_code`: its first 440 bytes are zeros; `name`: what the result names."""
@@ -218,7 +221,7 @@ def boot_file(disk: os.PathLike | str, *, disk_format: str = "raw",
         with machine.running():
             progress.start_phase("boot", int(timeout), unit=UNIT_SECONDS)
             verdict, detail, seconds = _watch(machine, wanted, timeout, progress,
-                                              zero_boot_code and firmware == BIOS)
+                                              zero_boot_code and firmware == BIOS, on_screen)
             shot = machine.screenshot() if screenshot else None
         if shot is not None:
             shutil.copyfile(shot, screenshot)
@@ -229,10 +232,11 @@ def boot_file(disk: os.PathLike | str, *, disk_format: str = "raw",
 
 
 def _watch(machine: "_Machine", wanted: re.Pattern, timeout: float, progress: Progress,
-           zero_boot_sector: bool) -> tuple[str, str, float]:
+           zero_boot_sector: bool, on_screen: Optional[Callable[[bytes], None]]
+           ) -> tuple[str, str, float]:
     """(verdict, detail, seconds) of the running machine."""
     started = time.monotonic()
-    changed, seen, next_screen = started, None, started
+    changed, seen, next_screen, shown = started, None, started, None
     while True:
         if progress.cancelled():
             raise Cancelled("boot test cancelled")
@@ -240,9 +244,11 @@ def _watch(machine: "_Machine", wanted: re.Pattern, timeout: float, progress: Pr
         if now >= next_screen:
             machine.look()
             next_screen = now + SCREEN_INTERVAL
+            if on_screen is not None and machine.picture and machine.looks != shown:
+                shown = machine.looks
+                on_screen(machine.picture)
         text = _printable(machine.console() + machine.firmware_log()) + "\n" + machine.text
-        # A text screen's cursor blinks in every other screenshot: its text is what changes.
-        state = (text, None if machine.text else machine.screen_digest)
+        state = (text, machine.looks)
         if state != seen:
             seen, changed = state, now
         found = wanted.search(text)
@@ -288,6 +294,7 @@ class _Machine:
         self.work, self.disk, self.disk_format = work, disk, disk_format
         self.firmware, self.accel = firmware, accel
         self.text = ""  # the screen's text, while it is in text mode
+        self.picture = b""  # the screen, PNG
         self.screen_digest: Optional[str] = None
         self._serial = work / "serial.log"
         self._debug = work / "firmware.log"
@@ -360,6 +367,12 @@ class _Machine:
         status = self._process.returncode if self._process else None
         return f"qemu exited with status {status}" + (f": {last}" if last else "")
 
+    @property
+    def looks(self) -> Optional[str]:
+        """What tells the screen from the last: in text mode its text (the cursor blinks in
+        every other picture), else the picture's digest."""
+        return self.text or self.screen_digest
+
     def console(self) -> bytes:
         return self._serial.read_bytes() if self._serial.exists() else b""
 
@@ -371,7 +384,7 @@ class _Machine:
         shot = self.screenshot()
         if shot is None:
             return
-        picture = shot.read_bytes()
+        picture = self.picture = shot.read_bytes()
         self.screen_digest = hashlib.sha256(picture).hexdigest()
         if _png_size(picture) == TEXT_SCREEN:
             buffer = self.work / "vga-text"

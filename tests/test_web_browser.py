@@ -61,6 +61,21 @@ OVERFLOWING = """(width) => [...document.querySelectorAll('body *')]
          + ' right=' + Math.round(element.getBoundingClientRect().right))"""
 
 
+# What of an image's row and its open actions menu lies outside the viewport or is clipped
+# by its card's scrolling table.
+CUT_OFF = """(row) => {
+    const wrap = document.querySelector(row).closest('.table-wrap');
+    const limit = Math.min(window.innerWidth, wrap.getBoundingClientRect().right);
+    return [...document.querySelectorAll(`${row} td, ${row} [data-action], ${row} a`)]
+        .filter(element => element.getClientRects().length)
+        .filter(element => element.getBoundingClientRect().right > limit + 0.5
+                || element.getBoundingClientRect().left < -0.5)
+        .map(element => (element.dataset.action || element.tagName.toLowerCase())
+             + ' right=' + Math.round(element.getBoundingClientRect().right)
+             + ' limit=' + Math.round(limit));
+}"""
+
+
 def job_actions(visit) -> list[str]:
     """The data-action of every element on the page, shown or not."""
     return visit.page.eval_on_selector_all(
@@ -125,6 +140,7 @@ def test_a_backup_shows_live_progress_then_restores_through_the_guarded_dialog(l
     expect(row).to_be_visible()
     assert navigations == []
 
+    row.locator("[data-image-actions] summary").click()
     row.locator('[data-action="restore"]').click()
     dialog = page.locator("dialog#restore-dialog")
     expect(dialog).to_be_visible()
@@ -251,7 +267,11 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
 
     def open_restore_dialog(visit):
         visit.open(pages["disk"])
-        visit.page.locator(f'tr[data-image-id="{image.pk}"] [data-action="restore"]').click()
+        row = visit.page.locator(f'tr[data-image-id="{image.pk}"]')
+        row.locator("[data-image-actions] summary").click()
+        cut_off = visit.page.evaluate(CUT_OFF, f'tr[data-image-id="{image.pk}"]')
+        assert cut_off == [], cut_off  # every action of the image on screen, none clipped
+        row.locator('[data-action="restore"]').click()
         dialog = visit.page.locator("dialog#restore-dialog")
         expect(dialog).to_be_visible()
         # Another disk than the image's own: what will be overwritten differs from the image.
@@ -315,7 +335,9 @@ def test_a_file_of_an_image_downloads_through_the_browser_byte_for_byte(lab, ali
     page = alice_page.page
 
     alice_page.open(f"/disks/{disk.pk}/")
-    page.locator(f'tr[data-image-id="{image.pk}"]').get_by_role("link", name="Browse files").click()
+    row = page.locator(f'tr[data-image-id="{image.pk}"]')
+    row.locator("[data-image-actions] summary").click()
+    row.get_by_role("link", name="Browse files").click()
     assert alice_page.body_page() == "files"
     page.get_by_role("link", name="Partition 1", exact=True).click()
     page.get_by_role("link", name="keep/", exact=True).click()

@@ -88,7 +88,8 @@ class AccessTests(PageTestCase):
 
     def test_staff_see_the_job_buttons(self):
         disk = self.page(f"/disks/{self.d1.pk}/")
-        self.assertEqual(set(self.actions(disk)), {"backup", "restore", "verify", "export", "delete"})
+        self.assertEqual(set(self.actions(disk)),
+                         {"backup", "restore", "verify", "boot-test", "export", "delete"})
         self.assertIn(f'data-url="/api/disks/{self.d1.pk}/backup/"', disk)
         self.assertIn(f'data-url="/api/images/{self.image.pk}/verify/"', disk)
         self.assertEqual(self.actions(self.page(f"/jobs/{self.job.pk}/")), ["cancel"])

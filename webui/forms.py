@@ -35,6 +35,10 @@ class ScheduleForm(forms.ModelForm):
         label="Off-site copy within (hours)", min_value=1, max_value=365 * 24, required=False,
         help_text="Flag the disk when its newest image with an off-site copy is older than "
                   "this; empty: no off-site rule.")
+    boot_days = forms.IntegerField(
+        label="Proven to boot within (days)", min_value=1, max_value=365, required=False,
+        help_text="Flag the disk when its newest image that booted in a boot test is older "
+                  "than this; empty: no boot-test rule. A boot-test schedule proves them.")
 
     class Meta:
         model = Schedule
@@ -72,7 +76,7 @@ class ScheduleForm(forms.ModelForm):
         self.fields["disk"].queryset = Disk.objects.select_related("host").order_by(
             "host__name", "path")
         self.fields["disk"].required = False
-        self.fields["disk"].empty_label = "— none (verify and gc run per datastore) —"
+        self.fields["disk"].empty_label = "— none (verify, boot tests and gc run per datastore) —"
         self.fields["kind"].choices = [(kind.name, kind.scheduled_as)
                                        for kind in services.registry.KINDS.values()
                                        if kind.scheduled_as]
@@ -80,6 +84,8 @@ class ScheduleForm(forms.ModelForm):
         if self.instance.offsite_within is not None:
             self.fields["offsite_hours"].initial = int(
                 self.instance.offsite_within.total_seconds() // 3600)
+        if self.instance.boot_within is not None:
+            self.fields["boot_days"].initial = self.instance.boot_within.days
         self.fields["destination"].empty_label = "— none (only a copy schedule copies) —"
         self.fields["datastore"].queryset = Datastore.objects.folders()
         for name in RETENTION_FIELDS:
@@ -95,10 +101,10 @@ class ScheduleForm(forms.ModelForm):
         minutes = cleaned.get("grace_minutes")
         if minutes is not None:
             self.instance.grace = dt.timedelta(minutes=minutes)
-        hours = cleaned.get("offsite_hours")
-        self.instance.offsite_within = (dt.timedelta(hours=hours)
-                                        if hours and cleaned.get("kind") == Schedule.Kind.BACKUP
-                                        else None)
+        backup = cleaned.get("kind") == Schedule.Kind.BACKUP
+        hours, days = cleaned.get("offsite_hours"), cleaned.get("boot_days")
+        self.instance.offsite_within = dt.timedelta(hours=hours) if hours and backup else None
+        self.instance.boot_within = dt.timedelta(days=days) if days and backup else None
         if cleaned.get("kind") != Schedule.Kind.SYNC:
             cleaned["destination"], cleaned["after_backup"], cleaned["copy_last"] = None, False, None
         if cleaned.get("kind") == Schedule.Kind.BACKUP:

@@ -210,6 +210,7 @@ class Protection(enum.StrEnum):
     FAILED = "failed"
     OVERDUE = "overdue"
     NO_OFFSITE = "no-offsite"  # backed up, but no off-site copy as recent as its schedule asks
+    UNPROVEN = "unproven"  # backed up, but no image booted in a boot test as recent as asked
     DUE = "due"
     FRESH = "fresh"
     UNSCHEDULED = "unscheduled"
@@ -232,7 +233,9 @@ class DiskQuerySet(ChangeSignallingQuerySet):
                 .annotate(last_backup=Subquery(newest_image.values("created")[:1]),
                           last_backup_state=Subquery(last_backup_job.values("state")[:1]),
                           last_offsite=Subquery(ImageCopy.objects.offsite_of(OuterRef("pk"))
-                                                .values("image__created")[:1]))
+                                                .values("image__created")[:1]),
+                          last_booted=Subquery(BootTest.objects.booted_of(OuterRef("pk"))
+                                               .values("image__created")[:1]))
                 .prefetch_related(Prefetch("schedules", queryset=backup_schedules,
                                            to_attr="enabled_backup_schedules")))
 
@@ -322,6 +325,19 @@ class Disk(models.Model):
             return None
         return (self.last_offsite_at() or schedule.created) + schedule.offsite_within
 
+    def last_booted_at(self) -> Optional[dt.datetime]:
+        """When the newest image that booted in a boot test was taken."""
+        if hasattr(self, "last_booted"):  # with_protection_facts()
+            return self.last_booted
+        return BootTest.objects.booted_of(self.pk).values_list("image__created", flat=True).first()
+
+    def boot_due_at(self, schedule: "Schedule") -> Optional[dt.datetime]:
+        """When the disk lacks an image proven to boot as recent as `schedule` asks (None: it
+        asks for none). Counted from the schedule's start while no image has booted."""
+        if schedule.boot_within is None:
+            return None
+        return (self.last_booted_at() or schedule.created) + schedule.boot_within
+
     def last_backup_job(self) -> Optional["Job"]:
         return (self.jobs.filter(kind=Job.BACKUP, state__in=Job.FINISHED_STATES)
                 .order_by("-finished").first())
@@ -346,6 +362,9 @@ class Disk(models.Model):
         offsite_due_at = self.offsite_due_at(schedule)
         if offsite_due_at is not None and now >= offsite_due_at:
             return Protection.NO_OFFSITE
+        boot_due_at = self.boot_due_at(schedule)
+        if boot_due_at is not None and now >= boot_due_at:
+            return Protection.UNPROVEN
         if now >= due_at:
             return Protection.DUE
         return Protection.FRESH
@@ -373,9 +392,9 @@ class Disk(models.Model):
         schedule = self.backup_schedule()
         if schedule is None:
             return None
-        overdue_at = self.due_at(schedule) + schedule.grace
-        offsite_due_at = self.offsite_due_at(schedule)
-        return overdue_at if offsite_due_at is None else min(overdue_at, offsite_due_at)
+        moments = [self.due_at(schedule) + schedule.grace, self.offsite_due_at(schedule),
+                   self.boot_due_at(schedule)]
+        return min(moment for moment in moments if moment is not None)
 
 
 class Image(models.Model):
@@ -540,12 +559,43 @@ class Job(models.Model):
         return now - moved >= dt.timedelta(seconds=settings.JOB_STALL_SECONDS)
 
 
+class BootTestQuerySet(ChangeSignallingQuerySet):
+    def booted_of(self, disk) -> "BootTestQuerySet":
+        """The boot tests in which an image of `disk` booted, newest image first."""
+        return self.filter(image__disk=disk, verdict=BootTest.BOOTED).order_by("-image__created")
+
+
+class BootTest(models.Model):
+    """An image's last boot test (imaging boot): how it went, and its screen."""
+
+    BOOTED = "booted"  # imaging.boot.BOOTED: the verdict that proves the image
+
+    image = models.OneToOneField(Image, on_delete=models.CASCADE, related_name="boot_test")
+    job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL,
+                            related_name="+")
+    verdict = models.CharField(max_length=16)
+    seconds = models.FloatField()
+    accelerator = models.CharField(max_length=8)
+    firmware = models.CharField(max_length=8)
+    detail = models.CharField(max_length=500, blank=True)
+    console = models.JSONField(default=list, blank=True)
+    screenshot = models.BinaryField(blank=True, help_text="the last screen, PNG")
+    finished = models.DateTimeField()
+
+    objects = BootTestQuerySet.as_manager()
+
+    @property
+    def booted(self) -> bool:
+        return self.verdict == self.BOOTED
+
+
 class Schedule(models.Model):
     class Kind(models.TextChoices):
         BACKUP = "backup"
         VERIFY = "verify"
         GC = "gc"
         SYNC = "sync"
+        BOOT = "boot"
 
     kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.BACKUP)
     disk = models.ForeignKey(Disk, null=True, blank=True, on_delete=models.CASCADE,
@@ -563,6 +613,9 @@ class Schedule(models.Model):
     offsite_within = models.DurationField(
         null=True, blank=True, help_text="a backup schedule wants the disk's newest off-site "
                                          "copy no older than this; none: no off-site rule")
+    boot_within = models.DurationField(
+        null=True, blank=True, help_text="a backup schedule wants the disk's newest image "
+                                         "proven to boot no older than this; none: no rule")
     cron = models.CharField(max_length=100, default="0 3 * * *", validators=[validate_cron])
     time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
     mode = models.CharField(max_length=8, default="used",
@@ -611,11 +664,12 @@ class Schedule(models.Model):
                                                       "another"})
         elif self.destination_id is not None or self.after_backup or self.copy_last:
             raise ValidationError({"destination": f"a {self.kind} schedule copies nothing"})
-        if self.offsite_within is not None and self.kind != self.Kind.BACKUP:
-            raise ValidationError({"offsite_within": "an off-site rule belongs to a backup "
-                                                     "schedule"})
-        if self.offsite_within is not None and self.offsite_within <= dt.timedelta(0):
-            raise ValidationError({"offsite_within": "give a positive time"})
+        for rule, what in (("offsite_within", "an off-site rule"),
+                           ("boot_within", "a boot-test rule")):
+            if getattr(self, rule) is not None and self.kind != self.Kind.BACKUP:
+                raise ValidationError({rule: f"{what} belongs to a backup schedule"})
+            if getattr(self, rule) is not None and getattr(self, rule) <= dt.timedelta(0):
+                raise ValidationError({rule: "give a positive time"})
 
     def next_run_after(self, moment: dt.datetime) -> dt.datetime:
         return self.next_runs(moment, 1)[0]

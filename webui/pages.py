@@ -112,6 +112,10 @@ def disk_status(disk: Disk, now: Optional[dt.datetime] = None) -> DiskStatus:
     elif protection == Protection.NO_OFFSITE:
         tone, label = Tone.BAD, "No off-site copy"
         notes.append(f"no off-site copy newer than {duration(schedule.offsite_within.total_seconds())}")
+    elif protection == Protection.UNPROVEN:
+        tone, label = Tone.BAD, "Not proven to boot"
+        notes.append(f"no image that booted in a boot test newer than "
+                     f"{duration(schedule.boot_within.total_seconds())}")
     elif never:
         tone, label = Tone.BAD, "Never backed up"
     elif protection == Protection.DUE:
@@ -263,7 +267,8 @@ def _finished_words(job: Job) -> str:
 # --- a disk's page --------------------------------------------------------------------
 
 def disk_history(disk: Disk, page_number) -> Page:
-    images = Image.objects.filter(disk=disk).select_related("datastore").order_by("-created")
+    images = (Image.objects.filter(disk=disk).select_related("datastore", "boot_test")
+              .defer("boot_test__screenshot", "boot_test__console").order_by("-created"))
     page = Paginator(images, HISTORY_PAGE_SIZE).get_page(page_number)
     page.object_list = list(page.object_list)
     for image in page.object_list:

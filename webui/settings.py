@@ -41,6 +41,10 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 # The reverse proxies whose X-Forwarded-For and X-Forwarded-Proto the web server believes
 # (uvicorn's --forwarded-allow-ips); anyone else's are ignored. Empty: no one's.
 TRUSTED_PROXIES = env_networks("TRUSTED_PROXIES", "")
+# Addresses or networks that may read /metrics with no staff session or API token: a
+# Prometheus server's. The peer's address counts, or behind one of TRUSTED_PROXIES the
+# client's it names. Empty: no one's.
+METRICS_ALLOWED_ADDRESSES = env_networks("METRICS_ALLOWED_ADDRESSES", "")
 # Behind TLS (a reverse proxy or not): secure cookies, HSTS, redirects. A request came
 # over TLS when uvicorn says so: through a proxy, one of TRUSTED_PROXIES.
 HTTPS = env_bool("HTTPS", False)

@@ -1,4 +1,4 @@
-"""Pages, /api/ and /admin/."""
+"""Pages, /metrics, /api/ and /admin/."""
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path, register_converter
@@ -32,7 +32,9 @@ urlpatterns = [
     path("images/<id:pk>/files/<str:partition>/download/", views.image_file_download,
          name="image-file-download"),
     path("images/<id:pk>/delete/", views.image_delete, name="delete-image"),
+    path("images/<id:pk>/boot-screen.png", views.image_boot_screen, name="image-boot-screen"),
     path("jobs/<id:pk>/", views.job_detail, name="job"),
+    path("jobs/<id:pk>/screen.png", views.job_screen, name="job-screen"),
     path("schedules/", views.schedules, name="schedules"),
     path("schedules/new/", views.schedule_new, name="schedule-new"),
     path("schedules/preview/", views.schedule_preview, name="schedule-preview"),
@@ -48,6 +50,7 @@ urlpatterns = [
     path("join/<str:token>/", views.join_script, name="join-script"),
     path("join/<str:token>/bundle.tar", views.join_bundle, name="join-bundle"),
     path("join/<str:token>/settings", views.join_settings, name="join-settings"),
+    path("metrics", views.MetricsView.as_view(), name="metrics"),
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True),
          name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

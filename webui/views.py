@@ -3,10 +3,12 @@
 Jobs that the JSON API starts (backup, restore, verify, cancel) are started by
 the pages' JavaScript through the API; the rest (export, delete, gc, verifying
 a datastore, schedules) are forms posted here. Only staff may change anything.
+/metrics, what Prometheus scrapes, is the one view that also takes API tokens.
 """
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import tempfile
 import zoneinfo
@@ -17,7 +19,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import (FileResponse, HttpRequest, HttpResponse, HttpResponseBadRequest,
+from django.http import (FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseBadRequest,
                          JsonResponse, StreamingHttpResponse)
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -25,11 +27,22 @@ from django.utils.http import content_disposition_header
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 from django.views.defaults import permission_denied
+from drf_spectacular.utils import extend_schema
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import generate_latest
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.permissions import BasePermission
+from rest_framework.renderers import JSONRenderer
+from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from . import pages, services
 from .forms import ExportForm, ScheduleForm
-from .models import Datastore, Disk, Host, Image, Job, Schedule, validate_cron, validate_timezone
+from .logins import client_address
+from .models import (BootTest, Datastore, Disk, Host, Image, Job, Schedule, validate_cron,
+                     validate_timezone)
 from .payloads import JobSerializer
+from .services.metrics import REGISTRY
 
 
 def staff_required(view):
@@ -181,6 +194,34 @@ def image_delete(request: HttpRequest, pk: int) -> HttpResponse:
         messages.success(request, f"Deleted the image of {taken}. Its chunks are freed by the "
                                   "next garbage collection unless another image shares them.")
     return redirect("disk", image.disk_id)
+
+
+def _png(picture: Optional[bytes], what: str) -> HttpResponse:
+    if not picture:
+        raise Http404(f"no {what}")
+    response = HttpResponse(bytes(picture), content_type="image/png")
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_GET
+def image_boot_screen(request: HttpRequest, pk: int) -> HttpResponse:
+    """The last screen of the image's last boot test."""
+    image = get_object_or_404(Image, pk=pk)
+    test = BootTest.objects.filter(image=image).only("screenshot").first()
+    return _png(test.screenshot if test else None, "boot test of this image")
+
+
+@login_required
+@require_GET
+def job_screen(request: HttpRequest, pk: int) -> HttpResponse:
+    """A boot test's screen: live while it runs, then its last."""
+    job = get_object_or_404(Job, pk=pk)
+    if job.is_active:
+        return _png(services.live_screen.screen(job), "screen yet")
+    test = BootTest.objects.filter(job=job).only("screenshot").first()
+    return _png(test.screenshot if test else None, "screen of this job")
 
 
 @login_required
@@ -425,6 +466,50 @@ def join_settings(request: HttpRequest, token: str) -> HttpResponse:
         return _plain(services.hosts.claim(token, address))
     except services.Refused as refused:
         return _plain(f"{refused}\n", status=403)
+
+
+# --- what Prometheus scrapes ---------------------------------------------------------
+
+class StaffOrAllowedAddress(BasePermission):
+    """Staff, by session or API token as the API knows them, or a client whose address is in
+    METRICS_ALLOWED_ADDRESSES: a Prometheus server need hold no credential."""
+
+    message = "only staff, or an address in METRICS_ALLOWED_ADDRESSES, may read the metrics"
+
+    def has_permission(self, request: Request, view) -> bool:
+        return request.user.is_staff or _address_allowed(client_address(request))
+
+
+def _address_allowed(address: str | None) -> bool:
+    try:
+        client = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    # A dual-stack socket reports an IPv4 client as ::ffff:a.b.c.d.
+    client = getattr(client, "ipv4_mapped", None) or client
+    return any(client in ipaddress.ip_network(allowed)
+               for allowed in settings.METRICS_ALLOWED_ADDRESSES)
+
+
+class WhateverIsAccepted(BaseContentNegotiation):
+    """The text format to every scraper: Telegraf, for one, accepts only protobuf or
+    text/plain, which DRF's negotiation would answer 406."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+@extend_schema(exclude=True)  # Prometheus' text format, not the JSON API
+class MetricsView(APIView):
+    """The catalog in Prometheus' text format, read afresh at each scrape (services.metrics)."""
+
+    permission_classes = [StaffOrAllowedAddress]
+    renderer_classes = [JSONRenderer]  # refusals, as the API words them
+    content_negotiation_class = WhateverIsAccepted
+
+    def get(self, request: Request) -> HttpResponse:
+        return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST,
+                            headers={"Cache-Control": "no-store"})
 
 
 def _shell(script: str, status: int = 200) -> HttpResponse:

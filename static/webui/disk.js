@@ -113,6 +113,7 @@ document.addEventListener("click", (event) => {
   switch (button.dataset.action) {
     case "backup":
     case "verify":
+    case "boot-test":
       startJob(button);
       break;
     case "restore":

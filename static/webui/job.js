@@ -91,6 +91,19 @@ function onJob(message) {
   if (message.state) state = message.state;
 }
 
+// A boot test's screen, as the worker last saw it, while the job runs.
+const screen = document.querySelector("[data-job-screen]");
+if (screen) {
+  screen.addEventListener("error", () => { screen.hidden = true; });
+  screen.addEventListener("load", () => { screen.hidden = false; });
+  if (ACTIVE.includes(state)) {
+    const following = setInterval(() => {
+      if (!ACTIVE.includes(state)) clearInterval(following);
+      screen.src = `/jobs/${id}/screen.png?at=${Date.now()}`;
+    }, 2000);
+  }
+}
+
 // A finished job changes no more: nothing to listen to.
 const socket = ACTIVE.includes(state) ? new LiveSocket(`/ws/jobs/${id}/`, {
   onMessage: onJob,

@@ -145,6 +145,14 @@ class ImageViewSet(CachedListMixin, mixins.RetrieveModelMixin, ApiViewSet):
         parse(NoParametersSerializer, request.data)
         return accepted(request, services.start_verify(image, request.user))
 
+    @extend_schema(request=NoParametersSerializer, responses=SENT,
+                   summary="Boot the image in a throwaway VM on a worker: does it come up?")
+    @action(detail=True, methods=["post"], url_path="boot-test")
+    def boot_test(self, request: Request, pk=None) -> Response:
+        image = self.get_object()
+        parse(NoParametersSerializer, request.data)
+        return accepted(request, services.start_boot_test(image, request.user))
+
 
 class JobFilter(serializers.Serializer):
     state = serializers.ChoiceField(choices=Job.State.choices, required=False)

@@ -4,7 +4,7 @@ The only code that calls the engine's verbs (the kinds' entries) and that enqueu
 work. Views, tasks, consumers, admin and commands call these functions
 (`from webui import services`); the pages read the registry of kinds besides.
 """
-from . import files, hosts, kinds, readcache, registry
+from . import files, hosts, kinds, live_screen, readcache, registry
 from .catalog import (CatalogChange, datastore_at, default_datastore, delete_image,
                       report_inventory, report_local_inventory, rescan)
 from .copies import add_remote, copies_of
@@ -22,6 +22,7 @@ start_backup = kinds.KINDS["backup"].start
 start_restore = kinds.KINDS["restore"].start
 start_verify = kinds.KINDS["verify"].start
 start_verify_latest = kinds.KINDS["verify"].start_latest
+start_boot_test = kinds.KINDS["boot"].start
 start_recompress = kinds.KINDS["recompress"].start
 start_export = kinds.KINDS["export"].start
 start_import = kinds.KINDS["import"].start
@@ -35,7 +36,7 @@ __all__ = [
     "fail_job", "fail_jobs_left_running", "files", "finish_job", "hosts", "kinds", "registry",
     "job_control", "job_snapshot", "notify", "readcache", "rehome_host_less_disks",
     "report_inventory", "report_local_inventory", "rescan", "run_schedule",
-    "start_backup", "start_export", "start_gc", "start_import",
+    "start_backup", "start_boot_test", "start_export", "start_gc", "start_import",
     "start_prune", "start_recompress", "start_restore", "start_sync", "start_verify",
     "start_verify_latest",
     "sync_schedule", "sync_schedules", "unschedule",

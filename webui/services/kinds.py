@@ -11,6 +11,7 @@ adding a kind is one entry here and its engine call.
 from __future__ import annotations
 
 import logging
+import tempfile
 import zoneinfo
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
@@ -18,8 +19,10 @@ from typing import Any, ClassVar, Iterable, Optional
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 import imaging.backup
+import imaging.boot
 import imaging.export
 import imaging.gc
 import imaging.importer
@@ -34,10 +37,12 @@ from imaging.base.errors import ImagingError, TargetError
 from imaging.base.progress import Progress
 
 from ..formatting import short_time, size
-from ..models import Datastore, Disk, Host, HostAccess, Image, ImageCopy, Job, Schedule
+from ..models import (BootTest, Datastore, Disk, Host, HostAccess, Image, ImageCopy, Job,
+                      Schedule)
 from ..parameters import DEFAULT_LEVEL, validate_level, validate_mode, validate_retention
 from .catalog import default_datastore
 from .delivery import enqueue
+from . import live_screen
 from .errors import Refused
 from .jobs import (datastore_host, image_named, image_partition, inventoried,
                    latest_images, local_host, plain_name, relative_name, requester)
@@ -56,6 +61,7 @@ class JobKind:
     changes_catalog: ClassVar[bool] = False  # its datastore's images or chunks change
     changes_images: ClassVar[bool] = True  # ... and of those, the images (not only chunks)
     makes_images: ClassVar[bool] = False  # reads a disk or an archive into a new image
+    shows_screen: ClassVar[bool] = False  # a virtual machine's, which its page follows
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -320,10 +326,9 @@ class Restore(JobKind):
         return [f"Wrote {size(result.get('size'))} to {result['target']} {checked_back}"]
 
 
-class Verify(OfAnImage):
-    name, label, doing = "verify", "Verify", "verifying"
-    scheduled_as = "Verify the newest image of each disk"
-    changes_catalog = True
+class ProvingAnImage(OfAnImage):
+    """A kind that proves one image where its datastore is; its schedule proves the newest
+    image of each disk in the datastore."""
 
     def start(self, image: Image | int, user=None, schedule: Optional[Schedule] = None) -> Job:
         image = image_named(image)
@@ -333,11 +338,17 @@ class Verify(OfAnImage):
 
     def start_latest(self, datastore: Datastore, user=None,
                      schedule: Optional[Schedule] = None) -> list[Job]:
-        """Verify the newest image of each disk in the datastore (what a verify schedule runs)."""
+        """Prove the newest image of each disk in the datastore (what a schedule runs)."""
         return [self.start(image, user, schedule=schedule) for image in latest_images(datastore)]
 
     def start_scheduled(self, schedule: Schedule) -> list[Job]:
         return self.start_latest(schedule.datastore, schedule=schedule)
+
+
+class Verify(ProvingAnImage):
+    name, label, doing = "verify", "Verify", "verifying"
+    scheduled_as = "Verify the newest image of each disk"
+    changes_catalog = True
 
     def run(self, job: Job, progress: Progress) -> Any:
         return imaging.verify.verify(job.image.path, progress=progress)
@@ -360,6 +371,45 @@ class Verify(OfAnImage):
                  + (f"{len(problems)} damaged" if problems else "all intact")]
                 + [f"Damaged chunk {problem.get('digest')}: {problem.get('reason')}"
                    for problem in problems[:20]])
+
+
+class Boot(ProvingAnImage):
+    """A boot test: the image booted in a throwaway VM on the worker (imaging boot); its
+    verdict and last screen kept as the image's BootTest, its screen live meanwhile."""
+
+    name, label, doing = "boot", "Boot test", "booting"
+    scheduled_as = "Boot-test the newest image of each disk"
+    shows_screen = True
+
+    def run(self, job: Job, progress: Progress) -> Any:
+        with tempfile.TemporaryDirectory(prefix="boot-test-") as folder:
+            shot = Path(folder, "screen.png")
+            result = imaging.boot.boot(job.image.path, screenshot=shot, progress=progress,
+                                       on_screen=lambda picture: live_screen.show(job, picture))
+            picture = shot.read_bytes() if shot.exists() else b""
+        BootTest.objects.update_or_create(image=job.image, defaults={
+            "job": job, "verdict": result.verdict, "seconds": result.seconds,
+            "accelerator": result.accelerator, "firmware": result.firmware,
+            "detail": result.detail[:500], "console": result.console,
+            "screenshot": picture, "finished": timezone.now()})
+        return dict(result.as_dict(), screenshot=None)
+
+    def judge(self, result: dict) -> tuple[str, str]:
+        if result.get("verdict") == imaging.boot.BOOTED:
+            return super().judge(result)
+        return Job.State.FAILED, f"{result.get('verdict')}: {result.get('detail')}"
+
+    def ended(self, job: Job, now) -> None:
+        live_screen.forget(job)
+        if job.disk_id:
+            update_alert(job.disk, now)
+
+    def result_lines(self, result: dict) -> list[str]:
+        if "verdict" not in result:
+            return []
+        return [f"{result['verdict'].capitalize()} in {result.get('seconds', 0):.1f} s "
+                f"({result.get('firmware')}, {result.get('accelerator')}): "
+                f"{result.get('detail')}"]
 
 
 class Recompress(OfAnImage):

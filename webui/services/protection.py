@@ -19,7 +19,7 @@ from ..models import Disk, Protection, StatusChange
 from .notifications import notify
 
 # Protection flips worth telling someone about: going bad, and coming back.
-BAD = (Protection.OVERDUE, Protection.FAILED, Protection.NO_OFFSITE)
+BAD = (Protection.OVERDUE, Protection.FAILED, Protection.NO_OFFSITE, Protection.UNPROVEN)
 
 
 def _next_alert(disk: Disk, state: Protection) -> Optional[dt.datetime]:
@@ -85,6 +85,13 @@ def _flip_message(disk: Disk, old: Optional[Protection], new: Protection) -> Opt
         return (f"Disk {disk} has no recent off-site copy",
                 f"Its schedule asks for an off-site copy within "
                 f"{duration(disk.backup_schedule().offsite_within.total_seconds())}; {newest}.")
+    if new == Protection.UNPROVEN:
+        booted = disk.last_booted_at()
+        newest = (f"the newest image that booted is from {booted:%Y-%m-%d %H:%M} UTC"
+                  if booted else "no image of it has booted in a boot test")
+        return (f"Disk {disk} is not proven to boot",
+                f"Its schedule asks for an image proven to boot within "
+                f"{duration(disk.backup_schedule().boot_within.total_seconds())}; {newest}.")
     if old in BAD and new.protected:
         return f"Disk {disk} is protected again", f"{since.capitalize()}."
     return None

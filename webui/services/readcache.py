@@ -57,7 +57,8 @@ class _Health:
 
 
 @functools.cache
-def _cache() -> BaseCache:
+def shared_cache() -> BaseCache:
+    """The cache (Redis) every web process and worker share, one client per process."""
     # One per process, its connections pooled: django.core.cache.cache is one per thread, and
     # under ASGI each request has a thread of its own, so it would connect to Redis (and shake
     # hands) for every request anew, which cost more than the rest of a cached answer.
@@ -67,7 +68,7 @@ def _cache() -> BaseCache:
 @receiver(setting_changed)
 def _settings_changed(setting, **kwargs) -> None:
     if setting == "CACHES":
-        _cache.cache_clear()
+        shared_cache.cache_clear()
 
 
 def cached(name: str, made_of: Iterable[type[models.Model]], compute: Callable[[], T]) -> T:
@@ -80,7 +81,7 @@ def cached(name: str, made_of: Iterable[type[models.Model]], compute: Callable[[
     version_keys = [_version_key(model._meta.label_lower) for model in made_of]
     try:
         # One round trip: the entry and the versions it must have been stored under.
-        found = _cache().get_many([key, *version_keys])
+        found = shared_cache().get_many([key, *version_keys])
         versions = [found.get(version_key) or _new_version(version_key)
                     for version_key in version_keys]
     except RedisError as exc:
@@ -93,7 +94,7 @@ def cached(name: str, made_of: Iterable[type[models.Model]], compute: Callable[[
     try:
         # Under the versions read before computing: if a write came in between, the entry
         # answers nobody, and the next read computes the list again.
-        _cache().set(key, _signer(key).sign(json.dumps([versions, value])),
+        shared_cache().set(key, _signer(key).sign(json.dumps([versions, value])),
                      settings.API_CACHE_SECONDS)
     except RedisError as exc:
         _failed(exc)
@@ -136,7 +137,7 @@ def _signer(key: str) -> signing.TimestampSigner:
 def _new_version(version_key: str) -> str:
     # Never written, evicted, or holding what is not JSON: a new random version, so that no
     # entry stored under an earlier one can answer.
-    cache = _cache()
+    cache = shared_cache()
     cache.add(version_key, secrets.token_hex(8), timeout=None)
     version = cache.get(version_key)
     if version is None:
@@ -147,7 +148,7 @@ def _new_version(version_key: str) -> str:
 
 def _bump(label: str) -> None:
     try:
-        _cache().set(_version_key(label), secrets.token_hex(8), timeout=None)
+        shared_cache().set(_version_key(label), secrets.token_hex(8), timeout=None)
     except RedisError as exc:
         # The write stands; lists may show the old rows for up to API_CACHE_SECONDS.
         _failed(exc)
