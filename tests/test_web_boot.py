@@ -91,13 +91,22 @@ class BootTestPagesTests(BaseTestCase):
 
     def test_its_verdict_decides_the_jobs_state_and_its_line(self):
         kind = services.registry.KINDS["boot"]
+        checked = {"chunks": 12, "problems": [], "filesystems": [
+            {"number": 1, "volume": None, "type": "ext4", "result": "clean", "detail": ""}]}
         result = {"verdict": "no bootloader", "detail": "the disk's boot code is all zeros",
-                  "seconds": 0.4, "firmware": "bios", "accelerator": "tcg"}
+                  "seconds": 0.4, "firmware": "bios", "accelerator": "tcg", "verify": checked}
         self.assertEqual(kind.judge(result),
                          (Job.State.FAILED, "no bootloader: the disk's boot code is all zeros"))
         self.assertEqual(kind.judge(dict(result, verdict="booted"))[0], Job.State.SUCCEEDED)
         self.assertEqual(kind.result_lines(result), [
-            "No bootloader in 0.4 s (bios, tcg): the disk's boot code is all zeros"])
+            "No bootloader in 0.4 s (bios, tcg): the disk's boot code is all zeros",
+            "Checked 12 chunks: all intact", "Partition 1 (ext4): clean"])
+        damaged = dict(checked, problems=[{"digest": "ab" * 32, "reason": "corrupt"}],
+                       filesystems=[{"number": 2, "volume": "vg0/root", "type": "xfs",
+                                     "result": "dirty", "detail": "bad inode"}])
+        self.assertEqual(kind.judge(dict(result, verdict="booted", verify=damaged)), (
+            Job.State.FAILED,
+            "1 damaged chunk(s); filesystem check failed on volume vg0/root"))
 
 
 class ProvenToBootTests(TestCase, LabMixin):
@@ -147,6 +156,7 @@ class ProvenToBootTests(TestCase, LabMixin):
         self.assertEqual(form.instance.boot_within, dt.timedelta(days=7))
 
 
+@override_settings(STORAGES=PLAIN_STATIC)
 class BootTestRunTests(LabMixin, TransactionTestCase):
     """A boot test run by the worker's task, with real qemu: committed rows, as the job's
     heartbeat and cancel watcher read them from their own thread."""
@@ -176,11 +186,21 @@ class BootTestRunTests(LabMixin, TransactionTestCase):
         self.assertEqual(job.state, Job.State.SUCCEEDED, job.error)
         self.assertEqual(job.result["verdict"], "booted")
         self.assertEqual(job.result["console"][-1].strip(), bootable.LOGIN_PROMPT)
+        # The drill checked every chunk and filesystem first, and the catalog kept it.
+        self.assertEqual([(check["number"], check["type"], check["result"])
+                          for check in job.result["verify"]["filesystems"]],
+                         [(1, "ext4", "clean")])
+        self.image.refresh_from_db()
+        self.assertEqual((self.image.verify_ok, self.image.filesystems[0]["result"]),
+                         (True, "clean"))
         test = BootTest.objects.get(image=self.image)
         self.assertEqual((test.verdict, test.job, test.detail),
                          ("booted", job, bootable.LOGIN_PROMPT))
         self.assertTrue(bytes(test.screenshot).startswith(PNG_MAGIC))
         self.client.force_login(self.bob)
+        page = self.client.get(f"/disks/{self.image.disk_id}/").content.decode()
+        self.assertRegex(page, r'<span class="tag good" title="partition 1 \(ext4\): clean: '
+                               r'[^"]*">fsck clean</span>')
         shot = self.client.get(f"/images/{self.image.pk}/boot-screen.png")
         self.assertEqual(shot.content, bytes(test.screenshot))
         self.assertEqual(self.client.get(f"/jobs/{job.pk}/screen.png").content,

@@ -419,6 +419,9 @@ class Image(models.Model):
     protected = models.JSONField(null=True, blank=True)
     verified_at = models.DateTimeField(null=True, blank=True)
     verify_ok = models.BooleanField(null=True, blank=True)
+    filesystems = models.JSONField(
+        null=True, blank=True, help_text='the last restore drill\'s checks (verify --fsck): '
+                                         '[{"number", "volume", "type", "result", "detail"}]')
     partitions = models.JSONField(default=list, blank=True,
                                   help_text='what the disk held: [{"name", "start", "size", '
                                             '"type", "fstype", "label"}], bytes')

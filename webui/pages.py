@@ -13,6 +13,9 @@ from django.core.paginator import Page, Paginator
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
+import imaging.disks.lvm
+from imaging.datastore.verification import CLEAN, DIRTY
+
 from .formatting import duration, size
 from .models import Datastore, Disk, Host, Image, ImageCopy, Job, Protection, Schedule
 from .services.copies import copies_of
@@ -265,6 +268,19 @@ def _finished_words(job: Job) -> str:
 
 
 # --- a disk's page --------------------------------------------------------------------
+
+def fsck_summary(filesystems: list[dict]) -> tuple[str, str, str]:
+    """(tag tone, label, each check in a line) of a verify record's filesystem checks."""
+    results = {check.get("result") for check in filesystems}
+    tone, label = (("bad", "fsck dirty") if DIRTY in results
+                   else ("good", "fsck clean") if results == {CLEAN}
+                   else ("", "fsck partly"))
+    each = "\n".join(
+        f"{imaging.disks.lvm.place(check.get('number'), check.get('volume'))} "
+        f"({check.get('type') or 'no filesystem'}): {check.get('result')}"
+        + (f": {check['detail']}" if check.get("detail") else "") for check in filesystems)
+    return tone, label, each
+
 
 def disk_history(disk: Disk, page_number) -> Page:
     images = (Image.objects.filter(disk=disk).select_related("datastore", "boot_test")

@@ -187,7 +187,8 @@ def _moved_rows(datastore: Datastore, records: list) -> dict:
 
 IMAGE_FIELDS = ["path", "disk", "stamp", "mode", "status", "size", "stored_bytes", "new_bytes",
                 "bad_bytes", "sha256", "level", "created", "seconds", "mounted_rw",
-                "verified_at", "verify_ok", "partitions", "bad_ranges", "encrypted", "protected"]
+                "verified_at", "verify_ok", "filesystems", "partitions", "bad_ranges", "encrypted",
+                "protected"]
 
 
 def _copy_record(image: Image, record, disk: Disk) -> None:
@@ -201,7 +202,7 @@ def _copy_record(image: Image, record, disk: Disk) -> None:
     image.mounted_rw = bool(record.mounted_rw)
     image.created = parse_datetime(record.created)
     image.verified_at = parse_datetime(record.verified_at) if record.verified_at else None
-    image.verify_ok = record.verify_ok
+    image.verify_ok, image.filesystems = record.verify_ok, record.filesystems
     image.partitions = record.partitions or []
     image.bad_ranges = record.bad_ranges or []
     image.encrypted, image.protected = record.encrypted, record.protected

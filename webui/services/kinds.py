@@ -31,6 +31,8 @@ import imaging.prune
 import imaging.recompress
 import imaging.restore
 import imaging.datastore.store
+import imaging.datastore.verification
+import imaging.disks.lvm
 import imaging.sync
 import imaging.verify
 from imaging.base.errors import ImagingError, TargetError
@@ -374,14 +376,17 @@ class Verify(ProvingAnImage):
 
 
 class Boot(ProvingAnImage):
-    """A boot test: the image booted in a throwaway VM on the worker (imaging boot); its
-    verdict and last screen kept as the image's BootTest, its screen live meanwhile."""
+    """A restore drill: every chunk and filesystem of the image checked (verify --fsck),
+    then the image booted in a throwaway VM on the worker (imaging boot); the verdict and
+    last screen kept as the image's BootTest, its screen live meanwhile."""
 
     name, label, doing = "boot", "Boot test", "booting"
     scheduled_as = "Boot-test the newest image of each disk"
     shows_screen = True
+    changes_catalog = True  # the image's verify record, with its filesystems' checks
 
     def run(self, job: Job, progress: Progress) -> Any:
+        checked = imaging.verify.verify(job.image.path, fsck=True, progress=progress)
         with tempfile.TemporaryDirectory(prefix="boot-test-") as folder:
             shot = Path(folder, "screen.png")
             result = imaging.boot.boot(job.image.path, screenshot=shot, progress=progress,
@@ -392,12 +397,19 @@ class Boot(ProvingAnImage):
             "accelerator": result.accelerator, "firmware": result.firmware,
             "detail": result.detail[:500], "console": result.console,
             "screenshot": picture, "finished": timezone.now()})
-        return dict(result.as_dict(), screenshot=None)
+        return dict(result.as_dict(), screenshot=None, verify=checked.as_dict())
 
     def judge(self, result: dict) -> tuple[str, str]:
-        if result.get("verdict") == imaging.boot.BOOTED:
-            return super().judge(result)
-        return Job.State.FAILED, f"{result.get('verdict')}: {result.get('detail')}"
+        checked = result.get("verify") or {}
+        reasons = [] if result.get("verdict") == imaging.boot.BOOTED else [
+            f"{result.get('verdict')}: {result.get('detail')}"]
+        if checked.get("problems"):
+            reasons.append(f"{len(checked['problems'])} damaged chunk(s)")
+        dirty = [_checked_place(check) for check in checked.get("filesystems") or ()
+                 if check.get("result") == imaging.datastore.verification.DIRTY]
+        if dirty:
+            reasons.append(f"filesystem check failed on {', '.join(dirty)}")
+        return (Job.State.FAILED, "; ".join(reasons)) if reasons else super().judge(result)
 
     def ended(self, job: Job, now) -> None:
         live_screen.forget(job)
@@ -407,9 +419,18 @@ class Boot(ProvingAnImage):
     def result_lines(self, result: dict) -> list[str]:
         if "verdict" not in result:
             return []
+        checked = result.get("verify") or {}
         return [f"{result['verdict'].capitalize()} in {result.get('seconds', 0):.1f} s "
                 f"({result.get('firmware')}, {result.get('accelerator')}): "
-                f"{result.get('detail')}"]
+                f"{result.get('detail')}",
+                *KINDS["verify"].result_lines(checked),
+                *(f"{_checked_place(check).capitalize()} ({check.get('type') or 'no filesystem'}):"
+                  f" {check.get('result')}" for check in checked.get("filesystems") or ())]
+
+
+def _checked_place(check: dict) -> str:
+    """How a verify record's filesystem check names its partition or volume."""
+    return imaging.disks.lvm.place(check.get("number"), check.get("volume"))
 
 
 class Recompress(OfAnImage):

@@ -61,6 +61,13 @@ def partition_rows(partitions) -> list:
     return pages.partition_rows(partitions)
 
 
+@register.simple_tag
+def fsck_tag(filesystems) -> str:
+    """A restore drill's filesystem checks in one tag: dirty if any is, each in its title."""
+    tone, label, each = pages.fsck_summary(filesystems)
+    return format_html('<span class="tag {}" title="{}">{}</span>', tone, each, label)
+
+
 @register.filter
 def export_name(image) -> str:
     return forms.export_name(image)
