@@ -58,12 +58,25 @@ BIOS, UEFI = "bios", "uefi"
 FIRMWARES = (BIOS, UEFI)
 KVM, TCG = "kvm", "tcg"
 MEMORY_MIB = 1024
+# qemu's seccomp filter: a guest that breaks into qemu through a device it emulates still
+# cannot run a program, raise its privileges or change resource limits.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_EXPECT = r"(?im)\blogin:\s*$"
 WATCH_INTERVAL = 0.5
 SCREEN_INTERVAL = 2.0
 SETTLE_SECONDS = 30.0
 CONSOLE_LINES = 20
+# What of a console line or a deciding line a result keeps: the guest writes them.
+LINE_LIMIT = 200
+# What of the serial console and the debug port is read: every pattern is one line.
+TAIL_BYTES = 64 * 1024
+# A guest past these is stopped: the logs and the overlay lie in a temporary folder.
+LOG_LIMIT = 16 * 1024 * 1024
+OVERLAY_LIMIT = 2 * 1024 * 1024 * 1024
+OVERLAY = "overlay.qcow2"
+# A larger screen (a guest may set one of 16 MiB of noise) is neither shown nor kept.
+PICTURE_LIMIT = 2 * 1024 * 1024
 BOOTED, NO_BOOTLOADER, PANIC, STUCK, TIMEOUT = (
     "booted", "no bootloader", "panic", "stuck", "timeout")
 # What firmware, boot loaders and kernels say when they give up.
@@ -140,8 +153,9 @@ def accelerator(cache: Optional[Path] = None) -> str:
         if known.get("for") == key and known.get("accelerator") in (KVM, TCG):
             return known["accelerator"]
     answer = KVM if probe(KVM) else TCG
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(cache, json.dumps({"for": key, "accelerator": answer}).encode())
+    with contextlib.suppress(OSError):  # a home that takes no files: probed next time again
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cache, json.dumps({"for": key, "accelerator": answer}).encode())
     return answer
 
 
@@ -215,20 +229,42 @@ def boot_file(disk: os.PathLike | str, *, disk_format: str = "raw",
         raise ImagingError(f"a timeout of {timeout:g} s leaves no time to boot")
     if firmware == UEFI and not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
         raise ImagingError(f"UEFI needs {OVMF_CODE}: install the {OVMF_PACKAGE} package")
+    disk = Path(disk).resolve()
+    if disk_format != "raw":
+        _check_alone(disk, disk_format)
     accel = accelerator()
     with tempfile.TemporaryDirectory(prefix="imaging-boot-") as work:
-        machine = _Machine(Path(work), Path(disk), disk_format, firmware, accel)
+        machine = _Machine(Path(work), disk, disk_format, firmware, accel)
         with machine.running():
             progress.start_phase("boot", int(timeout), unit=UNIT_SECONDS)
             verdict, detail, seconds = _watch(machine, wanted, timeout, progress,
                                               zero_boot_code and firmware == BIOS, on_screen)
-            shot = machine.screenshot() if screenshot else None
-        if shot is not None:
-            shutil.copyfile(shot, screenshot)
-        console = _printable(machine.console()).splitlines()[-CONSOLE_LINES:]
+            if screenshot:
+                machine.look()
+        if screenshot and machine.picture:  # the last screen taken, if qemu is gone
+            Path(screenshot).write_bytes(machine.picture)
+        console = [line[:LINE_LIMIT] for line in
+                   _printable(machine.console()).splitlines()[-CONSOLE_LINES:]]
     progress.finish()
-    return BootResult(name or str(disk), verdict, round(seconds, 2), accel, firmware, detail,
-                      console, str(screenshot) if shot is not None else None)
+    return BootResult(name or str(disk), verdict, round(seconds, 2), accel, firmware,
+                      detail[:LINE_LIMIT], console,
+                      str(screenshot) if screenshot and machine.picture else None)
+
+
+def _check_alone(disk: Path, disk_format: str) -> None:
+    """Refuse a disk file that names other files (a qcow2 backing file, a data file): the
+    guest would read them."""
+    done = tools.run(tools.QEMU_IMG, tools.QEMU_IMG_PACKAGE,
+                     ["info", "--output=json", "-f", disk_format, str(disk)], text=True,
+                     failure=f"cannot read {disk} as {disk_format}")
+    try:
+        info = json.loads(done.stdout)
+    except ValueError:
+        raise ImagingError(f"qemu-img says nothing readable of {disk}") from None
+    specific = (info.get("format-specific") or {}).get("data") or {}
+    if "backing-filename" in info or "data-file" in specific:
+        raise ImagingError(f"{disk} names other files (a backing or data file): boot a disk "
+                           "file that holds all its data")
 
 
 def _watch(machine: "_Machine", wanted: re.Pattern, timeout: float, progress: Progress,
@@ -247,7 +283,8 @@ def _watch(machine: "_Machine", wanted: re.Pattern, timeout: float, progress: Pr
             if on_screen is not None and machine.picture and machine.looks != shown:
                 shown = machine.looks
                 on_screen(machine.picture)
-        text = _printable(machine.console() + machine.firmware_log()) + "\n" + machine.text
+        text = "\n".join((_printable(machine.console()), _printable(machine.firmware_log()),
+                          machine.text))
         state = (text, machine.looks)
         if state != seen:
             seen, changed = state, now
@@ -263,6 +300,9 @@ def _watch(machine: "_Machine", wanted: re.Pattern, timeout: float, progress: Pr
                                   "zeros", now - started
         if not machine.alive():
             return STUCK, f"the machine stopped ({machine.ending()})", now - started
+        flooded = machine.flooded()
+        if flooded:
+            return STUCK, flooded, now - started
         if now - changed >= SETTLE_SECONDS:
             return STUCK, f"nothing changed on the screen or the console for " \
                           f"{SETTLE_SECONDS:g} s", now - started
@@ -296,24 +336,25 @@ class _Machine:
         self.text = ""  # the screen's text, while it is in text mode
         self.picture = b""  # the screen, PNG
         self.screen_digest: Optional[str] = None
-        self._serial = work / "serial.log"
-        self._debug = work / "firmware.log"
+        self._serial = _Tail(work / "serial.log")
+        self._debug = _Tail(work / "firmware.log")
         self._screen = work / "screen.png"
         self._qmp_path = work / "qmp.sock"
         self._process: Optional[subprocess.Popen] = None
         self._qmp = None
 
     def _arguments(self) -> list[str]:
-        overlay = self.work / "overlay.qcow2"
+        overlay = self.work / OVERLAY
         tools.run(tools.QEMU_IMG, tools.QEMU_IMG_PACKAGE, [
             "create", "-q", "-f", "qcow2", "-F", self.disk_format, "-b", str(self.disk),
             str(overlay)], failure="cannot make the VM's throwaway overlay")
         arguments = [
             "-machine", "q35" if self.firmware == UEFI else "pc", "-accel", self.accel,
             "-m", str(MEMORY_MIB), "-nodefaults", "-no-user-config", "-vga", "std",
+            "-sandbox", SANDBOX,
             "-display", "none", "-nic", "none", "-no-reboot",
-            "-serial", f"file:{self._serial}",
-            "-chardev", f"file,id=firmware,path={self._debug}",
+            "-serial", f"file:{self._serial.path}",
+            "-chardev", f"file,id=firmware,path={self._debug.path}",
             "-device", "isa-debugcon,iobase=0x402,chardev=firmware",
             "-qmp", f"unix:{self._qmp_path},server=on,wait=off",
             "-drive", f"file={overlay},format=qcow2,if=ide,cache=unsafe"]
@@ -328,9 +369,10 @@ class _Machine:
     def running(self) -> Iterator["_Machine"]:
         arguments = self._arguments()
         with open(self.work / "qemu.log", "wb") as log:
+            # None of the job's environment (a datastore's passphrase) goes with it.
             self._process = tools.started(QEMU, QEMU_PACKAGE, arguments,
                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=log)
+                                          stderr=log, env={"PATH": os.environ.get("PATH", "")})
         with tools.stopping(self._process):
             try:
                 self._connect()
@@ -374,25 +416,37 @@ class _Machine:
         return self.text or self.screen_digest
 
     def console(self) -> bytes:
-        return self._serial.read_bytes() if self._serial.exists() else b""
+        return self._serial.read()
 
     def firmware_log(self) -> bytes:
-        return self._debug.read_bytes() if self._debug.exists() else b""
+        return self._debug.read()
+
+    def flooded(self) -> Optional[str]:
+        """Why the guest has written more than a boot does, or None."""
+        for log, what in ((self._serial, "its serial console"), (self._debug, "the debug port")):
+            if log.size > LOG_LIMIT:
+                return f"the machine printed more than {LOG_LIMIT >> 20} MiB to {what}"
+        with contextlib.suppress(FileNotFoundError):
+            if (self.work / OVERLAY).stat().st_blocks * 512 > OVERLAY_LIMIT:
+                return f"the machine wrote more than {OVERLAY_LIMIT >> 30} GiB to its disk"
+        return None
 
     def look(self) -> None:
         """Take the screen, and its text if it shows text."""
         shot = self.screenshot()
         if shot is None:
             return
-        picture = self.picture = shot.read_bytes()
+        picture = shot.read_bytes()
+        # A guest may set a screen of 16 MiB of noise: it is told by its digest alone.
+        self.picture = picture if len(picture) <= PICTURE_LIMIT else b""
         self.screen_digest = hashlib.sha256(picture).hexdigest()
-        if _png_size(picture) == TEXT_SCREEN:
-            buffer = self.work / "vga-text"
-            if self._command("pmemsave", val=VGA_TEXT, size=VGA_TEXT_SIZE,
-                             filename=str(buffer)):
-                cells = buffer.read_bytes()[0::2]
-                self.text = "\n".join(cells[row:row + 80].decode("cp437").rstrip()
-                                      for row in range(0, len(cells), 80))
+        self.text = ""
+        buffer = self.work / "vga-text"
+        if _png_size(picture) == TEXT_SCREEN and self._command(
+                "pmemsave", val=VGA_TEXT, size=VGA_TEXT_SIZE, filename=str(buffer)):
+            cells = buffer.read_bytes()[0::2]
+            self.text = "\n".join(_printable(cells[row:row + 80].decode("cp437")).rstrip()
+                                  for row in range(0, len(cells), 80))
 
     def screenshot(self) -> Optional[Path]:
         """The screen as a PNG in the work folder, None if qemu could not take it."""
@@ -408,6 +462,27 @@ class _Machine:
         except QMP_FAILURES:  # qemu stopping: the watch sees it stop
             return False
         return True
+
+
+class _Tail:
+    """The last TAIL_BYTES of a file the guest writes to, read on from where the last read
+    ended: a guest that prints without end costs neither memory nor time per look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.size, self._kept = path, 0, b""
+
+    def read(self) -> bytes:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return self._kept
+        start = max(self.size, size - TAIL_BYTES)
+        with open(self.path, "rb") as log:
+            log.seek(start)
+            fresh = log.read(size - start)
+        self._kept = ((self._kept if start == self.size else b"") + fresh)[-TAIL_BYTES:]
+        self.size = size
+        return self._kept
 
 
 def _png_size(picture: bytes) -> tuple[int, int]:

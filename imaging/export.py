@@ -34,6 +34,7 @@ import re
 import secrets
 import select
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -324,16 +325,18 @@ def _vm_disk(image: Image, out: Path, format: str, progress: Progress,
     temporary = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     progress.start_phase("export", image.size)
     try:
-        with privately_mounted(image) as exposure:
+        # Its complaints in a file: a pipe read only at its end could fill and stop it.
+        with privately_mounted(image) as exposure, tempfile.TemporaryFile() as complaints:
             process = tools.started(
                 tools.QEMU_IMG, tools.QEMU_IMG_PACKAGE,
                 ["convert", "-p", "-f", "raw", "-O", format, *VM_FORMATS[format],
                  str(exposure.root / "disk"), str(temporary)],
                 kind=TargetError, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE)
-            with tools.stopping(process):
+                stderr=complaints)
+            with tools.stopping(process), process.stdout:
                 _follow(process, image.size, progress)
-                errors = process.stderr.read()
+                complaints.seek(0)
+                errors = complaints.read()
                 if process.wait() != 0:
                     with exposure.checked():  # a chunk the view could not read says so
                         raise TargetError(f"cannot export to {out}: qemu-img: "

@@ -22,6 +22,7 @@ from support.services import wait_for
 from bench import bootable
 from imaging import boot
 from imaging.backup import backup
+from imaging.base.errors import ImagingError
 from imaging.gc import collect
 from imaging.prune import Retention, prune
 from imaging.verify import verify
@@ -191,3 +192,27 @@ def test_a_qcow2_export_boots_the_same_way(disks, tmp_path):
     imaging("export", image, out, "--format", "qcow2", "-q")
     result = boot.boot_file(out, disk_format="qcow2")
     assert (result.verdict, result.detail) == (boot.BOOTED, bootable.LOGIN_PROMPT)
+
+
+def test_a_console_is_read_on_from_where_it_was_and_only_its_tail_kept(tmp_path):
+    log = tmp_path / "serial.log"
+    tail = boot._Tail(log)
+    assert tail.read() == b""
+    log.write_bytes(b"a" * (boot.TAIL_BYTES + 10) + b"\nlogin: ")
+    assert tail.read() == (b"a" * (boot.TAIL_BYTES + 10) + b"\nlogin: ")[-boot.TAIL_BYTES:]
+    with open(log, "ab") as more:
+        more.write(b"root\n")
+    assert tail.read().endswith(b"\nlogin: root\n") and len(tail.read()) == boot.TAIL_BYTES
+    assert tail.size == boot.TAIL_BYTES + 10 + len(b"\nlogin: root\n")
+
+
+def test_a_disk_file_that_names_another_file_is_refused(tmp_path):
+    if shutil.which("qemu-img") is None:
+        requirement_missing("qemu-img is missing: install qemu-utils")
+    secret = tmp_path / "host-file"
+    secret.write_bytes(b"not the guest's" * 1000)
+    backed = tmp_path / "backed.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", secret,
+                    backed], check=True)
+    with pytest.raises(ImagingError, match="names other files"):
+        boot.boot_file(backed, disk_format="qcow2")

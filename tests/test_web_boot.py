@@ -47,9 +47,9 @@ class BootTestPagesTests(BaseTestCase):
     def test_the_disk_page_shows_each_images_last_boot_test_and_its_screen(self):
         booted, stuck, untested = (self.make_image(created=timezone.now() - dt.timedelta(days=n))
                                    for n in (1, 2, 3))
-        BootTest.objects.create(image=booted, verdict="booted", seconds=8.2, accelerator="tcg",
-                                firmware="bios", detail="demo login:", screenshot=PICTURE,
-                                finished=timezone.now())
+        BootTest.objects.create(
+            image=booted, verdict="booted", proven=True, seconds=8.2, accelerator="tcg",
+            firmware="bios", detail="demo login:", screenshot=PICTURE, finished=timezone.now())
         BootTest.objects.create(image=stuck, verdict="stuck", seconds=30.0, accelerator="tcg",
                                 firmware="bios", detail="nothing changed", finished=timezone.now())
         self.client.force_login(self.bob)
@@ -57,8 +57,8 @@ class BootTestPagesTests(BaseTestCase):
         self.assertIn(f'<img src="/images/{booted.pk}/boot-screen.png"', html)
         self.assertIn('<span class="tag good" title="demo login:">booted</span>', html)
         self.assertIn('<span class="tag bad" title="nothing changed">stuck</span>', html)
-        self.assertEqual(html.count('<td data-label="Boot test" class="boot-test"><span class="muted">'
-                                    'not yet</span>'), 1)
+        self.assertEqual(html.count('<td data-label="Boot test" class="boot-test">'
+                                    '<span class="muted">not yet</span>'), 1)
         shot = self.client.get(f"/images/{booted.pk}/boot-screen.png")
         self.assertEqual((shot.status_code, shot["Content-Type"], shot.content),
                          (200, "image/png", PICTURE))
@@ -122,16 +122,16 @@ class ProvenToBootTests(TestCase, LabMixin):
         image = self.make_image(created=now - dt.timedelta(minutes=10))
         self.assertEqual(self.d1.protection(now), Protection.UNPROVEN)
         old = self.make_image(created=now - dt.timedelta(days=8))
-        BootTest.objects.create(image=old, verdict="booted", seconds=8, accelerator="tcg",
-                                firmware="bios", finished=now)
+        BootTest.objects.create(image=old, verdict="booted", proven=True, seconds=8,
+                                accelerator="tcg", firmware="bios", finished=now)
         self.assertEqual(self.d1.protection(now), Protection.UNPROVEN)  # booted, but too old
-        BootTest.objects.create(image=image, verdict="booted", seconds=8, accelerator="tcg",
-                                firmware="bios", finished=now)
+        BootTest.objects.create(image=image, verdict="booted", proven=True, seconds=8,
+                                accelerator="tcg", firmware="bios", finished=now)
         self.assertEqual(self.d1.protection(now), Protection.FRESH)
         self.assertEqual(self.d1.going_bad_after(),
                          min(self.d1.due_at() + self.schedule.grace,
                              image.created + dt.timedelta(days=7)))
-        BootTest.objects.filter(image=image).update(verdict="panic")
+        BootTest.objects.filter(image=image).update(verdict="panic", proven=False)
         self.d1.alert_after = now
         self.d1.save()
         with mock.patch("webui.services.protection.notify") as notify:
@@ -194,8 +194,8 @@ class BootTestRunTests(LabMixin, TransactionTestCase):
         self.assertEqual((self.image.verify_ok, self.image.filesystems[0]["result"]),
                          (True, "clean"))
         test = BootTest.objects.get(image=self.image)
-        self.assertEqual((test.verdict, test.job, test.detail),
-                         ("booted", job, bootable.LOGIN_PROMPT))
+        self.assertEqual((test.verdict, test.proven, test.job, test.detail),
+                         ("booted", True, job, bootable.LOGIN_PROMPT))
         self.assertTrue(bytes(test.screenshot).startswith(PNG_MAGIC))
         self.client.force_login(self.bob)
         page = self.client.get(f"/disks/{self.image.disk_id}/").content.decode()

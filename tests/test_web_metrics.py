@@ -74,8 +74,9 @@ class DiskMetricsTestCase(MetricsTestCase):
         # The older image booted, the newer did not: the older one's moment is the proof.
         for image, verdict in ((proven, "booted"), (stuck, "stuck"),
                                (self.d2.images.get(), "panic")):
-            BootTest.objects.create(image=image, verdict=verdict, seconds=8.0,
-                                    accelerator="tcg", firmware="bios", finished=self.now)
+            BootTest.objects.create(image=image, verdict=verdict, proven=verdict == "booted",
+                                    seconds=8.0, accelerator="tcg", firmware="bios",
+                                    finished=self.now)
         samples = self.scrape()
         d1, d2, d3 = (self.labels_of(disk) for disk in (self.d1, self.d2, self.d3))
         self.assertEqual(d1["title"], "Disk One")
@@ -184,8 +185,9 @@ class MetricsQueriesTestCase(MetricsTestCase):
                             verified_at=timezone.now(), verify_ok=True)
             self.make_image(disk)
             self.make_job(disk=disk, state=Job.State.SUCCEEDED)
-            BootTest.objects.create(image=disk.images.first(), verdict="booted", seconds=8.0,
-                                    accelerator="tcg", firmware="bios", finished=timezone.now())
+            BootTest.objects.create(image=disk.images.first(), verdict="booted", proven=True,
+                                    seconds=8.0, accelerator="tcg", firmware="bios",
+                                    finished=timezone.now())
 
     def queries_of_a_scrape(self) -> int:
         with CaptureQueriesContext(connection) as queries:

@@ -564,8 +564,8 @@ class Job(models.Model):
 
 class BootTestQuerySet(ChangeSignallingQuerySet):
     def booted_of(self, disk) -> "BootTestQuerySet":
-        """The boot tests in which an image of `disk` booted, newest image first."""
-        return self.filter(image__disk=disk, verdict=BootTest.BOOTED).order_by("-image__created")
+        """The drills that proved an image of `disk`, newest image first."""
+        return self.filter(image__disk=disk, proven=True).order_by("-image__created")
 
 
 class BootTest(models.Model):
@@ -577,6 +577,8 @@ class BootTest(models.Model):
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.SET_NULL,
                             related_name="+")
     verdict = models.CharField(max_length=16)
+    # Booted, every chunk intact and no filesystem dirty: the image is proven restorable.
+    proven = models.BooleanField(default=False)
     seconds = models.FloatField()
     accelerator = models.CharField(max_length=8)
     firmware = models.CharField(max_length=8)

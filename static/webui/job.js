@@ -91,17 +91,23 @@ function onJob(message) {
   if (message.state) state = message.state;
 }
 
-// A boot test's screen, as the worker last saw it, while the job runs.
-const screen = document.querySelector("[data-job-screen]");
-if (screen) {
-  screen.addEventListener("error", () => { screen.hidden = true; });
-  screen.addEventListener("load", () => { screen.hidden = false; });
-  if (ACTIVE.includes(state)) {
-    const following = setInterval(() => {
-      if (!ACTIVE.includes(state)) clearInterval(following);
-      screen.src = `/jobs/${id}/screen.png?at=${Date.now()}`;
-    }, 2000);
-  }
+// A boot test's screen, as the worker last saw it, while the job runs; the card is redrawn
+// when the job ends, so the screen is looked up each time and its events caught on the way.
+const SCREEN = "[data-job-screen]";
+for (const [name, hidden] of [["error", true], ["load", false]]) {
+  document.addEventListener(name, (event) => {
+    if (event.target.matches?.(SCREEN)) event.target.hidden = hidden;
+  }, true);
+}
+if (document.querySelector(SCREEN) && ACTIVE.includes(state)) {
+  const following = setInterval(() => {
+    const screen = document.querySelector(SCREEN);
+    if (!ACTIVE.includes(state) || !screen) {
+      clearInterval(following);
+      return;
+    }
+    if (!document.hidden) screen.src = `/jobs/${id}/screen.png?at=${Date.now()}`;
+  }, 2000);
 }
 
 // A finished job changes no more: nothing to listen to.
@@ -131,7 +137,9 @@ document.querySelector('[data-action="cancel"]')?.addEventListener("click", asyn
   }
 });
 
+// A boot test's page has a screen instead of the throughput chart.
 function drawRate() {
+  if (!rateChart) return;
   const enough = samples.length >= 2;
   rateChart.toggleAttribute("hidden", !enough);  // an SVG element has no .hidden
   document.querySelector("[data-rate-empty]").hidden = enough;
@@ -139,6 +147,7 @@ function drawRate() {
 }
 
 function showPeak() {
+  if (!rateChart) return;
   const peak = Math.max(0, ...samples.map(([, value]) => value));
   document.querySelector("[data-rate-peak]").textContent = peak ? `peak ${size(peak)}/s` : "";
 }

@@ -138,14 +138,16 @@ class ScheduleSerializer(RejectUnknownFields, serializers.ModelSerializer):
                   "cron",
                   "time_zone", "mode", "level", "deltas",
                   *(f"keep_{rule}" for rule in RETENTION_RULES), "enabled", "grace",
-                  "offsite_within",
+                  "offsite_within", "boot_within",
                   "notify_urls", "notify_url_count",
                   "notify_on_success", "created", "next_run"]
         read_only_fields = ["created"]
         extra_kwargs = {"grace": {"min_value": dt.timedelta(0),
                                   "max_value": dt.timedelta(days=365)},
                         "offsite_within": {"min_value": dt.timedelta(hours=1),
-                                           "max_value": dt.timedelta(days=365)}}
+                                           "max_value": dt.timedelta(days=365)},
+                        "boot_within": {"min_value": dt.timedelta(days=1),
+                                        "max_value": dt.timedelta(days=365)}}
 
     def get_fields(self):
         fields = super().get_fields()

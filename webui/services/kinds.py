@@ -392,12 +392,14 @@ class Boot(ProvingAnImage):
             result = imaging.boot.boot(job.image.path, screenshot=shot, progress=progress,
                                        on_screen=lambda picture: live_screen.show(job, picture))
             picture = shot.read_bytes() if shot.exists() else b""
+        outcome = dict(result.as_dict(), screenshot=None, verify=checked.as_dict())
         BootTest.objects.update_or_create(image=job.image, defaults={
-            "job": job, "verdict": result.verdict, "seconds": result.seconds,
+            "job": job, "verdict": result.verdict,
+            "proven": self.judge(outcome)[0] == Job.State.SUCCEEDED, "seconds": result.seconds,
             "accelerator": result.accelerator, "firmware": result.firmware,
             "detail": result.detail[:500], "console": result.console,
             "screenshot": picture, "finished": timezone.now()})
-        return dict(result.as_dict(), screenshot=None, verify=checked.as_dict())
+        return outcome
 
     def judge(self, result: dict) -> tuple[str, str]:
         checked = result.get("verify") or {}

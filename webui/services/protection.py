@@ -23,8 +23,14 @@ BAD = (Protection.OVERDUE, Protection.FAILED, Protection.NO_OFFSITE, Protection.
 
 
 def _next_alert(disk: Disk, state: Protection) -> Optional[dt.datetime]:
-    """When the sweeper must look at the disk again; None: only a backup changes it."""
-    return disk.going_bad_after() if state.protected else None
+    """When the sweeper must look at the disk again; None: only a backup changes it. A
+    disk without a recent off-site copy or boot test still turns overdue."""
+    if state.protected:
+        return disk.going_bad_after()
+    if state in (Protection.NO_OFFSITE, Protection.UNPROVEN):
+        schedule = disk.backup_schedule()
+        return disk.due_at(schedule) + schedule.grace
+    return None
 
 
 def update_alert(disk: Disk, now: Optional[dt.datetime] = None) -> None:
