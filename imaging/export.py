@@ -275,17 +275,23 @@ def _disk_bytes(image: Image, index: list[str], progress: Progress,
             yield data
 
 
+def check_format(format: str, split_size: Optional[int], long_distance: bool) -> None:
+    """TargetError for a format this does not write, or the zstd stream's options given
+    with a VM disk's."""
+    if format not in FORMATS:
+        raise TargetError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format != ZSTD and (split_size is not None or long_distance):
+        raise TargetError(f"a {format} export is one file of its own format: parts and "
+                          "long-distance matching are for the zstd stream")
+
+
 @reads_image("export")
 def export(image_dir: os.PathLike | str, out: os.PathLike | str, *,
            level: int = codec.DEFAULT_LEVEL, long_distance: bool = False,
            split_size: Optional[int] = None, progress: Optional[Progress] = None,
            workers: Optional[int] = None, format: str = ZSTD) -> ExportResult:
     started = time.monotonic()
-    if format not in FORMATS:
-        raise TargetError(f"format {format!r}: choose one of {', '.join(FORMATS)}")
-    if format != ZSTD and (split_size is not None or long_distance):
-        raise TargetError(f"a {format} export is one file of its own format: --split and "
-                          "--long are for the zstd stream")
+    check_format(format, split_size, long_distance)
     codec.check_level(level)
     if split_size is not None and split_size <= 0:
         raise TargetError(f"invalid part size {split_size}: it must be positive")

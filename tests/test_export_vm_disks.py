@@ -55,7 +55,8 @@ def test_bad_combinations_and_an_existing_file_are_one_clear_line(imaged, tmp_pa
     split = imaging("export", image.path, tmp_path / "a.qcow2", "--format", "qcow2",
                     "--split", "1G", check=False)
     assert one_error_line(split) == ("imaging: error: a qcow2 export is one file of its own "
-                                     "format: --split and --long are for the zstd stream")
+                                     "format: parts and long-distance matching are for the "
+                                     "zstd stream")
     assert imaging("export", image.path, tmp_path / "a.img", "--format", "raw",
                    check=False).returncode == 2
     taken = tmp_path / "b.vmdk"

@@ -18,6 +18,9 @@ from playwright.sync_api import expect
 from engine import MiB, sha256_of
 from support.devices import loop_device, mounted
 from support.disks import PartSpec
+from test_boot import requires_qemu_and_payload
+
+from bench import bootable
 
 from webui import services
 from webui.models import Image, ImageCopy, Job, Schedule
@@ -348,4 +351,39 @@ def test_a_file_of_an_image_downloads_through_the_browser_byte_for_byte(lab, ali
     download = waiting.value
     assert download.suggested_filename == "photo.raw"
     assert Path(download.path()).read_bytes() == known
+    assert alice_page.script_errors == []
+
+
+def test_a_boot_test_from_the_disk_page_shows_its_verdict_and_the_machine_s_screen(
+        lab, alice_page):
+    requires_qemu_and_payload()
+    vm = lab.loop_disk("vm.img", 48 * MiB, partitions=(PartSpec(40 * MiB, "ext4"),))
+    bootable.make_bios_bootable(Path(vm), 1)
+    lab.start_worker()
+    disk = lab.disk(vm)
+    backup = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="used",
+                                            datastore=lab.datastore).pk)
+    assert backup.state == Job.State.SUCCEEDED, backup.error
+    image = Image.objects.get(disk=disk)
+    page = alice_page.page
+    alice_page.open(f"/disks/{disk.pk}/")
+    row = page.locator(f'tr[data-image-id="{image.pk}"]')
+    row.locator("[data-image-actions] summary").click()
+    row.locator('[data-action="boot-test"]').click()
+    job = lab.wait_for(lambda: Job.objects.filter(kind="boot", image=image).first(),
+                       "the boot test's job")
+    panel = page.locator(f'[data-job-panel][data-job-id="{job.pk}"]')
+    expect(panel.locator("[data-job-state]")).to_have_text(SUCCEEDED, timeout=JOB_TIMEOUT_MS)
+    job.refresh_from_db()
+    assert job.result["verdict"] == "booted", job.error
+    cell = page.locator(f'tr[data-image-id="{image.pk}"] td.boot-test')
+    expect(cell.locator(".tag")).to_have_text("booted")
+    thumbnail = cell.locator("img")
+    expect(thumbnail).to_be_visible()
+    assert thumbnail.evaluate("image => image.complete && image.naturalWidth") == 720
+    alice_page.open(f"/jobs/{job.pk}/")
+    screen = page.locator("[data-job-screen]")
+    expect(screen).to_be_visible()
+    assert screen.evaluate("image => image.complete && image.naturalWidth") == 720
+    expect(page.locator("pre.console")).to_contain_text(bootable.LOGIN_PROMPT)
     assert alice_page.script_errors == []

@@ -182,6 +182,8 @@ def live_environment(transactional_db, redis_url, collected_static, tmp_path) ->
         ALLOWED_HOSTS="127.0.0.1 localhost",
         IMAGING_DATASTORE=str(datastore),
         PYTHONUNBUFFERED="1",
+        # A boot test's accelerator answer (imaging.boot) kept in the test's folder.
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
     )
     return env
 

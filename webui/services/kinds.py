@@ -468,12 +468,10 @@ class Export(OfAnImage):
         checked(validate_level, level)
         if split_size is not None and split_size <= 0:
             raise Refused(f"part size {split_size} must be positive")
-        if format not in imaging.export.FORMATS:
-            raise Refused(f"format {format!r}: choose one of "
-                          f"{', '.join(imaging.export.FORMATS)}")
-        if format != imaging.export.ZSTD and (split_size is not None or long_distance):
-            raise Refused(f"a {format} export is one file of its own format: parts and "
-                          "long-distance matching are for the zstd stream")
+        try:
+            imaging.export.check_format(format, split_size, long_distance)
+        except ImagingError as refused:
+            raise Refused(str(refused)) from None
         return self.create(user, host=host or local_host(), disk=image.disk, image=image,
                            datastore=image.datastore, params={
                                "name": plain_name(name, "export name"), "level": level,
