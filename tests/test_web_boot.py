@@ -119,7 +119,7 @@ class ProvenToBootTests(TestCase, LabMixin):
         Schedule.objects.filter(pk=self.schedule.pk).update(
             boot_within=dt.timedelta(days=7), cron="0 * * * *",
             created=now - dt.timedelta(days=30))
-        image = self.make_image(created=now - dt.timedelta(minutes=10))
+        image = self.make_image(created=now)  # the next hourly run is still ahead
         self.assertEqual(self.d1.protection(now), Protection.UNPROVEN)
         old = self.make_image(created=now - dt.timedelta(days=8))
         BootTest.objects.create(image=old, verdict="booted", proven=True, seconds=8,
