@@ -7,9 +7,9 @@ Clonezilla's partclone | zstd, bench/used_peers.py) and, in the first round
 only, "export" (our `export --level 19 --long` against recompressing to 7z,
 bench/export_peers.py; off by default, ~11 min on 1 GiB: add it with --peers,
 or use --peers all). Then a disk of other layouts (LVM, XFS, Btrfs;
-bench/layouts.py), boot tests (bench/boot.py) and the web section (bench/web.py): the same backup through
-the API and a worker against the CLI, live progress over WebSockets, and the
-JSON API over a catalog of 10,000 images.
+bench/layouts.py), boot tests (bench/boot.py) and the web section
+(bench/web.py): the same backup through the API and a worker against the CLI,
+live progress over WebSockets, and the JSON API over a catalog of 10,000 images.
 Prints a markdown report of the medians, also written to bench/results.md.
 """
 

@@ -17,14 +17,13 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench.bootable import LOGIN_PROMPT, make_bios_bootable
 from bench.disk import build_disk
 from bench.peers import imaging_command
-from bench.system import MiB, measured
+from bench.system import MiB, measured, run_alone
 from imaging import boot
 from imaging.backup import backup
 from imaging.restore import restore
@@ -107,11 +106,7 @@ def report_lines(workdir: Path) -> list[str]:
 
 
 def main() -> None:
-    parent = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    if parent:
-        parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="boot-", dir=parent) as workdir:
-        print("\n".join(report_lines(Path(workdir) / "boot")))
+    run_alone("boot", report_lines, sys.argv[1] if len(sys.argv) > 1 else None)
 
 
 if __name__ == "__main__":

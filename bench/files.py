@@ -43,13 +43,12 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
-from bench.system import LINUX_TYPE, MiB, command_seconds, mounted, partition_of_type
+from bench.system import LINUX_TYPE, MiB, command_seconds, mounted, partition_of_type, run_alone
 from bench.web import _configure_django, _environment, _staff_credentials
 from imaging.backup import backup
 from imaging.base.errors import ImagingError
@@ -261,11 +260,8 @@ def report_lines(pristine: Path, workdir: Path) -> list[str]:
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: python -m bench.files DISK [WORKDIR]")
-    parent = Path(sys.argv[2]) if len(sys.argv) > 2 else None
-    if parent:
-        parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="files-", dir=parent) as workdir:
-        print("\n".join(report_lines(Path(sys.argv[1]), Path(workdir) / "files")))
+    run_alone("files", lambda workdir: report_lines(Path(sys.argv[1]), workdir),
+              sys.argv[2] if len(sys.argv) > 2 else None)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,12 @@ Measured once each, with a warm page cache (bench.peers.Bench.measure):
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 from bench.disk import fill_filesystem, write_stale
 from bench.lvm import EXTENT, Volume, make_physical_volume
 from bench.peers import Bench, imaging_command, ours_backup, partclone_on_original
-from bench.system import MiB, SECTOR, command_seconds, measured, mounted, run
+from bench.system import MiB, SECTOR, command_seconds, measured, mounted, run, run_alone
 from imaging.base.tools import loop_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -137,11 +136,7 @@ def report_lines(workdir: Path) -> list[str]:
 
 
 def main() -> None:
-    parent = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    if parent:
-        parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="layouts-", dir=parent) as workdir:
-        print("\n".join(report_lines(Path(workdir) / "layouts")))
+    run_alone("layouts", report_lines, sys.argv[1] if len(sys.argv) > 1 else None)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ def measured(lines: list[str], tools: list[str], workdir: Path,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def run_alone(name: str, lines: Callable[[Path], list[str]], parent: str | None) -> None:
+    """Print one section's lines for the report, measured in a temporary folder of its own
+    (inside `parent`, made if missing), as `python -m bench.<section>` does."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=parent) as workdir:
+        print("\n".join(lines(Path(workdir) / name)))
+
+
 def size_argument(text: str) -> int:
     """A size on the command line, as the engine reads it ('256M', '1G', '2GB');
     argparse shows an ArgumentTypeError's words, and only those."""

@@ -118,8 +118,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"chunk {problem.digest}: {problem.reason}"
               + ("" if problem.reason == MISSING or args.remote else " (set aside as .bad)"))
     for check in result.filesystems or ():
-        print(f"{check.shown} ({check.type or 'no filesystem'}): {check.result}: "
-              f"{printable(check.detail)}")
+        print(f"{check.said}: {printable(check.detail)}")
     if not result.ok:
         print(f"{name}: {len(result.problems)} of {result.chunks} chunks bad", file=sys.stderr)
         return 1

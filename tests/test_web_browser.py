@@ -79,6 +79,23 @@ CUT_OFF = """(row) => {
 }"""
 
 
+def image_row(page, image):
+    """The image's row of the disk page, its actions menu opened."""
+    row = page.locator(f'tr[data-image-id="{image.pk}"]')
+    row.locator("[data-image-actions] summary").click()
+    return row
+
+
+def backed_up(lab, device: str):
+    """The used-mode image a backup of `device` by this host's worker (started here) made."""
+    lab.start_worker()
+    disk = lab.disk(device)
+    backup = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="used",
+                                            datastore=lab.datastore).pk)
+    assert backup.state == Job.State.SUCCEEDED, backup.error
+    return Image.objects.get(disk=disk)
+
+
 def job_actions(visit) -> list[str]:
     """The data-action of every element on the page, shown or not."""
     return visit.page.eval_on_selector_all(
@@ -139,12 +156,10 @@ def test_a_backup_shows_live_progress_then_restores_through_the_guarded_dialog(l
     backup = Job.objects.get(kind="backup", disk=source_disk)
     assert backup.state == Job.State.SUCCEEDED, backup.error
     image = Image.objects.get(disk=source_disk)
-    row = page.locator(f'tr[data-image-id="{image.pk}"]')
-    expect(row).to_be_visible()
+    expect(page.locator(f'tr[data-image-id="{image.pk}"]')).to_be_visible()
     assert navigations == []
 
-    row.locator("[data-image-actions] summary").click()
-    row.locator('[data-action="restore"]').click()
+    image_row(page, image).locator('[data-action="restore"]').click()
     dialog = page.locator("dialog#restore-dialog")
     expect(dialog).to_be_visible()
     choice = dialog.locator('select[name="target_disk"]')
@@ -270,8 +285,7 @@ def test_every_main_page_fits_a_phone_and_is_captured_in_light_and_dark(lab, vis
 
     def open_restore_dialog(visit):
         visit.open(pages["disk"])
-        row = visit.page.locator(f'tr[data-image-id="{image.pk}"]')
-        row.locator("[data-image-actions] summary").click()
+        row = image_row(visit.page, image)
         cut_off = visit.page.evaluate(CUT_OFF, f'tr[data-image-id="{image.pk}"]')
         assert cut_off == [], cut_off  # every action of the image on screen, none clipped
         row.locator('[data-action="restore"]').click()
@@ -329,18 +343,11 @@ def test_a_file_of_an_image_downloads_through_the_browser_byte_for_byte(lab, ali
     with loop_device(device, MiB, 24 * MiB) as part, mounted(part, tmp_path / "mnt") as root:
         (root / "keep").mkdir()
         (root / "keep" / "photo.raw").write_bytes(known)
-    lab.start_worker()
-    disk = lab.disk(device)
-    backup = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="used",
-                                            datastore=lab.datastore).pk)
-    assert backup.state == Job.State.SUCCEEDED, backup.error
-    image = Image.objects.get(disk=disk)
+    image = backed_up(lab, device)
     page = alice_page.page
 
-    alice_page.open(f"/disks/{disk.pk}/")
-    row = page.locator(f'tr[data-image-id="{image.pk}"]')
-    row.locator("[data-image-actions] summary").click()
-    row.get_by_role("link", name="Browse files").click()
+    alice_page.open(f"/disks/{image.disk_id}/")
+    image_row(page, image).get_by_role("link", name="Browse files").click()
     assert alice_page.body_page() == "files"
     page.get_by_role("link", name="Partition 1", exact=True).click()
     page.get_by_role("link", name="keep/", exact=True).click()
@@ -359,17 +366,10 @@ def test_a_boot_test_from_the_disk_page_shows_its_verdict_and_the_machine_s_scre
     requires_qemu_and_payload()
     vm = lab.loop_disk("vm.img", 48 * MiB, partitions=(PartSpec(40 * MiB, "ext4"),))
     bootable.make_bios_bootable(Path(vm), 1)
-    lab.start_worker()
-    disk = lab.disk(vm)
-    backup = lab.finished(lab.in_own_thread(services.start_backup, disk, mode="used",
-                                            datastore=lab.datastore).pk)
-    assert backup.state == Job.State.SUCCEEDED, backup.error
-    image = Image.objects.get(disk=disk)
+    image = backed_up(lab, vm)
     page = alice_page.page
-    alice_page.open(f"/disks/{disk.pk}/")
-    row = page.locator(f'tr[data-image-id="{image.pk}"]')
-    row.locator("[data-image-actions] summary").click()
-    row.locator('[data-action="boot-test"]').click()
+    alice_page.open(f"/disks/{image.disk_id}/")
+    image_row(page, image).locator('[data-action="boot-test"]').click()
     job = lab.wait_for(lambda: Job.objects.filter(kind="boot", image=image).first(),
                        "the boot test's job")
     panel = page.locator(f'[data-job-panel][data-job-id="{job.pk}"]')

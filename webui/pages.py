@@ -13,8 +13,7 @@ from django.core.paginator import Page, Paginator
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.utils import timezone
 
-import imaging.disks.lvm
-from imaging.datastore.verification import CLEAN, DIRTY
+from imaging.datastore.verification import CLEAN, DIRTY, FilesystemCheck
 
 from .formatting import duration, size
 from .models import Datastore, Disk, Host, Image, ImageCopy, Job, Protection, Schedule
@@ -271,14 +270,13 @@ def _finished_words(job: Job) -> str:
 
 def fsck_summary(filesystems: list[dict]) -> tuple[str, str, str]:
     """(tag tone, label, each check in a line) of a verify record's filesystem checks."""
-    results = {check.get("result") for check in filesystems}
+    checks = [FilesystemCheck.from_dict(check) for check in filesystems]
+    results = {check.result for check in checks}
     tone, label = (("bad", "fsck dirty") if DIRTY in results
                    else ("good", "fsck clean") if results == {CLEAN}
                    else ("", "fsck partly"))
-    each = "\n".join(
-        f"{imaging.disks.lvm.place(check.get('number'), check.get('volume'))} "
-        f"({check.get('type') or 'no filesystem'}): {check.get('result')}"
-        + (f": {check['detail']}" if check.get("detail") else "") for check in filesystems)
+    each = "\n".join(check.said + (f": {check.detail}" if check.detail else "")
+                     for check in checks)
     return tone, label, each
 
 

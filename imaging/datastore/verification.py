@@ -43,6 +43,11 @@ class FilesystemCheck:
     def shown(self) -> str:
         return place(self.number, self.volume)
 
+    @property
+    def said(self) -> str:
+        """The finding in a few words: "partition 1 (ext4): clean"."""
+        return f"{self.shown} ({self.type or 'no filesystem'}): {self.result}"
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 

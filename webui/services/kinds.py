@@ -32,7 +32,6 @@ import imaging.recompress
 import imaging.restore
 import imaging.datastore.store
 import imaging.datastore.verification
-import imaging.disks.lvm
 import imaging.sync
 import imaging.verify
 from imaging.base.errors import ImagingError, TargetError
@@ -407,8 +406,8 @@ class Boot(ProvingAnImage):
             f"{result.get('verdict')}: {result.get('detail')}"]
         if checked.get("problems"):
             reasons.append(f"{len(checked['problems'])} damaged chunk(s)")
-        dirty = [_checked_place(check) for check in checked.get("filesystems") or ()
-                 if check.get("result") == imaging.datastore.verification.DIRTY]
+        dirty = [check.shown for check in _filesystem_checks(checked)
+                 if check.result == imaging.datastore.verification.DIRTY]
         if dirty:
             reasons.append(f"filesystem check failed on {', '.join(dirty)}")
         return (Job.State.FAILED, "; ".join(reasons)) if reasons else super().judge(result)
@@ -426,13 +425,14 @@ class Boot(ProvingAnImage):
                 f"({result.get('firmware')}, {result.get('accelerator')}): "
                 f"{result.get('detail')}",
                 *KINDS["verify"].result_lines(checked),
-                *(f"{_checked_place(check).capitalize()} ({check.get('type') or 'no filesystem'}):"
-                  f" {check.get('result')}" for check in checked.get("filesystems") or ())]
+                *(check.said[:1].upper() + check.said[1:]
+                  for check in _filesystem_checks(checked))]
 
 
-def _checked_place(check: dict) -> str:
-    """How a verify record's filesystem check names its partition or volume."""
-    return imaging.disks.lvm.place(check.get("number"), check.get("volume"))
+def _filesystem_checks(checked: dict) -> list[imaging.datastore.verification.FilesystemCheck]:
+    """The filesystem checks of a verify result, as the engine reads them back."""
+    return [imaging.datastore.verification.FilesystemCheck.from_dict(check)
+            for check in checked.get("filesystems") or ()]
 
 
 class Recompress(OfAnImage):
